@@ -57,3 +57,39 @@ class PipelineConfig:
     kaggle_submit: bool = False
     plot_samples: bool = True
     seed: int = 0
+
+    def validate(self) -> "PipelineConfig":
+        """Raise ConfigError (one line naming the parameter) for a value out of range; return self.
+
+        Called client side by `pipeline.py run --local|submit` and, in a cluster, by the pipeline's
+        first task, so that a bad run parameter fails before any data is downloaded or any GPU used.
+        """
+        from hpa.errors import ConfigError
+
+        def need(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise ConfigError(f"pipeline parameter {name}={getattr(self, name)!r}: expected {expected}")
+
+        need(bool(self.data_source.strip()), "data_source", "synthetic, a directory, s3://..., https://... or kaggle:<competition>")
+        need(bool(self.store_uri.strip()), "store_uri", "a store URI such as s3://bucket/prefix or a local directory")
+        need(self.n_train >= 1, "n_train", "an integer >= 1")
+        need(self.n_test >= 1, "n_test", "an integer >= 1")
+        need(self.image_size >= 32 and self.image_size % 32 == 0, "image_size", "a positive multiple of 32 (32, 64, ..., 512)")
+        need(self.color_mode in ("rgby", "rgb"), "color_mode", "'rgby' or 'rgb'")
+        need(self.folds >= 2, "folds", "an integer >= 2")
+        need(0 <= self.val_fold < self.folds, "val_fold", f"0 <= val_fold < folds ({self.folds})")
+        need(self.epochs >= 1, "epochs", "an integer >= 1")
+        need(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        for name in ("lr_resnet18", "lr_se_resnet"):
+            value = getattr(self, name)
+            need(value > 0 and value < 1 and value == value, name, "a learning rate in (0, 1)")
+        need(self.loss in ("bce", "focal"), "loss", "'bce' or 'focal'")
+        need(self.tta in (1, 2, 4, 8), "tta", "1, 2, 4 or 8 dihedral transforms")
+        need(self.threshold_mode in ("fitted", "global"), "threshold_mode", "'fitted' or 'global'")
+        need(0.0 < self.threshold < 1.0, "threshold", "a decision threshold in (0, 1)")
+        need(self.ensemble_method in ("mean", "weighted", "rank"), "ensemble_method", "'mean', 'weighted' or 'rank'")
+        need(self.gpus >= 0, "gpus", "an integer >= 0")
+        need(bool(self.accelerator_type.strip()), "accelerator_type", "a Kubernetes resource name such as nvidia.com/gpu")
+        need(self.num_nodes >= 1, "num_nodes", "an integer >= 1")
+        need(self.seed >= 0, "seed", "an integer >= 0")
+        return self
