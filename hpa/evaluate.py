@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import io
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
+
+from hpa.errors import DataError
+from hpa.labels import CLASS_NAMES, NUM_CLASSES
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -33,7 +46,7 @@ def best_cut(probs: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     positives = int(target.sum())
     if positives == 0:
         return float("nan"), 0.0
-    order = np.argsort(-probs, kind="stable")
+    order = np.argsort(-probs)  # no stable sort needed: a tie group is only cut after its last member
     p = probs[order]
     tp = np.cumsum(target[order], dtype=np.int64)
     k = np.arange(1, len(p) + 1)
@@ -60,9 +73,360 @@ def fit_thresholds(probs: np.ndarray, targets: np.ndarray, fallback: float | Non
     probs = np.asarray(probs, dtype=np.float64)
     targets = np.asarray(targets).astype(np.int64)
     if probs.shape != targets.shape or probs.ndim != 2:
-        raise ValueError(f"probs {probs.shape} and targets {targets.shape} must both be (N, C)")
+        raise DataError(f"probs {probs.shape} and targets {targets.shape} must both be (N, C)")
     cuts = np.array([best_cut(probs[:, c], targets[:, c])[0] for c in range(probs.shape[1])])
     if np.isnan(cuts).any():
         fill = fit_global_threshold(probs, targets) if fallback is None else fallback
         cuts = np.where(np.isnan(cuts), fill, cuts)
     return cuts
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports, thresholds files, prediction files, ensembling
+# ---------------------------------------------------------------------------------------------
+
+log = logging.getLogger(__name__)
+
+METHODS = ("mean", "weighted", "rank")
+
+
+def binarize(probs: np.ndarray, thresholds) -> np.ndarray:
+    """`probs >= threshold` per class (the convention `best_cut` fits for)."""
+    return np.asarray(probs) >= np.asarray(thresholds, dtype=np.float64)
+
+
+def class_report(targets: np.ndarray, probs: np.ndarray, thresholds) -> "pd.DataFrame":
+    """Per-class precision / recall / F1 / support at the given thresholds (scalar or (C,)).
+
+    One row per class (`class_id`, `class_name`, `threshold`, `precision`, `recall`, `f1`, `support`,
+    `predicted`); zero divisions give 0 as in sklearn. `df.to_dict("records")` gives plain dicts.
+    """
+    import pandas as pd
+
+    targets = np.asarray(targets, dtype=bool)
+    preds = binarize(probs, thresholds)
+    tp = (targets & preds).sum(0)
+    support, predicted = targets.sum(0), preds.sum(0)
+    safe = lambda a, b: np.divide(a, b, out=np.zeros(len(a)), where=b > 0)  # noqa: E731
+    return pd.DataFrame({
+        "class_id": np.arange(targets.shape[1]),
+        "class_name": list(CLASS_NAMES[: targets.shape[1]]),
+        "threshold": np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (targets.shape[1],)),
+        "precision": safe(tp, predicted),
+        "recall": safe(tp, support),
+        "f1": f1_per_class(targets, preds),
+        "support": support.astype(int),
+        "predicted": predicted.astype(int),
+    })
+
+
+# --- bytes in and out: local paths or s3:// URIs ---------------------------------------------
+
+def read_uri(uri: str | os.PathLike) -> bytes:
+    """Bytes of a local file or an s3:// object; a missing local file is a one-line DataError."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        from hpa.store import read_bytes
+
+        return read_bytes(uri)
+    try:
+        return Path(uri).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{uri}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{uri}: is a directory, expected a file") from None
+
+
+def write_uri(uri: str | os.PathLike, data: bytes) -> str:
+    """Atomically write bytes: a temporary file in the same directory, fsync, then rename (s3: the
+    store's own atomic put). Readers never see a half-written file under the final name."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        from hpa.store import write_bytes
+
+        write_bytes(uri, data)
+        return uri
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(path)
+
+
+def join_uri(base: str | os.PathLike, name: str) -> str:
+    base = str(base)
+    return f"{base.rstrip('/')}/{name}" if base.startswith("s3://") else str(Path(base) / name)
+
+
+# --- thresholds JSON ---------------------------------------------------------------------------
+
+def thresholds_json(values, mode: str = "fitted") -> dict:
+    values = [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+    check_thresholds(values, "thresholds")
+    return {"thresholds": dict(zip(CLASS_NAMES, values)), "values": values, "mode": mode}
+
+
+def check_thresholds(values, where: str) -> np.ndarray:
+    """(28,) float array in [0, 1], or a one-line DataError naming `where`."""
+    try:
+        arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: thresholds must be numbers, got {values!r:.80}") from None
+    if arr.shape != (NUM_CLASSES,):
+        raise DataError(f"{where}: expected {NUM_CLASSES} thresholds (one per class), got {arr.size}")
+    bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0) | (arr > 1))
+    if bad.size:
+        c = int(bad[0])
+        raise DataError(f"{where}: threshold for class {c} ({CLASS_NAMES[c]}) is {arr[c]}, expected a value in [0, 1]")
+    return arr
+
+
+def save_thresholds(path_or_uri, values, mode: str = "fitted") -> str:
+    data = json.dumps(thresholds_json(values, mode), indent=2).encode()
+    return write_uri(path_or_uri, data)
+
+
+def load_thresholds(path_or_uri) -> np.ndarray:
+    """Read a thresholds JSON (`values`, or the `thresholds` by class name, or a bare list of 28)."""
+    where = str(path_or_uri)
+    try:
+        doc = json.loads(read_uri(path_or_uri))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    if isinstance(doc, dict) and "values" in doc:
+        values = doc["values"]
+    elif isinstance(doc, dict) and isinstance(doc.get("thresholds"), dict):
+        by_name = doc["thresholds"]
+        missing = [n for n in CLASS_NAMES if n not in by_name]
+        if missing:
+            raise DataError(f"{where}: 'thresholds' lacks class {missing[0]!r} ({len(missing)} classes missing)")
+        values = [by_name[n] for n in CLASS_NAMES]
+    elif isinstance(doc, list):
+        values = doc
+    else:
+        raise DataError(f"{where}: expected an object with 'values' (28 floats) or 'thresholds' (by class name)")
+    return check_thresholds(values, where)
+
+
+# --- prediction files (.npz) ---------------------------------------------------------------------
+
+@dataclass
+class Predictions:
+    """One model's predictions: `ids` (N,) str, `probs` (N, 28) float32, `targets` (N, 28) uint8 or None."""
+
+    ids: np.ndarray
+    probs: np.ndarray
+    targets: np.ndarray | None = None
+    model: str = ""
+    source: str = ""
+
+    def reindex(self, ids: np.ndarray) -> "Predictions":
+        """The same predictions in the order of `ids` (which must be a permutation of self.ids)."""
+        pos = {i: k for k, i in enumerate(self.ids)}
+        order = np.array([pos[i] for i in ids], dtype=np.int64)
+        targets = None if self.targets is None else self.targets[order]
+        return Predictions(self.ids[order], self.probs[order], targets, self.model, self.source)
+
+
+def validate_predictions(ids, probs, targets, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Check and normalise arrays; every problem is one DataError line naming `where` and the field."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.dtype.kind not in "U":
+        raise DataError(f"{where}: 'ids' must be a 1-d array of str, got dtype {ids.dtype} shape {ids.shape}")
+    if ids.size == 0:
+        raise DataError(f"{where}: no predictions (0 ids)")
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise DataError(f"{where}: 'ids' has duplicates, e.g. {uniq[counts > 1][0]!r} ({int((counts > 1).sum())} repeated)")
+    probs = np.asarray(probs)
+    if probs.shape != (ids.size, NUM_CLASSES) or probs.dtype.kind != "f":
+        raise DataError(f"{where}: 'probs' must be float ({ids.size}, {NUM_CLASSES}), got {probs.dtype} {probs.shape}")
+    finite = np.isfinite(probs)
+    if not finite.all():
+        r, c = np.argwhere(~finite)[0]
+        raise DataError(f"{where}: 'probs' has {int((~finite).sum())} NaN/inf values, first at id {ids[r]!r} class {c}")
+    if probs.min() < 0 or probs.max() > 1:
+        raise DataError(f"{where}: 'probs' must be probabilities in [0, 1], found range [{probs.min():.4g}, {probs.max():.4g}]")
+    if targets is not None:
+        targets = np.asarray(targets)
+        if targets.shape != probs.shape or not np.isin(targets, (0, 1)).all():
+            raise DataError(f"{where}: 'targets' must be 0/1 of shape {probs.shape}, got {targets.dtype} {targets.shape}")
+        targets = targets.astype(np.uint8)
+    return ids, probs.astype(np.float32), targets
+
+
+def predictions_bytes(ids, probs, targets=None, model: str = "", where: str = "predictions") -> bytes:
+    ids, probs, targets = validate_predictions(np.asarray(ids).astype(str), probs, targets, where)
+    arrays = {"ids": ids, "probs": probs, "model": np.array(str(model))}
+    if targets is not None:
+        arrays["targets"] = targets
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def save_predictions(path_or_uri, ids, probs, targets=None, model: str = "") -> str:
+    """Validate and atomically write a predictions .npz (keys ids, probs, model, targets if known)."""
+    return write_uri(path_or_uri, predictions_bytes(ids, probs, targets, model, where=str(path_or_uri)))
+
+
+def load_predictions(path_or_uri) -> Predictions:
+    """Read and validate a predictions .npz; a bad file is one DataError line naming it."""
+    where = str(path_or_uri)
+    data = read_uri(path_or_uri)
+    if not data:
+        raise DataError(f"{where}: empty file (0 bytes), expected a predictions .npz")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{where}: not a readable .npz ({exc.__class__.__name__}: {exc})") from None
+    for key in ("ids", "probs"):
+        if key not in arrays:
+            raise DataError(f"{where}: missing key {key!r} (has {sorted(arrays)})")
+    ids, probs, targets = validate_predictions(arrays["ids"], arrays["probs"], arrays.get("targets"), where)
+    model = str(arrays["model"]) if "model" in arrays else Path(where).stem
+    return Predictions(ids, probs, targets, model, where)
+
+
+# --- ensembling ------------------------------------------------------------------------------------
+
+def align(preds: list[Predictions]) -> list[Predictions]:
+    """Reorder every model's predictions to the first one's id order; ids must be the same set."""
+    ref = preds[0]
+    ref_set = set(ref.ids.tolist())
+    out = [ref]
+    for p in preds[1:]:
+        other = set(p.ids.tolist())
+        if other != ref_set:
+            only_ref, only_other = sorted(ref_set - other), sorted(other - ref_set)
+            example = (f"{only_ref[0]!r} is in {ref.source} but not in {p.source}" if only_ref
+                       else f"{only_other[0]!r} is in {p.source} but not in {ref.source}")
+            raise DataError(f"ids differ between {ref.source} ({len(ref_set)} ids) and {p.source} ({len(other)} ids): "
+                            f"{len(only_ref) + len(only_other)} mismatched, e.g. {example}")
+        out.append(p if np.array_equal(p.ids, ref.ids) else p.reindex(ref.ids))
+    return out
+
+
+def model_scores(p: Predictions) -> dict:
+    """Val macro F1 of one model at 0.5 and with thresholds fitted on the same predictions."""
+    fitted = fit_thresholds(p.probs, p.targets)
+    return {"model": p.model, "file": p.source,
+            "val_macro_f1_at_05": macro_f1(p.targets, p.probs >= DEFAULT_THRESHOLD),
+            "val_macro_f1_fitted": macro_f1(p.targets, binarize(p.probs, fitted))}
+
+
+def ecdf_ranks(reference: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Map each class's probabilities through the empirical CDF of `reference` (that class's val
+    probabilities), so val and test of one model land on the same [0, 1] rank scale."""
+    out = np.empty(probs.shape, dtype=np.float64)
+    for c in range(probs.shape[1]):
+        ref = np.sort(reference[:, c])
+        out[:, c] = np.searchsorted(ref, probs[:, c], side="right") / len(ref)
+    return out
+
+
+def combine(val: list[Predictions], test: list[Predictions], method: str, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """(val, test) combined probabilities. mean: plain average; weighted: average with `weights`;
+    rank: average of per-class ranks on each model's validation ECDF (robust to calibration)."""
+    if method == "rank":
+        val_probs = [ecdf_ranks(v.probs, v.probs) for v in val]
+        test_probs = [ecdf_ranks(v.probs, t.probs) for v, t in zip(val, test)]
+    else:
+        val_probs, test_probs = [v.probs for v in val], [t.probs for t in test]
+    w = np.full(len(val), 1.0 / len(val)) if weights is None else np.asarray(weights, dtype=np.float64)
+    avg = lambda arrays: np.tensordot(w, np.stack(arrays).astype(np.float64), axes=1)  # noqa: E731
+    return avg(val_probs).astype(np.float32), avg(test_probs).astype(np.float32)
+
+
+def ensemble_weights(scores: list[dict]) -> np.ndarray:
+    """`weighted`: weights proportional to each model's val macro F1 with fitted thresholds
+    (no search: with a handful of models and one val fold a search only overfits the fold)."""
+    f1 = np.array([s["val_macro_f1_fitted"] for s in scores], dtype=np.float64)
+    return f1 / f1.sum() if f1.sum() > 0 else np.full(len(f1), 1.0 / len(f1))
+
+
+def resolve_thresholds(val_probs, targets, thresholds=None, threshold=None) -> tuple[np.ndarray, str]:
+    if thresholds is not None and threshold is not None:
+        raise DataError("give either a thresholds file or a global threshold, not both")
+    if thresholds is not None:
+        return load_thresholds(thresholds), "given"
+    if threshold is not None:
+        return check_thresholds(np.full(NUM_CLASSES, float(threshold)), "--threshold"), "global"
+    return fit_thresholds(val_probs, targets), "fitted"
+
+
+def ensemble(val_files, test_files, method: str = "mean", out_dir=".", thresholds=None, threshold=None) -> dict:
+    """Combine several models' predictions, fit (or take) thresholds on the combined validation
+    predictions, and write `ensemble_val.npz`, `ensemble_test.npz`, `thresholds.json` and, last,
+    `metrics.json` under `out_dir` (local or s3://). Returns the metrics dict.
+
+    `val_files[i]` and `test_files[i]` are the same model. Ids must match across models (order may
+    differ: everything is aligned to the first file). Validation files must carry targets.
+    """
+    if method not in METHODS:
+        raise DataError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    if not val_files or len(val_files) != len(test_files):
+        raise DataError(f"need one test file per val file, got {len(val_files)} val and {len(test_files)} test")
+    val = align([load_predictions(f) for f in val_files])
+    test = align([load_predictions(f) for f in test_files])
+    for v in val:
+        if v.targets is None:
+            raise DataError(f"{v.source}: validation predictions have no 'targets'")
+        if not np.array_equal(v.targets, val[0].targets):
+            raise DataError(f"{v.source}: 'targets' differ from {val[0].source} for the same ids")
+    targets = val[0].targets
+    scores = [model_scores(v) for v in val]
+    weights = ensemble_weights(scores) if method == "weighted" else np.full(len(val), 1.0 / len(val))
+    val_probs, test_probs = combine(val, test, method, weights)
+    values, mode = resolve_thresholds(val_probs, targets, thresholds, threshold)
+    report = class_report(targets, val_probs, values)
+    metrics = {
+        "method": method, "threshold_mode": mode, "n_models": len(val),
+        "n_val": int(len(targets)), "n_test": int(len(test[0].ids)),
+        "weights": [float(w) for w in weights], "models": scores,
+        "val_macro_f1": macro_f1(targets, binarize(val_probs, values)),
+        "val_macro_f1_at_05": macro_f1(targets, val_probs >= DEFAULT_THRESHOLD),
+        "best_single_val_macro_f1_fitted": max(s["val_macro_f1_fitted"] for s in scores),
+        "per_class": report.drop(columns=["threshold"]).to_dict("records"),
+    }
+    outputs = {name: join_uri(out_dir, name) for name in
+               ("ensemble_val.npz", "ensemble_test.npz", "thresholds.json", "metrics.json")}
+    name = f"ensemble-{method}"
+    save_predictions(outputs["ensemble_val.npz"], val[0].ids, val_probs, targets, name)
+    save_predictions(outputs["ensemble_test.npz"], test[0].ids, test_probs, test[0].targets, name)
+    save_thresholds(outputs["thresholds.json"], values, mode)
+    metrics["outputs"] = outputs
+    write_uri(outputs["metrics.json"], json.dumps(metrics, indent=2).encode())  # last: marks completion
+    log.info("ensemble (%s, %d models): val macro F1 %.4f (best single, fitted: %.4f)", method, len(val),
+             metrics["val_macro_f1"], metrics["best_single_val_macro_f1_fitted"])
+    return metrics
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hpa ensemble", description=ensemble.__doc__.split("\n")[0])
+    p.add_argument("--val", nargs="+", required=True, help="validation predictions .npz per model (with targets)")
+    p.add_argument("--test", nargs="+", required=True, help="test predictions .npz per model, same order as --val")
+    p.add_argument("--method", choices=METHODS, default="mean")
+    p.add_argument("--out", required=True, help="output dir or s3:// prefix")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--thresholds", help="thresholds JSON to use instead of fitting (e.g. from Katib)")
+    g.add_argument("--threshold", type=float, help="one global threshold for every class")
+    return p
+
+
+def ensemble_main(argv: list[str]) -> int:
+    args = get_args_parser().parse_args(argv)
+    metrics = ensemble(args.val, args.test, args.method, args.out, args.thresholds, args.threshold)
+    print(f"ensemble val macro F1: {metrics['val_macro_f1']:.4f}")
+    for path in metrics["outputs"].values():
+        print(path)
+    return 0
