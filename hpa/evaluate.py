@@ -137,6 +137,16 @@ def read_uri(uri: str | os.PathLike) -> bytes:
         raise DataError(f"{uri}: is a directory, expected a file") from None
 
 
+def exists_uri(uri: str | os.PathLike) -> bool:
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        from hpa.store import split_uri
+
+        store, key = split_uri(uri)
+        return store.exists(key)
+    return Path(uri).is_file()
+
+
 def write_uri(uri: str | os.PathLike, data: bytes) -> str:
     """Atomically write bytes: a temporary file in the same directory, fsync, then rename (s3: the
     store's own atomic put). Readers never see a half-written file under the final name."""

@@ -1,0 +1,254 @@
+"""Batched inference with dihedral test-time augmentation -> a predictions .npz (ids, probs, targets, model).
+
+TTA order (`--tta N` uses the first N; N in 1, 2, 4, 8):
+    0 identity, 1 horizontal flip, 2 vertical flip, 3 rotate 180,
+    4 rotate 90, 5 rotate 270, 6 transpose, 7 anti-transpose.
+So N=2 adds the horizontal flip, N=4 the flips and 180° (the Klein group), N=8 the whole dihedral group.
+Probabilities are averaged after the sigmoid.
+
+Data: a dataset root in the Kaggle PNG layout (local or s3://; for s3 the needed images are downloaded to a
+cache first), or one packed by `hpa pack` (detected by `<data>/<split>/shards.json`), read in order
+(shuffle off). `--ids test` predicts `sample_submission.csv`'s ids (targets from `test_labels.csv` when it
+exists); `--ids val` predicts fold `--fold` of `--split split.csv` (targets from the split's `Target`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hpa.errors import ConfigError, DataError
+from hpa.evaluate import (DEFAULT_THRESHOLD, binarize, exists_uri, fit_thresholds, join_uri, macro_f1, read_uri,
+                          save_predictions)
+from hpa.labels import COLORS, NUM_CLASSES, parse_target, to_matrix
+
+log = logging.getLogger(__name__)
+
+TTA_NAMES = ("identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose")
+TTA_CHOICES = (1, 2, 4, 8)
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th dihedral transform (TTA_NAMES order) of a (..., H, W) batch."""
+    h, w = -2, -1
+    return [
+        lambda t: t,
+        lambda t: t.flip(w),
+        lambda t: t.flip(h),
+        lambda t: t.flip(h, w),
+        lambda t: t.rot90(1, (h, w)),
+        lambda t: t.rot90(3, (h, w)),
+        lambda t: t.transpose(h, w),
+        lambda t: t.transpose(h, w).flip(h, w),
+    ][k](x)
+
+
+@torch.no_grad()
+def predict_batch(model: torch.nn.Module, x: torch.Tensor, tta: int = 1) -> torch.Tensor:
+    """Mean sigmoid probabilities over the first `tta` dihedral transforms; bf16 autocast on CUDA."""
+    if tta not in TTA_CHOICES:
+        raise ConfigError(f"--tta {tta}: expected one of {TTA_CHOICES}")
+    use_amp = x.device.type == "cuda"
+    total = torch.zeros(x.shape[0], NUM_CLASSES, device=x.device)
+    for k in range(tta):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(dihedral(x, k))
+        total += torch.sigmoid(logits.float())
+    return total / tta
+
+
+def predict_loader(model, loader, device, tta: int) -> tuple[list[str], np.ndarray]:
+    """Run a loader of (image, target, id) or (image, target) batches; returns ids and (N, 28) probs."""
+    ids, probs = [], []
+    for batch in loader:
+        x, batch_ids = batch[0], batch[2]
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        probs.append(predict_batch(model, x, tta).cpu().numpy())
+        ids.extend(str(i) for i in batch_ids)
+    return ids, np.concatenate(probs) if probs else np.zeros((0, NUM_CLASSES), np.float32)
+
+
+# --- which ids, which targets -------------------------------------------------------------------
+
+def read_csv_uri(uri: str) -> pd.DataFrame:
+    try:
+        return pd.read_csv(io.BytesIO(read_uri(uri)), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{uri}: not a readable CSV ({exc.__class__.__name__})") from None
+
+
+def targets_from(df: pd.DataFrame, where: str) -> np.ndarray:
+    if "Target" not in df.columns:
+        raise DataError(f"{where}: missing column 'Target'")
+    return to_matrix([parse_target(t, f"{where} Id {i}") for i, t in zip(df["Id"], df["Target"])])
+
+
+def select_ids(data: str, ids: str, split_csv: str | None, fold: int | None) -> tuple[list[str], np.ndarray | None, str]:
+    """(ids, targets or None, image split) for `--ids test|val`."""
+    if ids == "test":
+        sample_uri = join_uri(data, "sample_submission.csv")
+        sample = read_csv_uri(sample_uri)
+        if "Id" not in sample.columns:
+            raise DataError(f"{sample_uri}: missing column 'Id'")
+        labels_uri = join_uri(data, "test_labels.csv")
+        if not exists_uri(labels_uri):  # only synthetic data has test labels
+            return sample["Id"].tolist(), None, "test"
+        labels = read_csv_uri(labels_uri).set_index("Id").reindex(sample["Id"])
+        if labels["Target"].isna().any():
+            raise DataError(f"{labels_uri}: has no Target for Id {labels.index[labels['Target'].isna()][0]!r}")
+        return sample["Id"].tolist(), targets_from(labels.reset_index(), labels_uri), "test"
+    if ids != "val":
+        raise ConfigError(f"--ids {ids!r}: expected 'test' or 'val'")
+    if split_csv is None or fold is None:
+        raise ConfigError("--ids val needs --split SPLIT_CSV and --fold K")
+    split = read_csv_uri(split_csv)
+    missing = {"Id", "Target", "fold"} - set(split.columns)
+    if missing:
+        raise DataError(f"{split_csv}: missing column(s) {sorted(missing)}")
+    rows = split[split["fold"].astype(int) == int(fold)]
+    if rows.empty:
+        raise DataError(f"{split_csv}: fold {fold} does not exist (folds: {sorted(split['fold'].astype(int).unique())})")
+    return rows["Id"].tolist(), targets_from(rows, split_csv), "train"
+
+
+# --- loaders -------------------------------------------------------------------------------------
+
+def is_sharded(data: str, split: str) -> bool:
+    return exists_uri(join_uri(join_uri(data, split), "shards.json"))
+
+
+def local_png_root(data: str, split: str, ids: list[str], cache_dir: str | None) -> str:
+    """A local dataset root holding the images of `ids`: `data` itself, or an s3 download cache."""
+    if not data.startswith("s3://"):
+        return data
+    from hpa.store import open_store
+
+    store = open_store(data)
+    root = Path(cache_dir or tempfile.mkdtemp(prefix="hpa-predict-"))
+    keys = [f"{split}/{i}_{c}.png" for i in ids for c in COLORS]
+    todo = [k for k in keys if not (root / k).exists()]
+    log.info("downloading %d of %d images from %s to %s", len(todo), len(keys), data, root)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: store.get_file(k, str(root / k)), todo))
+    return str(root)
+
+
+class _WithIds(torch.utils.data.Dataset):
+    """HPADataset items plus their id, so both sources yield (image, target, id)."""
+
+    def __init__(self, dataset, ids):
+        self.dataset, self.ids = dataset, ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i][:2]
+        return x, y, self.ids[i]
+
+
+def make_loader(data, split, ids, meta, batch_size, workers, cache_dir):
+    size, color_mode = meta.get("size"), meta.get("color_mode", "rgby")
+    if is_sharded(data, split):
+        from hpa.shards import ShardDataset
+
+        log.info("reading shards %s", join_uri(data, split))
+        dataset = ShardDataset(join_uri(data, split), ids=ids, shuffle=False, cache_dir=cache_dir)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                           collate_fn=_ShardCollate(size, color_mode)), "shards"
+    from hpa.data import HPADataset
+
+    root = local_png_root(data, split, ids, cache_dir)
+    dataset = _WithIds(HPADataset(root, ids, None, split=split, size=size, color_mode=color_mode), ids)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers), "png"
+
+
+class _ShardCollate:
+    """Batch shard samples (uint8 RGBY at the packed size) into the model's color mode and size."""
+
+    def __init__(self, size, color_mode):
+        self.size, self.color_mode = size, color_mode
+
+    def __call__(self, samples):
+        from hpa.data import to_rgb
+
+        images = [s[0] if self.color_mode == "rgby" else torch.from_numpy(to_rgb(s[0].numpy())) for s in samples]
+        x = torch.stack(images).float().div_(255)
+        if self.size and x.shape[-1] != self.size:
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        return x, torch.stack([torch.as_tensor(s[1]) for s in samples]), [str(s[2]) for s in samples]
+
+
+# --- entry points ----------------------------------------------------------------------------------
+
+def pick_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def predict(checkpoint, data, ids: str = "test", split_csv=None, fold=None, tta: int = 1, out="predictions.npz",
+            batch_size: int = 64, device=None, workers: int = 0, cache_dir=None, name: str | None = None) -> dict:
+    """Predict one checkpoint on the test ids or a validation fold and write a predictions .npz."""
+    from hpa.models import load_checkpoint
+
+    if tta not in TTA_CHOICES:
+        raise ConfigError(f"--tta {tta}: expected one of {TTA_CHOICES}")
+    dev = pick_device(device)
+    model, meta = load_checkpoint(checkpoint, map_location=dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    wanted, targets, split = select_ids(str(data), ids, split_csv, fold)
+    loader, source = make_loader(str(data), split, wanted, meta, batch_size, workers, cache_dir)
+    t0 = time.perf_counter()
+    got_ids, probs = predict_loader(model, loader, dev, tta)
+    seconds = time.perf_counter() - t0
+    if sorted(got_ids) != sorted(wanted):
+        missing = sorted(set(wanted) - set(got_ids))
+        raise DataError(f"{data}: {len(missing)} requested ids were not found in the {source} data, e.g. {missing[:1]}")
+    if targets is not None:  # the loader's order may differ from the request (shards): realign
+        pos = {i: k for k, i in enumerate(wanted)}
+        targets = targets[[pos[i] for i in got_ids]]
+    model_name = name or meta.get("arch", "model")
+    save_predictions(out, got_ids, probs, targets, model=model_name)
+    result = {"out": str(out), "n": len(got_ids), "tta": tta, "model": model_name, "source": source,
+              "device": str(dev), "seconds": round(seconds, 3), "images_per_s": round(len(got_ids) / max(seconds, 1e-9), 1)}
+    if targets is not None:
+        result["macro_f1_at_05"] = macro_f1(targets, probs >= DEFAULT_THRESHOLD)
+        result["macro_f1_fitted"] = macro_f1(targets, binarize(probs, fit_thresholds(probs, targets)))
+    log.info("predicted %d %s images with %s (tta=%d) in %.1f s -> %s", len(got_ids), ids, model_name, tta, seconds, out)
+    return result
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hpa predict", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt, local path or s3:// URI")
+    p.add_argument("--data", required=True, help="dataset root (PNG layout or shards), local or s3://")
+    p.add_argument("--ids", choices=("test", "val"), default="test")
+    p.add_argument("--split", dest="split_csv", help="split CSV (Id,Target,fold) for --ids val")
+    p.add_argument("--fold", type=int, help="validation fold for --ids val")
+    p.add_argument("--tta", type=int, choices=TTA_CHOICES, default=1, help="number of dihedral transforms")
+    p.add_argument("--out", required=True, help="output .npz, local path or s3:// URI")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--cache-dir", help="where s3 images/shards are cached (default: a temp dir)")
+    p.add_argument("--name", help="model name stored in the .npz (default: the checkpoint's arch)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    a = get_args_parser().parse_args(argv)
+    result = predict(a.checkpoint, a.data, a.ids, a.split_csv, a.fold, a.tta, a.out, a.batch_size, a.device,
+                     a.workers, a.cache_dir, a.name)
+    print(result["out"])
+    return 0
