@@ -1,0 +1,77 @@
+"""KFP component `check-params`: validate the run parameters before any work is done.
+
+A run started from the Central Dashboard never passes through `pipeline.py`'s client-side check, so
+the pipeline's first task does the same check (`hpa.config.PipelineConfig.validate`) and fails with
+one line naming the parameter. `python components/check_params/component.py` rewrites component.yaml.
+"""
+
+from pathlib import Path
+
+from kfp import compiler, dsl
+
+import hpa.config
+
+
+@dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
+def check_params(
+    data_source: str,
+    store_uri: str,
+    n_train: int,
+    n_test: int,
+    image_size: int,
+    color_mode: str,
+    folds: int,
+    val_fold: int,
+    epochs: int,
+    batch_size: int,
+    lr_resnet18: float,
+    lr_se_resnet: float,
+    loss: str,
+    tta: int,
+    threshold_mode: str,
+    threshold: float,
+    ensemble_method: str,
+    gpus: int,
+    accelerator_type: str,
+    seed: int,
+) -> str:
+    """Validate the pipeline's run parameters; fail with one clear line on the first bad one.
+
+    Args:
+        data_source: Dataset source (synthetic, a directory, s3://..., https://..., kaggle:<competition>).
+        store_uri: Object store prefix for datasets (s3://bucket/prefix or a directory).
+        n_train: Synthetic training images (used when data_source is synthetic).
+        n_test: Synthetic test images (used when data_source is synthetic).
+        image_size: Training and inference size in pixels, a positive multiple of 32.
+        color_mode: rgby (4 channels) or rgb (3 channels).
+        folds: Number of stratified folds, >= 2.
+        val_fold: Validation fold, 0 <= val_fold < folds.
+        epochs: Training epochs, >= 1.
+        batch_size: Batch size per training task, >= 1.
+        lr_resnet18: Learning rate of the resnet18 model, in (0, 1).
+        lr_se_resnet: Learning rate of the SE-ResNet model, in (0, 1).
+        loss: bce or focal.
+        tta: Dihedral test-time augmentations: 1, 2, 4 or 8.
+        threshold_mode: fitted (per class on validation) or global (the threshold value).
+        threshold: Global decision threshold in (0, 1).
+        ensemble_method: mean, weighted or rank.
+        gpus: GPUs per training task, >= 0.
+        accelerator_type: Kubernetes resource name of the accelerator.
+        seed: Random seed, >= 0.
+
+    Returns:
+        The validated parameters as JSON (shown in the task's outputs).
+    """
+    import dataclasses
+    import json
+
+    from hpa.config import PipelineConfig
+
+    params = dict(locals())
+    names = {f.name for f in dataclasses.fields(PipelineConfig)}
+    config = PipelineConfig(**{k: v for k, v in params.items() if k in names}).validate()
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+if __name__ == "__main__":
+    compiler.Compiler().compile(check_params, str(Path(__file__).with_name("component.yaml")))

@@ -1,0 +1,61 @@
+"""KFP component `download`: fetch a dataset, validate it and commit it to the object store.
+
+Only the dataset's URI (a string) and its small manifest travel to the next tasks; the images stay in
+the store. `python components/download/component.py` rewrites component.yaml.
+"""
+
+from pathlib import Path
+from typing import NamedTuple
+
+from kfp import compiler, dsl
+from kfp.dsl import Dataset, Output
+
+import hpa.config
+
+
+@dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
+def download(
+    source: str,
+    store_uri: str,
+    manifest: Output[Dataset],
+    n_train: int = 600,
+    n_test: int = 200,
+    image_size: int = 64,
+    seed: int = 0,
+    s3_endpoint: str = "",
+) -> NamedTuple("Outputs", [("data_uri", str)]):
+    """Fetch a dataset in the Kaggle HPA layout into the store (idempotent) and commit its manifest.
+
+    Args:
+        source: synthetic, a directory in Kaggle layout, an s3:// prefix, an https:// archive, or
+            kaggle:human-protein-atlas-image-classification.
+        store_uri: Store prefix under which the dataset is written (s3://bucket/prefix or a directory).
+        manifest: The committed dataset's manifest.json (object keys, sizes, sha256); metadata has its URI.
+        n_train: Training images to generate when source is synthetic.
+        n_test: Test images to generate when source is synthetic.
+        image_size: Side in pixels of generated synthetic images.
+        seed: Seed of the synthetic generator.
+        s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
+
+    Returns:
+        data_uri: URI of the committed dataset in the store.
+    """
+    import json
+    import os
+    from collections import namedtuple
+
+    if s3_endpoint:
+        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
+    from hpa.download import download as fetch_dataset
+    from hpa.store import open_store
+
+    info = fetch_dataset(source, store_uri, n_train=n_train, n_test=n_test, size=image_size, seed=seed)
+    data_uri = info["data_uri"]
+    with open(manifest.path, "w") as f:
+        json.dump(open_store(data_uri).read_manifest(), f, indent=1)
+    manifest.metadata.update({"uri": data_uri, **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}})
+    return namedtuple("Outputs", ["data_uri"])(data_uri)
+
+
+if __name__ == "__main__":
+    compiler.Compiler().compile(download, str(Path(__file__).with_name("component.yaml")))

@@ -1,0 +1,76 @@
+"""KFP component `ensemble`: combine two models' predictions and fit the decision thresholds.
+
+`python components/ensemble/component.py` rewrites component.yaml.
+"""
+
+from pathlib import Path
+
+from kfp import compiler, dsl
+from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Output
+
+import hpa.config
+
+
+@dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
+def ensemble(
+    val_a: Input[Dataset],
+    val_b: Input[Dataset],
+    test_a: Input[Dataset],
+    test_b: Input[Dataset],
+    ensemble_test: Output[Dataset],
+    thresholds: Output[Dataset],
+    metrics: Output[Metrics],
+    roc: Output[ClassificationMetrics],
+    method: str = "mean",
+    threshold_mode: str = "fitted",
+    threshold: float = 0.3,
+):
+    """Average (or rank/weight) the models' probabilities and fit thresholds on the validation fold.
+
+    Args:
+        val_a: Validation predictions of the first model (.npz).
+        val_b: Validation predictions of the second model (.npz).
+        test_a: Test predictions of the first model (.npz).
+        test_b: Test predictions of the second model (.npz).
+        ensemble_test: Combined test probabilities (.npz: ids, probs, model).
+        thresholds: Thresholds JSON ({"thresholds": {class: value}, "values": [...], "mode": ...}).
+        metrics: Validation macro F1 of the ensemble and of each model (model0 = val_a), and the weights.
+        roc: Micro-averaged ROC curve of the ensemble on the validation fold.
+        method: mean, weighted or rank.
+        threshold_mode: fitted (per-class thresholds maximising validation F1) or global.
+        threshold: The global threshold when threshold_mode is global.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    from hpa.evaluate import ensemble as combine
+
+    with tempfile.TemporaryDirectory() as out:
+        result = combine(
+            [val_a.path, val_b.path], [test_a.path, test_b.path], method=method, out_dir=out,
+            threshold=threshold if threshold_mode == "global" else None,
+        )
+        shutil.copyfile(os.path.join(out, "ensemble_test.npz"), ensemble_test.path)
+        shutil.copyfile(os.path.join(out, "thresholds.json"), thresholds.path)
+        with np.load(os.path.join(out, "ensemble_val.npz")) as val:
+            targets, probs = val["targets"], val["probs"]
+
+    for key in ("val_macro_f1", "val_macro_f1_at_05", "best_single_val_macro_f1_fitted", "n_val", "n_test"):
+        metrics.log_metric(key, float(result[key]))
+    for i, (scores, weight) in enumerate(zip(result["models"], result["weights"])):
+        metrics.log_metric(f"model{i}_val_macro_f1_fitted", float(scores["val_macro_f1_fitted"]))
+        metrics.log_metric(f"model{i}_weight", float(weight))
+    # The UI's ROC view (all classes pooled); thinned to <= 200 points so the metadata stays small.
+    fpr, tpr, cuts = roc_curve(targets.ravel(), probs.ravel())
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).astype(int))
+    roc.log_roc_curve(fpr[keep].tolist(), tpr[keep].tolist(), np.clip(cuts[keep], 0.0, 1.0).tolist())
+    ensemble_test.metadata.update({"method": method, "threshold_mode": result["threshold_mode"]})
+    thresholds.metadata.update({"mode": result["threshold_mode"]})
+
+
+if __name__ == "__main__":
+    compiler.Compiler().compile(ensemble, str(Path(__file__).with_name("component.yaml")))

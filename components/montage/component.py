@@ -1,0 +1,50 @@
+"""KFP component `montage`: a grid of sample images with their label names, shown in the KFP UI.
+
+Runs only when the run parameter `plot_samples` is true. `python components/montage/component.py`
+rewrites component.yaml.
+"""
+
+from pathlib import Path
+
+from kfp import compiler, dsl
+from kfp.dsl import Markdown, Output
+
+import hpa.config
+
+
+@dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
+def montage(
+    data_uri: str,
+    montage: Output[Markdown],
+    n: int = 16,
+    seed: int = 0,
+    s3_endpoint: str = "",
+):
+    """Render RGB composites of n training images with their label names (Markdown, image embedded).
+
+    Args:
+        data_uri: URI of a committed dataset (the download task's data_uri).
+        montage: Markdown with the montage PNG embedded as a base64 data URI.
+        n: Number of images in the grid.
+        seed: Seed that picks the images.
+        s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
+    """
+    import base64
+    import os
+    import tempfile
+
+    if s3_endpoint:
+        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
+    from hpa.montage import render_montage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, "montage.png")
+        render_montage(data_uri, png, n=n, seed=seed)
+        with open(png, "rb") as f:
+            encoded = base64.b64encode(f.read()).decode("ascii")
+    with open(montage.path, "w") as f:
+        f.write(f"### Sample images from `{data_uri}`\n\n![montage](data:image/png;base64,{encoded})\n")
+
+
+if __name__ == "__main__":
+    compiler.Compiler().compile(montage, str(Path(__file__).with_name("component.yaml")))

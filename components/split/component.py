@@ -1,0 +1,59 @@
+"""KFP component `split`: iterative multilabel stratified k-fold split of the training labels.
+
+Deterministic for a seed, so the task is cached. `python components/split/component.py` rewrites
+component.yaml.
+"""
+
+from pathlib import Path
+
+from kfp import compiler, dsl
+from kfp.dsl import Dataset, Markdown, Output
+
+import hpa.config
+
+
+@dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
+def split(
+    data_uri: str,
+    split_csv: Output[Dataset],
+    fold_plot: Output[Markdown],
+    folds: int = 5,
+    seed: int = 0,
+    s3_endpoint: str = "",
+):
+    """Assign every training image to a fold (Id,Target,fold), stratified over the 28 labels.
+
+    Args:
+        data_uri: URI of a committed dataset (reads its train.csv).
+        split_csv: CSV with columns Id,Target,fold.
+        fold_plot: Markdown with the per-fold label distribution plot embedded.
+        folds: Number of folds, >= 2.
+        seed: Seed of the stratified split.
+        s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
+    """
+    import base64
+    import os
+    import tempfile
+
+    if s3_endpoint:
+        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
+    from hpa.data import read_labels
+    from hpa.split import make_split, plot_fold_distribution
+    from hpa.store import fetch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        labels_csv = os.path.join(tmp, "train.csv")
+        fetch(data_uri.rstrip("/") + "/train.csv", labels_csv)
+        table = make_split(read_labels(labels_csv), folds=folds, seed=seed)
+        png = os.path.join(tmp, "folds.png")
+        plot_fold_distribution(table, png)
+        with open(png, "rb") as f:
+            encoded = base64.b64encode(f.read()).decode("ascii")
+    table[["Id", "Target", "fold"]].to_csv(split_csv.path, index=False)
+    split_csv.metadata.update({"folds": folds, "seed": seed, "rows": int(len(table))})
+    with open(fold_plot.path, "w") as f:
+        f.write(f"### Label counts per fold ({folds} folds, seed {seed})\n\n![folds](data:image/png;base64,{encoded})\n")
+
+
+if __name__ == "__main__":
+    compiler.Compiler().compile(split, str(Path(__file__).with_name("component.yaml")))

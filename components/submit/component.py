@@ -1,0 +1,71 @@
+"""KFP component `submit`: the Kaggle submission file, validated, scored when labels exist, optionally uploaded.
+
+Never cached: an upload is a side effect. Kaggle credentials come from the `kaggle-credentials`
+secret as KAGGLE_USERNAME / KAGGLE_KEY (set on the task in pipeline.py), never from a parameter.
+`python components/submit/component.py` rewrites component.yaml.
+"""
+
+from pathlib import Path
+
+from kfp import compiler, dsl
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Output
+
+import hpa.config
+
+
+@dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
+def submit(
+    data_uri: str,
+    predictions: Input[Dataset],
+    thresholds: Input[Dataset],
+    submission: Output[Dataset],
+    summary: Output[Markdown],
+    metrics: Output[Metrics],
+    kaggle_submit: bool = False,
+    s3_endpoint: str = "",
+):
+    """Write submission.csv (Id,Predicted) in the sample's order and validate it against the sample.
+
+    Args:
+        data_uri: URI of the committed dataset (reads sample_submission.csv and, if present, test_labels.csv).
+        predictions: Test probabilities (.npz) from the ensemble task.
+        thresholds: Thresholds JSON from the ensemble task.
+        submission: The Kaggle submission CSV.
+        summary: Markdown summary: rows, labels per image, score when test labels are known.
+        metrics: Test macro F1 when the dataset has test labels (synthetic data).
+        kaggle_submit: Upload to Kaggle with KAGGLE_USERNAME/KAGGLE_KEY from the environment.
+        s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
+    """
+    import os
+    import tempfile
+
+    if s3_endpoint:
+        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
+    from hpa.store import fetch, open_store
+    from hpa.submit import make_submission
+
+    store = open_store(data_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = os.path.join(tmp, "sample_submission.csv")
+        fetch(store.join("sample_submission.csv"), sample)
+        labels = None
+        if store.exists("test_labels.csv"):
+            labels = os.path.join(tmp, "test_labels.csv")
+            fetch(store.join("test_labels.csv"), labels)
+        result = make_submission(
+            predictions.path, thresholds.path, sample, submission.path,
+            fill_empty=True, test_labels=labels, kaggle_submit=kaggle_submit,
+        )
+    lines = ["### Submission", "", "| field | value |", "|---|---|"]
+    for key, value in sorted(result.items()):
+        if isinstance(value, (int, float, str, bool)):
+            lines.append(f"| {key} | {value} |")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics.log_metric(key, float(value))
+    with open(summary.path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    submission.metadata.update({"kaggle_submit": kaggle_submit})
+
+
+if __name__ == "__main__":
+    compiler.Compiler().compile(submit, str(Path(__file__).with_name("component.yaml")))

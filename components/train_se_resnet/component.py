@@ -1,0 +1,99 @@
+"""KFP component `train-se_resnet`: train a 4-channel SE-ResNet-18 (squeeze-and-excitation) on one fold, then predict val and test.
+
+The images are read from the store (never copied in as an artifact); the checkpoint, the run
+directory (history, metrics, config) and the TTA predictions on the validation fold and on the test
+set come out as small artifacts for `compare-plots` and `ensemble`. The GPU request, /dev/shm and the
+S3 secret are set on the task in pipeline.py. `python components/train_se_resnet/component.py`
+rewrites component.yaml.
+"""
+
+from pathlib import Path
+
+from kfp import compiler, dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+import hpa.config
+
+
+@dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
+def train_se_resnet(
+    data_uri: str,
+    split_csv: Input[Dataset],
+    model: Output[Model],
+    run: Output[Artifact],
+    val_predictions: Output[Dataset],
+    test_predictions: Output[Dataset],
+    metrics: Output[Metrics],
+    arch: str = "se_resnet18",
+    val_fold: int = 0,
+    image_size: int = 64,
+    color_mode: str = "rgby",
+    epochs: int = 2,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    loss: str = "bce",
+    threshold_mode: str = "fitted",
+    threshold: float = 0.3,
+    tta: int = 2,
+    seed: int = 0,
+    s3_endpoint: str = "",
+):
+    """Train one model on the training folds, keep the best epoch, predict val and test with TTA.
+
+    Args:
+        data_uri: URI of a committed dataset (the download task's data_uri).
+        split_csv: Fold assignment (Id,Target,fold) from the split task.
+        model: Best checkpoint (by validation macro F1), loadable with hpa.models.load_checkpoint.
+        run: Training run directory: history.csv, metrics.json, config.json, val_predictions.npz.
+        val_predictions: Validation-fold predictions with TTA (.npz: ids, probs, targets, model).
+        test_predictions: Test-set predictions with TTA (.npz: ids, probs, model).
+        metrics: Best validation macro F1, its epoch and the losses.
+        arch: Architecture name from hpa.models.MODEL_NAMES.
+        val_fold: Fold held out for validation.
+        image_size: Training and inference size in pixels (multiple of 32).
+        color_mode: rgby (4 channels) or rgb (3 channels).
+        epochs: Training epochs.
+        batch_size: Batch size.
+        lr: Peak learning rate.
+        loss: bce or focal.
+        threshold_mode: fitted (per class on validation) or global; decides the reported val macro F1.
+        threshold: Global threshold used when threshold_mode is global.
+        tta: Dihedral test-time augmentations for the predictions: 1, 2, 4 or 8.
+        seed: Random seed.
+        s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
+    """
+    import json
+    import os
+    import shutil
+
+    if s3_endpoint:
+        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
+    from hpa.predict import predict
+    from hpa.train import TrainConfig, train
+
+    os.makedirs(run.path, exist_ok=True)
+    config = TrainConfig(
+        data=data_uri, split=split_csv.path, fold=val_fold, arch=arch, size=image_size, color_mode=color_mode,
+        epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, threshold_mode=threshold_mode,
+        threshold=threshold, seed=seed, out=run.path,
+    )
+    train(config)
+    # The best checkpoint is the Model artifact; the run directory keeps only the small files.
+    shutil.move(os.path.join(run.path, "best.pt"), model.path)
+    if os.path.exists(os.path.join(run.path, "last.pt")):
+        os.remove(os.path.join(run.path, "last.pt"))
+    model.metadata.update({"arch": arch, "image_size": image_size, "color_mode": color_mode, "framework": "pytorch"})
+
+    common = dict(checkpoint=model.path, data=data_uri, tta=tta, batch_size=batch_size)
+    predict(ids="val", split_csv=split_csv.path, fold=val_fold, out=val_predictions.path, **common)
+    predict(ids="test", out=test_predictions.path, **common)
+
+    with open(os.path.join(run.path, "metrics.json")) as f:
+        summary = json.load(f)
+    for key, value in sorted(summary.items()):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, float(value))
+
+
+if __name__ == "__main__":
+    compiler.Compiler().compile(train_se_resnet, str(Path(__file__).with_name("component.yaml")))

@@ -1,0 +1,383 @@
+"""The HPA Kubeflow pipeline: wires the components in components/ (no ML code here).
+
+    python pipeline.py compile                       # compiled/hpa_pipeline.yaml + every components/*/component.yaml
+    python pipeline.py run --local [--store DIR] [--out DIR] [key=value ...]
+    python pipeline.py submit --host URL [--experiment NAME] [--run-name NAME] [key=value ...]
+
+Graph: check-params -> download -> (montage, only when plot_samples) -> split
+       -> train-resnet18 || train-se-resnet -> compare-plots, ensemble -> submit.
+
+`run --local` runs the same pipeline for real with kfp.local (SubprocessRunner, no containers) through
+an embedded SeaweedFS S3 server on a free loopback port, so the local run uses the cluster's S3 code
+path; `--store DIR` uses a plain directory instead. Overrides are run parameters, `epochs=1 tta=1`.
+The image in every component comes from hpa.config.image() (env HPA_IMAGE at compile time).
+"""
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from kfp import compiler, dsl, kubernetes
+from kfp.dsl import HTML, Dataset, Metrics
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from components.check_params.component import check_params  # noqa: E402
+from components.compare_plots.component import compare_plots  # noqa: E402
+from components.download.component import download  # noqa: E402
+from components.ensemble.component import ensemble  # noqa: E402
+from components.montage.component import montage  # noqa: E402
+from components.split.component import split  # noqa: E402
+from components.submit.component import submit  # noqa: E402
+from components.train_resnet18.component import train_resnet18  # noqa: E402
+from components.train_se_resnet.component import train_se_resnet  # noqa: E402
+from hpa.config import (  # noqa: E402
+    KAGGLE_SECRET_KEYS, KAGGLE_SECRET_NAME, S3_DEFAULT_ENDPOINT, S3_SECRET_KEYS, S3_SECRET_NAME, PipelineConfig,
+)
+from hpa.errors import ConfigError  # noqa: E402
+
+PIPELINE_NAME = "hpa-pipeline"
+COMPILED = ROOT / "compiled" / "hpa_pipeline.yaml"
+COMPONENTS = ROOT / "components"
+DEFAULTS = PipelineConfig()
+# Run parameters that are not PipelineConfig fields (cluster plumbing), with their defaults.
+EXTRA_PARAMS = {"s3_endpoint": S3_DEFAULT_ENDPOINT, "node_selector": {}, "tolerations": []}
+# PipelineConfig fields that the pipeline does not take yet. num_nodes belongs to the distributed
+# training branch (components/train_distributed), which hooks in at the marked place below.
+NOT_PARAMS = {"num_nodes"}
+
+# Requests per kind of task (compile-time constants; the GPU limit is a run parameter).
+LIGHT = {"cpu": "1", "memory": "2Gi"}
+DOWNLOAD = {"cpu": "2", "memory": "4Gi"}
+TRAIN = {"cpu": "4", "memory": "16Gi"}
+SHM_SIZE = "8Gi"  # DataLoader workers share batches through /dev/shm (64 MiB by default in a pod).
+
+
+def _with_requests(task: dsl.PipelineTask, requests: dict) -> dsl.PipelineTask:
+    return task.set_cpu_request(requests["cpu"]).set_memory_request(requests["memory"])
+
+
+def _with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """S3 keys from KFP's own MinIO secret (keys accesskey/secretkey) as HPA_S3_ACCESS_KEY/SECRET_KEY."""
+    return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET_NAME, secret_key_to_env=S3_SECRET_KEYS)
+
+
+def _as_training(task: dsl.PipelineTask, gpus, accelerator_type, node_selector, tolerations) -> dsl.PipelineTask:
+    """GPU request from run parameters, memory-backed /dev/shm, node placement, the S3 secret."""
+    _with_requests(task, TRAIN).set_accelerator_type(accelerator_type).set_accelerator_limit(gpus)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    return _with_s3(task).set_caching_options(True)
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="Human Protein Atlas multi-label classification: download, split, train resnet18 and "
+    "SE-ResNet, compare, ensemble with fitted thresholds, Kaggle submission.",
+)
+def hpa_pipeline(
+    data_source: str = DEFAULTS.data_source,
+    store_uri: str = DEFAULTS.store_uri,
+    s3_endpoint: str = EXTRA_PARAMS["s3_endpoint"],
+    n_train: int = DEFAULTS.n_train,
+    n_test: int = DEFAULTS.n_test,
+    image_size: int = DEFAULTS.image_size,
+    color_mode: str = DEFAULTS.color_mode,
+    folds: int = DEFAULTS.folds,
+    val_fold: int = DEFAULTS.val_fold,
+    epochs: int = DEFAULTS.epochs,
+    batch_size: int = DEFAULTS.batch_size,
+    lr_resnet18: float = DEFAULTS.lr_resnet18,
+    lr_se_resnet: float = DEFAULTS.lr_se_resnet,
+    loss: str = DEFAULTS.loss,
+    tta: int = DEFAULTS.tta,
+    threshold_mode: str = DEFAULTS.threshold_mode,
+    threshold: float = DEFAULTS.threshold,
+    ensemble_method: str = DEFAULTS.ensemble_method,
+    gpus: int = DEFAULTS.gpus,
+    accelerator_type: str = DEFAULTS.accelerator_type,
+    node_selector: dict = EXTRA_PARAMS["node_selector"],
+    tolerations: list = EXTRA_PARAMS["tolerations"],
+    kaggle_submit: bool = DEFAULTS.kaggle_submit,
+    plot_samples: bool = DEFAULTS.plot_samples,
+    seed: int = DEFAULTS.seed,
+) -> NamedTuple("Outputs", [("submission", Dataset), ("report", HTML), ("metrics", Metrics)]):
+    """Human Protein Atlas multi-label pipeline.
+
+    Args:
+        data_source: Where the images come from: synthetic (HPA-like generated data), a directory in Kaggle layout, an s3:// prefix, an https:// zip/tar archive, or kaggle:human-protein-atlas-image-classification.
+        store_uri: Object store prefix that holds the datasets (s3://bucket/prefix, or a directory for local runs).
+        s3_endpoint: S3 endpoint host:port of the store (KFP's MinIO by default); keys come from the mlpipeline-minio-artifact secret.
+        n_train: Number of training images to generate when data_source is synthetic.
+        n_test: Number of test images to generate when data_source is synthetic.
+        image_size: Image side in pixels for training and inference; a positive multiple of 32 (512 = full resolution).
+        color_mode: rgby (4 channels, red/green/blue/yellow) or rgb (3 channels: G, (R+Y)/2, (B+Y)/2).
+        folds: Number of iterative-stratified folds (>= 2).
+        val_fold: The fold held out for validation and threshold fitting (0 <= val_fold < folds).
+        epochs: Training epochs per model (>= 1).
+        batch_size: Batch size per training task (>= 1).
+        lr_resnet18: Peak learning rate of the resnet18 model, in (0, 1).
+        lr_se_resnet: Peak learning rate of the SE-ResNet-18 model, in (0, 1).
+        loss: Training loss: bce or focal.
+        tta: Dihedral test-time augmentations at prediction: 1, 2, 4 or 8.
+        threshold_mode: fitted = per-class thresholds that maximise validation F1; global = the threshold value for every class.
+        threshold: Global decision threshold in (0, 1), used when threshold_mode is global.
+        ensemble_method: How the two models are combined: mean, weighted (by val macro F1) or rank.
+        gpus: GPUs per training task (0 = CPU only; the limit is still set, as 0).
+        accelerator_type: Kubernetes resource name of the accelerator, e.g. nvidia.com/gpu or amd.com/gpu.
+        node_selector: Node labels for the training pods as JSON, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = anywhere.
+        tolerations: Tolerations for the training pods as a JSON list, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]; [] = none.
+        kaggle_submit: Upload submission.csv to Kaggle (needs the kaggle-credentials secret).
+        plot_samples: Render a montage of sample images with their labels after download.
+        seed: Random seed for data generation, split and training.
+    """
+    checked = check_params(
+        data_source=data_source, store_uri=store_uri, n_train=n_train, n_test=n_test, image_size=image_size,
+        color_mode=color_mode, folds=folds, val_fold=val_fold, epochs=epochs, batch_size=batch_size,
+        lr_resnet18=lr_resnet18, lr_se_resnet=lr_se_resnet, loss=loss, tta=tta, threshold_mode=threshold_mode,
+        threshold=threshold, ensemble_method=ensemble_method, gpus=gpus, accelerator_type=accelerator_type, seed=seed,
+    )
+    _with_requests(checked, LIGHT).set_caching_options(True)
+
+    data = download(
+        source=data_source, store_uri=store_uri, n_train=n_train, n_test=n_test, image_size=image_size,
+        seed=seed, s3_endpoint=s3_endpoint,
+    ).after(checked)
+    _with_s3(_with_requests(data, DOWNLOAD)).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2)
+    data.set_caching_options(True)
+    data_uri = data.outputs["data_uri"]
+
+    with dsl.If(plot_samples == True, name="plot-samples"):  # noqa: E712 - a pipeline condition, not Python
+        samples = montage(data_uri=data_uri, seed=seed, s3_endpoint=s3_endpoint)
+        _with_s3(_with_requests(samples, LIGHT)).set_caching_options(True)
+
+    folds_task = split(data_uri=data_uri, folds=folds, seed=seed, s3_endpoint=s3_endpoint)
+    _with_s3(_with_requests(folds_task, LIGHT)).set_caching_options(True)
+
+    # -- Training. Extension point for the katib engineer: a `katib_tune` task goes here (its best lr /
+    # threshold feeding the tasks below), and a `with dsl.If(num_nodes > 1)` / `dsl.Else()` pair can
+    # route to `train_distributed` with dsl.OneOf over the outputs (model, run, val_predictions,
+    # test_predictions, metrics). Keep `_as_training` on every training task.
+    common = dict(
+        data_uri=data_uri, split_csv=folds_task.outputs["split_csv"], val_fold=val_fold, image_size=image_size,
+        color_mode=color_mode, epochs=epochs, batch_size=batch_size, loss=loss, threshold_mode=threshold_mode,
+        threshold=threshold, tta=tta, seed=seed, s3_endpoint=s3_endpoint,
+    )
+    resnet = train_resnet18(lr=lr_resnet18, **common)
+    se_resnet = train_se_resnet(lr=lr_se_resnet, **common)
+    for task in (resnet, se_resnet):
+        _as_training(task, gpus, accelerator_type, node_selector, tolerations)
+
+    compare = compare_plots(run_a=resnet.outputs["run"], run_b=se_resnet.outputs["run"],
+                            name_a="resnet18", name_b="se_resnet")
+    _with_requests(compare, LIGHT).set_caching_options(True)
+
+    combined = ensemble(
+        val_a=resnet.outputs["val_predictions"], val_b=se_resnet.outputs["val_predictions"],
+        test_a=resnet.outputs["test_predictions"], test_b=se_resnet.outputs["test_predictions"],
+        method=ensemble_method, threshold_mode=threshold_mode, threshold=threshold,
+    )
+    _with_requests(combined, LIGHT).set_caching_options(True)
+
+    submission = submit(
+        data_uri=data_uri, predictions=combined.outputs["ensemble_test"], thresholds=combined.outputs["thresholds"],
+        kaggle_submit=kaggle_submit, s3_endpoint=s3_endpoint,
+    )
+    _with_s3(_with_requests(submission, LIGHT)).set_caching_options(False)  # an upload is a side effect
+    kubernetes.use_secret_as_env(submission, secret_name=KAGGLE_SECRET_NAME, secret_key_to_env=KAGGLE_SECRET_KEYS,
+                                 optional=True)  # only needed with kaggle_submit; absent secret = no upload
+
+    Outputs = NamedTuple("Outputs", [("submission", Dataset), ("report", HTML), ("metrics", Metrics)])
+    return Outputs(submission=submission.outputs["submission"], report=compare.outputs["report"],
+                   metrics=combined.outputs["metrics"])
+
+
+# ---------------------------------------------------------------------------------------------- compile
+def compile_all(out_dir: Path | None = None) -> list[Path]:
+    """Compile the pipeline and every component into `out_dir` (same layout) or in place; returns the paths.
+
+    A component is the object named like its folder in components/<stage>/component.py, the same one
+    that `python components/<stage>/component.py` compiles, so both give byte-identical YAML.
+    """
+    out_dir = Path(out_dir) if out_dir else ROOT
+    target = out_dir / COMPILED.relative_to(ROOT)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(hpa_pipeline, str(target))
+    written = [target]
+    for script in sorted(COMPONENTS.glob("*/component.py")):
+        stage = script.parent.name
+        module = importlib.import_module(f"components.{stage}.component")
+        dest = out_dir / script.parent.relative_to(ROOT) / "component.yaml"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        compiler.Compiler().compile(getattr(module, stage), str(dest))
+        written.append(dest)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- params
+def parameter_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(PipelineConfig) if f.name not in NOT_PARAMS] + list(EXTRA_PARAMS)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` strings -> typed run parameters (types from PipelineConfig / EXTRA_PARAMS)."""
+    types = {f.name: type(getattr(DEFAULTS, f.name)) for f in dataclasses.fields(PipelineConfig)}
+    types.update({k: type(v) for k, v in EXTRA_PARAMS.items()})
+    allowed = set(parameter_names())
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in allowed:
+            raise ConfigError(f"override {item!r}: expected key=value with key one of {', '.join(sorted(allowed))}")
+        kind = types[key]
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = text.lower() in ("true", "1", "yes")
+            elif kind in (dict, list):
+                value = json.loads(text)
+                if not isinstance(value, kind):
+                    raise ValueError
+            else:
+                value = kind(text)
+        except ValueError:
+            raise ConfigError(f"override {item!r}: {key} expects a {kind.__name__}") from None
+        out[key] = value
+    return out
+
+
+def check_arguments(overrides: dict) -> dict:
+    """Validate overrides on top of the defaults (the same check as the pipeline's first task)."""
+    names = {f.name for f in dataclasses.fields(PipelineConfig)}
+    PipelineConfig(**{**dataclasses.asdict(DEFAULTS), **{k: v for k, v in overrides.items() if k in names}}).validate()
+    return overrides
+
+
+# ---------------------------------------------------------------------------------------------- run --local
+LOCAL_DEFAULTS = {}  # the embedded default: PipelineConfig's small synthetic run, unchanged
+
+
+def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> dict:
+    """Run the whole pipeline with kfp.local; returns {"submission", "report", "metrics", "elapsed_s", ...}."""
+    import kfp.local
+
+    from hpa.s3server import LocalS3Server
+
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arguments = {**LOCAL_DEFAULTS, **overrides}
+    server = None
+    saved_env = dict(os.environ)
+    start = time.monotonic()
+    try:
+        if store_dir is not None:
+            arguments.setdefault("store_uri", str(Path(store_dir).resolve()))
+            arguments.setdefault("s3_endpoint", "")
+        else:
+            server = LocalS3Server().start()
+            # The tasks are subprocesses of this one: they inherit the keys from the environment,
+            # exactly as pods get them from the secret; no key is ever a run parameter.
+            os.environ.update(server.env())
+            arguments.setdefault("store_uri", "s3://hpa-local/hpa-kfp")
+            arguments.setdefault("s3_endpoint", server.endpoint)
+        check_arguments(arguments)
+        kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "pipeline_root"),
+                       raise_on_error=True)
+        task = hpa_pipeline(**arguments)
+        result = {
+            "submission": _keep(task.outputs["submission"].path, out_dir / "submission.csv"),
+            "report": _keep(task.outputs["report"].path, out_dir / "report.html"),
+            "metrics": _keep_metrics(task.outputs["metrics"], out_dir / "metrics.json"),
+            "pipeline_root": str(out_dir / "pipeline_root"),
+            "store_uri": arguments["store_uri"] + ("" if server is None else f" (embedded S3 at {server.endpoint}, "
+                                                                             "removed after the run)"),
+        }
+    finally:
+        if server is not None:
+            server.close()
+        os.environ.clear()
+        os.environ.update(saved_env)
+    result["elapsed_s"] = round(time.monotonic() - start, 1)
+    return result
+
+
+def _keep(src: str, dest: Path) -> str:
+    shutil.copyfile(src, dest)
+    return str(dest)
+
+
+def _keep_metrics(artifact, dest: Path) -> str:
+    dest.write_text(json.dumps(artifact.metadata, indent=2, sort_keys=True) + "\n")
+    return str(dest)
+
+
+# ---------------------------------------------------------------------------------------------- submit
+def submit_run(host: str, overrides: dict, experiment: str | None, run_name: str | None, namespace: str | None):
+    import kfp
+
+    check_arguments(overrides)
+    client = kfp.Client(host=host, namespace=namespace)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = Path(tmp) / "hpa_pipeline.yaml"
+        compiler.Compiler().compile(hpa_pipeline, str(package))  # with this machine's HPA_IMAGE
+        run = client.create_run_from_pipeline_package(
+            str(package), arguments=overrides, run_name=run_name, experiment_name=experiment, namespace=namespace,
+        )
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="run parameters: " + ", ".join(parameter_names()))
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("compile", help="write compiled/hpa_pipeline.yaml and every components/*/component.yaml")
+    run = sub.add_parser("run", help="run the whole pipeline (kfp.local)")
+    run.add_argument("--local", action="store_true", required=True, help="run here with kfp.local (required)")
+    run.add_argument("--store", type=Path, help="use this directory as the store instead of an embedded S3 server")
+    run.add_argument("--out", type=Path, help="where to put the run (default local_runs/<time>)")
+    run.add_argument("overrides", nargs="*", metavar="key=value")
+    subm = sub.add_parser("submit", help="create a run on a Kubeflow cluster with kfp.Client")
+    subm.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080 (port-forward)")
+    subm.add_argument("--experiment", default=None)
+    subm.add_argument("--run-name", default=None)
+    subm.add_argument("--namespace", default=None, help="profile namespace (multi-user Kubeflow)")
+    subm.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "compile":
+            for path in compile_all():
+                print(path.relative_to(ROOT))
+        elif args.command == "run":
+            overrides = check_arguments(parse_overrides(args.overrides))
+            out = args.out or ROOT / "local_runs" / time.strftime("%Y%m%d-%H%M%S")
+            result = run_local(overrides, out, args.store)
+            print(f"submission:    {result['submission']}")
+            print(f"report:        {result['report']}")
+            print(f"metrics:       {result['metrics']}")
+            print(f"all artifacts: {result['pipeline_root']}")
+            print(f"store:         {result['store_uri']}")
+            print(f"elapsed:       {result['elapsed_s']:.1f} s")
+        else:
+            run = submit_run(args.host, check_arguments(parse_overrides(args.overrides)), args.experiment,
+                             args.run_name, args.namespace)
+            print(f"run {run.run_id}: {args.host.rstrip('/')}/#/runs/details/{run.run_id}")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
