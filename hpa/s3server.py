@@ -159,11 +159,12 @@ class LocalS3Server:
         self.config_path.chmod(0o600)
 
     def _command(self) -> list[str]:
+        # autoCreateBucket=false: behave like MinIO/AWS, where a PUT into a missing bucket fails.
         ports = [f"-{flag}={port}" for flag, port in self.ports.items()]
         return [weed_binary(), f"-logdir={self.log_dir}", "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1", f"-s3.config={self.config_path}", "-admin.ui=false", "-webdav=false",
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-                "-master.volumeSizeLimitMB=64", *ports]
+                "-master.volumeSizeLimitMB=64", "-s3.autoCreateBucket=false", *ports]
 
     def _spawn(self) -> None:
         # mini.options remembers the last run's flags; ours are all explicit, so drop it.
