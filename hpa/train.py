@@ -1,0 +1,826 @@
+"""Train one model on one fold: `python -m hpa train --data URI --split split.csv --fold 0 --out URI`.
+
+torchvision references/classification style: `get_args_parser()`, `train_one_epoch`, `evaluate`, DDP
+helpers in `hpa.distributed_utils`. The same entry point runs single-process, under `torchrun`, in a
+KFP component and as a Katib trial.
+
+Contracts kept here:
+- stdout carries exactly one line per epoch, `epoch=3 train_loss=0.1234 val_loss=0.1345 val_macro_f1=0.4567`
+  (Katib's StdOut collector parses every `name=number` on stdout); everything else goes to stderr.
+- Outputs under --out (local dir or s3://), written by rank 0 only, each atomically: last.pt, best.pt,
+  history.csv, val_predictions.npz, thresholds.json, config.json, metrics.json.
+- `last.pt` is written each epoch and every --checkpoint-every-steps steps, with everything needed to
+  continue mid-epoch exactly (model, optimizer, scheduler, scaler, loop counters, every rank's RNG
+  states); `--resume` continues from it. SIGTERM saves it and exits 143.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from tqdm import tqdm
+
+from hpa import distributed_utils as du
+from hpa.errors import ConfigError, DataError, HPAError
+from hpa.evaluate import fit_thresholds, macro_f1, predictions_bytes, thresholds_json
+from hpa.labels import COLORS, NUM_CLASSES, parse_target, to_matrix
+from hpa.models import MODEL_NAMES, create_model
+
+log = logging.getLogger("hpa.train")
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what Kubernetes and shells expect after a graceful stop
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_macro_f1", "val_macro_f1_at_05",
+                  "val_macro_f1_fitted", "lr", "seconds")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `python -m hpa train` (field name = option name with '-' for '_')."""
+
+    data: str = ""                  # dataset root (Kaggle layout, local or s3://) or packed shards root
+    split: str = ""                 # split CSV (Id,Target,fold), local or s3://
+    out: str = ""                   # output dir, local or s3://
+    fold: int = 0                   # validation fold; the others train
+    arch: str = "resnet18"
+    weights: str | None = None      # local 3-channel state dict to start from (no downloads at run time)
+    color_mode: str = "rgby"        # rgby = 4 channels; rgb = classic 3-channel mapping
+    size: int = 512
+    epochs: int = 10
+    batch_size: int = 32            # per process
+    lr: float = 1e-3
+    optimizer: str = "adamw"        # adamw | sgd
+    weight_decay: float = 1e-4
+    momentum: float = 0.9           # sgd only
+    scheduler: str = "cosine"       # cosine (linear warm-up, cosine decay) | onecycle
+    warmup_epochs: float = 1.0
+    loss: str = "bce"               # bce | focal
+    focal_gamma: float = 2.0
+    pos_weight: str = "none"        # none | sqrt: sqrt(neg/pos) per class from the train fold, in [1, 10]
+    drop_rate: float = 0.0
+    augment: bool = True            # dihedral flips/rot90, random crop-scale, brightness/contrast, on device
+    min_crop: float = 0.75          # smallest crop side (fraction of the image) for crop-scale
+    amp: bool = True                # bf16 autocast on CUDA; CPU always runs fp32
+    channels_last: bool = True
+    compile: bool = False
+    threshold_mode: str = "fitted"  # metric line's val_macro_f1: per-class fitted thresholds | global --threshold
+    threshold: float = 0.5
+    patience: int = 0               # early stopping after this many epochs without improvement (0 = off)
+    seed: int = 0
+    workers: int = 4                # DataLoader workers per process
+    threads: int = 0                # torch.set_num_threads (0 = torch's default)
+    device: str = "auto"            # auto | cpu | cuda
+    deterministic: bool = False     # torch.use_deterministic_algorithms (exact resume tests)
+    checkpoint_every_steps: int = 0  # also write last.pt every K optimizer steps (0 = per epoch only)
+    resume: bool = False            # continue from <out>/last.pt when it exists
+    val_batch_size: int = 0         # 0 = 2 x batch_size
+    cache_dir: str | None = None    # local copy of PNGs / shard cache when --data is s3:// (default: work dir)
+    work_dir: str | None = None     # local staging of outputs when --out is s3:// (default: a temp dir)
+    tensorboard: bool = False       # scalars under <out>/tensorboard when tensorboard is installed
+
+    def validate(self) -> "TrainConfig":
+        """One clear ConfigError line for the first bad option."""
+        checks = [
+            (bool(self.data), "data: required (dataset root or shards URI)"),
+            (bool(self.split), "split: required (split CSV with Id,Target,fold)"),
+            (bool(self.out), "out: required (output dir or s3:// URI)"),
+            (self.arch in MODEL_NAMES, f"arch: unknown model {self.arch!r}, expected one of {', '.join(MODEL_NAMES)}"),
+            (self.color_mode in ("rgby", "rgb"), f"color_mode: {self.color_mode!r}, expected rgby or rgb"),
+            (self.size >= 32 and self.size % 32 == 0, f"size: {self.size} must be a positive multiple of 32"),
+            (self.epochs >= 1, f"epochs: {self.epochs} must be >= 1"),
+            (self.batch_size >= 2, f"batch_size: {self.batch_size} must be >= 2 (BatchNorm needs 2 samples)"),
+            (math.isfinite(self.lr) and self.lr > 0, f"lr: {self.lr} must be > 0"),
+            (self.optimizer in ("adamw", "sgd"), f"optimizer: {self.optimizer!r}, expected adamw or sgd"),
+            (self.weight_decay >= 0, f"weight_decay: {self.weight_decay} must be >= 0"),
+            (self.scheduler in ("cosine", "onecycle"), f"scheduler: {self.scheduler!r}, expected cosine or onecycle"),
+            (0 <= self.warmup_epochs <= self.epochs, f"warmup_epochs: {self.warmup_epochs} must be in [0, epochs={self.epochs}]"),
+            (self.loss in ("bce", "focal"), f"loss: {self.loss!r}, expected bce or focal"),
+            (self.focal_gamma >= 0, f"focal_gamma: {self.focal_gamma} must be >= 0"),
+            (self.pos_weight in ("none", "sqrt"), f"pos_weight: {self.pos_weight!r}, expected none or sqrt"),
+            (0 <= self.drop_rate < 1, f"drop_rate: {self.drop_rate} must be in [0, 1)"),
+            (0 < self.min_crop <= 1, f"min_crop: {self.min_crop} must be in (0, 1]"),
+            (self.threshold_mode in ("fitted", "global"), f"threshold_mode: {self.threshold_mode!r}, expected fitted or global"),
+            (0 <= self.threshold <= 1, f"threshold: {self.threshold} must be in [0, 1]"),
+            (self.patience >= 0, f"patience: {self.patience} must be >= 0"),
+            (self.workers >= 0, f"workers: {self.workers} must be >= 0"),
+            (self.threads >= 0, f"threads: {self.threads} must be >= 0"),
+            (self.device in ("auto", "cpu", "cuda"), f"device: {self.device!r}, expected auto, cpu or cuda"),
+            (self.checkpoint_every_steps >= 0, f"checkpoint_every_steps: {self.checkpoint_every_steps} must be >= 0"),
+            (self.val_batch_size >= 0, f"val_batch_size: {self.val_batch_size} must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    @property
+    def in_chans(self) -> int:
+        return 4 if self.color_mode == "rgby" else 3
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m hpa train", description="Train one model on one fold.")
+    p.add_argument("--data", required=True, help="dataset root (Kaggle layout) or packed shards root; local or s3://")
+    p.add_argument("--split", required=True, help="split CSV (Id,Target,fold); local or s3://")
+    p.add_argument("--out", required=True, help="output dir; local or s3://")
+    p.add_argument("--fold", type=int, default=defaults.fold)
+    p.add_argument("--arch", default=defaults.arch, help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--weights", default=None, help="local 3-channel state dict to start from")
+    p.add_argument("--color-mode", default=defaults.color_mode, choices=("rgby", "rgb"))
+    p.add_argument("--size", type=int, default=defaults.size)
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--optimizer", default=defaults.optimizer, choices=("adamw", "sgd"))
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--momentum", type=float, default=defaults.momentum)
+    p.add_argument("--scheduler", default=defaults.scheduler, choices=("cosine", "onecycle"))
+    p.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    p.add_argument("--loss", default=defaults.loss, choices=("bce", "focal"))
+    p.add_argument("--focal-gamma", type=float, default=defaults.focal_gamma)
+    p.add_argument("--pos-weight", default=defaults.pos_weight, choices=("none", "sqrt"))
+    p.add_argument("--drop-rate", type=float, default=defaults.drop_rate)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=defaults.augment)
+    p.add_argument("--min-crop", type=float, default=defaults.min_crop)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=defaults.amp)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=defaults.channels_last)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=defaults.compile)
+    p.add_argument("--threshold-mode", default=defaults.threshold_mode, choices=("fitted", "global"))
+    p.add_argument("--threshold", type=float, default=defaults.threshold)
+    p.add_argument("--patience", type=int, default=defaults.patience)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--workers", type=int, default=defaults.workers)
+    p.add_argument("--threads", type=int, default=defaults.threads)
+    p.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=defaults.deterministic)
+    p.add_argument("--checkpoint-every-steps", type=int, default=defaults.checkpoint_every_steps)
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=defaults.resume)
+    p.add_argument("--val-batch-size", type=int, default=defaults.val_batch_size)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--work-dir", default=None)
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=defaults.tensorboard)
+    return p
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+@dataclass
+class FoldData:
+    train_ids: list[str]
+    train_targets: np.ndarray  # (N, 28) uint8
+    val_ids: list[str]
+    val_targets: np.ndarray
+
+
+def read_split(uri: str, fold: int) -> FoldData:
+    import pandas as pd
+
+    from hpa.evaluate import read_uri
+
+    try:
+        df = pd.read_csv(io.BytesIO(read_uri(uri)), dtype={"Id": str, "Target": str}, encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{uri}: not a readable split CSV ({type(exc).__name__})") from None
+    missing = [c for c in ("Id", "Target", "fold") if c not in df.columns]
+    if missing:
+        raise DataError(f"{uri}: missing column {missing[0]!r}, expected Id,Target,fold")
+    folds = sorted(int(f) for f in df["fold"].unique())
+    if fold not in folds:
+        raise ConfigError(f"fold: {fold} is not in {uri} (folds present: {folds})")
+    targets = to_matrix([parse_target(t, f"{uri} row {i + 2}") for i, t in enumerate(df["Target"])])
+    is_val = (df["fold"] == fold).to_numpy()
+    if is_val.all():
+        raise ConfigError(f"fold: {fold} is the only fold in {uri}; nothing is left to train on")
+    ids = df["Id"].astype(str).to_numpy()
+    return FoldData(list(ids[~is_val]), targets[~is_val], list(ids[is_val]), targets[is_val])
+
+
+def shards_uri(data: str) -> str | None:
+    """The packed-shards root for --data, or None when --data is the PNG Kaggle layout."""
+    from hpa.store import open_store
+
+    store = open_store(data)
+    return data if store.exists("train/shards.json") or store.exists("shards.json") else None
+
+
+def local_png_root(cfg: TrainConfig, ids: list[str], dist: du.DistInfo, work: Path) -> str:
+    """A local directory holding train/<id>_<color>.png for `ids`: --data itself when local; for s3://
+    the needed objects are fetched (in parallel, skipping files already cached) by one process per node."""
+    if not cfg.data.startswith("s3://"):
+        return cfg.data
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hpa.store import open_store
+
+    root = Path(cfg.cache_dir or work / "data")
+    if dist.local_rank == 0:
+        store = open_store(cfg.data)
+        keys = [f"train/{i}_{c}.png" for i in ids for c in COLORS]
+        todo = [k for k in keys if not (root / k).exists()]
+        log.info("fetching %d of %d images from %s to %s", len(todo), len(keys), cfg.data, root)
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda k: store.get_file(k, str(root / k)), todo))  # get_file is atomic locally
+    du.barrier()
+    return str(root)
+
+
+class ResumableSampler(Sampler[int]):
+    """DistributedSampler's order for one epoch with the first `skip` indices dropped: a mid-epoch
+    resume reproduces the remaining batches exactly without storing the permutation."""
+
+    def __init__(self, sampler: DistributedSampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+class DataSource:
+    """Train/val loaders over the PNG layout (HPADataset) or packed shards (ShardDataset)."""
+
+    def __init__(self, cfg: TrainConfig, fold: FoldData, dist: du.DistInfo, work: Path):
+        self.cfg, self.fold, self.dist = cfg, fold, dist
+        self.shards = shards_uri(cfg.data)
+        if self.shards is None:
+            from hpa.data import HPADataset
+
+            root = local_png_root(cfg, fold.train_ids + fold.val_ids, dist, work)
+            self.train_ds = HPADataset(root, fold.train_ids, fold.train_targets.astype(np.float32), split="train",
+                                       size=cfg.size, color_mode=cfg.color_mode)
+            self.val_ds = HPADataset(root, fold.val_ids, fold.val_targets.astype(np.float32), split="train",
+                                     size=cfg.size, color_mode=cfg.color_mode)
+            # DistributedSampler also serves the single process (1 replica): one code path for both.
+            self.sampler = DistributedSampler(self.train_ds, num_replicas=dist.world_size, rank=dist.rank,
+                                              shuffle=True, seed=cfg.seed, drop_last=False)
+            self.steps_per_epoch = len(self.sampler) // cfg.batch_size
+        else:
+            from hpa.shards import ShardDataset
+
+            # even=True: every rank streams ceil(N / world) samples, so all run the same number of
+            # steps (DDP collectives); each DataLoader worker batches its own part, drop_last per part.
+            self.train_ds = ShardDataset(self.shards, ids=fold.train_ids, shuffle=True, seed=cfg.seed,
+                                         cache_dir=cfg.cache_dir, rank=dist.rank, world_size=dist.world_size, even=True)
+            self.val_ds = ShardDataset(self.shards, ids=fold.val_ids, shuffle=False, seed=cfg.seed,
+                                       cache_dir=cfg.cache_dir, rank=dist.rank, world_size=dist.world_size)
+            m, w = len(self.train_ds), max(1, cfg.workers)
+            self.steps_per_epoch = sum(((k + 1) * m // w - k * m // w) // cfg.batch_size for k in range(w))
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"batch_size: {cfg.batch_size} x {dist.world_size} process(es) is larger than the "
+                              f"{len(fold.train_ids)} training images of fold {cfg.fold}")
+
+    def _loader_kwargs(self, device: torch.device) -> dict:
+        # A private generator: creating a loader iterator must not draw from the global torch RNG, or
+        # a resumed run (which creates its iterator at a different point) would diverge.
+        return dict(num_workers=self.cfg.workers, pin_memory=device.type == "cuda",
+                    generator=torch.Generator().manual_seed(self.cfg.seed),
+                    persistent_workers=False)
+
+    def train_batches(self, epoch: int, skip_steps: int, device: torch.device):
+        """Batches (x, y) of `epoch` from step `skip_steps` on, `steps_per_epoch` in all."""
+        cfg = self.cfg
+        if self.shards is None:
+            self.sampler.set_epoch(epoch)
+            sampler = ResumableSampler(self.sampler, skip_steps * cfg.batch_size)
+            loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                **self._loader_kwargs(device))
+            return itertools.islice(((b[0], b[1]) for b in loader), self.steps_per_epoch - skip_steps)
+        self.train_ds.set_epoch(epoch)
+        loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, drop_last=True, **self._loader_kwargs(device))
+        # A stream cannot seek: a mid-epoch resume reads and drops the batches already trained on.
+        return itertools.islice(((b[0], b[1]) for b in loader), skip_steps, self.steps_per_epoch)
+
+    def val_batches(self, device: torch.device):
+        """Yields (index into fold.val_ids, x, y); each rank gets a disjoint part, no padding."""
+        cfg = self.cfg
+        bs = cfg.val_batch_size or 2 * cfg.batch_size
+        if self.shards is None:
+            mine = list(range(self.dist.rank, len(self.val_ds), self.dist.world_size))
+            loader = DataLoader(self.val_ds, batch_size=bs, sampler=mine, **self._loader_kwargs(device))
+            start = 0
+            for x, y in loader:
+                yield torch.as_tensor(mine[start:start + len(x)]), x, y
+                start += len(x)
+            return
+        position = {i: k for k, i in enumerate(self.fold.val_ids)}
+        for x, y, ids in DataLoader(self.val_ds, batch_size=bs, **self._loader_kwargs(device)):
+            yield torch.as_tensor([position[i] for i in ids]), x, y
+
+
+# --- augmentation and input preparation, on the training device ----------------------------------
+
+def to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """R,G,B,Y float batch -> the classic 3-channel mapping G, (R+Y)/2, (B+Y)/2 (as hpa.data.to_rgb)."""
+    r, g, b, y = x.unbind(1)
+    return torch.stack([g, (r + y) / 2, (b + y) / 2], dim=1)
+
+
+def prepare(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Loader batch (uint8 0..255 or float 0..1, any size, 4 or in_chans channels) -> float [0, 1]."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    if x.shape[1] == 4 and cfg.in_chans == 3:
+        x = to_rgb(x)
+    if x.shape[-1] != cfg.size or x.shape[-2] != cfg.size:
+        x = F.interpolate(x, size=(cfg.size, cfg.size), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, min_crop: float) -> torch.Tensor:
+    """Per-sample random dihedral transform (flips + transpose = the 8 rotations/flips of a square),
+    random crop-and-rescale, brightness/contrast. Microscopy has no canonical orientation, so all 8
+    dihedral transforms are label-preserving; crops stay large so small patterns are kept."""
+    n = x.shape[0]
+    u = torch.rand(n, 8, generator=gen, device=x.device)
+    x = torch.where((u[:, 0] < 0.5).view(n, 1, 1, 1), x.flip(-1), x)
+    x = torch.where((u[:, 1] < 0.5).view(n, 1, 1, 1), x.flip(-2), x)
+    x = torch.where((u[:, 2] < 0.5).view(n, 1, 1, 1), x.transpose(-1, -2), x)
+    # Crop-scale as one affine resample: side s in [min_crop, 1], centre anywhere that keeps it inside.
+    s = min_crop + (1 - min_crop) * u[:, 3]
+    tx, ty = (1 - s) * (2 * u[:, 4] - 1), (1 - s) * (2 * u[:, 5] - 1)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = s, s, tx, ty
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    contrast = (0.8 + 0.4 * u[:, 6]).view(n, 1, 1, 1)
+    brightness = (0.8 + 0.4 * u[:, 7]).view(n, 1, 1, 1)
+    mean = x.mean(dim=(-1, -2), keepdim=True)
+    return (((x - mean) * contrast + mean) * brightness).clamp_(0, 1)
+
+
+# --- loss, optimizer, schedule -------------------------------------------------------------------
+
+class MultiLabelLoss(nn.Module):
+    """BCE with logits, or sigmoid focal loss (Lin et al.) built on it; optional per-class pos_weight."""
+
+    def __init__(self, kind: str = "bce", gamma: float = 2.0, pos_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.kind, self.gamma = kind, gamma
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight, reduction="none")
+        if self.kind == "focal":
+            p = torch.sigmoid(logits)
+            p_t = p * targets + (1 - p) * (1 - targets)
+            loss = loss * (1 - p_t).pow(self.gamma)
+        return loss.mean()
+
+
+def sqrt_pos_weight(targets: np.ndarray) -> torch.Tensor:
+    """sqrt(neg/pos) per class, clipped to [1, 10]: lifts rare classes without letting a class with
+    a handful of positives dominate the gradient."""
+    pos = targets.sum(0).astype(np.float64)
+    neg = len(targets) - pos
+    w = np.sqrt(np.divide(neg, pos, out=np.ones_like(pos), where=pos > 0))
+    return torch.tensor(np.clip(w, 1.0, 10.0), dtype=torch.float32)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on norms and biases (1-d tensors), as in timm / torchvision references.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Stepped every optimizer step, so the schedule is the same whatever the dataset size."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
+                                                   pct_start=max(warmup, 1) / total, anneal_strategy="cos")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# --- RNG state (for exact resume) ----------------------------------------------------------------
+
+def rng_state(aug_gen: torch.Generator) -> dict:
+    """Every RNG this process draws from, as tensors and plain Python types (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "torch": torch.get_rng_state(), "augment": aug_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
+    random.setstate(_tuplify(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    aug_gen.set_state(state["augment"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# --- outputs -------------------------------------------------------------------------------------
+
+class Outputs:
+    """Files under --out. Everything is written atomically to a local dir (tmp + os.replace), then,
+    when --out is s3://, published with the store's atomic put. Only rank 0 writes."""
+
+    def __init__(self, cfg: TrainConfig, enabled: bool):
+        self.uri, self.enabled = cfg.out, enabled
+        self.remote = cfg.out.startswith("s3://")
+        if self.remote:
+            self.dir = Path(cfg.work_dir or tempfile.mkdtemp(prefix="hpa-train-"))
+        else:
+            self.dir = Path(cfg.out)
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob(".*.tmp"):  # left by a process killed mid-write; never a final name
+                stale.unlink(missing_ok=True)
+
+    def write(self, name: str, data: bytes, slow_write: float = 0.0) -> None:
+        if not self.enabled:
+            return
+        path = self.dir / name
+        tmp = self.dir / f".{name}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            half = len(data) // 2
+            f.write(data[:half])
+            if slow_write:  # fault-test hook: widen the window in which a kill lands mid-write
+                f.flush()
+                time.sleep(slow_write)
+            f.write(data[half:])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if self.remote:
+            from hpa.store import open_store
+
+            open_store(self.uri).put_file(name, str(path))
+
+    def fetch(self, name: str) -> Path | None:
+        """Local path of an existing output (downloaded from s3:// first), or None."""
+        path = self.dir / name
+        if self.remote:
+            from hpa.store import open_store
+
+            store = open_store(self.uri)
+            if not store.exists(name):
+                return None
+            self.dir.mkdir(parents=True, exist_ok=True)
+            store.get_file(name, str(path))
+        return path if path.exists() else None
+
+
+def history_csv(rows: list[dict]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+@dataclass
+class LoopState:
+    """Loop counters saved in every checkpoint; with the RNG states they pin down the rest of the run."""
+
+    epoch: int = 0           # epochs completed
+    step: int = 0            # optimizer steps completed (global)
+    step_in_epoch: int = 0   # steps of the current (unfinished) epoch completed
+    loss_sum: float = 0.0    # train loss summed over this rank's samples of the current epoch
+    loss_count: int = 0
+    best_f1: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    history: list = field(default_factory=list)
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint has been written."""
+
+
+class StopFlag:
+    """SIGTERM (what Kubernetes sends before killing a pod) only sets a flag; the loop checkpoints at
+    the next step boundary, where the state is consistent, then exits 143."""
+
+    def __init__(self):
+        self.set = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.set = True
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.stop = StopFlag()
+        device_kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        if device_kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device: cuda requested but no CUDA device is available")
+        self.dist = du.init_distributed(device_kind)
+        self.device = torch.device(device_kind, self.dist.local_rank) if device_kind == "cuda" else torch.device("cpu")
+        self.out = Outputs(cfg, enabled=self.dist.is_main)
+        self.work = self.out.dir
+        self.fault_write_delay = float(os.environ.get("HPA_TRAIN_FAULT_CKPT_DELAY", "0"))
+
+    # --- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + self.dist.rank)
+
+        self.fold = read_split(cfg.split, cfg.fold)
+        self.data = DataSource(cfg, self.fold, self.dist, self.work)
+        self.model = create_model(cfg.arch, cfg.in_chans, NUM_CLASSES, weights=cfg.weights, drop_rate=cfg.drop_rate)
+        self.model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        pos_weight = sqrt_pos_weight(self.fold.train_targets) if cfg.pos_weight == "sqrt" else None
+        self.criterion = MultiLabelLoss(cfg.loss, cfg.focal_gamma, pos_weight).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.data.steps_per_epoch)
+        # bf16 needs no loss scaling; the scaler is kept (disabled) so checkpoints have one format.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        self.autocast = self.device.type == "cuda" and cfg.amp
+        self.state = LoopState()
+        self.ddp_model = self.model
+        if self.dist.distributed:
+            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        # Evaluation runs on the bare model: ranks see different numbers of val batches, so it must not
+        # enter DDP's collectives.
+        self.train_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
+        self.eval_model = torch.compile(self.model) if cfg.compile else self.model
+        self.epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        if cfg.resume:
+            self.load_last()
+        self.tb = self._tensorboard()
+
+    def _tensorboard(self):
+        if not (self.cfg.tensorboard and self.dist.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed; --tensorboard ignored")
+            return None
+        return SummaryWriter(str(self.work / "tensorboard"))
+
+    # --- checkpoints
+    def checkpoint(self) -> dict:
+        cfg, s = self.cfg, self.state
+        if s.step_in_epoch:  # mid-epoch: keep the epoch's running loss so its train_loss comes out exact
+            s.loss_sum = float(self.epoch_loss)
+        rngs = du.all_gather_objects(rng_state(self.aug_gen))  # every rank's, so DDP resumes exactly too
+        return {"model": self.model.state_dict(), "arch": cfg.arch, "in_chans": cfg.in_chans,
+                "num_classes": NUM_CLASSES, "color_mode": cfg.color_mode, "size": cfg.size,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": s.epoch, "step": s.step, "rng": rngs,
+                "loop": asdict(s), "world_size": self.dist.world_size, "config": asdict(cfg)}
+
+    def save(self, name: str, ckpt: dict) -> None:
+        if not self.dist.is_main:
+            return
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        log.info("checkpoint write begins: %s epoch %d step %d", name, ckpt["epoch"], ckpt["step"])
+        self.out.write(name, buf.getvalue(), slow_write=self.fault_write_delay if name == "last.pt" else 0.0)
+        log.info("checkpoint saved: %s epoch %d step %d", name, ckpt["epoch"], ckpt["step"])
+
+    def save_last(self) -> None:
+        self.save("last.pt", self.checkpoint())
+
+    def load_last(self) -> None:
+        path = self.out.fetch("last.pt") if self.dist.is_main else None
+        # Non-zero ranks read rank 0's local file when --out is local; for s3 each rank fetches its own.
+        if not self.dist.is_main:
+            path = Outputs(self.cfg, enabled=False).fetch("last.pt") if self.out.remote else Path(self.cfg.out) / "last.pt"
+            path = path if path and path.exists() else None
+        if path is None:
+            log.warning("--resume: no last.pt under %s, starting from scratch", self.cfg.out)
+            return
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        for key in ("arch", "color_mode", "size"):
+            if ckpt[key] != getattr(self.cfg, key):
+                raise ConfigError(f"resume: {path} was trained with {key}={ckpt[key]!r}, not {getattr(self.cfg, key)!r}")
+        if ckpt["config"]["batch_size"] != self.cfg.batch_size or ckpt["world_size"] != self.dist.world_size:
+            raise ConfigError(f"resume: {path} used batch_size {ckpt['config']['batch_size']} x {ckpt['world_size']} "
+                              f"process(es); resuming needs the same")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = LoopState(**ckpt["loop"])
+        set_rng_state(ckpt["rng"][self.dist.rank], self.aug_gen)
+        log.info("resumed from %s: epoch %d, step %d (%d into the epoch)", path, self.state.epoch,
+                 self.state.step, self.state.step_in_epoch)
+
+    def check_stop(self) -> None:
+        if du.any_rank(self.stop.set, self.device):
+            self.save_last()
+            raise Preempted()
+
+    # --- run
+    def run(self) -> dict:
+        cfg, s = self.cfg, self.state
+        self.out.write("config.json", json.dumps(asdict(cfg), indent=2).encode())
+        while s.epoch < cfg.epochs and not s.stopped_early:
+            t0 = time.time()
+            train_loss = train_one_epoch(self)
+            val = evaluate(self)
+            self.end_epoch(train_loss, val, time.time() - t0)
+        if self.tb is not None:
+            self.tb.close()
+        return self.metrics()
+
+    def end_epoch(self, train_loss: float, val: dict, seconds: float) -> None:
+        cfg, s = self.cfg, self.state
+        epoch = s.epoch + 1  # 1-based in the metric line and history
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_macro_f1": val["f1"],
+               "val_macro_f1_at_05": val["f1_at_05"], "val_macro_f1_fitted": val["f1_fitted"],
+               "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3)}
+        if self.dist.is_main:
+            # The only stdout line: Katib's StdOut collector reads it.
+            print(f"epoch={epoch} train_loss={train_loss:.4f} val_loss={val['loss']:.4f} val_macro_f1={val['f1']:.4f}",
+                  flush=True)
+            if self.tb is not None:
+                for k in HISTORY_FIELDS[1:]:
+                    self.tb.add_scalar(k, row[k], epoch)
+        s.history.append(row)
+        if val["f1"] > s.best_f1:
+            s.best_f1, s.best_epoch, s.bad_epochs = val["f1"], epoch, 0
+            self.write_best(val)
+        else:
+            s.bad_epochs += 1
+        s.epoch, s.step_in_epoch, s.loss_sum, s.loss_count = epoch, 0, 0.0, 0
+        s.stopped_early = bool(cfg.patience and s.bad_epochs >= cfg.patience and s.epoch < cfg.epochs)
+        if s.stopped_early:
+            log.info("early stopping: no improvement in %d epochs (best %.4f at epoch %d)", s.bad_epochs, s.best_f1, s.best_epoch)
+        self.out.write("history.csv", history_csv(s.history))
+        self.out.write("metrics.json", json.dumps(self.metrics(), indent=2).encode())
+        self.save_last()
+
+    def write_best(self, val: dict) -> None:
+        ckpt = self.checkpoint()
+        for key in ("optimizer", "scheduler", "scaler", "rng"):  # best.pt is for inference
+            ckpt.pop(key)
+        ckpt["thresholds"] = torch.tensor(val["thresholds"], dtype=torch.float32)
+        self.save("best.pt", ckpt)
+        self.out.write("val_predictions.npz", predictions_bytes(np.array(self.fold.val_ids), val["probs"],
+                                                                self.fold.val_targets, model=f"{self.cfg.arch}-fold{self.cfg.fold}"))
+        mode = self.cfg.threshold_mode
+        values = val["thresholds"] if mode == "fitted" else np.full(NUM_CLASSES, self.cfg.threshold)
+        self.out.write("thresholds.json", json.dumps(thresholds_json(values, mode), indent=2).encode())
+
+    def metrics(self) -> dict:
+        s = self.state
+        best = next((r for r in s.history if r["epoch"] == s.best_epoch), {})
+        return {"best_val_macro_f1": s.best_f1, "best_epoch": s.best_epoch, "val_loss": best.get("val_loss"),
+                "val_macro_f1_at_05": best.get("val_macro_f1_at_05"), "val_macro_f1_fitted": best.get("val_macro_f1_fitted"),
+                "threshold_mode": self.cfg.threshold_mode, "epochs_run": s.epoch, "steps": s.step,
+                "stopped_early": s.stopped_early, "out": self.cfg.out}
+
+
+def train_one_epoch(t: Trainer) -> float:
+    cfg, s, device = t.cfg, t.state, t.device
+    t.model.train()
+    # The running loss stays on the device (no sync per step); checkpoint() reads it when it saves.
+    t.epoch_loss = torch.tensor(s.loss_sum, dtype=torch.float64, device=device)
+    batches = t.data.train_batches(s.epoch, s.step_in_epoch, device)
+    bar = tqdm(total=t.data.steps_per_epoch, initial=s.step_in_epoch, desc=f"epoch {s.epoch + 1}", file=sys.stderr,
+               disable=not (t.dist.is_main and sys.stderr.isatty()), leave=False)
+    t.check_stop()
+    for x, y in batches:
+        x = prepare(x.to(device, non_blocking=True), cfg)
+        y = y.to(device, non_blocking=True).float()
+        if cfg.augment:
+            x = augment(x, t.aug_gen, cfg.min_crop)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.autocast):
+            logits = t.train_model(x)
+        loss = t.criterion(logits.float(), y)
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t.optimizer.step()
+        t.scheduler.step()
+        t.epoch_loss += loss.detach().double() * len(x)
+        s.loss_count += len(x)
+        s.step, s.step_in_epoch = s.step + 1, s.step_in_epoch + 1
+        bar.update(1)
+        if cfg.checkpoint_every_steps and s.step % cfg.checkpoint_every_steps == 0:
+            t.save_last()
+        t.check_stop()
+    bar.close()
+    totals = du.all_gather_objects((float(t.epoch_loss), s.loss_count))
+    train_loss = sum(a for a, _ in totals) / max(1, sum(n for _, n in totals))
+    if not math.isfinite(train_loss):
+        raise HPAError(f"training diverged: train loss is {train_loss} in epoch {s.epoch + 1}; lower --lr (now {cfg.lr})")
+    return train_loss
+
+
+@torch.no_grad()
+def evaluate(t: Trainer) -> dict:
+    """Validation over all ranks: each predicts its part, predictions are gathered and put back in
+    val_ids order, so loss and macro F1 are exact (not an average of per-rank scores)."""
+    cfg, device = t.cfg, t.device
+    t.model.eval()
+    parts = []
+    for index, x, y in t.data.val_batches(device):
+        x = prepare(x.to(device, non_blocking=True), cfg)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.autocast):
+            logits = t.eval_model(x)
+        parts.append((index.numpy(), logits.float().cpu().numpy()))
+    gathered = [p for rank_parts in du.all_gather_objects(parts) for p in rank_parts]
+    index = np.concatenate([i for i, _ in gathered])
+    logits = np.empty((len(t.fold.val_ids), NUM_CLASSES), dtype=np.float32)
+    logits[index] = np.concatenate([lg for _, lg in gathered])
+    if len(np.unique(index)) != len(t.fold.val_ids):
+        raise HPAError(f"validation covered {len(np.unique(index))} of {len(t.fold.val_ids)} images")
+    targets = t.fold.val_targets
+    loss = float(t.criterion(torch.from_numpy(logits).to(device), torch.from_numpy(targets).float().to(device)))
+    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    thresholds = fit_thresholds(probs, targets)
+    f1_fitted = macro_f1(targets, probs >= thresholds)
+    f1_global = macro_f1(targets, probs >= cfg.threshold)
+    return {"loss": loss, "f1_at_05": macro_f1(targets, probs >= 0.5), "f1_fitted": f1_fitted,
+            "f1": f1_fitted if cfg.threshold_mode == "fitted" else f1_global,
+            "probs": probs.astype(np.float32), "thresholds": thresholds}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training; returns metrics.json's content. Raises Preempted after a SIGTERM checkpoint."""
+    cfg.validate()
+    trainer = Trainer(cfg)
+    try:
+        trainer.stop.install()
+        if trainer.dist.is_main:
+            log.info("train config: %s", json.dumps(asdict(cfg), sort_keys=True))
+        trainer.setup()
+        log.info("%s on %s, world size %d, %d train / %d val images, %d steps per epoch, data: %s",
+                 cfg.arch, trainer.device, trainer.dist.world_size, len(trainer.fold.train_ids),
+                 len(trainer.fold.val_ids), trainer.data.steps_per_epoch, "shards" if trainer.data.shards else "png")
+        return trainer.run()
+    finally:
+        du.cleanup()
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        train(config_from_args(args))
+    except Preempted:
+        log.warning("SIGTERM: checkpoint written to %s, exiting %d", args.out, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
+    return 0
