@@ -1,0 +1,307 @@
+"""Kaggle-layout reader: label CSVs, RGBY image loading, layout validation, the torch Dataset.
+
+Layout: `<root>/train.csv` (Id,Target), `<root>/train/<Id>_<color>.png` for color in red, green,
+blue, yellow; `<root>/sample_submission.csv` (Id,Predicted) and `<root>/test/<Id>_<color>.png`.
+The HPA v18 external set stores `<Id>_<color>.jpg` instead; both are read.
+
+Pixel rules for channel files (one documented rule each, so careless inputs still load the same way
+everywhere; anything else is a DataError naming the file):
+
+- 8-bit grayscale ("L"): used as is.
+- 16-bit or 32-bit integer grayscale ("I;16", "I"): scaled from the 16-bit range, round(v / 257),
+  clipped to 0..255.
+- Color (RGB, RGBA, palette, or a JPEG — HPA v18 stores channels as RGB JPEGs): the plane that
+  matches the file's color: red -> R, green -> G, blue -> B, yellow -> (R + G) / 2. A gray image
+  saved as RGB (R = G = B) therefore loads unchanged.
+- Gray with alpha ("LA"), bilevel ("1"): converted to "L" (alpha dropped, 1 -> 255).
+- The decoder is chosen by content, not by extension: a JPEG renamed `.png` loads as a JPEG.
+- Images with a side below MIN_SIDE pixels (a 1-pixel image is a placeholder, not a micrograph) and
+  images that declare more than MAX_PIXELS pixels (decompression bombs) are refused.
+- The four channels of one image must have the same size; `size=` then resizes (bilinear,
+  antialiased) when the stored size differs from the requested one.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from hpa.errors import DataError
+from hpa.labels import COLORS, NUM_CLASSES, parse_target, to_matrix
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS = 40_000_000      # per channel; real HPA images are at most 3072 x 3072 (9.4 M)
+MIN_SIDE = 8
+EXTENSIONS = (".png", ".jpg", ".jpeg")
+COLOR_MODES = ("rgby", "rgb")
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+_PLANE = {"red": (0,), "green": (1,), "blue": (2,), "yellow": (0, 1)}
+
+
+def check_id(image_id: object, where: str) -> str:
+    """An Id must be a plain file-name stem: no path separators, no '..', only [A-Za-z0-9_-]."""
+    if not isinstance(image_id, str) or not ID_PATTERN.fullmatch(image_id):
+        raise DataError(f"{where}: Id {image_id!r} is not allowed (expected only letters, digits, '_' and '-')")
+    return image_id
+
+
+def _read_csv(csv_path, where: str | None, required: tuple[str, ...]) -> tuple[pd.DataFrame, str]:
+    is_file_object = hasattr(csv_path, "read")
+    name = where or ("<csv>" if is_file_object else os.fspath(csv_path))
+    try:
+        raw = csv_path.read() if is_file_object else Path(csv_path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{name}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8")
+    try:
+        text = raw.decode("utf-8-sig")  # tolerate a UTF-8 byte-order mark
+    except UnicodeDecodeError:
+        raise DataError(f"{name}: not UTF-8 text, expected a CSV with columns {','.join(required)}") from None
+    if not text.strip():
+        raise DataError(f"{name}: empty file, expected a CSV with columns {','.join(required)}")
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{name}: malformed CSV ({str(exc).splitlines()[0]})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{name}: missing column(s) {', '.join(missing)}; expected {','.join(required)}, "
+                        f"found {','.join(df.columns) or 'none'}")
+    if df.empty:
+        raise DataError(f"{name}: no rows, expected at least one image")
+    df["Id"] = df["Id"].str.strip()
+    for row, image_id in enumerate(df["Id"], start=2):
+        check_id(image_id, f"{name} row {row}")
+    duplicated = df["Id"].duplicated(keep=False)
+    if duplicated.any():
+        rows = (np.flatnonzero(duplicated.to_numpy()) + 2).tolist()
+        raise DataError(f"{name}: duplicate Id {df['Id'][duplicated].iloc[0]!r} (rows {', '.join(map(str, rows[:5]))})")
+    return df, name
+
+
+def read_labels(csv_path, where: str | None = None) -> pd.DataFrame:
+    """Read an `Id,Target` CSV (path or file object) -> DataFrame Id, Target, labels (list[int]).
+
+    Extra columns are kept; a BOM and CRLF line ends are fine. `where` names the file in errors
+    (for example its s3:// URI).
+    """
+    df, name = _read_csv(csv_path, where, ("Id", "Target"))
+    labels = [parse_target(t, f"{name} row {row} (Id {i})") for row, (i, t) in enumerate(zip(df["Id"], df["Target"]), 2)]
+    df["labels"] = labels
+    df["Target"] = [" ".join(map(str, x)) for x in labels]
+    return df.reset_index(drop=True)
+
+
+def read_sample_submission(csv_path, where: str | None = None) -> pd.DataFrame:
+    """Read an `Id,Predicted` CSV (Kaggle's sample_submission.csv) -> DataFrame Id, Predicted."""
+    df, _ = _read_csv(csv_path, where, ("Id", "Predicted"))
+    return df.reset_index(drop=True)
+
+
+def targets_matrix(df: pd.DataFrame) -> np.ndarray:
+    """(N, 28) uint8 multi-hot targets of a read_labels() frame."""
+    return to_matrix(df["labels"].tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def channel_path(root, image_id: str, color: str, split: str = "train") -> Path:
+    """The stored file for one channel (.png preferred, then .jpg/.jpeg); DataError if none exists."""
+    check_id(image_id, f"{root}/{split}")
+    folder = Path(root) / split
+    for ext in EXTENSIONS:
+        path = folder / f"{image_id}_{color}{ext}"
+        if path.is_file():
+            return path
+    raise DataError(f"{folder}: missing {color} channel for Id {image_id} (expected {image_id}_{color}.png or .jpg)")
+
+
+def decode_channel(data_or_path, color: str, name: str) -> np.ndarray:
+    """Decode one channel image (bytes or path) to uint8 (H, W), following the module's pixel rules."""
+    source = io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else data_or_path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as im:
+                width, height = im.size
+                if width * height > MAX_PIXELS:
+                    raise DataError(f"{name}: declares {width}x{height} pixels, over the limit of {MAX_PIXELS} "
+                                    "(decompression bomb?)")
+                if min(width, height) < MIN_SIDE:
+                    raise DataError(f"{name}: image is {width}x{height} pixels, smaller than the minimum "
+                                    f"{MIN_SIDE}x{MIN_SIDE}")
+                im.load()
+                return _to_plane(im, color, name)
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{name}: refused as a decompression bomb ({exc})") from None
+    except FileNotFoundError:
+        raise DataError(f"{name}: file not found") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # UnidentifiedImageError (zero-byte / not an image) and truncated data both land here.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{name}: corrupt or truncated image ({reason})") from None
+
+
+def _to_plane(im: Image.Image, color: str, name: str) -> np.ndarray:
+    mode = im.mode
+    if mode == "L":
+        return np.asarray(im, dtype=np.uint8)
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(im).astype(np.float64)
+        return np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+    if mode in ("LA", "1"):
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+    if mode in ("RGB", "RGBA", "P", "PA", "RGBX"):
+        rgb = np.asarray(im.convert("RGB"), dtype=np.uint16)
+        planes = _PLANE[color]
+        return ((rgb[..., list(planes)].sum(-1) + len(planes) // 2) // len(planes)).astype(np.uint8)
+    raise DataError(f"{name}: unsupported pixel mode {mode!r}; expected 8-bit grayscale (or 16-bit gray / RGB)")
+
+
+def _resize(plane: np.ndarray, size: int) -> np.ndarray:
+    if plane.shape == (size, size):
+        return plane
+    return np.asarray(Image.fromarray(plane).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """RGBY uint8 (4, H, W) -> the classic 3-channel mapping (G, (R+Y)/2, (B+Y)/2), uint8."""
+    r, g, b, y = image.astype(np.uint16)
+    return np.stack([g, (r + y + 1) // 2, (b + y + 1) // 2]).astype(np.uint8)
+
+
+def load_image(root, image_id: str, split: str = "train", size: int | None = None,
+               color_mode: str = "rgby") -> np.ndarray:
+    """Load one image -> uint8 (C, H, W): channels R, G, B, Y for rgby, or the to_rgb() mapping."""
+    if color_mode not in COLOR_MODES:
+        raise DataError(f"color_mode {color_mode!r} is not one of {', '.join(COLOR_MODES)}")
+    if size is not None and not (isinstance(size, int) and size >= MIN_SIDE):
+        raise DataError(f"size must be an integer >= {MIN_SIDE}, got {size!r}")
+    planes = []
+    for color in COLORS:
+        path = channel_path(root, image_id, color, split)
+        planes.append(decode_channel(path, color, str(path)))
+    shapes = {c: p.shape for c, p in zip(COLORS, planes)}
+    if len(set(shapes.values())) > 1:
+        sizes = ", ".join(f"{c} {s[1]}x{s[0]}" for c, s in shapes.items())
+        raise DataError(f"{Path(root) / split}: channels of Id {image_id} have different sizes ({sizes})")
+    if size is not None:
+        planes = [_resize(p, size) for p in planes]
+    image = np.stack(planes)
+    return to_rgb(image) if color_mode == "rgb" else image
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout validation
+
+
+def _labels_file(root: Path, split: str) -> tuple[pd.DataFrame, Path]:
+    if split == "train":
+        path = root / "train.csv"
+        return read_labels(path), path
+    if split == "test":
+        path = root / "sample_submission.csv"
+        return read_sample_submission(path), path
+    raise DataError(f"split {split!r} is not one of train, test")
+
+
+def validate_layout(root, split: str = "train", check_images: bool = True) -> pd.DataFrame:
+    """Check a Kaggle-layout split: the CSV, every channel file, and (check_images) every decode.
+
+    Returns the CSV as read (read_labels() for train, read_sample_submission() for test). The first
+    problem raises a DataError naming the file, Id or color.
+    """
+    root = Path(root)
+    df, _ = _labels_file(root, split)
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(f"{folder}: missing image directory for split {split!r}")
+    names = {entry.name for entry in os.scandir(folder)}
+    for image_id in df["Id"]:
+        for color in COLORS:
+            if not any(f"{image_id}_{color}{ext}" in names for ext in EXTENSIONS):
+                raise DataError(f"{folder}: missing {color} channel for Id {image_id} "
+                                f"(expected {image_id}_{color}.png or .jpg)")
+    if check_images:
+        from tqdm.auto import tqdm
+
+        for image_id in tqdm(df["Id"], desc=f"validate {split}", unit="img", disable=None, leave=False):
+            load_image(root, image_id, split)
+    return df
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch dataset
+
+
+class HPADataset:
+    """Map-style torch Dataset over a Kaggle-layout directory.
+
+    Items are (float32 tensor (C, H, W) in [0, 1], float32 target (28,)); `transform` (the
+    augmentation hook) receives and returns the float tensor. Without targets the target is zeros.
+    """
+
+    def __init__(self, root, ids, targets=None, split: str = "train", size: int | None = None,
+                 color_mode: str = "rgby", transform=None):
+        self.root = Path(root)
+        self.ids = [check_id(i, f"{root}/{split}") for i in ids]
+        if targets is None:
+            targets = np.zeros((len(self.ids), NUM_CLASSES), dtype=np.float32)
+        targets = np.asarray(targets, dtype=np.float32)
+        if targets.shape != (len(self.ids), NUM_CLASSES):
+            raise DataError(f"targets must have shape ({len(self.ids)}, {NUM_CLASSES}), got {targets.shape}")
+        if color_mode not in COLOR_MODES:
+            raise DataError(f"color_mode {color_mode!r} is not one of {', '.join(COLOR_MODES)}")
+        self.targets = targets
+        self.split, self.size, self.color_mode, self.transform = split, size, color_mode, transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        image = load_image(self.root, self.ids[index], self.split, self.size, self.color_mode)
+        x = torch.from_numpy(image).float().div_(255.0)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, torch.from_numpy(self.targets[index].copy())
+
+
+def dihedral(x, k: int):
+    """The k-th (0..7) of the 8 flips/rotations of a (..., H, W) tensor; k = 0 is the identity."""
+    import torch
+
+    if k & 4:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, k & 3, dims=(-2, -1))
+
+
+class RandomDihedral:
+    """Augmentation: a random flip/rotation (microscopy has no preferred orientation)."""
+
+    def __init__(self, generator=None):
+        self.generator = generator
+
+    def __call__(self, x):
+        import torch
+
+        k = int(torch.randint(0, 8, (1,), generator=self.generator))
+        return dihedral(x, k)

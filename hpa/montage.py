@@ -1,0 +1,134 @@
+"""Sample montage: a grid of RGB composites of random images with their label names (PNG).
+
+Composite: R = red + yellow/2, G = green + yellow/2, B = blue (yellow, the ER, shows as yellow on top
+of the red microtubules and green protein), clipped to 255. For an s3:// dataset only the CSV and
+the channel files of the n chosen images are downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from hpa.data import EXTENSIONS, decode_channel, load_image, read_labels
+from hpa.errors import DataError
+from hpa.labels import CLASS_NAMES, COLORS
+
+log = logging.getLogger(__name__)
+
+
+def composite(image: np.ndarray) -> np.ndarray:
+    """RGBY uint8 (4, H, W) -> displayable RGB uint8 (H, W, 3)."""
+    r, g, b, y = image.astype(np.uint16)
+    rgb = np.stack([r + y // 2, g + y // 2, b], axis=-1)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def _is_uri(path) -> bool:
+    return str(path).startswith("s3://")
+
+
+def _load_from_store(store, image_id: str, split: str = "train") -> np.ndarray:
+    planes = []
+    for color in COLORS:
+        keys = [f"{split}/{image_id}_{color}{ext}" for ext in EXTENSIONS]
+        key = next((k for k in keys if store.exists(k)), None)
+        if key is None:
+            raise DataError(f"{store.join(split)}: missing {color} channel for Id {image_id}")
+        planes.append(decode_channel(store.get_bytes(key), color, store.join(key)))
+    if len({p.shape for p in planes}) > 1:
+        raise DataError(f"{store.join(split)}: channels of Id {image_id} have different sizes")
+    return np.stack(planes)
+
+
+def _sample(data, n: int, seed: int):
+    """(ids, label lists, image loader) for n images chosen deterministically by seed."""
+    if _is_uri(data):
+        from hpa.store import open_store
+
+        store = open_store(str(data))
+        df = read_labels(io.BytesIO(store.get_bytes("train.csv")), where=store.join("train.csv"))
+        loader = lambda image_id: _load_from_store(store, image_id)  # noqa: E731
+    else:
+        df = read_labels(Path(data) / "train.csv")
+        loader = lambda image_id: load_image(data, image_id)  # noqa: E731
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(df), size=min(n, len(df)), replace=False))
+    return df["Id"].iloc[rows].tolist(), df["labels"].iloc[rows].tolist(), loader
+
+
+def _title(labels: list[int], width: int = 26) -> str:
+    names = ", ".join(CLASS_NAMES[c] for c in labels)
+    return "\n".join(textwrap.wrap(names, width)[:3])
+
+
+def render_montage(data_root_or_uri, png_path, n: int = 16, seed: int = 0) -> str:
+    """Render n random train images of a dataset (directory or s3:// URI) into a PNG grid; returns png_path.
+
+    png_path may itself be an s3:// URI. Titles are the label names (train.csv).
+    """
+    if n < 1:
+        raise DataError(f"montage: n must be >= 1, got {n}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids, labels, loader = _sample(data_root_or_uri, n, seed)
+    cols = int(np.ceil(np.sqrt(len(ids))))
+    rows = int(np.ceil(len(ids) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.75 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image_id, target in zip(axes.flat, ids, labels):
+        ax.imshow(composite(loader(image_id)), interpolation="nearest")
+        ax.set_title(_title(target), fontsize=7)
+    fig.suptitle(f"{len(ids)} samples from {data_root_or_uri}", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    _write_output(str(png_path), buffer.getvalue())
+    log.info("montage: wrote %d images to %s", len(ids), png_path)
+    return str(png_path)
+
+
+def _write_output(path: str, data: bytes) -> None:
+    if _is_uri(path):
+        from hpa.store import write_bytes
+
+        write_bytes(path, data)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hpa montage", description="Render a sample montage (PNG).")
+    parser.add_argument("--data", required=True, help="dataset directory or s3:// URI (Kaggle layout)")
+    parser.add_argument("--out", required=True, help="output PNG path or s3:// URI")
+    parser.add_argument("--n", type=int, default=16, help="number of images")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    path = render_montage(args.data, args.out, args.n, args.seed)
+    print(f"wrote montage of {args.n} images to {path}")
+    return 0
