@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,55 +119,30 @@ def class_report(targets: np.ndarray, probs: np.ndarray, thresholds) -> "pd.Data
     })
 
 
-# --- bytes in and out: local paths or s3:// URIs ---------------------------------------------
-
-def read_uri(uri: str | os.PathLike) -> bytes:
-    """Bytes of a local file or an s3:// object; a missing local file is a one-line DataError."""
-    uri = str(uri)
-    if uri.startswith("s3://"):
-        from hpa.store import read_bytes
-
-        return read_bytes(uri)
-    try:
-        return Path(uri).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{uri}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{uri}: is a directory, expected a file") from None
-
+# --- bytes in and out: local paths or s3:// URIs (through hpa.store, whose writes are atomic) ---------
 
 def exists_uri(uri: str | os.PathLike) -> bool:
-    uri = str(uri)
-    if uri.startswith("s3://"):
-        from hpa.store import split_uri
+    from hpa.store import split_uri
 
-        store, key = split_uri(uri)
-        return store.exists(key)
-    return Path(uri).is_file()
+    store, key = split_uri(uri)
+    return store.exists(key)
+
+
+def read_uri(uri: str | os.PathLike) -> bytes:
+    """Bytes of a local file or an s3:// object; a missing one is a one-line DataError naming it."""
+    from hpa.store import read_bytes
+
+    if not exists_uri(uri):
+        raise DataError(f"{uri}: file not found")
+    return read_bytes(uri)
 
 
 def write_uri(uri: str | os.PathLike, data: bytes) -> str:
-    """Atomically write bytes: a temporary file in the same directory, fsync, then rename (s3: the
-    store's own atomic put). Readers never see a half-written file under the final name."""
-    uri = str(uri)
-    if uri.startswith("s3://"):
-        from hpa.store import write_bytes
+    """Atomic write (temporary name, then the final one): readers never see a half-written file."""
+    from hpa.store import write_bytes
 
-        write_bytes(uri, data)
-        return uri
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return str(path)
+    write_bytes(uri, data)
+    return str(uri)
 
 
 def join_uri(base: str | os.PathLike, name: str) -> str:

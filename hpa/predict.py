@@ -6,9 +6,9 @@ TTA order (`--tta N` uses the first N; N in 1, 2, 4, 8):
 So N=2 adds the horizontal flip, N=4 the flips and 180° (the Klein group), N=8 the whole dihedral group.
 Probabilities are averaged after the sigmoid.
 
-Data: a dataset root in the Kaggle PNG layout (local or s3://; for s3 the needed images are downloaded to a
-cache first), or one packed by `hpa pack` (detected by `<data>/<split>/shards.json`), read in order
-(shuffle off). `--ids test` predicts `sample_submission.csv`'s ids (targets from `test_labels.csv` when it
+Data: `--data` is a dataset root in the Kaggle PNG layout (local or s3://; for s3 the needed images are
+downloaded to a cache first). With `--shards URI` (what `hpa pack` wrote) the images come from the shards
+instead, streamed in order (shuffle off); the CSVs still come from `--data`. `--ids test` predicts `sample_submission.csv`'s ids (targets from `test_labels.csv` when it
 exists); `--ids val` predicts fold `--fold` of `--split split.csv` (targets from the split's `Target`).
 """
 
@@ -124,10 +124,6 @@ def select_ids(data: str, ids: str, split_csv: str | None, fold: int | None) -> 
 
 # --- loaders -------------------------------------------------------------------------------------
 
-def is_sharded(data: str, split: str) -> bool:
-    return exists_uri(join_uri(join_uri(data, split), "shards.json"))
-
-
 def local_png_root(data: str, split: str, ids: list[str], cache_dir: str | None) -> str:
     """A local dataset root holding the images of `ids`: `data` itself, or an s3 download cache."""
     if not data.startswith("s3://"):
@@ -158,13 +154,13 @@ class _WithIds(torch.utils.data.Dataset):
         return x, y, self.ids[i]
 
 
-def make_loader(data, split, ids, meta, batch_size, workers, cache_dir):
+def make_loader(data, split, ids, meta, batch_size, workers, cache_dir, shards=None):
     size, color_mode = meta.get("size"), meta.get("color_mode", "rgby")
-    if is_sharded(data, split):
+    if shards:
         from hpa.shards import ShardDataset
 
-        log.info("reading shards %s", join_uri(data, split))
-        dataset = ShardDataset(join_uri(data, split), ids=ids, shuffle=False, cache_dir=cache_dir)
+        log.info("reading %s images from shards %s", split, shards)
+        dataset = ShardDataset(str(shards), ids=ids, shuffle=False, cache_dir=cache_dir, split=split, rank=0, world_size=1)
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                            collate_fn=_ShardCollate(size, color_mode)), "shards"
     from hpa.data import HPADataset
@@ -197,7 +193,8 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def predict(checkpoint, data, ids: str = "test", split_csv=None, fold=None, tta: int = 1, out="predictions.npz",
-            batch_size: int = 64, device=None, workers: int = 0, cache_dir=None, name: str | None = None) -> dict:
+            batch_size: int = 64, device=None, workers: int = 0, cache_dir=None, name: str | None = None,
+            shards=None) -> dict:
     """Predict one checkpoint on the test ids or a validation fold and write a predictions .npz."""
     from hpa.models import load_checkpoint
 
@@ -208,7 +205,7 @@ def predict(checkpoint, data, ids: str = "test", split_csv=None, fold=None, tta:
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     wanted, targets, split = select_ids(str(data), ids, split_csv, fold)
-    loader, source = make_loader(str(data), split, wanted, meta, batch_size, workers, cache_dir)
+    loader, source = make_loader(str(data), split, wanted, meta, batch_size, workers, cache_dir, shards)
     t0 = time.perf_counter()
     got_ids, probs = predict_loader(model, loader, dev, tta)
     seconds = time.perf_counter() - t0
@@ -232,7 +229,8 @@ def predict(checkpoint, data, ids: str = "test", split_csv=None, fold=None, tta:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hpa predict", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt, local path or s3:// URI")
-    p.add_argument("--data", required=True, help="dataset root (PNG layout or shards), local or s3://")
+    p.add_argument("--data", required=True, help="dataset root (Kaggle PNG layout + CSVs), local or s3://")
+    p.add_argument("--shards", help="packed shards (`hpa pack` output) to read the images from instead of PNGs")
     p.add_argument("--ids", choices=("test", "val"), default="test")
     p.add_argument("--split", dest="split_csv", help="split CSV (Id,Target,fold) for --ids val")
     p.add_argument("--fold", type=int, help="validation fold for --ids val")
@@ -249,6 +247,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     a = get_args_parser().parse_args(argv)
     result = predict(a.checkpoint, a.data, a.ids, a.split_csv, a.fold, a.tta, a.out, a.batch_size, a.device,
-                     a.workers, a.cache_dir, a.name)
+                     a.workers, a.cache_dir, a.name, a.shards)
     print(result["out"])
     return 0

@@ -131,3 +131,20 @@ def test_predict_val_fold_and_cli(layout, capsys):
         pr.predict("ckpt.pt", tmp / "data", ids="val", split_csv=tmp / "data" / "split.csv", fold=7, out=out)
     with pytest.raises(ConfigError, match="--split"):
         pr.predict("ckpt.pt", tmp / "data", ids="val", out=out)
+
+
+def test_predict_from_shards_equals_png(layout):
+    from hpa.data import load_image
+    from hpa.shards import write_shards
+
+    tmp, rows, current = layout
+    current["name"] = "positional"
+    records = [(i, None, load_image(tmp / "data", i, split="test")) for i in rows["test"]["Id"]]
+    write_shards(str(tmp / "shards" / "test"), records, samples_per_shard=5, split="test")
+    png = pr.predict("ckpt.pt", tmp / "data", tta=4, out=tmp / "png.npz", batch_size=4)
+    sh = pr.predict("ckpt.pt", tmp / "data", tta=4, out=tmp / "sh.npz", batch_size=4, shards=tmp / "shards")
+    assert png["source"] == "png" and sh["source"] == "shards"
+    a, b = load_predictions(tmp / "png.npz"), load_predictions(tmp / "sh.npz")
+    b = b.reindex(a.ids)
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+    np.testing.assert_array_equal(a.targets, b.targets)
