@@ -204,7 +204,7 @@ def hpa_pipeline(
 
 # ---------------------------------------------------------------------------------------------- compile
 def compile_all(out_dir: Path | None = None) -> list[Path]:
-    """Compile the pipeline and every component into `out_dir` (same layout) or in place; returns the paths.
+    """Compile the pipeline and every component (YAML + README) into `out_dir` (same layout) or in place.
 
     A component is the object named like its folder in components/<stage>/component.py, the same one
     that `python components/<stage>/component.py` compiles, so both give byte-identical YAML.
@@ -220,8 +220,44 @@ def compile_all(out_dir: Path | None = None) -> list[Path]:
         dest = out_dir / script.parent.relative_to(ROOT) / "component.yaml"
         dest.parent.mkdir(parents=True, exist_ok=True)
         compiler.Compiler().compile(getattr(module, stage), str(dest))
-        written.append(dest)
+        readme = dest.with_name("README.md")
+        readme.write_text(component_readme(stage, module))
+        written += [dest, readme]
     return written
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def component_readme(stage: str, module) -> str:
+    """components/<stage>/README.md from the component itself: docstrings, typed inputs and outputs."""
+    import docstring_parser
+
+    component = getattr(module, stage)
+    spec = component.component_spec
+    described = {p.arg_name: " ".join(p.description.split()) for p in
+                 docstring_parser.parse(component.python_func.__doc__).params}
+    kind = {"String": "str", "Integer": "int", "Float": "float", "Boolean": "bool", "Dict": "dict", "List": "list"}
+
+    def type_name(t: str) -> str:
+        return kind.get(t, t.split("@")[0].replace("system.", ""))
+
+    lines = [f"# `{spec.name}`", "", _sentence(module.__doc__.split("\n\n")[0].split(": ", 1)[-1]), "",
+             " ".join(module.__doc__.split("\n\n")[1].split()), "", "## Inputs", "",
+             "| name | type | default | description |", "|---|---|---|---|"]
+    for name, inp in spec.inputs.items():
+        default = "required" if not inp.optional else f"`{inp.default!r}`"
+        lines.append(f"| `{name}` | {type_name(inp.type)} | {default} | {described.get(name, '')} |")
+    lines += ["", "## Outputs", "", "| name | type | description |", "|---|---|---|"]
+    for name, out in (spec.outputs or {}).items():
+        lines.append(f"| `{name}` | {type_name(out.type)} | {described.get(name, '')} |")
+    lines += ["", "## Example", "", "The same stage without Kubeflow:", "", "```bash", module.CLI_EXAMPLE.strip(), "```",
+              "", f"In a pipeline (see `pipeline.py` for the wiring, resources and secrets):", "", "```python",
+              f"from components.{stage}.component import {stage}", "", module.PIPELINE_EXAMPLE.strip(), "```", "",
+              f"`python components/{stage}/component.py` rewrites `component.yaml` (image: `HPA_IMAGE`, default "
+              "`hpa.config.DEFAULT_IMAGE`); `python pipeline.py compile` rewrites it together with this README.", ""]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- params

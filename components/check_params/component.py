@@ -12,6 +12,17 @@ from kfp import compiler, dsl
 import hpa.config
 
 
+CLI_EXAMPLE = r"""
+# the same check runs client side before a local run or a cluster submission:
+python pipeline.py run --local epochs=-1      # error: pipeline parameter epochs=-1: expected an integer >= 1
+"""
+PIPELINE_EXAMPLE = r"""
+checked = check_params(data_source="synthetic", store_uri="s3://mlpipeline/hpa-kfp", n_train=600, n_test=200,
+                       image_size=64, color_mode="rgby", folds=5, val_fold=0, epochs=2, batch_size=32,
+                       lr_resnet18=1e-3, lr_se_resnet=1e-3, loss="bce", tta=2, threshold_mode="fitted",
+                       threshold=0.3, ensemble_method="mean", gpus=0, accelerator_type="nvidia.com/gpu", seed=0)
+"""
+
 @dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
 def check_params(
     data_source: str,

@@ -12,6 +12,13 @@ from kfp.dsl import HTML, Artifact, Input, Markdown, Output
 import hpa.config
 
 
+CLI_EXAMPLE = r"""
+python -m hpa compare --runs runs/resnet18 runs/se_resnet --names resnet18 se_resnet --out compare/
+"""
+PIPELINE_EXAMPLE = r"""
+compare_plots(run_a=resnet.outputs["run"], run_b=se_resnet.outputs["run"], name_a="resnet18", name_b="se_resnet")
+"""
+
 @dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
 def compare_plots(
     run_a: Input[Artifact],
@@ -38,8 +45,8 @@ def compare_plots(
     from hpa.plots import compare_runs
 
     result = compare_runs([run_a.path, run_b.path], plots.path, names=[name_a, name_b])
-    shutil.copyfile(result["report.html"], report.path)
-    shutil.copyfile(result["summary.md"], summary.path)
+    shutil.copyfile(result["report"], report.path)
+    shutil.copyfile(result["summary"], summary.path)
 
 
 if __name__ == "__main__":

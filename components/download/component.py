@@ -13,6 +13,14 @@ from kfp.dsl import Dataset, Output
 import hpa.config
 
 
+CLI_EXAMPLE = r"""
+python -m hpa download --source synthetic --dest s3://mlpipeline/hpa-kfp --n-train 600 --n-test 200 --size 64
+"""
+PIPELINE_EXAMPLE = r"""
+data = download(source="synthetic", store_uri="s3://mlpipeline/hpa-kfp", n_train=600, n_test=200, image_size=64)
+data_uri = data.outputs["data_uri"]
+"""
+
 @dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
 def download(
     source: str,

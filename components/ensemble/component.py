@@ -11,6 +11,14 @@ from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Output
 import hpa.config
 
 
+CLI_EXAMPLE = r"""
+python -m hpa ensemble --val a_val.npz b_val.npz --test a_test.npz b_test.npz --method mean --out ensemble/
+"""
+PIPELINE_EXAMPLE = r"""
+combined = ensemble(val_a=resnet.outputs["val_predictions"], val_b=se_resnet.outputs["val_predictions"],
+                    test_a=resnet.outputs["test_predictions"], test_b=se_resnet.outputs["test_predictions"])
+"""
+
 @dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
 def ensemble(
     val_a: Input[Dataset],

@@ -12,6 +12,14 @@ from kfp.dsl import Markdown, Output
 import hpa.config
 
 
+CLI_EXAMPLE = r"""
+python -m hpa montage --data s3://mlpipeline/hpa-kfp/synthetic --out montage.png
+"""
+PIPELINE_EXAMPLE = r"""
+with dsl.If(plot_samples == True):
+    montage(data_uri=data.outputs["data_uri"])
+"""
+
 @dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
 def montage(
     data_uri: str,

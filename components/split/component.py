@@ -12,6 +12,13 @@ from kfp.dsl import Dataset, Markdown, Output
 import hpa.config
 
 
+CLI_EXAMPLE = r"""
+python -m hpa split --labels train.csv --folds 5 --seed 0 --out split.csv
+"""
+PIPELINE_EXAMPLE = r"""
+folds = split(data_uri=data.outputs["data_uri"], folds=5, seed=0)
+"""
+
 @dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
 def split(
     data_uri: str,

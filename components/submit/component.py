@@ -13,6 +13,15 @@ from kfp.dsl import Dataset, Input, Markdown, Metrics, Output
 import hpa.config
 
 
+CLI_EXAMPLE = r"""
+python -m hpa submit --predictions ensemble/ensemble_test.npz --thresholds ensemble/thresholds.json \
+    --sample-submission sample_submission.csv --out submission.csv
+"""
+PIPELINE_EXAMPLE = r"""
+submit(data_uri=data.outputs["data_uri"], predictions=combined.outputs["ensemble_test"],
+       thresholds=combined.outputs["thresholds"], kaggle_submit=False)
+"""
+
 @dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
 def submit(
     data_uri: str,

@@ -15,6 +15,16 @@ from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 import hpa.config
 
 
+CLI_EXAMPLE = r"""
+python -m hpa train --data s3://mlpipeline/hpa-kfp/synthetic --split split.csv --fold 0 --arch resnet18 \
+    --size 64 --epochs 2 --batch-size 32 --lr 1e-3 --out runs/resnet18
+python -m hpa predict --checkpoint runs/resnet18/best.pt --data s3://mlpipeline/hpa-kfp/synthetic --ids test --tta 2 --out test.npz
+"""
+PIPELINE_EXAMPLE = r"""
+resnet = train_resnet18(data_uri=data.outputs["data_uri"], split_csv=folds.outputs["split_csv"], lr=1e-3)
+resnet.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+"""
+
 @dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
 def train_resnet18(
     data_uri: str,

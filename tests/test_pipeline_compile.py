@@ -1,0 +1,160 @@
+"""The compiled pipeline and components: no drift from the sources, and the graph a cluster will run.
+
+Drift: `python pipeline.py compile` into a temp dir must reproduce compiled/hpa_pipeline.yaml and every
+components/*/component.yaml byte for byte (run it and commit when this fails). Graph: stages, order,
+the conditional montage, GPU fields bound to run parameters, secrets as env, /dev/shm, parameters with
+defaults and descriptions.
+"""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STAGES = ["check-params", "download", "split", "train-resnet18", "train-se-resnet", "compare-plots", "ensemble",
+          "submit"]
+TRAINING = ["train-resnet18", "train-se-resnet"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_module(monkeypatch_module):
+    monkeypatch_module.delenv("HPA_IMAGE", raising=False)  # the committed YAML uses the default image
+    import pipeline
+
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    docs = list(yaml.safe_load_all((ROOT / "compiled" / "hpa_pipeline.yaml").read_text()))
+    assert len(docs) == 2, "expected the pipeline spec and the kubernetes platform spec"
+    return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_compiled_files_match_sources(pipeline_module, tmp_path):
+    written = pipeline_module.compile_all(tmp_path)
+    assert len(written) == 1 + 2 * len(list((ROOT / "components").glob("*/component.py")))  # yaml + README each
+    stale = [str(p.relative_to(tmp_path)) for p in written
+             if p.read_bytes() != (ROOT / p.relative_to(tmp_path)).read_bytes()]
+    assert not stale, f"out of date, run `python pipeline.py compile` and commit: {stale}"
+
+
+def test_component_script_rewrites_its_yaml(tmp_path):
+    """`python components/<stage>/component.py` gives the committed YAML (checked for one stage)."""
+    scratch = tmp_path / "components" / "split"
+    scratch.mkdir(parents=True)
+    (scratch / "component.py").write_text((ROOT / "components" / "split" / "component.py").read_text())
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HPA_IMAGE"}
+    subprocess.run([sys.executable, str(scratch / "component.py")], check=True, env=env, cwd=ROOT)
+    assert (scratch / "component.yaml").read_bytes() == (ROOT / "components" / "split" / "component.yaml").read_bytes()
+
+
+def test_stages_and_order(compiled):
+    spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    for stage in STAGES:
+        assert stage in tasks, f"stage {stage} missing from the root DAG ({sorted(tasks)})"
+    deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
+    assert deps["check-params"] == set()
+    assert "check-params" in deps["download"]
+    assert "download" in deps["split"]
+    for train in TRAINING:
+        assert {"download", "split"} <= deps[train]
+        assert not (set(TRAINING) - {train}) & deps[train], "the two models must train in parallel"
+    assert set(TRAINING) <= deps["compare-plots"]
+    assert set(TRAINING) <= deps["ensemble"]
+    assert "ensemble" in deps["submit"]
+
+
+def test_montage_only_when_plot_samples(compiled):
+    spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    conditions = {n: t for n, t in tasks.items() if "triggerPolicy" in t}
+    assert len(conditions) == 1
+    (name, cond), = conditions.items()
+    assert cond["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--plot_samples'] == true"
+    assert "download" in cond["dependentTasks"]
+    inner = spec["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(inner) == ["montage"]
+    assert "montage" not in tasks
+
+
+def test_gpu_fields_bound_to_run_parameters(compiled):
+    spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    for train in TRAINING:
+        executor = spec["deploymentSpec"]["executors"][tasks[train]["componentRef"]["name"].replace("comp-", "exec-")]
+        accel = executor["container"]["resources"]["accelerator"]
+        assert accel["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+        assert accel["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}"
+        params = tasks[train]["inputs"]["parameters"]
+        assert params["pipelinechannel--gpus"] == {"componentInputParameter": "gpus"}
+        assert params["pipelinechannel--accelerator_type"] == {"componentInputParameter": "accelerator_type"}
+        assert executor["container"]["resources"]["resourceCpuRequest"]
+        assert executor["container"]["resources"]["resourceMemoryRequest"]
+
+
+def test_kubernetes_settings(compiled):
+    spec, k8s = compiled
+    from hpa.config import KAGGLE_SECRET_KEYS, KAGGLE_SECRET_NAME, S3_SECRET_KEYS, S3_SECRET_NAME
+
+    def secret_env(executor):
+        return {(s["secretName"], e["secretKey"], e["envVar"]) for s in executor.get("secretAsEnv", [])
+                for e in s["keyToEnv"]}
+
+    s3 = {(S3_SECRET_NAME, key, env) for key, env in S3_SECRET_KEYS.items()}
+    for name in ["exec-download", "exec-montage", "exec-split", "exec-train-resnet18", "exec-train-se-resnet",
+                 "exec-submit"]:
+        assert s3 <= secret_env(k8s[name]), f"{name} lacks the S3 secret env"
+    kaggle = {(KAGGLE_SECRET_NAME, key, env) for key, env in KAGGLE_SECRET_KEYS.items()}
+    assert kaggle <= secret_env(k8s["exec-submit"])
+    assert all(not (kaggle & secret_env(e)) for n, e in k8s.items() if n != "exec-submit"), "Kaggle keys only for submit"
+    for train in TRAINING:
+        executor = k8s[f"exec-{train}"]
+        shm = [m for m in executor["emptyDirMounts"] if m["mountPath"] == "/dev/shm"]
+        assert shm and shm[0]["medium"] == "Memory"
+        assert executor["nodeSelector"]["nodeSelectorJson"] == {"componentInputParameter": "node_selector"}
+        assert executor["tolerations"][0]["tolerationJson"] == {"componentInputParameter": "tolerations"}
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["download"]["retryPolicy"]["maxRetryCount"] >= 1
+    assert tasks["submit"]["cachingOptions"].get("enableCache", False) is False
+    for stage in ["download", "split", "train-resnet18", "train-se-resnet", "ensemble", "compare-plots"]:
+        assert tasks[stage]["cachingOptions"]["enableCache"] is True
+
+
+def test_every_parameter_has_default_and_description(compiled, pipeline_module):
+    spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == set(pipeline_module.parameter_names())
+    for name, p in params.items():
+        assert "defaultValue" in p, f"parameter {name} has no default"
+        assert len(p.get("description", "")) > 10, f"parameter {name} has no description"
+    from hpa.config import PipelineConfig
+
+    defaults = PipelineConfig()
+    for f in dataclasses.fields(PipelineConfig):
+        if f.name in params:
+            assert params[f.name]["defaultValue"] == getattr(defaults, f.name), f.name
+
+
+def test_components_use_the_project_image():
+    from hpa.config import DEFAULT_IMAGE
+
+    for path in sorted((ROOT / "components").glob("*/component.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+        assert images == {DEFAULT_IMAGE}, path
+        assert (path.parent / "README.md").exists(), f"{path.parent} has no README.md"
