@@ -200,19 +200,20 @@ class Store:
                              f"does not match the manifest's {expected[:12]}…")
 
     def upload_files(self, files: Iterable[tuple[str, str | os.PathLike]], workers: int = 8,
-                     skip_existing: bool | dict | None = None, desc: str = "upload") -> list[dict]:
+                     skip_existing: bool | dict | None = None, desc: str = "upload",
+                     hashes: dict[str, str] | None = None) -> list[dict]:
         """Upload (key, local path) pairs in parallel; returns manifest entries + "uploaded" flag.
 
         skip_existing: None/True -> skip an object whose stored sha256 equals the local file's;
         a dict {key: sha256} (e.g. a previous manifest) -> trust it instead of asking the store;
-        False -> always upload.
+        False -> always upload. `hashes` {key: sha256} saves hashing files the caller already hashed.
         """
         files = [(check_key(k), Path(p)) for k, p in files]
         known = skip_existing if isinstance(skip_existing, dict) else None
         check = skip_existing is not False
 
         def one(key: str, path: Path) -> dict:
-            digest = sha256_file(path)
+            digest = (hashes or {}).get(key) or sha256_file(path)
             stored = (known.get(key) if known is not None else self.stored_sha256(key)) if check else None
             uploaded = stored != digest
             if uploaded:
@@ -426,9 +427,11 @@ class S3Store(Store):
     def _name(self, key: str) -> str:
         return _join(self.prefix, check_key(key))
 
-    def _call(self, what: str, key: str | None, fn: Callable[[], T], write: bool = False) -> T:
-        """Run one request with retries; turn every failure into one clear, redacted StoreError line."""
-        if write and self.create_bucket and not self._bucket_ready:
+    def _call(self, what: str, key: str | None, fn: Callable[[], T]) -> T:
+        """Run one request with retries; turn every failure into one clear, redacted StoreError line.
+
+        With create_bucket, the first request creates the bucket when it is missing."""
+        if self.create_bucket and not self._bucket_ready:
             self._ensure_bucket()
         s = self.settings
         try:
@@ -502,7 +505,7 @@ class S3Store(Store):
 
         digest = sha256 or sha256_bytes(data)
         self._call("write", key, lambda: self.client.put_object(
-            self.bucket, self._name(key), io.BytesIO(data), len(data), metadata={"sha256": digest}), write=True)
+            self.bucket, self._name(key), io.BytesIO(data), len(data), metadata={"sha256": digest}))
         return digest
 
     def put_file(self, key: str, path: str | os.PathLike, sha256: str | None = None) -> str:
@@ -513,7 +516,7 @@ class S3Store(Store):
             with open(path, "rb") as f:  # reopened per try: a retry starts from byte 0
                 self.client.put_object(self.bucket, self._name(key), f, size, metadata={"sha256": digest})
 
-        self._call("write", key, put, write=True)
+        self._call("write", key, put)
         return digest
 
     def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
