@@ -23,13 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from hpa.errors import ConfigError, DataError
 from hpa.evaluate import (DEFAULT_THRESHOLD, binarize, exists_uri, fit_thresholds, join_uri, macro_f1, read_uri,
                           save_predictions)
-from hpa.labels import COLORS, NUM_CLASSES, parse_target, to_matrix
+from hpa.labels import COLORS, NUM_CLASSES, to_matrix
 
 log = logging.getLogger(__name__)
 
@@ -81,45 +80,37 @@ def predict_loader(model, loader, device, tta: int) -> tuple[list[str], np.ndarr
 
 # --- which ids, which targets -------------------------------------------------------------------
 
-def read_csv_uri(uri: str) -> pd.DataFrame:
-    try:
-        return pd.read_csv(io.BytesIO(read_uri(uri)), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{uri}: not a readable CSV ({exc.__class__.__name__})") from None
+def read_csv(uri, kind: str = "labels"):
+    """A labels CSV (Id,Target[,fold]) or a sample submission (Id,Predicted), local or s3, validated."""
+    from hpa.data import read_labels, read_sample_submission
+
+    reader = read_labels if kind == "labels" else read_sample_submission
+    return reader(io.BytesIO(read_uri(uri)), where=str(uri))
 
 
-def targets_from(df: pd.DataFrame, where: str) -> np.ndarray:
-    if "Target" not in df.columns:
-        raise DataError(f"{where}: missing column 'Target'")
-    return to_matrix([parse_target(t, f"{where} Id {i}") for i, t in zip(df["Id"], df["Target"])])
-
-
-def select_ids(data: str, ids: str, split_csv: str | None, fold: int | None) -> tuple[list[str], np.ndarray | None, str]:
+def select_ids(data: str, ids: str, split_csv, fold: int | None) -> tuple[list[str], np.ndarray | None, str]:
     """(ids, targets or None, image split) for `--ids test|val`."""
     if ids == "test":
-        sample_uri = join_uri(data, "sample_submission.csv")
-        sample = read_csv_uri(sample_uri)
-        if "Id" not in sample.columns:
-            raise DataError(f"{sample_uri}: missing column 'Id'")
+        sample = read_csv(join_uri(data, "sample_submission.csv"), kind="sample")
         labels_uri = join_uri(data, "test_labels.csv")
         if not exists_uri(labels_uri):  # only synthetic data has test labels
             return sample["Id"].tolist(), None, "test"
-        labels = read_csv_uri(labels_uri).set_index("Id").reindex(sample["Id"])
-        if labels["Target"].isna().any():
-            raise DataError(f"{labels_uri}: has no Target for Id {labels.index[labels['Target'].isna()][0]!r}")
-        return sample["Id"].tolist(), targets_from(labels.reset_index(), labels_uri), "test"
+        labels = read_csv(labels_uri).set_index("Id")
+        missing = sorted(set(sample["Id"]) - set(labels.index))
+        if missing:
+            raise DataError(f"{labels_uri}: has no Target for Id {missing[0]!r} ({len(missing)} missing)")
+        return sample["Id"].tolist(), to_matrix(labels.loc[sample["Id"], "labels"].tolist()), "test"
     if ids != "val":
         raise ConfigError(f"--ids {ids!r}: expected 'test' or 'val'")
     if split_csv is None or fold is None:
         raise ConfigError("--ids val needs --split SPLIT_CSV and --fold K")
-    split = read_csv_uri(split_csv)
-    missing = {"Id", "Target", "fold"} - set(split.columns)
-    if missing:
-        raise DataError(f"{split_csv}: missing column(s) {sorted(missing)}")
+    split = read_csv(split_csv)
+    if "fold" not in split.columns:
+        raise DataError(f"{split_csv}: missing column 'fold'")
     rows = split[split["fold"].astype(int) == int(fold)]
     if rows.empty:
         raise DataError(f"{split_csv}: fold {fold} does not exist (folds: {sorted(split['fold'].astype(int).unique())})")
-    return rows["Id"].tolist(), targets_from(rows, split_csv), "train"
+    return rows["Id"].tolist(), to_matrix(rows["labels"].tolist()), "train"
 
 
 # --- loaders -------------------------------------------------------------------------------------
