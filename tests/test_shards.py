@@ -1,0 +1,224 @@
+"""hpa.shards: pack a committed dataset, stream it (ranks x workers), random access, integrity, cache bound."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+from hpa import data, shards, store, synthetic
+from hpa.cli import main as cli_main
+from hpa.errors import ConfigError, DataError, StoreError
+
+N_TRAIN, N_TEST, SRC_SIZE, SIZE, PER_SHARD = 23, 5, 48, 32, 5   # 23 samples in 5 shards: not divisible by 2x2
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    synthetic.generate(root, N_TRAIN, N_TEST, size=SRC_SIZE, seed=0)
+    return root
+
+
+def commit(raw_dir, uri: str) -> str:
+    st = store.open_store(uri)
+    st.commit_manifest(st.upload_tree(raw_dir), {"source": "synthetic"})
+    return uri
+
+
+@pytest.fixture
+def packed(raw, tmp_path):
+    """A committed local dataset and its train shards."""
+    data_uri = commit(raw, str(tmp_path / "data"))
+    out = str(tmp_path / "shards")
+    shards.pack(data_uri, out, SIZE, samples_per_shard=PER_SHARD)
+    return data_uri, out
+
+
+def train_ids(raw) -> list[str]:
+    return list(data.read_labels(raw / "train.csv")["Id"])
+
+
+def epoch_ids(uri, world_size=2, num_workers=2, epoch=0, cache_dir=None, **kw) -> list[list[str]]:
+    """Ids each rank reads in one epoch through a DataLoader with `num_workers` workers."""
+    per_rank = []
+    for rank in range(world_size):
+        ds = shards.ShardDataset(uri, rank=rank, world_size=world_size, cache_dir=cache_dir, **kw)
+        ds.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=num_workers)
+        ids = []
+        for images, targets, batch_ids in loader:
+            assert images.dtype == torch.uint8 and images.shape[1:] == (4, SIZE, SIZE)
+            assert targets.dtype == torch.float32 and targets.shape[1:] == (28,)
+            ids += list(batch_ids)
+        assert len(ids) == len(ds)
+        per_rank.append(ids)
+    return per_rank
+
+
+def test_pack_writes_tar_shards_and_manifest(packed, raw):
+    _, out = packed
+    doc = json.loads(open(os.path.join(out, "train", "shards.json")).read())
+    assert doc["format"] == "hpa-shards/1" and doc["shape"] == [4, SIZE, SIZE] and doc["num_samples"] == N_TRAIN
+    assert doc["colors"] == ["red", "green", "blue", "yellow"] and doc["has_labels"]
+    assert [s["name"] for s in doc["shards"]] == [f"shard-{i:06d}.tar" for i in range(5)]
+    assert sorted(doc["samples"]["id"]) == sorted(train_ids(raw))
+    labels = data.read_labels(raw / "train.csv").set_index("Id")["labels"]
+    position = {i: n for n, i in enumerate(doc["samples"]["id"])}
+    for shard_index, shard in enumerate(doc["shards"]):
+        path = os.path.join(out, "train", shard["name"])
+        assert hashlib.sha256(open(path, "rb").read()).hexdigest() == shard["sha256"]
+        assert os.path.getsize(path) == shard["size"]
+        with tarfile.open(path) as tar:                    # plain stdlib tar reads it
+            members = tar.getmembers()
+            assert len(members) == 2 * shard["num_samples"]
+            for meta_m, image_m in zip(members[::2], members[1::2]):
+                image_id = meta_m.name[: -len(".json")]
+                assert image_m.name == f"{image_id}.rgby.zst"
+                meta = json.loads(tar.extractfile(meta_m).read())
+                assert meta["labels"] == list(labels[image_id]) and meta["shape"] == [4, SIZE, SIZE]
+                n = position[image_id]
+                assert doc["samples"]["shard"][n] == shard_index
+                assert doc["samples"]["offset"][n] == image_m.offset_data
+                assert doc["samples"]["length"][n] == image_m.size
+                raw_pixels = zstandard.ZstdDecompressor().decompress(tar.extractfile(image_m).read())
+                expected = data.load_image(raw, image_id, size=SIZE)
+                assert np.array_equal(np.frombuffer(raw_pixels, np.uint8).reshape(4, SIZE, SIZE), expected)
+
+
+def test_pack_is_idempotent_and_deterministic(packed, tmp_path):
+    data_uri, out = packed
+    manifest = open(os.path.join(out, "train", "shards.json"), "rb").read()
+    again = shards.pack(data_uri, out, SIZE, samples_per_shard=PER_SHARD)
+    assert again["skipped_shards"] == again["num_shards"] == 5
+    assert open(os.path.join(out, "train", "shards.json"), "rb").read() == manifest
+    elsewhere = shards.pack(data_uri, str(tmp_path / "other"), SIZE, samples_per_shard=PER_SHARD, workers=2)
+    assert elsewhere["skipped_shards"] == 0
+    assert open(tmp_path / "other" / "train" / "shards.json", "rb").read() == manifest
+    # a shard replaced by other bytes is rebuilt, not trusted
+    victim = os.path.join(out, "train", "shard-000002.tar")
+    good = open(victim, "rb").read()
+    open(victim, "wb").write(b"junk")
+    assert shards.pack(data_uri, out, SIZE, samples_per_shard=PER_SHARD)["skipped_shards"] == 4
+    assert open(victim, "rb").read() == good
+
+
+def test_pack_test_split_and_refusals(raw, tmp_path):
+    data_uri = commit(raw, str(tmp_path / "data"))
+    summary = shards.pack(data_uri, str(tmp_path / "sh"), SIZE, split="test", samples_per_shard=2)
+    assert summary["num_samples"] == N_TEST and summary["num_shards"] == 3
+    reader = shards.ShardReader(str(tmp_path / "sh"), split="test")
+    truth = data.read_labels(raw / "test_labels.csv").set_index("Id")["labels"]
+    assert all(reader.labels(i) == list(truth[i]) for i in reader.ids)   # synthetic ships test labels
+    with pytest.raises(StoreError, match="not a committed dataset"):
+        shards.pack(str(raw), str(tmp_path / "x"), SIZE)                 # a dir without manifest.json
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="--size"):
+        shards.pack(data_uri, str(tmp_path / "x"), 2)
+    with pytest.raises(StoreError, match="not a packed shard set"):
+        shards.ShardDataset(str(tmp_path / "nothing"))
+
+
+def test_cli_pack(raw, tmp_path, capsys):
+    data_uri = commit(raw, str(tmp_path / "data"))
+    assert cli_main(["pack", "--data", data_uri, "--out", str(tmp_path / "sh"), "--size", str(SIZE),
+                     "--samples-per-shard", "8", "--workers", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_shards"] == 3
+    assert cli_main(["pack", "--data", str(raw), "--out", str(tmp_path / "sh2"), "--size", "32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: not a committed dataset")
+
+
+def test_stream_from_s3_every_sample_once_2_ranks_2_workers(raw, s3_bucket, tmp_path):
+    data_uri = commit(raw, s3_bucket + "data")
+    summary = shards.pack(data_uri, s3_bucket + "shards", SIZE, samples_per_shard=PER_SHARD)
+    assert summary["num_shards"] == 5 and summary["uri"] == s3_bucket + "shards/train/"
+    per_rank = epoch_ids(s3_bucket + "shards", cache_dir=str(tmp_path / "cache"))
+    counts = collections.Counter(i for ids in per_rank for i in ids)
+    assert set(counts) == set(train_ids(raw)) and set(counts.values()) == {1}
+    assert [len(ids) for ids in per_rank] == [11, 12]
+    # random access on S3 equals the PNG-decoded, resized image
+    reader = shards.ShardReader(s3_bucket + "shards", cache_dir=str(tmp_path / "cache2"))
+    some = train_ids(raw)[7]
+    assert np.array_equal(reader.get(some), data.load_image(raw, some, size=SIZE))
+
+
+def test_corrupt_shard_on_s3_is_named(raw, s3_bucket, tmp_path):
+    data_uri = commit(raw, s3_bucket + "data")
+    shards.pack(data_uri, s3_bucket + "shards", SIZE, samples_per_shard=PER_SHARD)
+    st = store.open_store(s3_bucket + "shards/train")
+    blob = bytearray(st.get_bytes("shard-000003.tar"))
+    blob[2000:2016] = bytes(b ^ 0xFF for b in blob[2000:2016])        # flip bytes inside a payload
+    st.put_bytes("shard-000003.tar", bytes(blob))
+    ds = shards.ShardDataset(s3_bucket + "shards", shuffle=False, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(StoreError, match=r"shard-000003\.tar: sha256 mismatch"):
+        list(ds)
+    with pytest.raises(StoreError, match=r"shard-000003\.tar"):
+        shards.ShardReader(s3_bucket + "shards", cache_dir=str(tmp_path / "c2")).get(
+            shards.ShardSet(s3_bucket + "shards").ids[3 * PER_SHARD])
+
+
+def test_random_access_equals_png(packed, raw):
+    _, out = packed
+    reader = shards.ShardReader(out)
+    assert len(reader) == N_TRAIN
+    for image_id in reversed(train_ids(raw)):
+        assert np.array_equal(reader.get(image_id), data.load_image(raw, image_id, size=SIZE))
+    with pytest.raises(DataError, match="no sample with id 'nope'"):
+        reader.get("nope")
+
+
+def test_epochs_shuffle_and_even_padding(packed, raw, tmp_path):
+    _, out = packed
+    cache = str(tmp_path / "cache")
+    orders = []
+    for epoch in range(2):
+        per_rank = epoch_ids(out, num_workers=0, epoch=epoch, cache_dir=cache, seed=3)
+        assert sorted(per_rank[0] + per_rank[1]) == sorted(train_ids(raw))
+        orders.append(per_rank)
+    assert orders[0] != orders[1]                                       # set_epoch reshuffles
+    assert epoch_ids(out, num_workers=0, epoch=1, cache_dir=cache, seed=3) == orders[1]   # deterministic
+    # even=True (DDP training): equal per-rank counts, every sample at least once, world_size-1 repeats
+    per_rank = epoch_ids(out, num_workers=2, cache_dir=cache, even=True)
+    assert [len(ids) for ids in per_rank] == [12, 12]
+    counts = collections.Counter(per_rank[0] + per_rank[1])
+    assert set(counts) == set(train_ids(raw)) and sum(counts.values()) == 24
+    # 3 ranks x 2 workers over 23 samples in 5 shards: still exactly once
+    per_rank = epoch_ids(out, world_size=3, num_workers=2, cache_dir=cache)
+    assert sorted(sum(per_rank, [])) == sorted(train_ids(raw))
+
+
+def test_ids_filter(packed, raw, tmp_path):
+    _, out = packed
+    subset = train_ids(raw)[::3]
+    ds = shards.ShardDataset(out, ids=subset, cache_dir=str(tmp_path / "c"))
+    assert len(ds) == len(subset) and sorted(i for _, _, i in ds) == sorted(subset)
+    labels = data.read_labels(raw / "train.csv").set_index("Id")["labels"]
+    for _, target, image_id in ds:
+        assert np.flatnonzero(target.numpy()).tolist() == sorted(labels[image_id])
+    with pytest.raises(DataError, match="'missing-id' is not in the shard set"):
+        shards.ShardDataset(out, ids=subset + ["missing-id"])
+
+
+def test_cache_stays_under_its_byte_limit(packed, tmp_path):
+    _, out = packed
+    doc = json.loads(open(os.path.join(out, "train", "shards.json")).read())
+    biggest = max(s["size"] for s in doc["shards"])
+    limit = int(2.5 * biggest)
+    cache_dir = tmp_path / "cache"
+    ds = shards.ShardDataset(out, cache_dir=str(cache_dir), cache_bytes=limit)
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        for _ in ds:
+            files = [p for p in cache_dir.iterdir() if p.suffix == ".tar"]
+            assert sum(p.stat().st_size for p in files) <= limit
+    assert 1 <= len([p for p in cache_dir.iterdir() if p.suffix == ".tar"]) <= 2 < len(doc["shards"])
+    with pytest.raises(ConfigError, match="cache_bytes=100 is smaller than shard"):
+        list(shards.ShardDataset(out, cache_dir=str(tmp_path / "c2"), cache_bytes=100))
