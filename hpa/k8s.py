@@ -193,7 +193,8 @@ def custom_objects_api(api_client=None):
             config.load_incluster_config()
         except config.ConfigException:
             try:
-                config.load_kube_config()
+                # KUBECONFIG read now: the client reads it once, at import time.
+                config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
             except (config.ConfigException, OSError) as exc:
                 raise ClusterError(f"no Kubernetes access: not in a cluster and no usable kubeconfig ({exc})") from None
     return client.CustomObjectsApi(api_client)

@@ -195,9 +195,9 @@ def trial_template(cfg: KatibConfig) -> dict:
             "primaryPodLabels": {"training.kubeflow.org/job-role": "master"},
             "successCondition": 'status.conditions.#(type=="Succeeded")#|#(status=="True")#',
             "failureCondition": 'status.conditions.#(type=="Failed")#|#(status=="True")#',
-            "trialParameters": TRIAL_PARAMETERS, "trialSpec": job,
+            "trialParameters": [dict(p) for p in TRIAL_PARAMETERS], "trialSpec": job,
         }
-    return {"primaryContainerName": CONTAINER, "trialParameters": TRIAL_PARAMETERS, "trialSpec": trial_job(cfg)}
+    return {"primaryContainerName": CONTAINER, "trialParameters": [dict(p) for p in TRIAL_PARAMETERS], "trialSpec": trial_job(cfg)}
 
 
 def render_experiment(cfg: KatibConfig) -> dict:

@@ -1,0 +1,226 @@
+"""Katib Experiment: rendering (no drift), strict schema validation, bad search spaces, metric filters,
+and the launcher against a loopback stand-in for the Kubernetes API server (tests/k8s_fake_api.py)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hpa import k8s, katib
+from hpa.errors import ConfigError
+from k8s_fake_api import FakeKubeAPI
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = ROOT / "katib" / "experiment.yaml"
+LINE = "epoch=3 train_loss=0.1234 val_loss=0.1345 val_macro_f1=0.4567"
+
+pytestmark = pytest.mark.skipif(k8s.schemas_dir() is None, reason="shared/schemas not found (set HPA_SCHEMAS_DIR)")
+
+
+@pytest.fixture(autouse=True)
+def default_images(monkeypatch):
+    for name in ("HPA_IMAGE", "HPA_CUDA_IMAGE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_experiment_yaml_is_generated_not_hand_kept():
+    assert EXPERIMENT.read_text() == katib.render_yaml(katib.KatibConfig()), \
+        "katib/experiment.yaml drifted: run `python -m hpa katib render --out katib/experiment.yaml`"
+
+
+def test_committed_experiment_validates_and_has_the_contract():
+    exp = yaml.safe_load(EXPERIMENT.read_text())
+    katib.validate_experiment(exp)
+    spec = exp["spec"]
+    assert exp["apiVersion"] == "kubeflow.org/v1beta1" and exp["kind"] == "Experiment"
+    assert spec["objective"]["type"] == "maximize" and spec["objective"]["objectiveMetricName"] == "val_macro_f1"
+    assert spec["objective"]["additionalMetricNames"] == ["val_loss"]
+    assert spec["algorithm"]["algorithmName"] == "tpe" and spec["earlyStopping"]["algorithmName"] == "medianstop"
+    params = {p["name"]: p for p in spec["parameters"]}
+    assert params["lr"]["feasibleSpace"]["distribution"] == "logUniform"
+    assert params["threshold_mode"]["feasibleSpace"]["list"] == ["fitted", "global"]
+    assert all(isinstance(v, str) for p in params.values() for v in p["feasibleSpace"].values() if not isinstance(v, list))
+    job = spec["trialTemplate"]["trialSpec"]
+    pod = job["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert spec["trialTemplate"]["primaryContainerName"] == container["name"]
+    assert container["command"] == ["python", "-m", "hpa", "train"]
+    args = " ".join(container["args"])
+    for name in ("lr", "threshold", "thresholdMode"):
+        assert f"${{trialParameters.{name}}}" in args
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    refs = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e}
+    assert refs == {"accesskey", "secretkey"}
+    assert pod["spec"]["restartPolicy"] == "Never" and pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert pod["spec"]["volumes"][0]["emptyDir"]["medium"] == "Memory"
+
+
+@pytest.mark.parametrize("algorithm", katib.ALGORITHMS)
+@pytest.mark.parametrize("trial_kind", katib.TRIAL_KINDS)
+def test_every_algorithm_and_trial_kind_validates(algorithm, trial_kind):
+    exp = katib.render_experiment(katib.KatibConfig(algorithm=algorithm, trial_kind=trial_kind, num_nodes=2))
+    assert exp["spec"]["algorithm"]["algorithmName"] == algorithm
+    if trial_kind == "pytorchjob":
+        job = exp["spec"]["trialTemplate"]["trialSpec"]
+        assert job["kind"] == "PyTorchJob" and set(job["spec"]["pytorchReplicaSpecs"]) == {"Master", "Worker"}
+        assert exp["spec"]["trialTemplate"]["primaryContainerName"] == "pytorch"
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(lr_min=0.0), "lr_min=0.0 must be > 0"),
+    (dict(lr_min=-1e-3), "must be > 0"),
+    (dict(lr_min=1e-2, lr_max=1e-3), "lr_min=0.01 must be < lr_max=0.001"),
+    (dict(threshold_min=0.0), "must lie inside (0, 1)"),
+    (dict(threshold_max=1.2), "must lie inside (0, 1)"),
+    (dict(threshold_min=0.5, threshold_max=0.2), "threshold_min=0.5 must be < threshold_max=0.2"),
+    (dict(algorithm="hyperband2"), "katib algorithm 'hyperband2': expected one of tpe, random"),
+    (dict(threshold_modes=("fitted", "best")), "threshold_modes"),
+    (dict(parallel_trials=20, max_trials=5), "parallel_trials=20 must be <= max_trials=5"),
+    (dict(start_step=5, epochs=2), "start_step=5 must be in [1, epochs=2]"),
+    (dict(algorithm="grid", max_trials=100), "grid combinations"),
+    (dict(data="s3://bucket/with space"), "no whitespace"),
+    (dict(name="Bad_Name"), "DNS label"),
+])
+def test_bad_search_space_is_one_clear_error(changes, message):
+    with pytest.raises(ConfigError) as err:
+        katib.render_experiment(replace(katib.KatibConfig(), **changes))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("mutate, where", [
+    (lambda e: e["spec"].__setitem__("maxTrialCont", 3), "maxTrialCont"),
+    (lambda e: e["spec"].__setitem__("maxTrialCount", "3"), "spec/maxTrialCount"),
+    (lambda e: e["spec"]["parameters"][0]["feasibleSpace"].__setitem__("min", 1e-5), "feasibleSpace/min"),
+    (lambda e: _container(e).__setitem__("imagePullPolicy", ["x"]), "containers/0/imagePullPolicy"),
+    (lambda e: _container(e).__setitem__("envFrom", [{"secretRef": {"nam": "x"}}]), "envFrom"),
+    (lambda e: e["spec"]["trialTemplate"]["trialParameters"].pop(), "undefined trial parameters"),
+    (lambda e: e["spec"]["metricsCollectorSpec"]["source"]["filter"]["metricsFormat"].append("(a);(b)"), "no ';'"),
+])
+def test_schema_validation_is_strict(mutate, where):
+    exp = katib.render_experiment(katib.KatibConfig())
+    mutate(exp)
+    with pytest.raises(ConfigError, match=re.escape(where)):
+        katib.validate_experiment(exp)
+
+
+def _container(exp):
+    return exp["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"][0]
+
+
+def _katib_parse(line: str, filters: list[str], names: list[str]) -> dict:
+    """Katib's parseLogsInTextFormat in Python: group 1 name, group 2 value, names of the objective only."""
+    found = {}
+    if any(n in line for n in names):
+        for regex in filters:
+            for m in re.finditer(regex, line):
+                if m.group(1).strip() in names:
+                    found[m.group(1).strip()] = float(m.group(2))
+    return found
+
+
+def test_metric_filters_match_exactly_the_training_line():
+    names = ["val_macro_f1", "val_loss"]
+    filters = list(katib.METRIC_FILTERS)
+    assert _katib_parse(LINE, filters, names) == {"val_loss": 0.1345, "val_macro_f1": 0.4567}
+    assert _katib_parse(LINE, [katib.KATIB_DEFAULT_FILTER], names) == {"val_loss": 0.1345, "val_macro_f1": 0.4567}
+    assert _katib_parse("epoch=1 train_loss=1e-3 val_loss=2.5E-01 val_macro_f1=.5", filters, names) == {"val_loss": 0.25, "val_macro_f1": 0.5}
+    # Log lines (stderr is redirected into the same file by Katib) must not count as metrics.
+    for noise in ["2026-11-25 INFO hpa.train: best val_macro_f1=0.9 so far", "val_macro_f1=0.9",
+                  LINE + " extra=1", "epoch=3 train_loss=nan val_loss=nan val_macro_f1=nan"]:
+        assert "val_macro_f1" not in _katib_parse(noise, filters, names), noise
+    # Katib's validator: two top subexpressions; filters are joined with ';' for the collector.
+    assert all(re.fullmatch(r".*\(.*\).*\(.*\).*", f) and ";" not in f for f in filters)
+
+
+def test_cli_render_and_validate(tmp_path, capsys):
+    out = tmp_path / "exp.yaml"
+    assert katib.main(["render", "--out", str(out), "--algorithm", "random", "--max-trials", "6", "--lr-max", "0.01"]) == 0
+    exp = yaml.safe_load(out.read_text())
+    assert exp["spec"]["algorithm"]["algorithmName"] == "random" and exp["spec"]["maxTrialCount"] == 6
+    assert katib.main(["validate", str(out)]) == 0
+    assert katib.main(["render", "--out", str(tmp_path / "same.yaml")]) == 0
+    assert (tmp_path / "same.yaml").read_text() == EXPERIMENT.read_text()
+
+
+def test_cli_bad_range_exits_2_with_one_line(capsys):
+    from hpa.cli import main
+
+    assert main(["katib", "render", "--lr-min", "0.1", "--lr-max", "0.01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: katib lr range: lr_min=0.1 must be < lr_max=0.01"
+
+
+# ---------------------------------------------------------------- launch (stand-in API server)
+
+def _experiment():
+    return yaml.safe_load(EXPERIMENT.read_text())
+
+
+def test_launch_creates_waits_and_reads_the_optimal_trial():
+    best = {"lr": "0.00042", "threshold": "0.27", "threshold_mode": "global"}
+    with FakeKubeAPI(polls=3, outcome="succeeded", best=best) as api:
+        result = katib.launch(_experiment(), namespace="team-a", timeout=20, poll=0.05, api_client=api.api_client())
+        assert len(api.posted) == 1 and api.posted[0]["metadata"]["namespace"] == "team-a"
+        assert api.gets[("experiments", "team-a", "hpa-lr-threshold")] == 3
+    assert result == {"lr": 0.00042, "threshold": 0.27, "threshold_mode": "global",
+                      "trial": "hpa-lr-threshold-abc123", "val_macro_f1": 0.43}
+
+
+def test_launch_failed_experiment_is_a_clear_error():
+    with FakeKubeAPI(polls=1, outcome="failed") as api:
+        with pytest.raises(k8s.ClusterError, match=r"Experiment kubeflow/hpa-lr-threshold failed: MaxFailedTrialsReached: 3 trials failed"):
+            katib.launch(_experiment(), timeout=20, poll=0.05, api_client=api.api_client())
+
+
+def test_launch_timeout_is_a_clear_error():
+    with FakeKubeAPI(polls=1, outcome="never") as api:
+        with pytest.raises(k8s.ClusterError, match=r"did not finish within 0.5 s \(last state: Running\)"):
+            katib.launch(_experiment(), timeout=0.5, poll=0.05, api_client=api.api_client())
+
+
+def test_launch_duplicate_and_unique_names():
+    with FakeKubeAPI(polls=1) as api:
+        client = api.api_client()
+        katib.launch(_experiment(), timeout=5, poll=0.05, api_client=client)
+        with pytest.raises(k8s.ClusterError, match=r"HTTP 409 experiments \"hpa-lr-threshold\" already exists"):
+            katib.launch(_experiment(), timeout=5, poll=0.05, api_client=client)
+        katib.launch(_experiment(), timeout=5, poll=0.05, unique_name=True, api_client=client)
+        names = [p["metadata"]["name"] for p in api.posted]
+    assert names[0] == "hpa-lr-threshold" and re.fullmatch(r"hpa-lr-threshold-[0-9a-f]{6}", names[1])
+
+
+def test_stand_in_server_rejects_an_invalid_object():
+    bad = _experiment()
+    _container(bad)["imag"] = "typo"
+    with FakeKubeAPI() as api:
+        k8s_api = k8s.custom_objects_api(api.api_client())
+        with pytest.raises(k8s.ClusterError, match=r"HTTP 422 posted Experiment trialSpec spec.template does not match"):
+            k8s.create_object(k8s_api, bad, "experiments", "kubeflow")
+        assert api.posted == []
+
+
+def test_cli_launch_with_kubeconfig(tmp_path, monkeypatch, capsys):
+    with FakeKubeAPI(polls=2, best={"lr": "0.001", "threshold": "0.3", "threshold_mode": "fitted"}) as api:
+        kubeconfig = tmp_path / "config"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": api.host}}],
+            "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}]}))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        assert katib.main(["launch", "--file", str(EXPERIMENT), "--namespace", "ns1", "--timeout", "20", "--poll", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert '"lr": 0.001' in out and '"threshold_mode": "fitted"' in out
+
+
+def test_best_trial_without_assignments_is_a_clear_error():
+    exp = copy.deepcopy(_experiment())
+    exp["status"] = {"currentOptimalTrial": {"parameterAssignments": [{"name": "lr", "value": "0.1"}]}}
+    with pytest.raises(k8s.ClusterError, match=r"lacks \['threshold', 'threshold_mode'\]"):
+        katib.best_trial(exp)
