@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from hpa.errors import DataError
 from hpa.labels import COLORS, NUM_CLASSES, parse_target, to_matrix
@@ -133,7 +133,14 @@ def channel_path(root, image_id: str, color: str, split: str = "train") -> Path:
 
 def decode_channel(data_or_path, color: str, name: str) -> np.ndarray:
     """Decode one channel image (bytes or path) to uint8 (H, W), following the module's pixel rules."""
-    source = io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else data_or_path
+    is_bytes = isinstance(data_or_path, (bytes, bytearray))
+    try:
+        empty = len(data_or_path) == 0 if is_bytes else os.path.getsize(data_or_path) == 0
+    except FileNotFoundError:
+        raise DataError(f"{name}: file not found") from None
+    if empty:
+        raise DataError(f"{name}: corrupt or truncated image (empty file, 0 bytes)")
+    source = io.BytesIO(data_or_path) if is_bytes else data_or_path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -150,11 +157,13 @@ def decode_channel(data_or_path, color: str, name: str) -> np.ndarray:
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"{name}: refused as a decompression bomb ({exc})") from None
-    except FileNotFoundError:
-        raise DataError(f"{name}: file not found") from None
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        what = f"declares {declared.group(1)} pixels" if declared else "declares too many pixels"
+        raise DataError(f"{name}: {what}, over the limit of {MAX_PIXELS} (decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: corrupt or truncated image (not a recognised image format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # UnidentifiedImageError (zero-byte / not an image) and truncated data both land here.
+        # Truncated or damaged data found while decoding.
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{name}: corrupt or truncated image ({reason})") from None
 

@@ -58,14 +58,16 @@ def worst_deviation(split_df: pd.DataFrame) -> dict:
     """How far the per-fold class counts are from ideal (class total / folds), worst case.
 
     Returns {"samples": max |count - ideal|, "relative": max |count - ideal| / ideal,
-    "within_tolerance": every count within max(2 % of ideal, 2 samples)}.
+    "of_tolerance": max |count - ideal| / tolerance, "within_tolerance": of_tolerance <= 1}, where
+    tolerance = max(2 % of ideal, 2 samples).
     """
     counts = fold_counts(split_df).astype(float)
     ideal = counts.sum(0) / len(counts)
     gap = np.abs(counts - ideal)
     relative = np.where(ideal > 0, gap / np.maximum(ideal, 1e-9), 0.0)
-    return {"samples": float(gap.max()), "relative": float(relative.max()),
-            "within_tolerance": bool((gap <= np.maximum(0.02 * ideal, 2.0)).all())}
+    of_tolerance = float((gap / np.maximum(0.02 * ideal, 2.0)).max())
+    return {"samples": float(gap.max()), "relative": float(relative.max()), "of_tolerance": of_tolerance,
+            "within_tolerance": of_tolerance <= 1.0}
 
 
 def _with_labels(df: pd.DataFrame) -> pd.DataFrame:
@@ -154,8 +156,8 @@ def split_labels(labels, out, folds: int = 5, seed: int = 0, plot=None) -> dict:
                 _write_bytes_any(plot, Path(local).read_bytes())
         else:
             plot_fold_distribution(split_df, plot)
-    log.info("split: %d images into %d folds, worst deviation %.1f samples (%.2f %%)",
-             len(split_df), folds, quality["samples"], 100 * quality["relative"])
+    log.info("split: %d images into %d folds, worst class deviation %.1f samples (%.2f of tolerance)",
+             len(split_df), folds, quality["samples"], quality["of_tolerance"])
     return {"rows": len(split_df), "folds": folds, "seed": seed, "out": str(out),
             "plot": str(plot) if plot else None, "fold_sizes": np.bincount(split_df["fold"], minlength=folds).tolist(),
             **{f"worst_deviation_{k}": v for k, v in quality.items()}}

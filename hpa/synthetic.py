@@ -512,14 +512,17 @@ def render_image(labels: list[int], size: int, rng: np.random.Generator) -> np.n
     red = (0.55 * ctx["tubules"] + 0.18 * cells.body * (1 + 0.3 * ctx["warp2"])) * cell_gain
     yellow = (0.6 * ctx["er"] + 0.12 * cells.body) * cell_gain
 
+    # The protein patterns draw from their own stream, so the reference channels (and the noise)
+    # of an image do not depend on its labels.
+    label_rng = rng.spawn(1)[0]
     green = np.zeros(shape, np.float32)
     for c in labels:
-        on = [i for i in range(k) if rng.random() < EXPRESSING_CELL_FRACTION] or [0]
+        on = [i for i in range(k) if label_rng.random() < EXPRESSING_CELL_FRACTION] or [0]
         if c in (16, 17):  # one dividing cell per image
             on = [0]
-        field = _saturate(PATTERNS[c](rng, cells, on, ctx))
+        field = _saturate(PATTERNS[c](label_rng, cells, on, ctx))
         expressing = np.isin(cells.owner, on) if c not in (16, 17, 22) else np.ones(shape, bool)
-        green += CLASS_AMPLITUDE[c] * rng.uniform(0.55, 1.0) * field * expressing
+        green += CLASS_AMPLITUDE[c] * label_rng.uniform(0.55, 1.0) * field * expressing
     green = green * rng.uniform(0.7, 1.2) + 0.04 * cells.body
 
     channels = []
