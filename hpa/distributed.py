@@ -61,6 +61,9 @@ class DistributedConfig:
     size: int = field(default_factory=lambda: _pc().image_size)
     epochs: int = field(default_factory=lambda: _pc().epochs)
     batch_size: int = field(default_factory=lambda: _pc().batch_size)
+    color_mode: str = field(default_factory=lambda: _pc().color_mode)
+    loss: str = field(default_factory=lambda: _pc().loss)
+    seed: int = field(default_factory=lambda: _pc().seed)
     lr: float = field(default_factory=lambda: _pc().lr_resnet18)
     threshold_mode: str = field(default_factory=lambda: _pc().threshold_mode)
     threshold: float = field(default_factory=lambda: _pc().threshold)
@@ -94,8 +97,10 @@ def train_args(cfg: DistributedConfig) -> list[str]:
     return [
         "--data", cfg.data, "--split", cfg.split, "--fold", str(cfg.fold), "--arch", cfg.arch,
         "--size", str(cfg.size), "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size),
+        "--color-mode", cfg.color_mode, "--loss", cfg.loss, "--seed", str(cfg.seed),
         "--lr", f"{cfg.lr:g}", "--threshold-mode", cfg.threshold_mode, "--threshold", f"{cfg.threshold:g}",
         "--out", cfg.out,
+        "--resume",  # a restarted pod (eviction, OnFailure) continues from <out>/last.pt
     ]
 
 

@@ -65,6 +65,9 @@ class KatibConfig:
     size: int = field(default_factory=lambda: _pc().image_size)
     epochs: int = field(default_factory=lambda: _pc().epochs)
     batch_size: int = field(default_factory=lambda: _pc().batch_size)
+    color_mode: str = field(default_factory=lambda: _pc().color_mode)
+    loss: str = field(default_factory=lambda: _pc().loss)
+    seed: int = field(default_factory=lambda: _pc().seed)
     algorithm: str = "tpe"
     max_trials: int = 12
     parallel_trials: int = 3
@@ -158,6 +161,7 @@ def train_args(cfg: KatibConfig) -> list[str]:
     return [
         "--data", cfg.data, "--split", cfg.split, "--fold", str(cfg.fold), "--arch", cfg.arch,
         "--size", str(cfg.size), "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size),
+        "--color-mode", cfg.color_mode, "--loss", cfg.loss, "--seed", str(cfg.seed),
         "--lr", "${trialParameters.lr}", "--threshold", "${trialParameters.threshold}",
         "--threshold-mode", "${trialParameters.thresholdMode}", "--out", f"{cfg.out_prefix}/${{trialParameters.trialName}}",
     ]
