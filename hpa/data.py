@@ -43,6 +43,7 @@ MAX_PIXELS = 40_000_000      # per channel; real HPA images are at most 3072 x 3
 MIN_SIDE = 8
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 COLOR_MODES = ("rgby", "rgb")
+SPLITS = ("train", "test")
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 _PLANE = {"red": (0,), "green": (1,), "blue": (2,), "yellow": (0, 1)}
 
@@ -122,6 +123,8 @@ def targets_matrix(df: pd.DataFrame) -> np.ndarray:
 
 def channel_path(root, image_id: str, color: str, split: str = "train") -> Path:
     """The stored file for one channel (.png preferred, then .jpg/.jpeg); DataError if none exists."""
+    if split not in SPLITS:
+        raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     check_id(image_id, f"{root}/{split}")
     folder = Path(root) / split
     for ext in EXTENSIONS:
@@ -228,7 +231,7 @@ def _labels_file(root: Path, split: str) -> tuple[pd.DataFrame, Path]:
     if split == "test":
         path = root / "sample_submission.csv"
         return read_sample_submission(path), path
-    raise DataError(f"split {split!r} is not one of train, test")
+    raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
 
 
 def validate_layout(root, split: str = "train", check_images: bool = True) -> pd.DataFrame:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 from hpa.data import EXTENSIONS, decode_channel, load_image, read_labels
 from hpa.errors import DataError
 from hpa.labels import CLASS_NAMES, COLORS
+from hpa.store import open_store, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,6 @@ def _load_from_store(store, image_id: str, split: str = "train") -> np.ndarray:
 def _sample(data, n: int, seed: int):
     """(ids, label lists, image loader) for n images chosen deterministically by seed."""
     if _is_uri(data):
-        from hpa.store import open_store
-
         store = open_store(str(data))
         df = read_labels(io.BytesIO(store.get_bytes("train.csv")), where=store.join("train.csv"))
         loader = lambda image_id: _load_from_store(store, image_id)  # noqa: E731
@@ -95,27 +92,9 @@ def render_montage(data_root_or_uri, png_path, n: int = 16, seed: int = 0) -> st
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    _write_output(str(png_path), buffer.getvalue())
+    write_bytes(str(png_path), buffer.getvalue())  # atomic, local path or s3:// URI
     log.info("montage: wrote %d images to %s", len(ids), png_path)
     return str(png_path)
-
-
-def _write_output(path: str, data: bytes) -> None:
-    if _is_uri(path):
-        from hpa.store import write_bytes
-
-        write_bytes(path, data)
-        return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,6 +18,7 @@ import pandas as pd
 from hpa.data import read_labels, targets_matrix
 from hpa.errors import ConfigError, DataError
 from hpa.labels import CLASS_NAMES, NUM_CLASSES
+from hpa.store import read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _with_labels(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_fold_distribution(split_df: pd.DataFrame, png_path) -> str:
-    """Bar chart of images per class per fold (log scale), and each fold's deviation from the ideal
+    """PNG (local path or s3:// URI, written atomically): images per class per fold (log scale), and each fold's deviation from the ideal
     count in units of the tolerance max(2 % of ideal, 2 images) (|value| <= 1 is within it)."""
     import matplotlib
 
@@ -105,9 +105,10 @@ def plot_fold_distribution(split_df: pd.DataFrame, png_path) -> str:
     bottom.set_xticks(x)
     bottom.set_xticklabels([f"{c} {n}" for c, n in enumerate(CLASS_NAMES)], rotation=75, ha="right", fontsize=8)
     fig.tight_layout()
-    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=90)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
+    write_bytes(str(png_path), buffer.getvalue())
     return str(png_path)
 
 
@@ -122,22 +123,13 @@ def _is_uri(path) -> bool:
 def read_labels_any(path_or_uri) -> pd.DataFrame:
     """read_labels() for a local path or an s3:// URI."""
     if _is_uri(path_or_uri):
-        from hpa.store import read_bytes
-
         return read_labels(io.BytesIO(read_bytes(str(path_or_uri))), where=str(path_or_uri))
     return read_labels(path_or_uri)
 
 
-def _write_bytes_any(path_or_uri, data: bytes) -> None:
-    from hpa.store import write_bytes
-
-    if not _is_uri(path_or_uri):
-        Path(path_or_uri).parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(str(path_or_uri), data)  # atomic for both kinds
-
-
 def write_split(split_df: pd.DataFrame, out) -> str:
-    _write_bytes_any(out, split_df[["Id", "Target", "fold"]].to_csv(index=False, lineterminator="\n").encode())
+    """Write Id,Target,fold to a local path or s3:// URI (atomically)."""
+    write_bytes(str(out), split_df[["Id", "Target", "fold"]].to_csv(index=False, lineterminator="\n").encode())
     return str(out)
 
 
@@ -148,14 +140,7 @@ def split_labels(labels, out, folds: int = 5, seed: int = 0, plot=None) -> dict:
     write_split(split_df, out)
     quality = worst_deviation(split_df)
     if plot:
-        if _is_uri(plot):
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                local = plot_fold_distribution(split_df, Path(tmp) / "fold_distribution.png")
-                _write_bytes_any(plot, Path(local).read_bytes())
-        else:
-            plot_fold_distribution(split_df, plot)
+        plot_fold_distribution(split_df, plot)
     log.info("split: %d images into %d folds, worst class deviation %.1f samples (%.2f of tolerance)",
              len(split_df), folds, quality["samples"], quality["of_tolerance"])
     return {"rows": len(split_df), "folds": folds, "seed": seed, "out": str(out),
