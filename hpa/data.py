@@ -59,7 +59,14 @@ def _read_csv(csv_path, where: str | None, required: tuple[str, ...]) -> tuple[p
     is_file_object = hasattr(csv_path, "read")
     name = where or ("<csv>" if is_file_object else os.fspath(csv_path))
     try:
-        raw = csv_path.read() if is_file_object else Path(csv_path).read_bytes()
+        if is_file_object:
+            raw = csv_path.read()
+        elif str(csv_path).startswith("s3://"):
+            from hpa.store import read_bytes
+
+            raw = read_bytes(str(csv_path))
+        else:
+            raw = Path(csv_path).read_bytes()
     except FileNotFoundError:
         raise DataError(f"{name}: file not found") from None
     except OSError as exc:
@@ -94,7 +101,9 @@ def _read_csv(csv_path, where: str | None, required: tuple[str, ...]) -> tuple[p
 
 
 def read_labels(csv_path, where: str | None = None) -> pd.DataFrame:
-    """Read an `Id,Target` CSV (path or file object) -> DataFrame Id, Target, labels (list[int]).
+    """Read an `Id,Target` CSV (local path, s3:// URI or file object) -> DataFrame Id, Target, labels.
+
+    `labels` holds the sorted class ids (list[int]); Target is rewritten in canonical form ("0 25").
 
     Extra columns are kept; a BOM and CRLF line ends are fine. `where` names the file in errors
     (for example its s3:// URI).
@@ -107,7 +116,7 @@ def read_labels(csv_path, where: str | None = None) -> pd.DataFrame:
 
 
 def read_sample_submission(csv_path, where: str | None = None) -> pd.DataFrame:
-    """Read an `Id,Predicted` CSV (Kaggle's sample_submission.csv) -> DataFrame Id, Predicted."""
+    """Read an `Id,Predicted` CSV (Kaggle's sample_submission.csv; path, URI or file object)."""
     df, _ = _read_csv(csv_path, where, ("Id", "Predicted"))
     return df.reset_index(drop=True)
 

@@ -51,7 +51,7 @@ def _sample(data, n: int, seed: int):
     """(ids, label lists, image loader) for n images chosen deterministically by seed."""
     if _is_uri(data):
         store = open_store(str(data))
-        df = read_labels(io.BytesIO(store.get_bytes("train.csv")), where=store.join("train.csv"))
+        df = read_labels(store.join("train.csv"))
         loader = lambda image_id: _load_from_store(store, image_id)  # noqa: E731
     else:
         df = read_labels(Path(data) / "train.csv")

@@ -18,7 +18,7 @@ import pandas as pd
 from hpa.data import read_labels, targets_matrix
 from hpa.errors import ConfigError, DataError
 from hpa.labels import CLASS_NAMES, NUM_CLASSES
-from hpa.store import read_bytes, write_bytes
+from hpa.store import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +116,6 @@ def plot_fold_distribution(split_df: pd.DataFrame, png_path) -> str:
 # I/O on local paths or s3:// URIs
 
 
-def _is_uri(path) -> bool:
-    return str(path).startswith("s3://")
-
-
-def read_labels_any(path_or_uri) -> pd.DataFrame:
-    """read_labels() for a local path or an s3:// URI."""
-    if _is_uri(path_or_uri):
-        return read_labels(io.BytesIO(read_bytes(str(path_or_uri))), where=str(path_or_uri))
-    return read_labels(path_or_uri)
-
-
 def write_split(split_df: pd.DataFrame, out) -> str:
     """Write Id,Target,fold to a local path or s3:// URI (atomically)."""
     write_bytes(str(out), split_df[["Id", "Target", "fold"]].to_csv(index=False, lineterminator="\n").encode())
@@ -135,7 +124,7 @@ def write_split(split_df: pd.DataFrame, out) -> str:
 
 def split_labels(labels, out, folds: int = 5, seed: int = 0, plot=None) -> dict:
     """Read a labels CSV (path or URI), split it, write Id,Target,fold to out (path or URI)."""
-    df = read_labels_any(labels)
+    df = read_labels(labels)
     split_df = make_split(df, folds, seed)
     write_split(split_df, out)
     quality = worst_deviation(split_df)
