@@ -54,6 +54,7 @@ class DistributedConfig:
     shm_size: str = "8Gi"
     runtime: str = "torch-distributed"  # ClusterTrainingRuntime shipped with Kubeflow Trainer
     restart_policy: str = "OnFailure"  # PyTorchJob replicas
+    s3_endpoint: str = config.S3_DEFAULT_ENDPOINT
     data: str = field(default_factory=lambda: f"{_pc().store_uri}/data")
     split: str = field(default_factory=lambda: f"{_pc().store_uri}/split/split.csv")
     fold: int = field(default_factory=lambda: _pc().val_fold)
@@ -114,7 +115,7 @@ def render_trainjob(cfg: DistributedConfig, args: list[str] | None = None) -> di
     trainer = {
         "image": cfg.resolved_image(), "command": COMMAND, "args": args or train_args(cfg),
         "numNodes": cfg.num_nodes, "numProcPerNode": cfg.procs(),
-        "resourcesPerNode": _resources(cfg), "env": k8s.container_env(),
+        "resourcesPerNode": _resources(cfg), "env": k8s.container_env(cfg.s3_endpoint),
     }
     pod_patch = {"spec": {"volumes": [volume], "containers": [{"name": "node", "volumeMounts": [mount]}]}}
     patch = {"manager": "hpa-kfp", "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [
@@ -135,7 +136,7 @@ def _replica(cfg: DistributedConfig, replicas: int, args: list[str]) -> dict:
     volume, mount = k8s.shm_volume(cfg.shm_size)
     container = {
         "name": "pytorch", "image": cfg.resolved_image(), "command": COMMAND, "args": args,
-        "env": k8s.container_env(), "resources": _resources(cfg), "volumeMounts": [mount],
+        "env": k8s.container_env(cfg.s3_endpoint), "resources": _resources(cfg), "volumeMounts": [mount],
         "ports": [{"name": "pytorchjob-port", "containerPort": PYTORCHJOB_PORT}],
     }
     template = {"metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},

@@ -133,10 +133,10 @@ def secret_env(secret_name: str, keys: dict[str, str]) -> list[dict]:
     return [{"name": env, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key}}} for key, env in keys.items()]
 
 
-def container_env() -> list[dict]:
+def container_env(s3_endpoint: str = config.S3_DEFAULT_ENDPOINT) -> list[dict]:
     """S3 endpoint plus the KFP MinIO secret as env via secretKeyRef (no secret value in the manifest)."""
     return [
-        {"name": "HPA_S3_ENDPOINT", "value": config.S3_DEFAULT_ENDPOINT},
+        {"name": "HPA_S3_ENDPOINT", "value": s3_endpoint},
         {"name": "PYTHONUNBUFFERED", "value": "1"},  # metric lines reach the collector as they are printed
         *secret_env(config.S3_SECRET_NAME, config.S3_SECRET_KEYS),
     ]

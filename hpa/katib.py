@@ -85,6 +85,7 @@ class KatibConfig:
     cpu: str = "4"
     memory: str = "16Gi"
     shm_size: str = "2Gi"
+    s3_endpoint: str = config.S3_DEFAULT_ENDPOINT
     trial_kind: str = "job"
     num_nodes: int = 1  # PyTorchJob trials only
 
@@ -173,7 +174,7 @@ def trial_job(cfg: KatibConfig) -> dict:
     container = {
         "name": CONTAINER, "image": cfg.resolved_image(),
         "command": ["python", "-m", "hpa", "train"], "args": train_args(cfg),
-        "env": k8s.container_env(), "resources": k8s.pod_resources(cfg.cpu, cfg.memory, cfg.gpus, cfg.accelerator_type),
+        "env": k8s.container_env(cfg.s3_endpoint), "resources": k8s.pod_resources(cfg.cpu, cfg.memory, cfg.gpus, cfg.accelerator_type),
         "volumeMounts": [mount],
     }
     pod = {
@@ -190,7 +191,7 @@ def trial_template(cfg: KatibConfig) -> dict:
         dcfg = distributed.DistributedConfig(
             name="trial", namespace=cfg.namespace, num_nodes=cfg.num_nodes, restart_policy="Never",
             gpus_per_node=cfg.gpus, image=cfg.resolved_image(), accelerator_type=cfg.accelerator_type,
-            cpu=cfg.cpu, memory=cfg.memory, shm_size=cfg.shm_size)
+            cpu=cfg.cpu, memory=cfg.memory, shm_size=cfg.shm_size, s3_endpoint=cfg.s3_endpoint)
         job = distributed.render_pytorchjob(dcfg, train_args(cfg))
         del job["metadata"]  # Katib names the trial's job itself
         return {

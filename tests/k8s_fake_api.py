@@ -13,6 +13,10 @@ with a Kubernetes `Status` when one does not match, 409 for a duplicate name, 40
 After `polls` GETs of an object it sets the status the test asked for: `succeeded` (an Experiment gets a
 `currentOptimalTrial`), `failed`, or `never` (for timeout tests). It is bounded: it stops itself after
 `lifetime` seconds or `max_requests` requests, and `stop()` (or leaving the `with` block) ends it.
+
+`on_create(obj)`, when given, plays the operator: it runs in a thread after a successful POST (for
+example the job's own command, locally), and the object reaches its final status only after it
+returns (`failed` if it raised).
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class FakeKubeAPI:
     """`with FakeKubeAPI(polls=2, outcome="succeeded") as api: launch(..., api_client=api.api_client())`."""
 
     def __init__(self, polls: int = 2, outcome: str = "succeeded", best: dict | None = None,
-                 lifetime: float = 60.0, max_requests: int = 500):
+                 lifetime: float = 60.0, max_requests: int = 500, on_create=None):
         assert outcome in ("succeeded", "failed", "never")
         self.polls, self.outcome, self.best = polls, outcome, best
         self.lifetime, self.max_requests = lifetime, max_requests
@@ -73,6 +77,9 @@ class FakeKubeAPI:
         self.gets: dict[tuple[str, str, str], int] = {}
         self.posted: list[dict] = []
         self.requests = 0
+        self.on_create = on_create
+        self.hooks: dict[tuple[str, str, str], threading.Thread] = {}
+        self.hook_errors: dict[tuple[str, str, str], BaseException] = {}
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -99,6 +106,17 @@ class FakeKubeAPI:
         self._thread.join(timeout=5)
         self.server.server_close()
 
+    def write_kubeconfig(self, path) -> str:
+        """A kubeconfig whose only cluster is this server (for code that loads kubeconfig itself)."""
+        import yaml
+
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
+            "clusters": [{"name": "stand-in", "cluster": {"server": self.host}}],
+            "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
+            "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "u"}}]}))
+        return str(path)
+
     def api_client(self):
         from kubernetes import client
 
@@ -107,11 +125,21 @@ class FakeKubeAPI:
 
     # ------------------------------------------------------------ state changes
 
-    def _status(self, plural: str, obj: dict) -> dict:
+    def _run_hook(self, key, obj: dict) -> None:
+        try:
+            self.on_create(obj)
+        except BaseException as exc:  # reported as a failed job
+            self.hook_errors[key] = exc
+
+    def _ready(self, key) -> bool:
+        hook = self.hooks.get(key)
+        return self.gets[key] >= self.polls and (hook is None or not hook.is_alive())
+
+    def _status(self, plural: str, obj: dict, failed: bool = False) -> dict:
         now = _now()
         conditions = [{"type": "Created", "status": "True", "reason": "Created", "message": "created",
                        "lastUpdateTime": now, "lastTransitionTime": now}]
-        if self.outcome == "failed":
+        if self.outcome == "failed" or failed:
             conditions.append({"type": "Failed", "status": "True", "reason": "MaxFailedTrialsReached" if plural == "experiments" else "BackoffLimitExceeded",
                                "message": "3 trials failed", "lastUpdateTime": now, "lastTransitionTime": now})
         elif self.outcome == "never":
@@ -176,6 +204,9 @@ class FakeKubeAPI:
                     body["metadata"].update(namespace=ns, uid=f"uid-{len(api.objects)}", creationTimestamp=_now())
                     api.objects[key] = body
                     api.posted.append(json.loads(json.dumps(body)))
+                    if api.on_create is not None:
+                        api.hooks[key] = threading.Thread(target=api._run_hook, args=(key, json.loads(json.dumps(body))), daemon=True)
+                        api.hooks[key].start()
                 self._send(201, body)
 
             def do_GET(self):
@@ -187,8 +218,8 @@ class FakeKubeAPI:
                     obj = api.objects.get(key)
                     if obj is not None:
                         api.gets[key] = api.gets.get(key, 0) + 1
-                        if api.gets[key] >= api.polls:
-                            obj["status"] = api._status(key[0], obj)
+                        if api._ready(key):
+                            obj["status"] = api._status(key[0], obj, failed=key in api.hook_errors)
                 if obj is None:
                     return self._error(404, "NotFound", f'{key[0]} "{key[2]}" not found')
                 self._send(200, obj)

@@ -153,3 +153,46 @@ def test_manifest_command_runs_as_two_nodes_with_operator_env(tmp_path):
     assert len(metric_lines[0]) == 1 and metric_lines[1] == []
     assert "world size 2" in outputs[0][1]
     assert (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_train_distributed_component_end_to_end(tmp_path, monkeypatch):
+    """The component's own function against the stand-in API server, whose `on_create` hook plays the
+    Trainer: it runs the posted TrainJob's command (torchrun -m hpa train ...) locally on CPU. The
+    component then fetches the run from the store and predicts val and test."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from kfp.dsl import Artifact, Dataset, Metrics, Model
+
+    from components.train_distributed.component import train_distributed
+    from hpa.data import read_labels
+    from hpa.split import make_split
+    from hpa.synthetic import generate
+
+    data = tmp_path / "data"
+    generate(data, n_train=48, n_test=6, size=32, seed=0)
+    split = tmp_path / "split.csv"
+    make_split(read_labels(data / "train.csv"), folds=2, seed=0)[["Id", "Target", "fold"]].to_csv(split, index=False)
+
+    def run_trainjob(job):
+        trainer = job["spec"]["trainer"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+               *trainer["command"][1:], *trainer["args"], "--workers", "0", "--threads", "1", "--device", "cpu"]
+        subprocess.run(cmd, check=True, timeout=400, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    outputs = {name: cls(name=name, uri=str(tmp_path / "outputs" / name)) for name, cls in
+               [("model", Model), ("run", Artifact), ("val_predictions", Dataset), ("test_predictions", Dataset), ("metrics", Metrics)]}
+    (tmp_path / "outputs").mkdir()
+    with FakeKubeAPI(polls=1, on_create=run_trainjob, lifetime=500) as api:
+        monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "config"))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        train_distributed.python_func(data_uri=str(data), split_csv=Dataset(name="split", uri=str(split)),
+                                      store_uri=str(tmp_path / "store"), num_nodes=2, gpus_per_node=0, image_size=32,
+                                      epochs=1, batch_size=8, tta=1, timeout_s=450, **outputs)
+        job = api.posted[0]
+    assert job["kind"] == "TrainJob" and job["spec"]["trainer"]["numNodes"] == 2
+    assert (tmp_path / "outputs" / "model").stat().st_size > 100_000
+    assert (tmp_path / "outputs" / "run" / "metrics.json").exists()
+    import numpy as np
+
+    val = np.load(tmp_path / "outputs" / "val_predictions", allow_pickle=False)
+    assert val["probs"].shape[1] == 28 and "best_val_macro_f1" in outputs["metrics"].metadata

@@ -206,17 +206,39 @@ def test_stand_in_server_rejects_an_invalid_object():
 
 def test_cli_launch_with_kubeconfig(tmp_path, monkeypatch, capsys):
     with FakeKubeAPI(polls=2, best={"lr": "0.001", "threshold": "0.3", "threshold_mode": "fitted"}) as api:
-        kubeconfig = tmp_path / "config"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": api.host}}],
-            "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}]}))
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "config"))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         assert katib.main(["launch", "--file", str(EXPERIMENT), "--namespace", "ns1", "--timeout", "20", "--poll", "0.05"]) == 0
     out = capsys.readouterr().out
     assert '"lr": 0.001' in out and '"threshold_mode": "fitted"' in out
+
+
+def test_katib_tune_component_against_stand_in(tmp_path, monkeypatch):
+    """The KFP component's own function: split copied to the store, Experiment created, best returned."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from kfp.dsl import Artifact, Dataset
+
+    from components.katib_tune.component import katib_defaults, katib_tune
+
+    split = tmp_path / "split.csv"
+    split.write_text("Id,Target,fold\na,0,0\n")
+    experiment = Artifact(name="experiment", uri=str(tmp_path / "experiment.yaml"))
+    with FakeKubeAPI(polls=2, best={"lr": "0.0007", "threshold": "0.2", "threshold_mode": "global"}) as api:
+        monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "config"))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        out = katib_tune.python_func(data_uri="s3://bucket/data", split_csv=Dataset(name="split", uri=str(split)),
+                                     store_uri=str(tmp_path / "store"), experiment=experiment, namespace="team",
+                                     max_trials=4, parallel_trials=2, poll_s=0.05, timeout_s=20)
+        posted = api.posted[0]
+    assert (out.lr, out.threshold, out.threshold_mode, out.val_macro_f1) == (0.0007, 0.2, "global", 0.43)
+    name = posted["metadata"]["name"]
+    assert (tmp_path / "store" / "katib" / name / "split.csv").read_text() == split.read_text()
+    args = _container(posted)["args"]
+    assert args[args.index("--split") + 1] == f"{tmp_path}/store/katib/{name}/split.csv"
+    assert args[args.index("--data") + 1] == "s3://bucket/data" and posted["spec"]["maxTrialCount"] == 4
+    assert yaml.safe_load((tmp_path / "experiment.yaml").read_text())["metadata"]["name"] == name
+    assert experiment.metadata["lr"] == 0.0007
+    assert tuple(katib_defaults.python_func(lr=1e-3, threshold=0.3, threshold_mode="fitted")) == (1e-3, 0.3, "fitted", -1.0)
 
 
 def test_best_trial_without_assignments_is_a_clear_error():

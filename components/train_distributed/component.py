@@ -1,0 +1,136 @@
+"""KFP component `train-distributed`: train one model with multi-node DDP as a TrainJob (or PyTorchJob).
+
+Used instead of the single-pod training tasks when the `num_nodes` run parameter is above 1. It copies
+the split into the store, creates a Kubeflow Trainer v2 TrainJob on the `torch-distributed` runtime
+(`kind=pytorchjob`: a Training Operator v1 PyTorchJob) running `torchrun -m hpa train`, waits for it,
+then fetches the run's outputs from the store and predicts val and test, so that its outputs are the
+same as `train-resnet18`'s. The pipeline's service account needs create/get on the job kind in
+`namespace`. `python components/train_distributed/component.py` rewrites component.yaml.
+"""
+
+from pathlib import Path
+
+from kfp import compiler, dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+import hpa.config
+
+CLI_EXAMPLE = r"""
+python -m hpa distributed render --kind trainjob --num-nodes 4 --gpus-per-node 8 --arch resnet18 \
+    --data s3://mlpipeline/hpa-kfp/datasets/synthetic-600x200-64px-seed0 --split s3://mlpipeline/hpa-kfp/split.csv \
+    --out s3://mlpipeline/hpa-kfp/runs/ddp --manifest-out trainjob.yaml
+python -m hpa distributed launch --file trainjob.yaml --timeout 86400
+"""
+PIPELINE_EXAMPLE = r"""
+with dsl.If(num_nodes > 1):
+    ddp = train_distributed(data_uri=data.outputs["data_uri"], split_csv=folds.outputs["split_csv"],
+                            store_uri=store_uri, num_nodes=num_nodes, gpus_per_node=8, arch="resnet18")
+"""
+
+
+@dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
+def train_distributed(
+    data_uri: str,
+    split_csv: Input[Dataset],
+    store_uri: str,
+    model: Output[Model],
+    run: Output[Artifact],
+    val_predictions: Output[Dataset],
+    test_predictions: Output[Dataset],
+    metrics: Output[Metrics],
+    num_nodes: int = 2,
+    gpus_per_node: int = 1,
+    kind: str = "trainjob",
+    namespace: str = "kubeflow",
+    accelerator_type: str = "nvidia.com/gpu",
+    arch: str = "resnet18",
+    val_fold: int = 0,
+    image_size: int = 64,
+    color_mode: str = "rgby",
+    epochs: int = 2,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    loss: str = "bce",
+    threshold_mode: str = "fitted",
+    threshold: float = 0.3,
+    tta: int = 2,
+    seed: int = 0,
+    s3_endpoint: str = "",
+    timeout_s: float = 86400.0,
+):
+    """Train with DDP on num_nodes pods x gpus_per_node GPUs, then predict val and test.
+
+    Args:
+        data_uri: URI of a committed dataset (the download task's data_uri).
+        split_csv: Fold assignment (Id,Target,fold) from the split task; copied into the store for the training pods.
+        store_uri: Store prefix; the job writes under <store_uri>/runs/<job name>/.
+        model: Best checkpoint (by validation macro F1), loadable with hpa.models.load_checkpoint.
+        run: Training run directory: history.csv, metrics.json, config.json, val_predictions.npz.
+        val_predictions: Validation-fold predictions with TTA (.npz: ids, probs, targets, model).
+        test_predictions: Test-set predictions with TTA (.npz: ids, probs, model).
+        metrics: Best validation macro F1, its epoch and the losses, plus the job's shape.
+        num_nodes: Training pods (TrainJob numNodes; PyTorchJob 1 Master + num_nodes-1 Workers).
+        gpus_per_node: GPUs per pod; torchrun starts one process per GPU.
+        kind: trainjob (Kubeflow Trainer v2) or pytorchjob (Training Operator v1).
+        namespace: Namespace of the job.
+        accelerator_type: Kubernetes resource name of the accelerator.
+        arch: Architecture name from hpa.models.MODEL_NAMES.
+        val_fold: Fold held out for validation.
+        image_size: Training and inference size in pixels (multiple of 32).
+        color_mode: rgby (4 channels) or rgb (3 channels).
+        epochs: Training epochs.
+        batch_size: Batch size per process.
+        lr: Peak learning rate.
+        loss: bce or focal.
+        threshold_mode: fitted (per class on validation) or global; decides the reported val macro F1.
+        threshold: Global threshold used when threshold_mode is global.
+        tta: Dihedral test-time augmentations for the predictions: 1, 2, 4 or 8.
+        seed: Random seed.
+        s3_endpoint: S3 endpoint host:port for this task and the training pods; empty = the KFP MinIO service.
+        timeout_s: Seconds to wait for the job before failing.
+    """
+    import json
+    import os
+    import uuid
+
+    if s3_endpoint:
+        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
+    from hpa import config, distributed, store
+    from hpa.predict import predict
+
+    name = f"hpa-{arch.replace('_', '-')}-ddp-{uuid.uuid4().hex[:6]}"
+    prefix = f"{store_uri.rstrip('/')}/runs/{name}"
+    store.publish(split_csv.path, f"{prefix}/split.csv")
+    cfg = distributed.DistributedConfig(
+        name=name, namespace=namespace, kind=kind, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
+        accelerator_type=accelerator_type, data=data_uri, split=f"{prefix}/split.csv", out=f"{prefix}/out",
+        fold=val_fold, arch=arch, size=image_size, color_mode=color_mode, epochs=epochs, batch_size=batch_size,
+        lr=lr, loss=loss, threshold_mode=threshold_mode, threshold=threshold, seed=seed,
+        s3_endpoint=s3_endpoint or config.S3_DEFAULT_ENDPOINT,
+    )
+    result = distributed.launch(distributed.render(cfg), timeout=timeout_s)
+
+    out = store.open_store(result["out"])
+    os.makedirs(run.path, exist_ok=True)
+    for key in ("history.csv", "metrics.json", "config.json", "val_predictions.npz"):
+        if out.exists(key):
+            out.get_file(key, os.path.join(run.path, key))
+    out.get_file("best.pt", model.path)
+    model.metadata.update({"arch": arch, "image_size": image_size, "color_mode": color_mode, "framework": "pytorch",
+                           "job": f"{result['kind']} {namespace}/{result['name']}", "outputs": result["out"]})
+
+    common = dict(checkpoint=model.path, data=data_uri, tta=tta, batch_size=batch_size)
+    predict(ids="val", split_csv=split_csv.path, fold=val_fold, out=val_predictions.path, **common)
+    predict(ids="test", out=test_predictions.path, **common)
+
+    with open(os.path.join(run.path, "metrics.json")) as f:
+        summary = json.load(f)
+    for key, value in sorted(summary.items()):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, float(value))
+    metrics.log_metric("num_nodes", float(num_nodes))
+    metrics.log_metric("gpus_per_node", float(gpus_per_node))
+
+
+if __name__ == "__main__":
+    compiler.Compiler().compile(train_distributed, str(Path(__file__).with_name("component.yaml")))
