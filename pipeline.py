@@ -118,8 +118,8 @@ def hpa_pipeline(
         data_source: Where the images come from: synthetic (HPA-like generated data), a directory in Kaggle layout, an s3:// prefix, an https:// zip/tar archive, or kaggle:human-protein-atlas-image-classification.
         store_uri: Object store prefix that holds the datasets (s3://bucket/prefix, or a directory for local runs).
         s3_endpoint: S3 endpoint host:port of the store (KFP's MinIO by default); keys come from the mlpipeline-minio-artifact secret.
-        n_train: Number of training images to generate when data_source is synthetic.
-        n_test: Number of test images to generate when data_source is synthetic.
+        n_train: Training images: how many to generate for synthetic data; for other sources a seeded random subset of at most this many (0 = all).
+        n_test: Test images, as n_train (the Kaggle test set has 11,702; 0 = all).
         image_size: Image side in pixels for training and inference; a positive multiple of 32 (512 = full resolution).
         color_mode: rgby (4 channels, red/green/blue/yellow) or rgb (3 channels: G, (R+Y)/2, (B+Y)/2).
         folds: Number of iterative-stratified folds (>= 2).

@@ -72,8 +72,8 @@ class PipelineConfig:
 
         need(bool(self.data_source.strip()), "data_source", "synthetic, a directory, s3://..., https://... or kaggle:<competition>")
         need(bool(self.store_uri.strip()), "store_uri", "a store URI such as s3://bucket/prefix or a local directory")
-        need(self.n_train >= 1, "n_train", "an integer >= 1")
-        need(self.n_test >= 1, "n_test", "an integer >= 1")
+        need(self.n_train >= 0, "n_train", "an integer >= 0 (0 = all images of a real dataset)")
+        need(self.n_test >= 0, "n_test", "an integer >= 0 (0 = all images of a real dataset)")
         need(self.image_size >= 32 and self.image_size % 32 == 0, "image_size", "a positive multiple of 32 (32, 64, ..., 512)")
         need(self.color_mode in ("rgby", "rgb"), "color_mode", "'rgby' or 'rgb'")
         need(self.folds >= 2, "folds", "an integer >= 2")

@@ -51,8 +51,8 @@ def check_params(
     Args:
         data_source: Dataset source (synthetic, a directory, s3://..., https://..., kaggle:<competition>).
         store_uri: Object store prefix for datasets (s3://bucket/prefix or a directory).
-        n_train: Synthetic training images (used when data_source is synthetic).
-        n_test: Synthetic test images (used when data_source is synthetic).
+        n_train: Training images (synthetic: generated; other sources: subset, 0 = all).
+        n_test: Test images (as n_train).
         image_size: Training and inference size in pixels, a positive multiple of 32.
         color_mode: rgby (4 channels) or rgb (3 channels).
         folds: Number of stratified folds, >= 2.

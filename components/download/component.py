@@ -14,7 +14,8 @@ import hpa.config
 
 
 CLI_EXAMPLE = r"""
-python -m hpa download --source synthetic --dest s3://mlpipeline/hpa-kfp --n-train 600 --n-test 200 --size 64
+python -m hpa download --source synthetic --dest s3://mlpipeline/hpa-kfp/datasets/synthetic-600x200-64px-seed0 \
+    --n-train 600 --n-test 200 --size 64 --seed 0
 """
 PIPELINE_EXAMPLE = r"""
 data = download(source="synthetic", store_uri="s3://mlpipeline/hpa-kfp", n_train=600, n_test=200, image_size=64)
@@ -37,10 +38,10 @@ def download(
     Args:
         source: synthetic, a directory in Kaggle layout, an s3:// prefix, an https:// archive, or
             kaggle:human-protein-atlas-image-classification.
-        store_uri: Store prefix under which the dataset is written (s3://bucket/prefix or a directory).
+        store_uri: Store prefix; the dataset goes to <store_uri>/datasets/<name from source and counts>.
         manifest: The committed dataset's manifest.json (object keys, sizes, sha256); metadata has its URI.
-        n_train: Training images to generate when source is synthetic.
-        n_test: Test images to generate when source is synthetic.
+        n_train: Synthetic: training images to generate; other sources: a seeded random subset of at most this many (0 = all).
+        n_test: As n_train, for the test images.
         image_size: Side in pixels of generated synthetic images.
         seed: Seed of the synthetic generator.
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
@@ -50,6 +51,7 @@ def download(
     """
     import json
     import os
+    import re
     from collections import namedtuple
 
     if s3_endpoint:
@@ -57,13 +59,18 @@ def download(
     from hpa.download import download as fetch_dataset
     from hpa.store import open_store
 
-    info = fetch_dataset(source, store_uri, n_train=n_train, n_test=n_test, size=image_size, seed=seed)
-    data_uri = info["data_uri"]
+    # One prefix per distinct dataset, so changing a parameter never overwrites another run's data.
+    if source == "synthetic":
+        name = f"synthetic-{n_train}x{n_test}-{image_size}px-seed{seed}"
+    else:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", source.split("://")[-1]).strip("-.")[-60:]
+        name += f"-{n_train or 'all'}x{n_test or 'all'}-seed{seed}"
+    data_uri = store_uri.rstrip("/") + "/datasets/" + name
+    info = fetch_dataset(source, data_uri, n_train=n_train or None, n_test=n_test or None, size=image_size, seed=seed)
     with open(manifest.path, "w") as f:
         json.dump(open_store(data_uri).read_manifest(), f, indent=1)
-    manifest.metadata.update({"uri": data_uri, **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}})
+    manifest.metadata.update({k: v for k, v in info.items() if isinstance(v, (int, float, str))})
     return namedtuple("Outputs", ["data_uri"])(data_uri)
-
 
 if __name__ == "__main__":
     compiler.Compiler().compile(download, str(Path(__file__).with_name("component.yaml")))

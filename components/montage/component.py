@@ -13,7 +13,7 @@ import hpa.config
 
 
 CLI_EXAMPLE = r"""
-python -m hpa montage --data s3://mlpipeline/hpa-kfp/synthetic --out montage.png
+python -m hpa montage --data s3://mlpipeline/hpa-kfp/datasets/synthetic-600x200-64px-seed0 --out montage.png
 """
 PIPELINE_EXAMPLE = r"""
 with dsl.If(plot_samples == True):

@@ -13,7 +13,7 @@ import hpa.config
 
 
 CLI_EXAMPLE = r"""
-python -m hpa split --labels train.csv --folds 5 --seed 0 --out split.csv
+python -m hpa split --data s3://mlpipeline/hpa-kfp/datasets/synthetic-600x200-64px-seed0 --folds 5 --seed 0 --out split.csv
 """
 PIPELINE_EXAMPLE = r"""
 folds = split(data_uri=data.outputs["data_uri"], folds=5, seed=0)
@@ -44,23 +44,16 @@ def split(
 
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
-    from hpa.data import read_labels
-    from hpa.split import make_split, plot_fold_distribution
-    from hpa.store import fetch
+    from hpa.split import split_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
-        labels_csv = os.path.join(tmp, "train.csv")
-        fetch(data_uri.rstrip("/") + "/train.csv", labels_csv)
-        table = make_split(read_labels(labels_csv), folds=folds, seed=seed)
         png = os.path.join(tmp, "folds.png")
-        plot_fold_distribution(table, png)
+        summary = split_dataset(data_uri, folds=folds, seed=seed, out=split_csv.path, plot=png)
         with open(png, "rb") as f:
             encoded = base64.b64encode(f.read()).decode("ascii")
-    table[["Id", "Target", "fold"]].to_csv(split_csv.path, index=False)
-    split_csv.metadata.update({"folds": folds, "seed": seed, "rows": int(len(table))})
+    split_csv.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and k != "out"})
     with open(fold_plot.path, "w") as f:
         f.write(f"### Label counts per fold ({folds} folds, seed {seed})\n\n![folds](data:image/png;base64,{encoded})\n")
-
 
 if __name__ == "__main__":
     compiler.Compiler().compile(split, str(Path(__file__).with_name("component.yaml")))

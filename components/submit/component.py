@@ -46,25 +46,14 @@ def submit(
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
     """
     import os
-    import tempfile
 
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
-    from hpa.store import fetch, open_store
     from hpa.submit import make_submission
 
-    store = open_store(data_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        sample = os.path.join(tmp, "sample_submission.csv")
-        fetch(store.join("sample_submission.csv"), sample)
-        labels = None
-        if store.exists("test_labels.csv"):
-            labels = os.path.join(tmp, "test_labels.csv")
-            fetch(store.join("test_labels.csv"), labels)
-        result = make_submission(
-            predictions.path, thresholds.path, sample, submission.path,
-            fill_empty=True, test_labels=labels, kaggle_submit=kaggle_submit,
-        )
+    # test_labels.csv next to the sample (synthetic data) is found and scored by make_submission.
+    result = make_submission(predictions.path, thresholds.path, data_uri.rstrip("/") + "/sample_submission.csv",
+                             submission.path, fill_empty=True, kaggle_submit=kaggle_submit)
     lines = ["### Submission", "", "| field | value |", "|---|---|"]
     for key, value in sorted(result.items()):
         if isinstance(value, (int, float, str, bool)):

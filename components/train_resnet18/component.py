@@ -16,9 +16,9 @@ import hpa.config
 
 
 CLI_EXAMPLE = r"""
-python -m hpa train --data s3://mlpipeline/hpa-kfp/synthetic --split split.csv --fold 0 --arch resnet18 \
+python -m hpa train --data s3://mlpipeline/hpa-kfp/datasets/synthetic-600x200-64px-seed0 --split split.csv --fold 0 --arch resnet18 \
     --size 64 --epochs 2 --batch-size 32 --lr 1e-3 --out runs/resnet18
-python -m hpa predict --checkpoint runs/resnet18/best.pt --data s3://mlpipeline/hpa-kfp/synthetic --ids test --tta 2 --out test.npz
+python -m hpa predict --checkpoint runs/resnet18/best.pt --data s3://mlpipeline/hpa-kfp/datasets/synthetic-600x200-64px-seed0 --ids test --tta 2 --out test.npz
 """
 PIPELINE_EXAMPLE = r"""
 resnet = train_resnet18(data_uri=data.outputs["data_uri"], split_csv=folds.outputs["split_csv"], lr=1e-3)
@@ -75,6 +75,7 @@ def train_resnet18(
     import json
     import os
     import shutil
+    import tempfile
 
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
@@ -82,10 +83,13 @@ def train_resnet18(
     from hpa.train import TrainConfig, train
 
     os.makedirs(run.path, exist_ok=True)
+    cache = tempfile.mkdtemp(prefix="hpa-cache-")  # image cache: outside the run artifact, never uploaded
+    # DataLoader workers: up to 4, leaving a core for the training loop (a pod sees its node's cores, so cap).
+    workers = min(4, max(0, len(os.sched_getaffinity(0)) - 1))
     config = TrainConfig(
         data=data_uri, split=split_csv.path, fold=val_fold, arch=arch, size=image_size, color_mode=color_mode,
         epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, threshold_mode=threshold_mode,
-        threshold=threshold, seed=seed, out=run.path,
+        threshold=threshold, seed=seed, out=run.path, cache_dir=cache, workers=workers,
     )
     train(config)
     # The best checkpoint is the Model artifact; the run directory keeps only the small files.
@@ -94,10 +98,12 @@ def train_resnet18(
         os.remove(os.path.join(run.path, "last.pt"))
     model.metadata.update({"arch": arch, "image_size": image_size, "color_mode": color_mode, "framework": "pytorch"})
 
-    common = dict(checkpoint=model.path, data=data_uri, tta=tta, batch_size=batch_size)
+    common = dict(checkpoint=model.path, data=data_uri, tta=tta, batch_size=batch_size, cache_dir=cache,
+                  workers=workers)
     predict(ids="val", split_csv=split_csv.path, fold=val_fold, out=val_predictions.path, **common)
     predict(ids="test", out=test_predictions.path, **common)
 
+    shutil.rmtree(cache, ignore_errors=True)
     with open(os.path.join(run.path, "metrics.json")) as f:
         summary = json.load(f)
     for key, value in sorted(summary.items()):
