@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import multiprocessing
 import os
 import shutil
@@ -486,6 +485,16 @@ class ShardCache:
         raise StoreError(f"{self.store.join(key)}: sha256 mismatch (expected {shard['sha256'][:16]}…, "
                          f"got {got[:16]}…); the shard is corrupt, re-run pack")
 
+    def open(self, shard: dict):
+        """The verified local copy, opened for reading (re-fetched if another process evicted it just now)."""
+        for _ in range(3):
+            try:
+                return open(self.path(shard), "rb")
+            except FileNotFoundError:
+                continue
+        raise StoreError(f"{self.store.join(shard['name'])}: evicted from the cache {self.dir} while opening it "
+                         "three times; raise cache_bytes")
+
     def _evict(self, incoming: int) -> None:
         entries = []
         for name in os.listdir(self.dir):
@@ -504,9 +513,6 @@ class ShardCache:
             except FileNotFoundError:
                 pass
             total -= nbytes
-
-    def nbytes(self) -> int:
-        return sum(os.path.getsize(os.path.join(self.dir, n)) for n in os.listdir(self.dir) if n.endswith(".tar"))
 
 
 def _owned_cache_dir(cache_dir: str | None, owner) -> str:
@@ -559,7 +565,7 @@ class ShardReader:
         n = self._position(image_id)
         shard = self.shard_set.shards[int(self.shard_set.shard_of[n])]
         where = self.shard_set.store.join(shard["name"])
-        with open(self.cache.path(shard), "rb") as f:
+        with self.cache.open(shard) as f:
             return decode_image(_read_sample(f, self.shard_set, n, where), self.shard_set.shape, where)
 
 
@@ -667,12 +673,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
         positions = self.part(self.rank, self.world_size, worker, num_workers)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
         cache = ShardCache(self.shard_set.store, self.cache_dir, self.cache_bytes)
-        buffer: list[tuple[int, bytes]] = []
-        for n, payload in self._payloads(positions, cache, rng):
+        buffer: list[tuple[int, bytes, str]] = []
+        for item in self._payloads(positions, cache, rng):
             if not self.shuffle:
-                yield self._sample(n, payload)
+                yield self._sample(*item)
                 continue
-            buffer.append((n, payload))
+            buffer.append(item)
             if len(buffer) >= self.buffer:
                 j = int(rng.integers(len(buffer)))
                 buffer[j], buffer[-1] = buffer[-1], buffer[j]
@@ -680,7 +686,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         for j in (rng.permutation(len(buffer)) if buffer else []):
             yield self._sample(*buffer[j])
 
-    def _payloads(self, positions: np.ndarray, cache: ShardCache, rng) -> Iterator[tuple[int, bytes]]:
+    def _payloads(self, positions: np.ndarray, cache: ShardCache, rng) -> Iterator[tuple[int, bytes, str]]:
         shard_of = self.shard_set.shard_of[positions]
         bounds = np.flatnonzero(np.diff(shard_of)) + 1
         for run in np.split(positions, bounds):
@@ -690,12 +696,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
             where = self.shard_set.store.join(shard["name"])
             if self.shuffle:
                 run = rng.permutation(run)
-            with open(cache.path(shard), "rb") as f:
+            with cache.open(shard) as f:
                 for n in run:
-                    yield int(n), _read_sample(f, self.shard_set, int(n), where)
+                    yield int(n), _read_sample(f, self.shard_set, int(n), where), where
 
-    def _sample(self, n: int, payload: bytes) -> tuple[torch.Tensor, torch.Tensor, str]:
-        where = self.shard_set.store.join(self.shard_set.shards[int(self.shard_set.shard_of[n])]["name"])
+    def _sample(self, n: int, payload: bytes, where: str) -> tuple[torch.Tensor, torch.Tensor, str]:
         image = decode_image(payload, self.shard_set.shape, where)
         return torch.from_numpy(image), torch.from_numpy(self.shard_set.target(n)), self.shard_set.ids[n]
 
