@@ -39,10 +39,12 @@ KATIB_DEFAULT_FILTER = r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
 # (RE2 and Python `re` read them alike). One filter per metric: an anchored regex matches once per line,
 # and Katib takes group 1 as the name and group 2 as the value. Katib joins filters with ';', so none may
 # contain one. Log lines on stderr (Katib redirects 2>&1 into the same file) can never match.
+# An optional leading RFC3339 timestamp is allowed: Katib stores it with each value (see katib/README.md).
 _NUM = r"[+-]?\d*(?:\.\d+)?(?:[Ee][+-]?\d+)?"
+_START = r"^(?:\d{4}-\d\d-\d\dT\S+ )?epoch=\d+ train_loss=\S+ "
 METRIC_FILTERS = (
-    rf"^epoch=\d+ train_loss=\S+ (val_loss)=({_NUM}) val_macro_f1=\S+$",
-    rf"^epoch=\d+ train_loss=\S+ val_loss=\S+ (val_macro_f1)=({_NUM})$",
+    rf"{_START}(val_loss)=({_NUM}) val_macro_f1=\S+$",
+    rf"{_START}val_loss=\S+ (val_macro_f1)=({_NUM})$",
 )
 
 

@@ -129,6 +129,8 @@ def test_metric_filters_match_exactly_the_training_line():
     assert _katib_parse(LINE, filters, names) == {"val_loss": 0.1345, "val_macro_f1": 0.4567}
     assert _katib_parse(LINE, [katib.KATIB_DEFAULT_FILTER], names) == {"val_loss": 0.1345, "val_macro_f1": 0.4567}
     assert _katib_parse("epoch=1 train_loss=1e-3 val_loss=2.5E-01 val_macro_f1=.5", filters, names) == {"val_loss": 0.25, "val_macro_f1": 0.5}
+    # A line that starts with an RFC3339 timestamp (Katib then stores that time with the values).
+    assert _katib_parse("2026-11-25T11:05:45.123456Z " + LINE, filters, names) == {"val_loss": 0.1345, "val_macro_f1": 0.4567}
     # Log lines (stderr is redirected into the same file by Katib) must not count as metrics.
     for noise in ["2026-11-25 INFO hpa.train: best val_macro_f1=0.9 so far", "val_macro_f1=0.9",
                   LINE + " extra=1", "epoch=3 train_loss=nan val_loss=nan val_macro_f1=nan"]:

@@ -31,7 +31,7 @@ FAKE_TRIAL = textwrap.dedent("""
     p.add_argument("--lr", type=float)
     p.add_argument("--epochs", type=int)
     p.add_argument("--fail-mode", default="")
-    a = p.parse_args()
+    a, _ = p.parse_known_args()
     if a.fail_mode and a.threshold_mode == a.fail_mode:
         print("boom", file=sys.stderr)
         sys.exit(3)
