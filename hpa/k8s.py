@@ -184,6 +184,14 @@ def load_yaml(path: str | Path) -> dict:
     return obj
 
 
+def current_namespace(default: str = "kubeflow") -> str:
+    """The namespace this pod runs in (a KFP task's own profile namespace), else `default`."""
+    try:
+        return Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip() or default
+    except OSError:
+        return default
+
+
 def custom_objects_api(api_client=None):
     """CustomObjectsApi for `api_client`, else in-cluster config, else kubeconfig."""
     from kubernetes import client, config

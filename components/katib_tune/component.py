@@ -37,7 +37,7 @@ def katib_tune(
     split_csv: Input[Dataset],
     store_uri: str,
     experiment: Output[Artifact],
-    namespace: str = "kubeflow",
+    namespace: str = "",
     algorithm: str = "tpe",
     max_trials: int = 12,
     parallel_trials: int = 3,
@@ -66,7 +66,7 @@ def katib_tune(
         split_csv: Fold assignment from the split task; copied into the store so that trial pods can read it.
         store_uri: Store prefix; the split copy and every trial's outputs go under <store_uri>/katib/<experiment>/.
         experiment: The Experiment YAML that was created; its metadata holds the best trial.
-        namespace: Kubernetes namespace of the Experiment (Katib must be installed; the namespace needs the label katib.kubeflow.org/metrics-collector-injection=enabled).
+        namespace: Kubernetes namespace of the Experiment; empty = the namespace this task runs in (Katib must be installed; the namespace needs the label katib.kubeflow.org/metrics-collector-injection=enabled).
         algorithm: tpe, random, grid, bayesianoptimization, cmaes or sobol.
         max_trials: maxTrialCount.
         parallel_trials: parallelTrialCount.
@@ -102,6 +102,7 @@ def katib_tune(
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
     from hpa import config, k8s, katib, store
 
+    namespace = namespace or k8s.current_namespace()
     name = f"hpa-tune-{uuid.uuid4().hex[:8]}"
     prefix = f"{store_uri.rstrip('/')}/katib/{name}"
     split_uri = f"{prefix}/split.csv"

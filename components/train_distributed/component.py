@@ -41,7 +41,7 @@ def train_distributed(
     num_nodes: int = 2,
     gpus_per_node: int = 1,
     kind: str = "trainjob",
-    namespace: str = "kubeflow",
+    namespace: str = "",
     accelerator_type: str = "nvidia.com/gpu",
     arch: str = "resnet18",
     val_fold: int = 0,
@@ -72,7 +72,7 @@ def train_distributed(
         num_nodes: Training pods (TrainJob numNodes; PyTorchJob 1 Master + num_nodes-1 Workers).
         gpus_per_node: GPUs per pod; torchrun starts one process per GPU.
         kind: trainjob (Kubeflow Trainer v2) or pytorchjob (Training Operator v1).
-        namespace: Namespace of the job.
+        namespace: Namespace of the job; empty = the namespace this task runs in.
         accelerator_type: Kubernetes resource name of the accelerator.
         arch: Architecture name from hpa.models.MODEL_NAMES.
         val_fold: Fold held out for validation.
@@ -95,9 +95,10 @@ def train_distributed(
 
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
-    from hpa import config, distributed, store
+    from hpa import config, distributed, k8s, store
     from hpa.predict import predict
 
+    namespace = namespace or k8s.current_namespace()
     name = f"hpa-{arch.replace('_', '-')}-ddp-{uuid.uuid4().hex[:6]}"
     prefix = f"{store_uri.rstrip('/')}/runs/{name}"
     store.publish(split_csv.path, f"{prefix}/split.csv")
