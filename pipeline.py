@@ -125,7 +125,7 @@ def hpa_pipeline(
         folds: Number of iterative-stratified folds (>= 2).
         val_fold: The fold held out for validation and threshold fitting (0 <= val_fold < folds).
         epochs: Training epochs per model (>= 1).
-        batch_size: Batch size per training task (>= 1).
+        batch_size: Batch size per training task (>= 2).
         lr_resnet18: Peak learning rate of the resnet18 model, in (0, 1).
         lr_se_resnet: Peak learning rate of the SE-ResNet-18 model, in (0, 1).
         loss: Training loss: bce or focal.

@@ -79,7 +79,7 @@ class PipelineConfig:
         need(self.folds >= 2, "folds", "an integer >= 2")
         need(0 <= self.val_fold < self.folds, "val_fold", f"0 <= val_fold < folds ({self.folds})")
         need(self.epochs >= 1, "epochs", "an integer >= 1")
-        need(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        need(self.batch_size >= 2, "batch_size", "an integer >= 2 (BatchNorm needs 2 samples)")
         for name in ("lr_resnet18", "lr_se_resnet"):
             value = getattr(self, name)
             need(value > 0 and value < 1 and value == value, name, "a learning rate in (0, 1)")

@@ -58,7 +58,7 @@ def check_params(
         folds: Number of stratified folds, >= 2.
         val_fold: Validation fold, 0 <= val_fold < folds.
         epochs: Training epochs, >= 1.
-        batch_size: Batch size per training task, >= 1.
+        batch_size: Batch size per training task, >= 2.
         lr_resnet18: Learning rate of the resnet18 model, in (0, 1).
         lr_se_resnet: Learning rate of the SE-ResNet model, in (0, 1).
         loss: bce or focal.

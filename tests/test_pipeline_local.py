@@ -1,0 +1,55 @@
+"""The whole pipeline, for real, with kfp.local through the embedded S3 server (SeaweedFS).
+
+Smaller than `python pipeline.py run --local`'s defaults (120 train images at 32 px, 1 epoch) so that it
+stays a few minutes on a shared 2-core machine; the defaults' time is printed by `run --local` itself.
+"""
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SMALL = {"n_train": 120, "n_test": 40, "image_size": 32, "epochs": 1, "batch_size": 16, "folds": 3, "tta": 1}
+
+
+@pytest.mark.slow
+def test_whole_pipeline_through_embedded_s3(tmp_path, monkeypatch):
+    monkeypatch.delenv("HPA_IMAGE", raising=False)
+    import pipeline
+
+    start = time.monotonic()
+    result = pipeline.run_local(dict(SMALL), tmp_path / "run")
+    print(f"\nkfp.local pipeline run ({SMALL}): {time.monotonic() - start:.1f} s")
+    assert "embedded S3" in result["store_uri"] and result["store_uri"].startswith("s3://")
+
+    # submission.csv: Kaggle format, every test Id exactly once, labels 0..27.
+    with open(result["submission"], newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["Id", "Predicted"]
+    ids = [r[0] for r in rows[1:]]
+    assert len(ids) == SMALL["n_test"] == len(set(ids))
+    for _, predicted in rows[1:]:
+        labels = [int(x) for x in predicted.split()]
+        assert all(0 <= x < 28 for x in labels) and len(labels) == len(set(labels))
+
+    report = Path(result["report"]).read_text()
+    assert "<html" in report.lower() and report.count("data:image/png;base64,") >= 3
+
+    metrics = json.loads(Path(result["metrics"]).read_text())
+    for key in ("val_macro_f1", "model0_val_macro_f1_fitted", "model1_val_macro_f1_fitted"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+
+    # Every stage ran, the montage too (plot_samples defaults to true), and the training outputs are small.
+    run_dir = next(Path(result["pipeline_root"]).iterdir())
+    for stage in ("check-params", "download", "montage", "split", "train-resnet18", "train-se-resnet",
+                  "compare-plots", "ensemble", "submit"):
+        assert (run_dir / stage).is_dir(), stage
+    assert "data:image/png;base64," in (run_dir / "montage" / "montage").read_text()
+    run_bytes = sum(p.stat().st_size for p in (run_dir / "train-resnet18" / "run").rglob("*") if p.is_file())
+    assert run_bytes < 5_000_000, "the run artifact must not carry the image cache"
