@@ -222,3 +222,23 @@ def test_cache_stays_under_its_byte_limit(packed, tmp_path):
     assert 1 <= len([p for p in cache_dir.iterdir() if p.suffix == ".tar"]) <= 2 < len(doc["shards"])
     with pytest.raises(ConfigError, match="cache_bytes=100 is smaller than shard"):
         list(shards.ShardDataset(out, cache_dir=str(tmp_path / "c2"), cache_bytes=100))
+
+
+def test_pack_refuses_a_png_changed_after_commit(raw, tmp_path):
+    data_uri = commit(raw, str(tmp_path / "data"))
+    victim = sorted((tmp_path / "data" / "train").glob("*_green.png"))[4]
+    victim.write_bytes(victim.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(StoreError, match=rf"corrupted object .*{victim.name}"):
+        shards.pack(data_uri, str(tmp_path / "sh"), SIZE, samples_per_shard=PER_SHARD)
+    assert not (tmp_path / "sh" / "train" / "shards.json").exists()
+
+
+def test_shards_are_readable_by_the_webdataset_library(packed):
+    wds = pytest.importorskip("webdataset")        # optional: not a dependency (docs/shards.md)
+    _, out = packed
+    doc = json.loads(open(os.path.join(out, "train", "shards.json")).read())
+    urls = [os.path.join(out, "train", s["name"]) for s in doc["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in samples] == doc["samples"]["id"]
+    image = np.frombuffer(zstandard.ZstdDecompressor().decompress(samples[0]["rgby.zst"]), np.uint8)
+    assert image.size == 4 * SIZE * SIZE and json.loads(samples[0]["json"])["labels"] == doc["samples"]["labels"][0]
