@@ -79,7 +79,7 @@ class TrainConfig:
     augment: bool = True            # dihedral flips/rot90, random crop-scale, brightness/contrast, on device
     min_crop: float = 0.75          # smallest crop side (fraction of the image) for crop-scale
     amp: bool = True                # bf16 autocast on CUDA; CPU always runs fp32
-    channels_last: bool = True
+    channels_last: bool = True      # NHWC on CUDA (tensor cores); ignored on CPU, where it is slower
     compile: bool = False
     threshold_mode: str = "fitted"  # metric line's val_macro_f1: per-class fitted thresholds | global --threshold
     threshold: float = 0.5
@@ -462,14 +462,14 @@ class Outputs:
             self.dir = Path(cfg.work_dir or tempfile.mkdtemp(prefix="hpa-train-"))
         else:
             self.dir = Path(cfg.out)
-        if enabled:
-            self.dir.mkdir(parents=True, exist_ok=True)
+        if enabled and self.dir.is_dir():
             for stale in self.dir.glob(".*.tmp"):  # left by a process killed mid-write; never a final name
                 stale.unlink(missing_ok=True)
 
     def write(self, name: str, data: bytes, slow_write: float = 0.0) -> None:
         if not self.enabled:
             return
+        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / name
         tmp = self.dir / f".{name}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
@@ -577,7 +577,8 @@ class Trainer:
         self.data = DataSource(cfg, self.fold, self.dist, self.work)
         self.model = create_model(cfg.arch, cfg.in_chans, NUM_CLASSES, weights=cfg.weights, drop_rate=cfg.drop_rate)
         self.model.to(self.device)
-        if cfg.channels_last:
+        self.channels_last = cfg.channels_last and self.device.type == "cuda"
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         pos_weight = sqrt_pos_weight(self.fold.train_targets) if cfg.pos_weight == "sqrt" else None
         self.criterion = MultiLabelLoss(cfg.loss, cfg.focal_gamma, pos_weight).to(self.device)
@@ -739,7 +740,7 @@ def train_one_epoch(t: Trainer) -> float:
         y = y.to(device, non_blocking=True).float()
         if cfg.augment:
             x = augment(x, t.aug_gen, cfg.min_crop)
-        if cfg.channels_last:
+        if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.autocast):
             logits = t.train_model(x)
@@ -768,11 +769,12 @@ def evaluate(t: Trainer) -> dict:
     """Validation over all ranks: each predicts its part, predictions are gathered and put back in
     val_ids order, so loss and macro F1 are exact (not an average of per-rank scores)."""
     cfg, device = t.cfg, t.device
+    du.broadcast_buffers(t.model)
     t.model.eval()
     parts = []
     for index, x, y in t.data.val_batches(device):
         x = prepare(x.to(device, non_blocking=True), cfg)
-        if cfg.channels_last:
+        if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.autocast):
             logits = t.eval_model(x)

@@ -1,0 +1,200 @@
+"""Training loop: config validation, a short synthetic run that beats a label-frequency baseline with
+only well-formed Katib lines on stdout, exact resume after SIGKILL, s3:// and packed-shard sources.
+
+Runs are subprocesses (`python -m hpa train`), as in production, kept tiny for a 2-core CI machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hpa.errors import ConfigError
+from hpa.evaluate import fit_thresholds, macro_f1
+from hpa.labels import parse_target, to_matrix
+from hpa.train import TrainConfig, get_args_parser, config_from_args, train
+
+KATIB_RE = re.compile(r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)")  # Katib's default filter
+METRIC_LINE = re.compile(r"epoch=\d+ train_loss=\d+\.\d{4} val_loss=\d+\.\d{4} val_macro_f1=\d\.\d{4}")
+
+
+def make_data(root: Path, n: int, size: int, folds: int = 4, seed: int = 0) -> tuple[Path, Path]:
+    from hpa.synthetic import generate
+
+    generate(root / "data", n, 0, size=size, seed=seed)
+    df = pd.read_csv(root / "data" / "train.csv", dtype=str)
+    df["fold"] = np.arange(len(df)) % folds
+    df.to_csv(root / "split.csv", index=False)
+    return root / "data", root / "split.csv"
+
+
+def train_cmd(data, split, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "hpa", "train", "--data", str(data), "--split", str(split), "--out", str(out),
+            "--fold", "0", "--arch", "resnet18", "--workers", "0", "--threads", "1", *map(str, extra)]
+
+
+def run_train(cmd, env=None, timeout=600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def check_katib_stdout(stdout: str, epochs: int) -> list[dict]:
+    """Every stdout line that Katib's regex would parse is a complete, well-formed metric line."""
+    rows = []
+    for line in stdout.splitlines():
+        if not KATIB_RE.search(line):
+            continue
+        assert METRIC_LINE.fullmatch(line), f"stray or malformed metric line on stdout: {line!r}"
+        pairs = KATIB_RE.findall(line)
+        rows.append({name: float(value) for name, value, *_ in pairs})
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
+    return rows
+
+
+# --- config ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lr", 0.0, "lr: 0.0 must be > 0"),
+    ("lr", -1e-3, "lr: -0.001 must be > 0"),
+    ("epochs", 0, "epochs: 0 must be >= 1"),
+    ("size", 100, "size: 100 must be a positive multiple of 32"),
+    ("arch", "vgg16", "arch: unknown model 'vgg16'"),
+    ("batch_size", 1, "batch_size: 1 must be >= 2"),
+    ("threshold", 1.5, "threshold: 1.5 must be in [0, 1]"),
+    ("loss", "mse", "loss: 'mse', expected bce or focal"),
+])
+def test_bad_config_is_one_clear_line(field, value, message):
+    cfg = TrainConfig(data="d", split="s.csv", out="o", **{field: value})
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_parses_every_config_field_and_reports_errors(tmp_path, capsys):
+    from hpa.cli import main
+
+    args = get_args_parser().parse_args(["--data", "d", "--split", "s", "--out", "o", "--no-augment", "--lr", "0.01",
+                                         "--threshold-mode", "global", "--threshold", "0.3"])
+    cfg = config_from_args(args)
+    assert (cfg.augment, cfg.lr, cfg.threshold_mode, cfg.threshold) == (False, 0.01, "global", 0.3)
+    assert set(vars(args)) == set(TrainConfig.__dataclass_fields__)  # one option per field, no more
+    assert main(["train", "--data", "d", "--split", "s", "--out", str(tmp_path), "--size", "48"]) == 2
+    assert "error: size: 48 must be a positive multiple of 32" in capsys.readouterr().err
+
+
+def test_fold_not_in_split(tmp_path):
+    split = tmp_path / "split.csv"
+    split.write_text("Id,Target,fold\na,0,0\nb,1,1\n")
+    with pytest.raises(ConfigError, match=r"fold: 7 is not in .*split.csv \(folds present: \[0, 1\]\)"):
+        train(TrainConfig(data=str(tmp_path), split=str(split), out=str(tmp_path / "o"), fold=7))
+    assert not (tmp_path / "o").exists()  # nothing written for a bad config
+
+
+# --- a short real run ----------------------------------------------------------------------------------
+
+def frequency_baseline_f1(split_csv: Path, fold: int, val_targets: np.ndarray) -> float:
+    """Predict each class with probability = its train-fold frequency, thresholds fitted on val."""
+    df = pd.read_csv(split_csv, dtype={"Id": str, "Target": str})
+    y = to_matrix([parse_target(t, "split") for t in df["Target"]])
+    freq = y[(df["fold"] != fold).to_numpy()].mean(0)
+    probs = np.tile(freq, (len(val_targets), 1))
+    return macro_f1(val_targets, probs >= fit_thresholds(probs, val_targets))
+
+
+def test_short_run_beats_frequency_baseline(tmp_path):
+    data, split = make_data(tmp_path, n=320, size=64)
+    out = tmp_path / "out"
+    epochs = 3
+    proc = run_train(train_cmd(data, split, out, "--size", 64, "--epochs", epochs, "--batch-size", 32,
+                               "--lr", 3e-3, "--warmup-epochs", 0.5, "--no-augment", "--threads", 2))
+    rows = check_katib_stdout(proc.stdout, epochs)
+
+    for name in ("last.pt", "best.pt", "history.csv", "val_predictions.npz", "config.json", "metrics.json",
+                 "thresholds.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".*.tmp"))
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3]
+    np.testing.assert_allclose(history["val_macro_f1"], [r["val_macro_f1"] for r in rows], atol=6e-5)
+    assert (history["val_macro_f1"] == history["val_macro_f1_fitted"]).all()
+
+    preds = np.load(out / "val_predictions.npz")
+    assert preds["probs"].shape == (80, 28) and preds["ids"].shape == (80,) and str(preds["model"]) == "resnet18-fold0"
+    model_f1 = float(macro_f1(preds["targets"], preds["probs"] >= fit_thresholds(preds["probs"], preds["targets"])))
+    baseline = frequency_baseline_f1(split, 0, preds["targets"])
+    print(f"\nval macro F1 (fitted thresholds): model {model_f1:.4f} vs label-frequency baseline {baseline:.4f}")
+    metrics = pd.read_json(out / "metrics.json", typ="series")
+    assert abs(metrics["best_val_macro_f1"] - model_f1) < 1e-9
+    assert model_f1 > baseline + 0.05
+
+    # Checkpoints load with weights_only=True, and best.pt rebuilds the model for predict.
+    from hpa.models import load_checkpoint
+
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "config"} <= set(ckpt)
+    model, meta = load_checkpoint(out / "best.pt")
+    assert meta["arch"] == "resnet18" and meta["size"] == 64 and meta["thresholds"].shape == (28,)
+
+
+# --- exact resume after SIGKILL --------------------------------------------------------------------------
+
+RESUME_ARGS = ("--size", 32, "--epochs", 2, "--batch-size", 6, "--lr", 1e-3, "--drop-rate", 0.2,
+               "--checkpoint-every-steps", 2, "--deterministic")
+
+
+def kill_after(cmd, marker: str, sig=signal.SIGKILL, env=None) -> tuple[int, str]:
+    """Run `cmd`, send `sig` as soon as a stderr line contains `marker`; returns (returncode, stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if marker in line:
+                proc.send_signal(sig)
+                break
+        lines += proc.stderr.readlines()
+        return proc.wait(timeout=120), "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bit-for-bit: the same weights, optimizer state and history values (wall time aside)."""
+    ca, cb = (torch.load(p / "last.pt", weights_only=True) for p in (a, b))
+    assert ca["step"] == cb["step"] and ca["epoch"] == cb["epoch"]
+    for key, value in ca["model"].items():
+        assert torch.equal(value, cb["model"][key]), key
+    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+        for key in sa:
+            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), key
+    ha, hb = (pd.read_csv(p / "history.csv").drop(columns="seconds") for p in (a, b))
+    pd.testing.assert_frame_equal(ha, hb, check_exact=True)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path):
+    data, split = make_data(tmp_path, n=48, size=32)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    run_train(train_cmd(data, split, ref, *RESUME_ARGS))
+
+    # 36 train images / 6 = 6 steps per epoch: killed right after the step-4 checkpoint of epoch 1.
+    rc, _ = kill_after(train_cmd(data, split, run, *RESUME_ARGS), "checkpoint saved: last.pt epoch 0 step 4")
+    assert rc == -signal.SIGKILL
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["loop"]["step_in_epoch"]) == (0, 4)
+    proc = run_train(train_cmd(data, split, run, *RESUME_ARGS, "--resume"))
+    assert "resumed from" in proc.stderr
+    check_katib_stdout(proc.stdout, 2)  # killed inside epoch 1: the resumed run reports epochs 1 and 2
+    assert_same_run(ref, run)
