@@ -5,7 +5,7 @@
         ...
 
 Every port the server opens (S3, master, volume, filer, admin and their gRPC ports) is chosen free on
-127.0.0.1, so several servers (other tests, other users) can run side by side. Keys are random per
+127.0.0.1 (p and p + 10000), so several servers (other tests, other users) can run side by side. Keys are random per
 server. `stop()` / `start()` restart it on the same data directory and ports (fault tests).
 """
 
@@ -29,11 +29,10 @@ from hpa.errors import StoreError
 log = logging.getLogger(__name__)
 
 ADMIN_ACTIONS = ["Admin", "Read", "Write", "List", "Tagging"]
-# `weed mini` flags that name a port; each gets its own free port.
-PORT_FLAGS = (
-    "s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-    "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc",
-)
+# `weed mini` services; each gets a free HTTP port p and gRPC port p + 10000 (SeaweedFS derives some
+# gRPC addresses as p + 10000 even when the flag is given, so the pair must be free and <= 65535).
+SERVICES = ("s3", "master", "volume", "filer", "admin")
+GRPC_OFFSET = 10000
 
 
 def weed_binary() -> str:
@@ -44,18 +43,37 @@ def weed_binary() -> str:
     return found
 
 
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
-    socks = []
+def _bindable(sock_list: list, port: int) -> bool:
+    s = socket.socket()
     try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        return False
+    sock_list.append(s)
+    return True
+
+
+def free_port_pairs(n: int) -> list[int]:
+    """`n` distinct ports p in 20000..55000 with p and p + 10000 both free on 127.0.0.1."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            p = secrets.randbelow(35000) + 20000
+            if p in ports or p + GRPC_OFFSET in ports or p - GRPC_OFFSET in ports:
+                continue
+            mark = len(held)
+            if _bindable(held, p) and _bindable(held, p + GRPC_OFFSET):
+                ports.append(p)
+            else:
+                for sock in held[mark:]:
+                    sock.close()
+                del held[mark:]
+        return ports
     finally:
-        for s in socks:
-            s.close()
+        for sock in held:
+            sock.close()
 
 
 def _new_credentials() -> tuple[str, str]:
@@ -105,7 +123,10 @@ class LocalS3Server:
         fixed = bool(self.ports)
         for attempt in range(1 if fixed else 3):
             if not fixed:
-                self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+                self.ports = {}
+                for name, port in zip(SERVICES, free_port_pairs(len(SERVICES))):
+                    self.ports[f"{name}.port"] = port
+                    self.ports[f"{name}.port.grpc"] = port + GRPC_OFFSET
             self._spawn()
             if self._wait_ready():
                 log.info("S3 server ready at %s (pid %d, dir %s)", self.endpoint, self.proc.pid, self.base_dir)

@@ -115,26 +115,42 @@ def redact(text: str, *secrets: str) -> str:
 
 
 _RETRY_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "ServiceUnavailableError"}
+# A restarting server answers "no such bucket" for a moment before its metadata is loaded, and a
+# bucket we just created may take a moment to be seen by every gateway: for this long after either
+# event on an endpoint, NoSuchBucket is retried like a connection error.
+SETTLE_S = 30.0
+_unsettled_at: dict[str, float] = {}
 
 
-def _transient(exc: BaseException) -> bool:
+def _connection_error(exc: BaseException) -> bool:
     import urllib3
-    from minio.error import S3Error, ServerError
 
-    if isinstance(exc, S3Error):
-        return exc.code in _RETRY_CODES
-    if isinstance(exc, ServerError):
-        return exc.status_code >= 500
     return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
 
 
-def retry(fn: Callable[[], T], what: str, tries: int, delay: float) -> T:
+def _transient(exc: BaseException, endpoint: str | None = None) -> bool:
+    from minio.error import S3Error, ServerError
+
+    if isinstance(exc, S3Error):
+        # (a PUT may get a bare 404, which minio calls NoSuchKey)
+        bare_404 = exc.code == "NoSuchKey" and not getattr(exc.response, "data", b"")
+        if (exc.code == "NoSuchBucket" or bare_404) and endpoint in _unsettled_at:
+            return time.monotonic() - _unsettled_at[endpoint] < SETTLE_S
+        return exc.code in _RETRY_CODES
+    if isinstance(exc, ServerError):
+        return exc.status_code >= 500
+    return _connection_error(exc)
+
+
+def retry(fn: Callable[[], T], what: str, tries: int, delay: float, endpoint: str | None = None) -> T:
     """Call `fn`; on connection errors and 5xx answers try again after delay, 2*delay, ... (bounded)."""
     for attempt in range(1, tries + 1):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - filtered by _transient
-            if not _transient(exc) or attempt == tries:
+            if endpoint and _connection_error(exc):
+                _unsettled_at[endpoint] = time.monotonic()
+            if not _transient(exc, endpoint) or attempt == tries:
                 raise
             log.warning("%s failed (%s), try %d/%d in %.1fs", what, type(exc).__name__, attempt, tries, delay)
             time.sleep(delay)
@@ -414,7 +430,8 @@ class S3Store(Store):
         self.create_bucket = create_bucket
         self.settings = settings or s3_settings()
         self.uri = f"s3://{bucket}/{self.prefix + '/' if self.prefix else ''}"
-        self._bucket_ready = False
+        self._bucket_ready = False  # created (or found) by _ensure_bucket
+        self._bucket_seen = False  # a listing of the bucket succeeded
 
     @property
     def client(self):
@@ -435,7 +452,8 @@ class S3Store(Store):
             self._ensure_bucket()
         s = self.settings
         try:
-            return retry(fn, f"{what} {self.join(key) if key else self.uri}", s["retries"], s["retry_delay"])
+            return retry(fn, f"{what} {self.join(key) if key else self.uri}", s["retries"], s["retry_delay"],
+                         s["endpoint"])
         except StoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - translated below
@@ -448,6 +466,7 @@ class S3Store(Store):
         target = self.join(key) if key else self.uri
         where = f"{'https' if s['secure'] else 'http'}://{s['endpoint']}"
         code = exc.code if isinstance(exc, S3Error) else None
+        log.debug("%s %s failed: %s %s", what, target, type(exc).__name__, code)
         if code in ("AccessDenied", "NoSuchKey") and not getattr(exc.response, "data", b""):
             code = self._diagnose() or code  # a HEAD answer has no body: ask again with a GET
         messages = {
@@ -459,9 +478,10 @@ class S3Store(Store):
         }
         if code in messages:
             msg = messages[code]
-        elif _transient(exc):
-            msg = (f"S3 server {where} unreachable or failing during {what} {target} after "
-                   f"{s['retries']} tries ({type(exc).__name__})")
+        elif code in _RETRY_CODES:  # a 5xx answer, still failing after the retries
+            msg = f"S3 server {where} failed to {what} {target} after {s['retries']} tries ({code}: {exc.message})"
+        elif _transient(exc, s["endpoint"]):
+            msg = f"S3 server {where} unreachable during {what} {target} after {s['retries']} tries ({type(exc).__name__})"
         else:
             detail = f"{code}: {exc.message}" if code else f"{type(exc).__name__}: {exc}"
             msg = f"S3 {what} {target} failed: {detail}"
@@ -481,16 +501,18 @@ class S3Store(Store):
         return None
 
     def _ensure_bucket(self) -> None:
+        """Create the bucket unless it exists. No HEAD first: SeaweedFS caches a "missing" answer."""
         from minio.error import S3Error
 
         def make() -> None:
-            if not self.client.bucket_exists(self.bucket):
-                try:
-                    self.client.make_bucket(self.bucket)
-                    log.info("created bucket %s", self.bucket)
-                except S3Error as exc:
-                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                        raise
+            try:
+                self.client.make_bucket(self.bucket)
+                _unsettled_at[self.settings["endpoint"]] = time.monotonic()
+                log.info("created bucket %s", self.bucket)
+            except S3Error as exc:
+                # exists already, or we may not create buckets: the real request will tell
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists", "AccessDenied"):
+                    raise
 
         self._bucket_ready = True
         try:
@@ -559,9 +581,9 @@ class S3Store(Store):
 
     def _bucket_ok(self) -> bool:
         """True when the bucket is there and readable (cached); else the caller reports the real error."""
-        if not self._bucket_ready:
-            self._bucket_ready = self._diagnose() is None
-        return self._bucket_ready
+        if not self._bucket_seen:
+            self._bucket_seen = self._diagnose() is None
+        return self._bucket_seen
 
     def exists(self, key: str) -> bool:
         return self._stat(key) is not None

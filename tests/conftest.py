@@ -20,6 +20,7 @@ def s3_server(tmp_path_factory):
     server = LocalS3Server(tmp_path_factory.mktemp("s3"), identities={"reader": ["Read", "List"]})
     with server:
         yield server
+        server.stop(kill=True)  # throwaway data: no need to wait ~2 s for a graceful shutdown
 
 
 @pytest.fixture
