@@ -502,7 +502,7 @@ def render_image(labels: list[int], size: int, rng: np.random.Generator) -> np.n
     k = len(cells.centers)
     cell_gain = rng.uniform(0.6, 1.0, k).astype(np.float32)[cells.owner]
 
-    nucleus = cells.nucleus
+    nucleus = nucleus_mask = cells.nucleus
     if 17 in labels:  # metaphase: the first cell's chromatin condenses into a plate across the spindle
         plate = np.exp(-(((cells.xx - cells.nuc_centers[0, 1]) * np.cos(cells.nuc_angle[0])
                           + (cells.yy - cells.nuc_centers[0, 0]) * np.sin(cells.nuc_angle[0])) / (1.2 * unit)) ** 2)
@@ -522,8 +522,10 @@ def render_image(labels: list[int], size: int, rng: np.random.Generator) -> np.n
             on = [0]
         field = _saturate(PATTERNS[c](label_rng, cells, on, ctx))
         expressing = np.isin(cells.owner, on) if c not in (16, 17, 22) else np.ones(shape, bool)
-        green += CLASS_AMPLITUDE[c] * label_rng.uniform(0.55, 1.0) * field * expressing
-    green = green * rng.uniform(0.7, 1.2) + 0.04 * cells.body
+        green += CLASS_AMPLITUDE[c] * label_rng.uniform(0.4, 1.0) * field * expressing
+    # Unspecific background staining of nucleus and cytoplasm: weak Nucleoplasm/Cytosol look alike.
+    haze = rng.uniform(0.0, 0.12) * nucleus_mask + rng.uniform(0.02, 0.12) * _cytoplasm(cells)
+    green = green * rng.uniform(0.7, 1.2) + haze
 
     channels = []
     for field, noise in ((red, 0.035), (green, 0.04), (blue, 0.03), (yellow, 0.035)):
