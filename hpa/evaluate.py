@@ -229,14 +229,14 @@ def validate_predictions(ids, probs, targets, where: str) -> tuple[np.ndarray, n
         raise DataError(f"{where}: no predictions (0 ids)")
     uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
-        raise DataError(f"{where}: 'ids' has duplicates, e.g. {uniq[counts > 1][0]!r} ({int((counts > 1).sum())} repeated)")
+        raise DataError(f"{where}: 'ids' has duplicates, e.g. {str(uniq[counts > 1][0])!r} ({int((counts > 1).sum())} repeated)")
     probs = np.asarray(probs)
     if probs.shape != (ids.size, NUM_CLASSES) or probs.dtype.kind != "f":
         raise DataError(f"{where}: 'probs' must be float ({ids.size}, {NUM_CLASSES}), got {probs.dtype} {probs.shape}")
     finite = np.isfinite(probs)
     if not finite.all():
         r, c = np.argwhere(~finite)[0]
-        raise DataError(f"{where}: 'probs' has {int((~finite).sum())} NaN/inf values, first at id {ids[r]!r} class {c}")
+        raise DataError(f"{where}: 'probs' has {int((~finite).sum())} NaN/inf values, first at id {str(ids[r])!r} class {c}")
     if probs.min() < 0 or probs.max() > 1:
         raise DataError(f"{where}: 'probs' must be probabilities in [0, 1], found range [{probs.min():.4g}, {probs.max():.4g}]")
     if targets is not None:
@@ -252,8 +252,19 @@ def predictions_bytes(ids, probs, targets=None, model: str = "", where: str = "p
     arrays = {"ids": ids, "probs": probs, "model": np.array(str(model))}
     if targets is not None:
         arrays["targets"] = targets
+    return npz_bytes(arrays)
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """`np.savez_compressed` with fixed zip timestamps: the same arrays give the same bytes (and sha256),
+    so a re-run after a crash reproduces its outputs exactly."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -388,8 +399,8 @@ def ensemble(val_files, test_files, method: str = "mean", out_dir=".", threshold
     save_predictions(outputs["ensemble_val.npz"], val[0].ids, val_probs, targets, name)
     save_predictions(outputs["ensemble_test.npz"], test[0].ids, test_probs, test[0].targets, name)
     save_thresholds(outputs["thresholds.json"], values, mode)
-    metrics["outputs"] = outputs
     write_uri(outputs["metrics.json"], json.dumps(metrics, indent=2).encode())  # last: marks completion
+    metrics["outputs"] = outputs  # not in the file: the same inputs give the same bytes wherever written
     log.info("ensemble (%s, %d models): val macro F1 %.4f (best single, fitted: %.4f)", method, len(val),
              metrics["val_macro_f1"], metrics["best_single_val_macro_f1_fitted"])
     return metrics
