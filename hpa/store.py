@@ -91,12 +91,16 @@ def _join(*parts: str) -> str:
 
 # -- environment, redaction, retries --------------------------------------------------------------
 def s3_settings() -> dict:
+    """Connection settings from the environment (see the module docstring)."""
     env = os.environ
+    endpoint = (env.get("HPA_S3_ENDPOINT") or S3_DEFAULT_ENDPOINT).strip().rstrip("/")
+    scheme, _, rest = endpoint.rpartition("://")  # tolerate "http://host:port" as KFP configs often write it
+    secure = env.get("HPA_S3_SECURE", "1" if scheme == "https" else "0").strip().lower() in ("1", "true", "yes")
     return {
-        "endpoint": env.get("HPA_S3_ENDPOINT") or S3_DEFAULT_ENDPOINT,
+        "endpoint": rest,
         "access_key": env.get("HPA_S3_ACCESS_KEY") or env.get("AWS_ACCESS_KEY_ID") or "",
         "secret_key": env.get("HPA_S3_SECRET_KEY") or env.get("AWS_SECRET_ACCESS_KEY") or "",
-        "secure": env.get("HPA_S3_SECURE", "0").strip().lower() in ("1", "true", "yes"),
+        "secure": secure,
         "region": env.get("HPA_S3_REGION") or "us-east-1",
         "retries": max(1, int(env.get("HPA_S3_RETRIES", "5"))),
         "retry_delay": float(env.get("HPA_S3_RETRY_DELAY", "0.5")),
@@ -263,7 +267,7 @@ class Store:
             self.get_file(key, target, sha256=(expected or {}).get(key))
             return str(target)
 
-        return self._parallel(lambda k: one(k), [(k,) for k in keys], workers, f"download {prefix or '/'}")
+        return self._parallel(one, [(k,) for k in keys], workers, f"download {prefix or '/'}")
 
     def _parallel(self, fn: Callable, items: list[tuple], workers: int, desc: str) -> list:
         results: list = [None] * len(items)
@@ -309,8 +313,11 @@ class Store:
     def verify(self, entries: list[dict] | None = None, workers: int = 8) -> int:
         """Read back every object and check its sha256; StoreError names the first corrupted one."""
         entries = self.read_manifest()["objects"] if entries is None else entries
-        self._parallel(lambda e: self.get_bytes(e["key"], sha256=e["sha256"]) and None,
-                       [(e,) for e in entries], workers, "verify")
+
+        def check(entry: dict) -> None:
+            self.get_bytes(entry["key"], sha256=entry["sha256"])
+
+        self._parallel(check, [(e,) for e in entries], workers, "verify")
         return len(entries)
 
 
@@ -558,10 +565,22 @@ class S3Store(Store):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
+
+        def get() -> str:  # streams to the temporary file, rewritten from byte 0 on each try
+            digest = hashlib.sha256()
+            resp = self.client.get_object(self.bucket, self._name(key))
+            try:
+                with open(tmp, "wb") as f:
+                    for block in resp.stream(_CHUNK):
+                        digest.update(block)
+                        f.write(block)
+            finally:
+                resp.close()
+                resp.release_conn()
+            return digest.hexdigest()
+
         try:
-            self._call("read", key, lambda: self.client.fget_object(self.bucket, self._name(key), str(tmp)))
-            if sha256 is not None:
-                self._check_sha(key, sha256_file(tmp), sha256)
+            self._check_sha(key, self._call("read", key, get), sha256)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -227,3 +227,25 @@ def test_partial_put_never_becomes_visible(s3_server, s3_bucket):
     names = [o.object_name for o in client.list_objects(bucket, recursive=True)]
     assert names == ["marker"]
     json.dumps(names)
+
+
+def test_settings_from_env(monkeypatch):
+    monkeypatch.delenv("HPA_S3_ACCESS_KEY", raising=False)
+    monkeypatch.delenv("HPA_S3_SECURE", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fallback-key")
+    monkeypatch.setenv("HPA_S3_ENDPOINT", "https://minio.example:9000/")
+    s = st.s3_settings()
+    assert (s["endpoint"], s["secure"], s["access_key"], s["region"]) == ("minio.example:9000", True,
+                                                                          "fallback-key", "us-east-1")
+    monkeypatch.delenv("HPA_S3_ENDPOINT")
+    assert st.s3_settings()["endpoint"] == "minio-service.kubeflow:9000" and not st.s3_settings()["secure"]
+
+
+def test_unreachable_server_is_one_line(tmp_path, monkeypatch):
+    from hpa.s3server import free_port_pairs
+
+    monkeypatch.setenv("HPA_S3_ENDPOINT", f"127.0.0.1:{free_port_pairs(1)[0]}")
+    monkeypatch.setenv("HPA_S3_RETRIES", "2")
+    monkeypatch.setenv("HPA_S3_RETRY_DELAY", "0.01")
+    with pytest.raises(StoreError, match=r"S3 server http://127.0.0.1:\d+ unreachable during read .* after 2 tries"):
+        st.read_bytes("s3://bucket/x/y")
