@@ -3,6 +3,7 @@
     python pipeline.py compile                       # compiled/hpa_pipeline.yaml + every components/*/component.yaml
     python pipeline.py run --local [--store DIR] [--out DIR] [key=value ...]
     python pipeline.py submit --host URL [--experiment NAME] [--run-name NAME] [key=value ...]
+    python pipeline.py graph                         # docs/pipeline.png + a mermaid block, from the compiled YAML
 
 Graph: check-params -> download -> (montage, only when plot_samples) -> split
        -> train-resnet18 || train-se-resnet -> compare-plots, ensemble -> submit.
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import yaml
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Dataset, Metrics
 
@@ -260,6 +262,100 @@ def component_readme(stage: str, module) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- graph
+def pipeline_graph(compiled: Path = COMPILED) -> tuple[dict, dict]:
+    """(task -> upstream tasks, task -> note) from a compiled pipeline; tasks inside a dsl.If are
+    listed under their own names, with the condition as their note."""
+    spec = next(yaml.safe_load_all(Path(compiled).read_text()))
+    deps, notes = {}, {}
+    for name, task in spec["root"]["dag"]["tasks"].items():
+        upstream = task.get("dependentTasks", [])
+        if "triggerPolicy" in task:  # a dsl.If: expand to the tasks of its sub-DAG
+            condition = task["triggerPolicy"]["condition"].split("--")[-1].replace("'] == true", "")
+            for inner in spec["components"][task["componentRef"]["name"]]["dag"]["tasks"]:
+                deps[inner], notes[inner] = list(upstream), f"if {condition}"
+        else:
+            deps[name] = list(upstream)
+            executor = spec["deploymentSpec"]["executors"][task["componentRef"]["name"].replace("comp-", "exec-", 1)]
+            if "accelerator" in executor["container"].get("resources", {}):
+                notes[name] = "gpus x accelerator_type"
+    return deps, notes
+
+
+def mermaid(compiled: Path = COMPILED) -> str:
+    deps, notes = pipeline_graph(compiled)
+    lines = ["flowchart LR"]
+    for name in deps:
+        label = name + (f"<br/><i>{notes[name]}</i>" if name in notes else "")
+        lines.append(f'    {name.replace("-", "_")}["{label}"]')
+    for name, upstream in transitive_reduction(deps).items():
+        arrow = "-.->" if notes.get(name, "").startswith("if ") else "-->"
+        lines += [f'    {u.replace("-", "_")} {arrow} {name.replace("-", "_")}' for u in upstream]
+    return "\n".join(lines)
+
+
+def transitive_reduction(deps: dict) -> dict:
+    """Drop an edge u -> v when v is reached from u through another task (the picture shows order)."""
+    def reaches(src: str, dst: str, skip_direct: bool) -> bool:
+        todo = [v for v, ups in deps.items() if src in ups and not (skip_direct and v == dst)]
+        seen = set()
+        while todo:
+            v = todo.pop()
+            if v == dst:
+                return True
+            if v not in seen:
+                seen.add(v)
+                todo += [w for w, ups in deps.items() if v in ups]
+        return False
+
+    return {v: [u for u in ups if not reaches(u, v, skip_direct=True)] for v, ups in deps.items()}
+
+
+def render_graph(png: Path, compiled: Path = COMPILED) -> Path:
+    """Draw the compiled DAG left to right, one column per dependency depth (matplotlib, no graphviz)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    deps, notes = pipeline_graph(compiled)
+    depth = {}
+    while len(depth) < len(deps):
+        for name, upstream in deps.items():
+            if name not in depth and all(u in depth for u in upstream):
+                depth[name] = 1 + max((depth[u] for u in upstream), default=-1)
+    columns = {}
+    for name in sorted(deps, key=lambda n: (not notes.get(n, "").startswith("if "), n)):  # conditional on top
+        columns.setdefault(depth[name], []).append(name)
+    pos = {n: (d * 2.4, (len(col) - 1) / 2 - i * 1.2) for d, col in columns.items() for i, n in enumerate(col)}
+    fig, ax = plt.subplots(figsize=(2.1 * len(columns) + 0.4, 1.2 * max(map(len, columns.values())) + 1.4))
+    boxes = {}
+    for name, (x, y) in pos.items():
+        note = notes.get(name, "")
+        color = "#fde7c8" if note.startswith("if ") else "#d5e8f7" if note else "#e6f2e1"
+        boxes[name] = ax.text(x, y, name + (f"\n{note}" if note else ""), ha="center", va="center", fontsize=10,
+                              bbox=dict(boxstyle="round,pad=0.5", fc=color, ec="#333", lw=1.0,
+                                        linestyle="--" if note.startswith("if ") else "-"))
+    fig.canvas.draw()  # box patches get their size at draw time; arrows are clipped to them
+    for name, upstream in transitive_reduction(deps).items():
+        for u in upstream:
+            ax.annotate("", xy=pos[name], xytext=pos[u], arrowprops=dict(
+                arrowstyle="-|>", color="#444", lw=1.3, shrinkA=3, shrinkB=3,
+                linestyle="--" if notes.get(name, "").startswith("if ") else "-",
+                patchA=boxes[u].get_bbox_patch(), patchB=boxes[name].get_bbox_patch()))
+    xs, ys = [x for x, _ in pos.values()], [y for _, y in pos.values()]
+    ax.set_xlim(min(xs) - 1.2, max(xs) + 1.2)
+    ax.set_ylim(min(ys) - 0.8, max(ys) + 0.8)
+    ax.axis("off")
+    ax.set_title(f"{PIPELINE_NAME}: blue = GPU task (run parameters gpus, accelerator_type), "
+                 "dashed = only when plot_samples", fontsize=10)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 # ---------------------------------------------------------------------------------------------- params
 def parameter_names() -> list[str]:
     return [f.name for f in dataclasses.fields(PipelineConfig) if f.name not in NOT_PARAMS] + list(EXTRA_PARAMS)
@@ -379,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="run parameters: " + ", ".join(parameter_names()))
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("compile", help="write compiled/hpa_pipeline.yaml and every components/*/component.yaml")
+    graph = sub.add_parser("graph", help="draw the compiled DAG (docs/pipeline.png) and print it as mermaid")
+    graph.add_argument("--png", type=Path, default=ROOT / "docs" / "pipeline.png")
     run = sub.add_parser("run", help="run the whole pipeline (kfp.local)")
     run.add_argument("--local", action="store_true", required=True, help="run here with kfp.local (required)")
     run.add_argument("--store", type=Path, help="use this directory as the store instead of an embedded S3 server")
@@ -395,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compile":
             for path in compile_all():
                 print(path.relative_to(ROOT))
+        elif args.command == "graph":
+            print(render_graph(args.png).relative_to(ROOT) if args.png.resolve().is_relative_to(ROOT) else args.png)
+            print(mermaid())
         elif args.command == "run":
             overrides = check_arguments(parse_overrides(args.overrides))
             out = args.out or ROOT / "local_runs" / time.strftime("%Y%m%d-%H%M%S")
