@@ -603,6 +603,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
     - `even=True` (for DDP training) pads the sequence with its own first samples, DistributedSampler
       style, so that every rank gets exactly ceil(N / world_size) samples (at most world_size - 1
       repeats); ranks then run the same number of batches;
+    - `batch_size` (give the DataLoader's): parts are cut at multiples of it, so with drop_last=True a
+      rank runs exactly len(ds) // batch_size steps and drops < batch_size samples per epoch; without
+      it each worker drops its own remainder (up to num_workers × (batch_size - 1) per rank);
     - within a part, samples of a shard are read in a random order (cheap: random access by offset
       into the cached local copy) and mixed across shard boundaries by a shuffle buffer of `buffer`
       compressed samples.
@@ -611,7 +614,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, shards_uri: str, ids: Iterable[str] | None = None, shuffle: bool = True, seed: int = 0,
                  buffer: int = DEFAULT_BUFFER, cache_dir: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 split: str = "train", rank: int | None = None, world_size: int | None = None, even: bool = False):
+                 split: str = "train", rank: int | None = None, world_size: int | None = None, even: bool = False,
+                 batch_size: int | None = None):
         super().__init__()
         self.shard_set = ShardSet(shards_uri, split)
         self.positions = self.shard_set.select(ids)
@@ -620,6 +624,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.shuffle, self.seed, self.buffer = shuffle, int(seed), max(1, int(buffer))
         self.rank, self.world_size = _resolve_rank(rank, world_size)
         self.even = even
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ConfigError(f"ShardDataset: batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size
         self.epoch = 0
         self.cache_dir = _owned_cache_dir(cache_dir, self)
         self.cache_bytes = int(cache_bytes)
@@ -663,7 +670,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
         else:
             mine = order[rank * n // world_size:(rank + 1) * n // world_size]
         m = len(mine)
-        return mine[worker * m // num_workers:(worker + 1) * m // num_workers]
+        if self.batch_size is None:
+            return mine[worker * m // num_workers:(worker + 1) * m // num_workers]
+        # Cut at batch boundaries: every worker's part is whole batches but the last one's, so a
+        # DataLoader(batch_size, drop_last=True) drops < batch_size samples per rank, not per worker.
+        bs = self.batch_size
+        nb = -(-m // bs)
+        return mine[(worker * nb // num_workers) * bs:min(m, ((worker + 1) * nb // num_workers) * bs)]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
         info = torch.utils.data.get_worker_info()

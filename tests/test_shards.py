@@ -242,3 +242,18 @@ def test_shards_are_readable_by_the_webdataset_library(packed):
     assert [s["__key__"] for s in samples] == doc["samples"]["id"]
     image = np.frombuffer(zstandard.ZstdDecompressor().decompress(samples[0]["rgby.zst"]), np.uint8)
     assert image.size == 4 * SIZE * SIZE and json.loads(samples[0]["json"])["labels"] == doc["samples"]["labels"][0]
+
+
+def test_batch_size_cuts_worker_parts_at_batch_boundaries(packed, tmp_path):
+    _, out = packed
+    counts = {}
+    for batch_size in (None, 4):
+        ds = shards.ShardDataset(out, cache_dir=str(tmp_path / "c"), batch_size=batch_size)
+        parts = [len(ds.part(0, 1, w, 4)) for w in range(4)]
+        assert sum(parts) == N_TRAIN
+        counts[batch_size] = sum(p // 4 for p in parts)
+    assert counts == {None: 4, 4: 5}                     # 23 samples, 4 workers: 16 vs 20 samples kept
+    ds = shards.ShardDataset(out, cache_dir=str(tmp_path / "c"), batch_size=4, rank=1, world_size=2, even=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, drop_last=True)
+    batches = [ids for _, _, ids in loader]
+    assert len(batches) == len(ds) // 4 == 3 and len({i for b in batches for i in b}) == 12
