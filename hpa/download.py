@@ -47,7 +47,7 @@ def fetch_url(url: str, path: Path, max_bytes: int = DEFAULT_MAX_BYTES, sha256: 
               allow_http: bool = False, timeout: float = 60.0) -> str:
     """Stream an https:// URL to `path`, refusing more than max_bytes; check sha256 when given."""
     parts = urllib.parse.urlsplit(url)
-    shown = redact(url)
+    shown = shown_source(url)
     if parts.scheme != "https" and not (allow_http and parts.scheme == "http" and _loopback(parts.hostname)):
         raise ConfigError(f"refused source {shown}: only https:// archives (plain http only to 127.0.0.1 "
                           "with --allow-http, for tests)")
@@ -70,6 +70,14 @@ def fetch_url(url: str, path: Path, max_bytes: int = DEFAULT_MAX_BYTES, sha256: 
         raise DataError(f"{shown}: sha256 {digest.hexdigest()} does not match the expected {sha256}")
     log.info("downloaded %s (%d bytes)", shown, total)
     return digest.hexdigest()
+
+
+def shown_source(source: str) -> str:
+    """The source as it may appear in logs and manifests: no credentials, no query string (tokens)."""
+    parts = urllib.parse.urlsplit(source)
+    if parts.scheme in ("http", "https") and parts.query:
+        source = urllib.parse.urlunsplit(parts._replace(query="…"))
+    return redact(source)
 
 
 def _loopback(host: str | None) -> bool:
@@ -204,7 +212,7 @@ def acquire(source: str, work: Path, *, n_train: int, n_test: int, size: int, se
         archive.unlink()
         return find_layout_root(raw)
     if "://" in source:
-        raise ConfigError(f"unsupported source {redact(source)!r}: expected synthetic, a directory, s3://..., "
+        raise ConfigError(f"unsupported source {shown_source(source)!r}: expected synthetic, a directory, s3://..., "
                           f"https://... or kaggle:{KAGGLE_COMPETITION}")
     path = Path(source).expanduser()
     if not path.is_dir():
@@ -327,7 +335,7 @@ def download(source: str, dest: str, *, n_train: int | None = None, n_test: int 
         staging = work / "dataset"
         counts = stage(root, staging, None if synthetic else n_train, None if synthetic else n_test, seed)
         validate(staging)
-        meta = {"source": redact(source), **counts, "n_test": counts.get("n_test", 0),
+        meta = {"source": shown_source(source), **counts, "n_test": counts.get("n_test", 0),
                 "size": size if synthetic else _image_size(staging), "seed": seed}
         entries = publish_dataset(store, staging, meta, workers)
     uploaded = sum(e["uploaded"] for e in entries)

@@ -50,6 +50,10 @@ _CHUNK = 1 << 20
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
+class StoreUnreachableError(StoreError):
+    """The S3 endpoint could not be reached (connection refused/reset, timeout) after every retry."""
+
+
 # -- hashing and keys ------------------------------------------------------------------------------
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -492,7 +496,8 @@ class S3Store(Store):
         else:
             detail = f"{code}: {exc.message}" if code else f"{type(exc).__name__}: {exc}"
             msg = f"S3 {what} {target} failed: {detail}"
-        return StoreError(redact(msg, s["access_key"], s["secret_key"]).splitlines()[0])
+        kind = StoreUnreachableError if code is None and _connection_error(exc) else StoreError
+        return kind(redact(msg, s["access_key"], s["secret_key"]).splitlines()[0])
 
     def _diagnose(self) -> str | None:
         """The precise error code of a bucket-level GET (HEAD errors carry no code)."""

@@ -197,3 +197,22 @@ def test_cli(s3_bucket, capsys):
         dl.main(["--source", "ftp://x/y.zip", "--dest", s3_bucket + "cli"])
     with pytest.raises(ConfigError, match="n_train must be >= 0"):
         dl.main(["--source", "synthetic", "--dest", s3_bucket + "cli", "--n-train", "-1"])
+
+
+def test_tar_archive_with_inner_zips(kaggle_dir, tmp_path, http_server):
+    """Kaggle-style: the CSVs plus train.zip / test.zip holding the images, inside a .tar.gz."""
+    www, base = http_server
+    staging = tmp_path / "staging" / "hpa"
+    staging.mkdir(parents=True)
+    for name in ("train.csv", "sample_submission.csv"):
+        (staging / name).write_bytes((kaggle_dir / name).read_bytes())
+    for split in ("train", "test"):
+        with zipfile.ZipFile(staging / f"{split}.zip", "w") as zf:
+            for p in sorted((kaggle_dir / split).iterdir()):
+                zf.write(p, p.name)
+    with tarfile.open(www / "hpa.tar.gz", "w:gz") as tf:
+        tf.add(staging, arcname="hpa")
+    result = dl.download(f"{base}/hpa.tar.gz?token=abc123", tmp_path / "out", allow_http=True)
+    assert (result["n_train"], result["n_test"]) == (12, 4)
+    meta = open_store(tmp_path / "out").read_manifest()["meta"]
+    assert "abc123" not in meta["source"] and meta["source"].endswith("hpa.tar.gz?…")

@@ -247,5 +247,5 @@ def test_unreachable_server_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HPA_S3_ENDPOINT", f"127.0.0.1:{free_port_pairs(1)[0]}")
     monkeypatch.setenv("HPA_S3_RETRIES", "2")
     monkeypatch.setenv("HPA_S3_RETRY_DELAY", "0.01")
-    with pytest.raises(StoreError, match=r"S3 server http://127.0.0.1:\d+ unreachable during read .* after 2 tries"):
+    with pytest.raises(st.StoreUnreachableError, match=r"S3 server http://127.0.0.1:\d+ unreachable during read .* after 2 tries"):
         st.read_bytes("s3://bucket/x/y")
