@@ -216,3 +216,33 @@ def test_tar_archive_with_inner_zips(kaggle_dir, tmp_path, http_server):
     assert (result["n_train"], result["n_test"]) == (12, 4)
     meta = open_store(tmp_path / "out").read_manifest()["meta"]
     assert "abc123" not in meta["source"] and meta["source"].endswith("hpa.tar.gz?…")
+
+
+def test_kaggle_flow_with_a_fake_client(kaggle_dir, tmp_path, monkeypatch):
+    """The kaggle path end to end, with the kaggle client replaced (no network here)."""
+    import types
+
+    calls = []
+
+    class FakeApi:
+        def authenticate(self):
+            calls.append("auth")
+
+        def competition_download_files(self, competition, path, quiet=True):
+            calls.append(competition)
+            with zipfile.ZipFile(f"{path}/{competition}.zip", "w") as zf:
+                for p in sorted(kaggle_dir.rglob("*")):
+                    if p.is_file() and p.name != "test_labels.csv":
+                        zf.write(p, p.relative_to(kaggle_dir).as_posix())
+
+    module = types.ModuleType("kaggle.api.kaggle_api_extended")
+    module.KaggleApi = FakeApi
+    for name in ("kaggle", "kaggle.api"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "kaggle.api.kaggle_api_extended", module)
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "kaggle-secret-value-123")
+    result = dl.download("kaggle:human-protein-atlas-image-classification", tmp_path / "out", n_train=6)
+    assert calls == ["auth", "human-protein-atlas-image-classification"]
+    assert (result["n_train"], result["n_test"]) == (6, 4)
+    assert not (tmp_path / "out" / "test_labels.csv").exists()
