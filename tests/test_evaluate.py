@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,9 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 from hpa import evaluate as ev
 from hpa.errors import DataError
 from hpa.labels import CLASS_NAMES, NUM_CLASSES
+
+
+ENSEMBLE_FILES = ["ensemble_test.npz", "ensemble_val.npz", "metrics.json", "thresholds.json"]
 
 
 def random_case(n=300, seed=0, rate=0.15):
@@ -177,7 +181,7 @@ def test_ensemble_writes_outputs_and_beats_single_models(tmp_path, method):
     val_files, test_files = make_models(tmp_path, n_models=3)
     out = tmp_path / "ens"
     m = ev.ensemble(val_files, test_files, method=method, out_dir=out)
-    assert sorted(p.name for p in out.iterdir()) == ["ensemble_test.npz", "ensemble_val.npz", "metrics.json", "thresholds.json"]
+    assert sorted(p.name for p in out.iterdir()) == ENSEMBLE_FILES
     assert json.loads((out / "metrics.json").read_text())["val_macro_f1"] == m["val_macro_f1"]
     assert m["val_macro_f1"] > m["best_single_val_macro_f1_fitted"]  # independent noise averages out
     test = ev.load_predictions(out / "ensemble_test.npz")
@@ -219,3 +223,25 @@ def test_ensemble_cli(tmp_path, capsys):
     rc = ev.ensemble_main(["--val", *val_files, "--test", *test_files, "--method", "rank", "--out", str(out)])
     assert rc == 0 and (out / "metrics.json").exists()
     assert str(out / "ensemble_test.npz") in capsys.readouterr().out
+
+
+def test_ensemble_and_files_on_s3(tmp_path, s3_bucket):
+    from hpa.store import open_store
+
+    val_files, test_files = make_models(tmp_path)
+    store = open_store(s3_bucket + "preds")
+    uris = {}
+    for path in val_files + test_files:
+        store.put_file(Path(path).name, path)
+        uris[path] = store.join(Path(path).name)
+    out = s3_bucket + "ens/run1"
+    m = ev.ensemble([uris[f] for f in val_files], [uris[f] for f in test_files], method="mean", out_dir=out)
+    local = ev.ensemble(val_files, test_files, method="mean", out_dir=tmp_path / "local")
+    assert m["val_macro_f1"] == local["val_macro_f1"]
+    assert sorted(open_store(out).list()) == sorted(ENSEMBLE_FILES)
+    assert ev.load_predictions(out + "/ensemble_test.npz").ids.tolist() == ev.load_predictions(
+        tmp_path / "local" / "ensemble_test.npz").ids.tolist()
+    np.testing.assert_array_equal(ev.load_thresholds(out + "/thresholds.json"),
+                                  ev.load_thresholds(tmp_path / "local" / "thresholds.json"))
+    with pytest.raises(DataError, match="missing.npz: file not found"):
+        ev.load_predictions(s3_bucket + "preds/missing.npz")

@@ -148,3 +148,19 @@ def test_predict_from_shards_equals_png(layout):
     b = b.reindex(a.ids)
     np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
     np.testing.assert_array_equal(a.targets, b.targets)
+
+
+def test_predict_from_s3_layout(layout, s3_bucket):
+    from hpa.store import open_store
+
+    tmp, rows, current = layout
+    current["name"] = "positional"
+    open_store(s3_bucket + "data").upload_tree(tmp / "data")
+    local = pr.predict("ckpt.pt", tmp / "data", tta=2, out=tmp / "local.npz")
+    remote = pr.predict("ckpt.pt", s3_bucket + "data", tta=2, out=s3_bucket + "preds/test.npz",
+                        cache_dir=tmp / "cache")
+    assert remote["n"] == local["n"] == 12
+    a, b = load_predictions(tmp / "local.npz"), load_predictions(s3_bucket + "preds/test.npz")
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+    assert len(list((tmp / "cache" / "test").iterdir())) == 12 * 4  # only the needed images were fetched

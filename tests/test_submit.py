@@ -140,3 +140,20 @@ def test_kaggle_upload_uses_the_api_and_redacts_errors(case, monkeypatch):
     with pytest.raises(ConfigError, match=r"failed: 401 Unauthorized for key \*\*\*") as exc:
         sb.make_submission(tmp / "test.npz", 0.5, tmp / "sample_submission.csv", tmp / "s.csv", kaggle_submit=True)
     assert secret not in str(exc.value)
+
+
+def test_submission_to_s3(tmp_path, s3_bucket):
+    from hpa.store import open_store
+
+    ids = kaggle_ids(50)
+    rng = np.random.default_rng(0)
+    store = open_store(s3_bucket + "data")
+    pd.DataFrame({"Id": ids, "Predicted": "0"}).to_csv(tmp_path / "sample_submission.csv", index=False)
+    store.put_file("sample_submission.csv", tmp_path / "sample_submission.csv")
+    save_predictions(s3_bucket + "ens/test.npz", np.array(ids), rng.random((50, NUM_CLASSES)))
+    save_thresholds(s3_bucket + "ens/thr.json", np.full(NUM_CLASSES, 0.9))
+    r = sb.make_submission(s3_bucket + "ens/test.npz", s3_bucket + "ens/thr.json", store.join("sample_submission.csv"),
+                           s3_bucket + "out/submission.csv")
+    assert r["rows"] == 50 and "test_macro_f1" not in r
+    text = open_store(s3_bucket + "out").get_bytes("submission.csv").decode()
+    assert sb.validate_submission(text.encode(), ids, "s3") == 50
