@@ -301,6 +301,28 @@ def _build_shard(task: _ShardTask) -> dict:
     return {**index, "skipped": False}
 
 
+def _retire_stale_manifest(dst, source: dict) -> None:
+    """A shards.json from a different pack (other size/data) would point at shards we are about to
+    overwrite; remove it first, so readers see "not a packed shard set" rather than sha256 errors."""
+    if not dst.exists(MANIFEST):
+        return
+    try:
+        old = json.loads(dst.get_bytes(MANIFEST)).get("source")
+    except ValueError:
+        old = None
+    if old != source:
+        log.warning("%s: replacing a shard set packed from other inputs", dst.join(MANIFEST))
+        dst.delete(MANIFEST)
+
+
+def _delete_leftovers(dst, num_shards: int) -> None:
+    """Shards (and sidecars) past the new count, left by an earlier, larger pack into this prefix."""
+    for key in dst.list():
+        stem = key.split(".", 1)[0]
+        if "/" not in key and stem.startswith("shard-") and stem[6:].isdigit() and int(stem[6:]) >= num_shards:
+            dst.delete(key)
+
+
 def pack(data_uri: str, out_uri: str, size: int, split: str = "train",
          samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, workers: int = 1) -> dict:
     """Pack a committed Kaggle-layout dataset into tar shards of uint8 R,G,B,Y at `size` px.
@@ -344,6 +366,8 @@ def pack(data_uri: str, out_uri: str, size: int, split: str = "train",
         chunk = tuple(items[start:start + samples_per_shard])
         tasks.append(_ShardTask(data_uri, dst.uri, split, size, shard_name(n), chunk,
                                 _fingerprint(split, size, chunk)))
+    source = {"data_uri": data_uri, "fingerprint": _fingerprint(split, size, [t.fingerprint for t in tasks])}
+    _retire_stale_manifest(dst, source)
     results: dict[str, dict] = {}
     bar = tqdm(total=len(tasks), desc=f"pack {split}", unit="shard", disable=not sys.stderr.isatty())
     if workers <= 1:
@@ -363,10 +387,10 @@ def pack(data_uri: str, out_uri: str, size: int, split: str = "train",
     for task, shard in zip(tasks, shards):
         if [s["id"] for s in shard["samples"]] != [it[0] for it in task.items]:
             raise StoreError(f"{dst.join(_index_name(task.name))}: sidecar does not list the shard's samples")
-    source = {"data_uri": data_uri, "fingerprint": _fingerprint(split, size, [t.fingerprint for t in tasks])}
     shape = [len(COLORS), size, size]
     doc = build_manifest(shards, labels, shape, split, source)
     dst.put_bytes(MANIFEST, _dumps(doc))        # last: the shard set is committed iff shards.json exists
+    _delete_leftovers(dst, len(tasks))
     skipped = sum(bool(s.get("skipped")) for s in shards)
     summary = {"uri": dst.uri, "manifest": dst.join(MANIFEST), "split": split, "size": size,
                "num_samples": doc["num_samples"], "num_shards": len(shards), "skipped_shards": skipped,

@@ -257,3 +257,14 @@ def test_batch_size_cuts_worker_parts_at_batch_boundaries(packed, tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, drop_last=True)
     batches = [ids for _, _, ids in loader]
     assert len(batches) == len(ds) // 4 == 3 and len({i for b in batches for i in b}) == 12
+
+
+def test_repack_with_other_settings_replaces_the_set(packed, raw, tmp_path):
+    data_uri, out = packed
+    summary = shards.pack(data_uri, out, 16, samples_per_shard=10)       # other size, fewer shards
+    assert summary["num_shards"] == 3 and summary["skipped_shards"] == 0
+    names = sorted(os.listdir(os.path.join(out, "train")))
+    assert [n for n in names if n.endswith(".tar")] == [f"shard-{i:06d}.tar" for i in range(3)]
+    reader = shards.ShardReader(out, cache_dir=str(tmp_path / "c"))
+    some = train_ids(raw)[0]
+    assert np.array_equal(reader.get(some), data.load_image(raw, some, size=16))
