@@ -158,3 +158,13 @@ def test_components_use_the_project_image():
         images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
         assert images == {DEFAULT_IMAGE}, path
         assert (path.parent / "README.md").exists(), f"{path.parent} has no README.md"
+
+
+def test_cluster_doc_lists_every_parameter_and_the_graph(compiled):
+    spec, _ = compiled
+    doc = (ROOT / "docs" / "cluster.md").read_text()
+    missing = [p for p in spec["root"]["inputDefinitions"]["parameters"] if f"| `{p}` |" not in doc]
+    assert not missing, f"docs/cluster.md parameter table lacks {missing}"
+    assert "](pipeline.png)" in doc and (ROOT / "docs" / "pipeline.png").stat().st_size > 10_000
+    assert "```mermaid" in doc and "kubectl create secret generic mlpipeline-minio-artifact" in doc
+    assert "kubectl create secret generic kaggle-credentials" in doc
