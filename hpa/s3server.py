@@ -11,6 +11,7 @@ server. `stop()` / `start()` restart it on the same data directory and ports (fa
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -140,6 +141,7 @@ class LocalS3Server:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        atexit.unregister(self.close)
         try:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
@@ -153,8 +155,8 @@ class LocalS3Server:
                 proc.stdout.close()
 
     def close(self) -> None:
-        """Stop and remove the data directory when this object created it."""
-        self.stop()
+        """Stop; a data directory this object created is removed (so no graceful shutdown is needed)."""
+        self.stop(kill=self._own_dir)
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
@@ -196,6 +198,7 @@ class LocalS3Server:
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             out.close()
+        atexit.register(self.close)  # a server someone forgot to stop still dies with this interpreter
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.start_timeout
