@@ -168,3 +168,30 @@ def test_cluster_doc_lists_every_parameter_and_the_graph(compiled):
     assert "](pipeline.png)" in doc and (ROOT / "docs" / "pipeline.png").stat().st_size > 10_000
     assert "```mermaid" in doc and "kubectl create secret generic mlpipeline-minio-artifact" in doc
     assert "kubectl create secret generic kaggle-credentials" in doc
+
+
+def test_submit_creates_a_run_with_kfp_client(pipeline_module, monkeypatch, capsys):
+    """`python pipeline.py submit` (no cluster here: kfp.Client is replaced by a recorder)."""
+    import kfp
+
+    calls = {}
+
+    class FakeClient:
+        def __init__(self, host, namespace=None):
+            calls["host"], calls["namespace"] = host, namespace
+
+        def create_run_from_pipeline_package(self, package, arguments, run_name, experiment_name, namespace):
+            spec = next(yaml.safe_load_all(Path(package).read_text()))
+            calls.update(arguments=arguments, experiment=experiment_name, tasks=sorted(spec["root"]["dag"]["tasks"]))
+            return type("Run", (), {"run_id": "r-123"})()
+
+    monkeypatch.setattr(kfp, "Client", FakeClient)
+    code = pipeline_module.main(["submit", "--host", "http://kfp.example:8080", "--experiment", "hpa",
+                                 "epochs=3", "gpus=1", "kaggle_submit=true",
+                                 'tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}]'])
+    assert code == 0
+    assert calls["host"] == "http://kfp.example:8080" and calls["experiment"] == "hpa"
+    assert calls["arguments"] == {"epochs": 3, "gpus": 1, "kaggle_submit": True,
+                                  "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}
+    assert "train-resnet18" in calls["tasks"]
+    assert "runs/details/r-123" in capsys.readouterr().out
