@@ -11,7 +11,6 @@ tests pass an `ApiClient` whose `Configuration(host=...)` points at a loopback s
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import logging
