@@ -398,9 +398,6 @@ def check_arguments(overrides: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- run --local
-LOCAL_DEFAULTS = {}  # the embedded default: PipelineConfig's small synthetic run, unchanged
-
-
 def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> dict:
     """Run the whole pipeline with kfp.local; returns {"submission", "report", "metrics", "elapsed_s", ...}."""
     import kfp.local
@@ -409,7 +406,7 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
 
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    arguments = {**LOCAL_DEFAULTS, **overrides}
+    arguments = dict(overrides)  # the embedded default is PipelineConfig's small synthetic run
     server = None
     saved_env = dict(os.environ)
     start = time.monotonic()
@@ -418,7 +415,8 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
             arguments.setdefault("store_uri", str(Path(store_dir).resolve()))
             arguments.setdefault("s3_endpoint", "")
         else:
-            server = LocalS3Server().start()
+            server = LocalS3Server()
+            server.start()
             # The tasks are subprocesses of this one: they inherit the keys from the environment,
             # exactly as pods get them from the secret; no key is ever a run parameter.
             os.environ.update(server.env())
@@ -431,6 +429,8 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
         result = {
             "submission": _keep(task.outputs["submission"].path, out_dir / "submission.csv"),
             "report": _keep(task.outputs["report"].path, out_dir / "report.html"),
+            "plots": str(shutil.copytree(Path(task.outputs["report"].path).parent / "plots", out_dir / "plots",
+                                         dirs_exist_ok=True)),
             "metrics": _keep_metrics(task.outputs["metrics"], out_dir / "metrics.json"),
             "pipeline_root": str(out_dir / "pipeline_root"),
             "store_uri": arguments["store_uri"] + ("" if server is None else f" (embedded S3 at {server.endpoint}, "
@@ -502,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_local(overrides, out, args.store)
             print(f"submission:    {result['submission']}")
             print(f"report:        {result['report']}")
+            print(f"plots:         {result['plots']}")
             print(f"metrics:       {result['metrics']}")
             print(f"all artifacts: {result['pipeline_root']}")
             print(f"store:         {result['store_uri']}")
