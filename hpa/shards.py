@@ -478,7 +478,8 @@ class ShardCache:
 
     Shared by DataLoader workers through the directory; an evicted shard that another worker still has
     open stays readable (POSIX unlink), so the limit holds for the directory at all times but one
-    in-flight download per worker.
+    in-flight download per worker. A streaming worker holds its current shard and prefetches the
+    next, so give at least 2 shards per worker for the cache to also serve later epochs.
     """
 
     def __init__(self, store, cache_dir: str, max_bytes: int = DEFAULT_CACHE_BYTES):
@@ -724,18 +725,25 @@ class ShardDataset(torch.utils.data.IterableDataset):
             yield self._sample(*buffer[j])
 
     def _payloads(self, positions: np.ndarray, cache: ShardCache, rng) -> Iterator[tuple[int, bytes, str]]:
-        shard_of = self.shard_set.shard_of[positions]
-        bounds = np.flatnonzero(np.diff(shard_of)) + 1
-        for run in np.split(positions, bounds):
-            if len(run) == 0:
-                continue
-            shard = self.shard_set.shards[int(self.shard_set.shard_of[run[0]])]
-            where = self.shard_set.store.join(shard["name"])
-            if self.shuffle:
-                run = rng.permutation(run)
-            with cache.open(shard) as f:
-                for n in run:
-                    yield int(n), _read_sample(f, self.shard_set, int(n), where), where
+        """Compressed samples, shard by shard; the next shard is fetched in the background meanwhile."""
+        if len(positions) == 0:
+            return
+        bounds = np.flatnonzero(np.diff(self.shard_set.shard_of[positions])) + 1
+        runs = np.split(positions, bounds)
+        shards = [self.shard_set.shards[int(self.shard_set.shard_of[run[0]])] for run in runs]
+        with futures.ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch") as prefetch:
+            pending = prefetch.submit(cache.path, shards[0])
+            for k, (run, shard) in enumerate(zip(runs, shards)):
+                pending.result()                    # raises the fetch's StoreError here
+                f = cache.open(shard)               # (re-fetches if evicted meanwhile)
+                if k + 1 < len(runs):
+                    pending = prefetch.submit(cache.path, shards[k + 1])
+                where = self.shard_set.store.join(shard["name"])
+                if self.shuffle:
+                    run = rng.permutation(run)
+                with f:
+                    for n in run:
+                        yield int(n), _read_sample(f, self.shard_set, int(n), where), where
 
     def _sample(self, n: int, payload: bytes, where: str) -> tuple[torch.Tensor, torch.Tensor, str]:
         image = decode_image(payload, self.shard_set.shape, where)
