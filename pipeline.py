@@ -222,9 +222,11 @@ def compile_all(out_dir: Path | None = None) -> list[Path]:
         dest = out_dir / script.parent.relative_to(ROOT) / "component.yaml"
         dest.parent.mkdir(parents=True, exist_ok=True)
         compiler.Compiler().compile(getattr(module, stage), str(dest))
-        readme = dest.with_name("README.md")
-        readme.write_text(component_readme(stage, module))
-        written += [dest, readme]
+        written.append(dest)
+        if hasattr(module, "CLI_EXAMPLE"):  # opt-in: a component without examples keeps its own README
+            readme = dest.with_name("README.md")
+            readme.write_text(component_readme(stage, module))
+            written.append(readme)
     return written
 
 
