@@ -759,8 +759,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="committed dataset (Kaggle layout): s3://bucket/prefix or dir")
     parser.add_argument("--out", required=True, help="shard root; shards go to <out>/<split>/")
     parser.add_argument("--size", type=int, default=512, help="image size in pixels (square)")
-    parser.add_argument("--split", choices=("train", "test"), default="train")
-    parser.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD)
+    parser.add_argument("--split", choices=("train", "test"), default="train", help="which split to pack")
+    parser.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD,
+                        help="samples per tar shard (256 ~ 120 MB at 512 px)")
     parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                         help="processes packing shards in parallel")
     return parser
