@@ -753,7 +753,9 @@ def train_one_epoch(t: Trainer) -> float:
         s.loss_count += len(x)
         s.step, s.step_in_epoch = s.step + 1, s.step_in_epoch + 1
         bar.update(1)
-        if cfg.checkpoint_every_steps and s.step % cfg.checkpoint_every_steps == 0:
+        # A step checkpoint on the epoch's last step would be overwritten right after validation.
+        if cfg.checkpoint_every_steps and s.step % cfg.checkpoint_every_steps == 0 \
+                and s.step_in_epoch < t.data.steps_per_epoch:
             t.save_last()
         t.check_stop()
     bar.close()
