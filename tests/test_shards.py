@@ -268,3 +268,15 @@ def test_repack_with_other_settings_replaces_the_set(packed, raw, tmp_path):
     reader = shards.ShardReader(out, cache_dir=str(tmp_path / "c"))
     some = train_ids(raw)[0]
     assert np.array_equal(reader.get(some), data.load_image(raw, some, size=16))
+
+
+def test_rank_and_world_size_come_from_torch_distributed(packed, tmp_path):
+    _, out = packed
+    with pytest.raises(ConfigError, match="rank=2 world_size=2"):
+        shards.ShardDataset(out, rank=2, world_size=2)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        ds = shards.ShardDataset(out, cache_dir=str(tmp_path / "c"))
+        assert (ds.rank, ds.world_size) == (0, 1) and len(ds) == N_TRAIN
+    finally:
+        torch.distributed.destroy_process_group()
