@@ -198,3 +198,51 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path):
     assert "resumed from" in proc.stderr
     check_katib_stdout(proc.stdout, 2)  # killed inside epoch 1: the resumed run reports epochs 1 and 2
     assert_same_run(ref, run)
+
+
+# --- other data sources and output stores -----------------------------------------------------------------
+
+def commit_local_dataset(data: Path, uri: str) -> None:
+    """Upload a Kaggle-layout dir to `uri` and commit its manifest (what `download` does)."""
+    from hpa.store import open_store
+
+    store = open_store(uri)
+    entries = store.upload_tree(data)
+    store.commit_manifest(entries, {"source": "test"})
+
+
+def test_png_layout_on_s3_with_outputs_on_s3(tmp_path, s3_bucket):
+    from hpa.store import open_store
+
+    data, split = make_data(tmp_path, n=24, size=32)
+    commit_local_dataset(data, s3_bucket + "data")
+    open_store(s3_bucket).put_file("split.csv", split)
+    out = s3_bucket + "runs/r1"
+    proc = run_train(train_cmd(s3_bucket + "data", s3_bucket + "split.csv", out, "--size", 32, "--epochs", 1,
+                               "--batch-size", 6, "--cache-dir", tmp_path / "cache", "--work-dir", tmp_path / "work"))
+    check_katib_stdout(proc.stdout, 1)
+    assert "data: png" in proc.stderr
+    assert len(list((tmp_path / "cache" / "train").glob("*.png"))) == 24 * 4
+    assert sorted(open_store(out).list()) == ["best.pt", "config.json", "history.csv", "last.pt", "metrics.json",
+                                              "thresholds.json", "val_predictions.npz"]
+    from hpa.models import load_checkpoint
+
+    _, meta = load_checkpoint(out + "/best.pt")
+    assert meta["epoch"] == 0 and meta["step"] == 3
+
+
+def test_packed_shards_source(tmp_path):
+    from hpa.shards import pack
+
+    data, split = make_data(tmp_path, n=24, size=32)
+    commit_local_dataset(data, str(tmp_path / "committed"))
+    pack(str(tmp_path / "committed"), str(tmp_path / "shards"), size=32, samples_per_shard=8)
+    out = tmp_path / "out"
+    proc = run_train(train_cmd(tmp_path / "shards", split, out, "--size", 32, "--epochs", 1, "--batch-size", 6,
+                               "--color-mode", "rgb"))
+    check_katib_stdout(proc.stdout, 1)
+    assert "data: shards" in proc.stderr and "3 steps per epoch" in proc.stderr
+    preds = np.load(out / "val_predictions.npz")
+    df = pd.read_csv(split, dtype=str)
+    assert preds["ids"].tolist() == df.loc[df["fold"] == "0", "Id"].tolist()
+    assert torch.load(out / "best.pt", weights_only=True)["in_chans"] == 3
