@@ -113,7 +113,7 @@ def hpa_pipeline(
     kaggle_submit: bool = DEFAULTS.kaggle_submit,
     plot_samples: bool = DEFAULTS.plot_samples,
     seed: int = DEFAULTS.seed,
-) -> NamedTuple("Outputs", [("submission", Dataset), ("report", HTML), ("metrics", Metrics)]):
+) -> NamedTuple("Outputs", [("submission", Dataset), ("report", HTML), ("metrics", Metrics), ("test_metrics", Metrics)]):
     """Human Protein Atlas multi-label pipeline.
 
     Args:
@@ -199,9 +199,10 @@ def hpa_pipeline(
     kubernetes.use_secret_as_env(submission, secret_name=KAGGLE_SECRET_NAME, secret_key_to_env=KAGGLE_SECRET_KEYS,
                                  optional=True)  # only needed with kaggle_submit; absent secret = no upload
 
-    Outputs = NamedTuple("Outputs", [("submission", Dataset), ("report", HTML), ("metrics", Metrics)])
+    Outputs = NamedTuple("Outputs", [("submission", Dataset), ("report", HTML), ("metrics", Metrics),
+                                     ("test_metrics", Metrics)])
     return Outputs(submission=submission.outputs["submission"], report=compare.outputs["report"],
-                   metrics=combined.outputs["metrics"])
+                   metrics=combined.outputs["metrics"], test_metrics=submission.outputs["metrics"])
 
 
 # ---------------------------------------------------------------------------------------------- compile
@@ -433,7 +434,8 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
             "report": _keep(task.outputs["report"].path, out_dir / "report.html"),
             "plots": str(shutil.copytree(Path(task.outputs["report"].path).parent / "plots", out_dir / "plots",
                                          dirs_exist_ok=True)),
-            "metrics": _keep_metrics(task.outputs["metrics"], out_dir / "metrics.json"),
+            "metrics": _keep_metrics({"ensemble_val": task.outputs["metrics"].metadata,
+                                      "submission": task.outputs["test_metrics"].metadata}, out_dir / "metrics.json"),
             "pipeline_root": str(out_dir / "pipeline_root"),
             "store_uri": arguments["store_uri"] + ("" if server is None else f" (embedded S3 at {server.endpoint}, "
                                                                              "removed after the run)"),
@@ -452,8 +454,8 @@ def _keep(src: str, dest: Path) -> str:
     return str(dest)
 
 
-def _keep_metrics(artifact, dest: Path) -> str:
-    dest.write_text(json.dumps(artifact.metadata, indent=2, sort_keys=True) + "\n")
+def _keep_metrics(metrics: dict, dest: Path) -> str:
+    dest.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return str(dest)
 
 
@@ -506,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report:        {result['report']}")
             print(f"plots:         {result['plots']}")
             print(f"metrics:       {result['metrics']}")
+            scores = json.loads(Path(result["metrics"]).read_text())
+            print(f"val macro F1 (ensemble): {scores['ensemble_val'].get('val_macro_f1', float('nan')):.4f}"
+                  + (f", test macro F1 (submission): {scores['submission']['test_macro_f1']:.4f}"
+                     if "test_macro_f1" in scores["submission"] else ""))
             print(f"all artifacts: {result['pipeline_root']}")
             print(f"store:         {result['store_uri']}")
             print(f"elapsed:       {result['elapsed_s']:.1f} s")

@@ -43,7 +43,10 @@ def test_whole_pipeline_through_embedded_s3(tmp_path, monkeypatch):
 
     metrics = json.loads(Path(result["metrics"]).read_text())
     for key in ("val_macro_f1", "model0_val_macro_f1_fitted", "model1_val_macro_f1_fitted"):
-        assert 0.0 <= metrics[key] <= 1.0, key
+        assert 0.0 <= metrics["ensemble_val"][key] <= 1.0, key
+    assert 0.0 <= metrics["submission"]["test_macro_f1"] <= 1.0  # synthetic data has test labels
+    assert metrics["submission"]["rows"] == SMALL["n_test"]
+    assert list(Path(result["plots"]).glob("*.png")), "comparison PNGs next to the report"
 
     # Every stage ran, the montage too (plot_samples defaults to true), and the training outputs are small.
     run_dir = next(Path(result["pipeline_root"]).iterdir())
