@@ -29,7 +29,9 @@ from hpa.labels import CLASS_NAMES  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-GRID = np.round(np.linspace(0.01, 0.99, 99), 2)
+# Global thresholds to sweep: 0.01 steps, plus a log-spaced tail below 0.05 where weak or heavily
+# imbalanced models have their best cut.
+GRID = np.unique(np.round(np.concatenate([np.geomspace(0.001, 0.05, 12), np.linspace(0.01, 0.99, 99)]), 4))
 FIGURES = ("loss", "val_macro_f1", "per_class_f1", "f1_vs_threshold", "thresholds")
 
 
@@ -64,6 +66,13 @@ def run_names(runs: list[str], names: list[str] | None) -> list[str]:
     return [b if base.count(b) == 1 else f"{b}-{i}" for i, b in enumerate(base)]
 
 
+def _plain_ticks(axis):
+    """0.2, 0.5, 1, 2 instead of 2x10^-1 on a log axis."""
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))  # label 0.2, 0.5, 2, 5 only
+
+
 def _epoch_axis(ax):
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
 
@@ -80,6 +89,12 @@ def plot_loss(runs):
             if col in h:
                 ax.plot(h["epoch"], h[col], style, marker="o", color=color, label=f"{run['name']} {label}")
     ax.set(xlabel="epoch", ylabel="loss", title="Train (solid) and validation (dashed) loss per epoch")
+    values = np.concatenate([r["history"][c].to_numpy(float) for r in runs for c in ("train_loss", "val_loss")
+                             if c in r["history"]] or [np.ones(1)])
+    if values.min() > 0 and values.max() / values.min() > 10:  # one early spike would flatten the rest
+        ax.set_yscale("log")
+        ax.set_ylabel("loss (log scale)")
+        _plain_ticks(ax.yaxis)
     _epoch_axis(ax)
     return fig, ax
 
@@ -121,11 +136,12 @@ def plot_threshold_curve(runs):
     for run, color in zip(runs, _colors(len(runs))):
         curve = run["threshold_curve"]
         best = int(np.argmax(curve))
-        ax.plot(GRID, curve, color=color, label=f"{run['name']} (best {curve[best]:.3f} at {GRID[best]:.2f})")
+        ax.plot(GRID, curve, color=color, label=f"{run['name']} (best {curve[best]:.3f} at {GRID[best]:.3g})")
         ax.plot(GRID[best], curve[best], "o", color=color)
     ax.axvline(DEFAULT_THRESHOLD, color="grey", ls=":", lw=1)
-    ax.set(xlabel="global threshold (same for every class)", ylabel="validation macro F1",
-           title="Validation macro F1 vs one global threshold", xlim=(0, 1))
+    ax.set(xlabel="global threshold (same for every class; log scale)", ylabel="validation macro F1",
+           title="Validation macro F1 vs one global threshold", xscale="log", xlim=(GRID[0], 1))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_ylim(bottom=0)
     return fig, ax
 
