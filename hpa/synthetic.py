@@ -558,7 +558,10 @@ def _write_split(out: Path, split: int, name: str, ids, labels, size, seed) -> N
 
 
 def generate(out_dir, n_train: int, n_test: int, size: int = 64, seed: int = 0) -> dict:
-    """Write a synthetic dataset in the Kaggle layout under out_dir; returns a summary dict."""
+    """Write a synthetic dataset in the Kaggle layout under out_dir; returns a summary dict.
+
+    train.csv, train/, and (when n_test > 0) sample_submission.csv, test_labels.csv, test/.
+    """
     if n_train < 1 or n_test < 0:
         raise ConfigError(f"synth: need n_train >= 1 and n_test >= 0, got n_train={n_train}, n_test={n_test}")
     if not 16 <= size <= 4096:
@@ -574,14 +577,14 @@ def generate(out_dir, n_train: int, n_test: int, size: int = 64, seed: int = 0) 
     train_labels = sample_labels(n_train, np.random.default_rng([seed, 1]))
     test_labels = sample_labels(n_test, np.random.default_rng([seed, 2]))
     _write_split(out, 0, "train", train_ids, train_labels, size, seed)
-    _write_split(out, 1, "test", test_ids, test_labels, size, seed)
-    (out / "test").mkdir(exist_ok=True)
-    # CSVs last and sorted by Id, like Kaggle's.
-    train_rows = sorted(zip(train_ids, map(format_target, train_labels)))
-    test_rows = sorted(zip(test_ids, map(format_target, test_labels)))
-    _write_csv(out / "train.csv", "Id,Target", train_rows)
-    _write_csv(out / "test_labels.csv", "Id,Target", test_rows)
-    _write_csv(out / "sample_submission.csv", "Id,Predicted", [(i, "0") for i, _ in test_rows])
+    # CSVs after the images (a half-written directory has no train.csv) and sorted by Id, like Kaggle's.
+    # With n_test = 0 there is no test part at all (an empty sample_submission.csv would not validate).
+    if n_test:
+        _write_split(out, 1, "test", test_ids, test_labels, size, seed)
+        test_rows = sorted(zip(test_ids, map(format_target, test_labels)))
+        _write_csv(out / "test_labels.csv", "Id,Target", test_rows)
+        _write_csv(out / "sample_submission.csv", "Id,Predicted", [(i, "0") for i, _ in test_rows])
+    _write_csv(out / "train.csv", "Id,Target", sorted(zip(train_ids, map(format_target, train_labels))))
     counts = np.zeros(NUM_CLASSES, dtype=int)
     for labels in train_labels:
         counts[labels] += 1

@@ -81,6 +81,11 @@ def test_exact_kaggle_layout(tmp_path):
         assert (im.format, im.mode, im.size) == ("PNG", "L", (32, 32))
 
 
+def test_no_test_part_when_n_test_is_zero(tmp_path):
+    generate(tmp_path, 3, 0, size=32, seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train", "train.csv"]
+
+
 def test_same_seed_gives_identical_bytes(tmp_path):
     generate(tmp_path / "a", 6, 3, size=32, seed=5)
     generate(tmp_path / "b", 6, 3, size=32, seed=5)
