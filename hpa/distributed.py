@@ -110,14 +110,16 @@ def render_trainjob(cfg: DistributedConfig, args: list[str] | None = None) -> di
 
     The runtime's container has no command of its own: `trainer.command` becomes the container's
     command, and the Torch plugin adds PET_* env (PET_MASTER_ADDR = <job>-node-0-0.<job>, port 29500)
-    for torchrun. /dev/shm is added with a runtime patch (the TrainJob has no volume field)."""
+    for torchrun. /dev/shm and the non-root securityContext come in a runtime patch (a TrainJob has
+    no volume or securityContext field)."""
     volume, mount = k8s.shm_volume(cfg.shm_size)
     trainer = {
         "image": cfg.resolved_image(), "command": COMMAND, "args": args or train_args(cfg),
         "numNodes": cfg.num_nodes, "numProcPerNode": cfg.procs(),
         "resourcesPerNode": _resources(cfg), "env": k8s.container_env(cfg.s3_endpoint),
     }
-    pod_patch = {"spec": {"volumes": [volume], "containers": [{"name": "node", "volumeMounts": [mount]}]}}
+    node = {"name": "node", "volumeMounts": [mount], "securityContext": dict(k8s.CONTAINER_SECURITY)}
+    pod_patch = {"spec": {"volumes": [volume], "containers": [node]}}
     patch = {"manager": "hpa-kfp", "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [
         {"name": "node", "template": {"spec": {"template": pod_patch}}}]}}}}
     return {
@@ -137,6 +139,7 @@ def _replica(cfg: DistributedConfig, replicas: int, args: list[str]) -> dict:
     container = {
         "name": "pytorch", "image": cfg.resolved_image(), "command": COMMAND, "args": args,
         "env": k8s.container_env(cfg.s3_endpoint), "resources": _resources(cfg), "volumeMounts": [mount],
+        "securityContext": dict(k8s.CONTAINER_SECURITY),
         "ports": [{"name": "pytorchjob-port", "containerPort": PYTORCHJOB_PORT}],
     }
     template = {"metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},

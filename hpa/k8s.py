@@ -141,6 +141,10 @@ def container_env(s3_endpoint: str = config.S3_DEFAULT_ENDPOINT) -> list[dict]:
     ]
 
 
+# The project images run as uid 1000 (images/Dockerfile*); refuse to start anything as root.
+CONTAINER_SECURITY = {"runAsNonRoot": True, "allowPrivilegeEscalation": False}
+
+
 def pod_resources(cpu: str, memory: str, gpus: int, accelerator_type: str) -> dict:
     resources = {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}}
     if gpus > 0:

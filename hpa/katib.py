@@ -177,7 +177,7 @@ def trial_job(cfg: KatibConfig) -> dict:
         "name": CONTAINER, "image": cfg.resolved_image(),
         "command": ["python", "-m", "hpa", "train"], "args": train_args(cfg),
         "env": k8s.container_env(cfg.s3_endpoint), "resources": k8s.pod_resources(cfg.cpu, cfg.memory, cfg.gpus, cfg.accelerator_type),
-        "volumeMounts": [mount],
+        "volumeMounts": [mount], "securityContext": dict(k8s.CONTAINER_SECURITY),
     }
     pod = {
         "metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},

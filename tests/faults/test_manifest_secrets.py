@@ -82,3 +82,26 @@ def test_credentials_come_only_from_secret_key_refs(monkeypatch):
                 assert ref["name"] == config.S3_SECRET_NAME and config.S3_SECRET_KEYS[ref["key"]] == entry["name"]
                 checked += 1
     assert checked >= 12
+
+
+
+def _containers(node):
+    """Container-like dicts: a name plus an image or volume mounts (a TrainJob's patch has no image)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("name"), str) and ("image" in node or "volumeMounts" in node):
+            yield node
+        for child in node.values():
+            yield from _containers(child)
+    elif isinstance(node, list):
+        for child in node:
+            yield from _containers(child)
+
+
+def test_every_container_refuses_root(monkeypatch):
+    """The images run as uid 1000; every container in the manifests adds runAsNonRoot and no privilege escalation."""
+    for where, text in _rendered(monkeypatch).items():
+        containers = list(_containers(yaml.safe_load(text)))
+        assert containers, where
+        for container in containers:
+            assert container.get("securityContext") == {"runAsNonRoot": True, "allowPrivilegeEscalation": False}, \
+                f"{where}: container {container['name']}"
