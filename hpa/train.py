@@ -92,7 +92,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also write last.pt every K optimizer steps (0 = per epoch only)
     resume: bool = False            # continue from <out>/last.pt when it exists
     val_batch_size: int = 0         # 0 = 2 x batch_size
-    cache_dir: str | None = None    # local copy of PNGs / shard cache when --data is s3:// (default: work dir)
+    cache_dir: str | None = None    # local copy of PNGs / shard cache for s3:// data (default: under the temp dir)
     work_dir: str | None = None     # local staging of outputs when --out is s3:// (default: a temp dir)
     tensorboard: bool = False       # scalars under <out>/tensorboard when tensorboard is installed
 
@@ -222,7 +222,7 @@ def shards_uri(data: str) -> str | None:
     return data if store.exists("train/shards.json") or store.exists("shards.json") else None
 
 
-def local_png_root(cfg: TrainConfig, ids: list[str], dist: du.DistInfo, work: Path) -> str:
+def local_png_root(cfg: TrainConfig, ids: list[str], dist: du.DistInfo) -> str:
     """A local directory holding train/<id>_<color>.png for `ids`: --data itself when local; for s3://
     the needed objects are fetched (in parallel, skipping files already cached) by one process per node."""
     if not cfg.data.startswith("s3://"):
@@ -231,7 +231,11 @@ def local_png_root(cfg: TrainConfig, ids: list[str], dist: du.DistInfo, work: Pa
 
     from hpa.store import open_store
 
-    root = Path(cfg.cache_dir or work / "data")
+    # Default: one cache per dataset URI in the node's temp dir, shared by the node's ranks (their work
+    # dirs differ) and reused by later runs on the same node.
+    import hashlib
+
+    root = Path(cfg.cache_dir or Path(tempfile.gettempdir()) / f"hpa-png-{hashlib.sha256(cfg.data.encode()).hexdigest()[:12]}")
     if dist.local_rank == 0:
         store = open_store(cfg.data)
         keys = [f"train/{i}_{c}.png" for i in ids for c in COLORS]
@@ -260,13 +264,13 @@ class ResumableSampler(Sampler[int]):
 class DataSource:
     """Train/val loaders over the PNG layout (HPADataset) or packed shards (ShardDataset)."""
 
-    def __init__(self, cfg: TrainConfig, fold: FoldData, dist: du.DistInfo, work: Path):
+    def __init__(self, cfg: TrainConfig, fold: FoldData, dist: du.DistInfo):
         self.cfg, self.fold, self.dist = cfg, fold, dist
         self.shards = shards_uri(cfg.data)
         if self.shards is None:
             from hpa.data import HPADataset
 
-            root = local_png_root(cfg, fold.train_ids + fold.val_ids, dist, work)
+            root = local_png_root(cfg, fold.train_ids + fold.val_ids, dist)
             self.train_ds = HPADataset(root, fold.train_ids, fold.train_targets.astype(np.float32), split="train",
                                        size=cfg.size, color_mode=cfg.color_mode)
             self.val_ds = HPADataset(root, fold.val_ids, fold.val_targets.astype(np.float32), split="train",
@@ -574,7 +578,7 @@ class Trainer:
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + self.dist.rank)
 
         self.fold = read_split(cfg.split, cfg.fold)
-        self.data = DataSource(cfg, self.fold, self.dist, self.work)
+        self.data = DataSource(cfg, self.fold, self.dist)
         self.model = create_model(cfg.arch, cfg.in_chans, NUM_CLASSES, weights=cfg.weights, drop_rate=cfg.drop_rate)
         self.model.to(self.device)
         self.channels_last = cfg.channels_last and self.device.type == "cuda"
