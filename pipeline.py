@@ -5,7 +5,7 @@
     python pipeline.py submit --host URL [--experiment NAME] [--run-name NAME] [key=value ...]
     python pipeline.py graph                         # docs/pipeline.png + a mermaid block, from the compiled YAML
 
-Graph: check-params -> download -> (montage, only when plot_samples) -> split
+Graph: check-params -> download -> (montage, only when plot_samples), split, pack (shards at image_size)
        -> train-resnet18 || train-se-resnet -> compare-plots, ensemble -> submit.
 
 `run --local` runs the same pipeline for real with kfp.local (SubprocessRunner, no containers) through
@@ -38,6 +38,7 @@ from components.compare_plots.component import compare_plots  # noqa: E402
 from components.download.component import download  # noqa: E402
 from components.ensemble.component import ensemble  # noqa: E402
 from components.montage.component import montage  # noqa: E402
+from components.pack.component import pack  # noqa: E402
 from components.split.component import split  # noqa: E402
 from components.submit.component import submit  # noqa: E402
 from components.train_resnet18.component import train_resnet18  # noqa: E402
@@ -166,12 +167,17 @@ def hpa_pipeline(
     folds_task = split(data_uri=data_uri, folds=folds, seed=seed, s3_endpoint=s3_endpoint)
     _with_s3(_with_requests(folds_task, LIGHT)).set_caching_options(True)
 
+    shards = pack(data_uri=data_uri, image_size=image_size, s3_endpoint=s3_endpoint)
+    _with_s3(_with_requests(shards, DOWNLOAD)).set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
+    shards.set_caching_options(True)
+
     # -- Training. Extension point for the katib engineer: a `katib_tune` task goes here (its best lr /
     # threshold feeding the tasks below), and a `with dsl.If(num_nodes > 1)` / `dsl.Else()` pair can
     # route to `train_distributed` with dsl.OneOf over the outputs (model, run, val_predictions,
     # test_predictions, metrics). Keep `_as_training` on every training task.
     common = dict(
-        data_uri=data_uri, split_csv=folds_task.outputs["split_csv"], val_fold=val_fold, image_size=image_size,
+        data_uri=data_uri, shards_uri=shards.outputs["shards_uri"], split_csv=folds_task.outputs["split_csv"],
+        val_fold=val_fold, image_size=image_size,
         color_mode=color_mode, epochs=epochs, batch_size=batch_size, loss=loss, threshold_mode=threshold_mode,
         threshold=threshold, tta=tta, seed=seed, s3_endpoint=s3_endpoint,
     )

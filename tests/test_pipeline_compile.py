@@ -17,7 +17,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STAGES = ["check-params", "download", "split", "train-resnet18", "train-se-resnet", "compare-plots", "ensemble",
+STAGES = ["check-params", "download", "split", "pack", "train-resnet18", "train-se-resnet", "compare-plots", "ensemble",
           "submit"]
 TRAINING = ["train-resnet18", "train-se-resnet"]
 
@@ -70,9 +70,9 @@ def test_stages_and_order(compiled):
     deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
     assert deps["check-params"] == set()
     assert "check-params" in deps["download"]
-    assert "download" in deps["split"]
+    assert "download" in deps["split"] and "download" in deps["pack"]
     for train in TRAINING:
-        assert {"download", "split"} <= deps[train]
+        assert {"download", "split", "pack"} <= deps[train]
         assert not (set(TRAINING) - {train}) & deps[train], "the two models must train in parallel"
     assert set(TRAINING) <= deps["compare-plots"]
     assert set(TRAINING) <= deps["ensemble"]
@@ -116,7 +116,7 @@ def test_kubernetes_settings(compiled):
                 for e in s["keyToEnv"]}
 
     s3 = {(S3_SECRET_NAME, key, env) for key, env in S3_SECRET_KEYS.items()}
-    for name in ["exec-download", "exec-montage", "exec-split", "exec-train-resnet18", "exec-train-se-resnet",
+    for name in ["exec-download", "exec-montage", "exec-split", "exec-pack", "exec-train-resnet18", "exec-train-se-resnet",
                  "exec-submit"]:
         assert s3 <= secret_env(k8s[name]), f"{name} lacks the S3 secret env"
     kaggle = {(KAGGLE_SECRET_NAME, key, env) for key, env in KAGGLE_SECRET_KEYS.items()}
@@ -131,7 +131,7 @@ def test_kubernetes_settings(compiled):
     tasks = spec["root"]["dag"]["tasks"]
     assert tasks["download"]["retryPolicy"]["maxRetryCount"] >= 1
     assert tasks["submit"]["cachingOptions"].get("enableCache", False) is False
-    for stage in ["download", "split", "train-resnet18", "train-se-resnet", "ensemble", "compare-plots"]:
+    for stage in ["download", "split", "pack", "train-resnet18", "train-se-resnet", "ensemble", "compare-plots"]:
         assert tasks[stage]["cachingOptions"]["enableCache"] is True
 
 

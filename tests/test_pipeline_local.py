@@ -50,7 +50,7 @@ def test_whole_pipeline_through_embedded_s3(tmp_path, monkeypatch):
 
     # Every stage ran, the montage too (plot_samples defaults to true), and the training outputs are small.
     run_dir = next(Path(result["pipeline_root"]).iterdir())
-    for stage in ("check-params", "download", "montage", "split", "train-resnet18", "train-se-resnet",
+    for stage in ("check-params", "download", "montage", "split", "pack", "train-resnet18", "train-se-resnet",
                   "compare-plots", "ensemble", "submit"):
         assert (run_dir / stage).is_dir(), stage
     assert "data:image/png;base64," in (run_dir / "montage" / "montage").read_text()

@@ -1,6 +1,6 @@
 """KFP component `train-se_resnet`: train a 4-channel SE-ResNet-18 (squeeze-and-excitation) on one fold, then predict val and test.
 
-The images are read from the store (never copied in as an artifact); the checkpoint, the run
+The images are streamed from the store (packed shards, or the PNGs; never copied in as an artifact); the checkpoint, the run
 directory (history, metrics, config) and the TTA predictions on the validation fold and on the test
 set come out as small artifacts for `compare-plots` and `ensemble`. The GPU request, /dev/shm and the
 S3 secret are set on the task in pipeline.py. `python components/train_se_resnet/component.py`
@@ -34,6 +34,7 @@ def train_se_resnet(
     val_predictions: Output[Dataset],
     test_predictions: Output[Dataset],
     metrics: Output[Metrics],
+    shards_uri: str = "",
     arch: str = "se_resnet18",
     val_fold: int = 0,
     image_size: int = 64,
@@ -58,6 +59,7 @@ def train_se_resnet(
         val_predictions: Validation-fold predictions with TTA (.npz: ids, probs, targets, model).
         test_predictions: Test-set predictions with TTA (.npz: ids, probs, model).
         metrics: Best validation macro F1, its epoch and the losses.
+        shards_uri: Packed shards of the dataset (the pack task's shards_uri); empty = read the PNGs.
         arch: Architecture name from hpa.models.MODEL_NAMES.
         val_fold: Fold held out for validation.
         image_size: Training and inference size in pixels (multiple of 32).
@@ -83,11 +85,11 @@ def train_se_resnet(
     from hpa.train import TrainConfig, train
 
     os.makedirs(run.path, exist_ok=True)
-    cache = tempfile.mkdtemp(prefix="hpa-cache-")  # image cache: outside the run artifact, never uploaded
+    cache = tempfile.mkdtemp(prefix="hpa-cache-")  # image/shard cache: outside the run artifact
     # DataLoader workers: up to 4, leaving a core for the training loop (a pod sees its node's cores, so cap).
     workers = min(4, max(0, len(os.sched_getaffinity(0)) - 1))
     config = TrainConfig(
-        data=data_uri, split=split_csv.path, fold=val_fold, arch=arch, size=image_size, color_mode=color_mode,
+        data=shards_uri or data_uri, split=split_csv.path, fold=val_fold, arch=arch, size=image_size, color_mode=color_mode,
         epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, threshold_mode=threshold_mode,
         threshold=threshold, seed=seed, out=run.path, cache_dir=cache, workers=workers,
     )
@@ -98,8 +100,8 @@ def train_se_resnet(
         os.remove(os.path.join(run.path, "last.pt"))
     model.metadata.update({"arch": arch, "image_size": image_size, "color_mode": color_mode, "framework": "pytorch"})
 
-    common = dict(checkpoint=model.path, data=data_uri, tta=tta, batch_size=batch_size, cache_dir=cache,
-                  workers=workers)
+    common = dict(checkpoint=model.path, data=data_uri, shards=shards_uri or None, tta=tta, batch_size=batch_size,
+                  cache_dir=cache, workers=workers)
     predict(ids="val", split_csv=split_csv.path, fold=val_fold, out=val_predictions.path, **common)
     predict(ids="test", out=test_predictions.path, **common)
 
