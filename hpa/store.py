@@ -443,6 +443,7 @@ class S3Store(Store):
         self.uri = f"s3://{bucket}/{self.prefix + '/' if self.prefix else ''}"
         self._bucket_ready = False  # created (or found) by _ensure_bucket
         self._bucket_seen = False  # a listing of the bucket succeeded
+        self._bucket_lock = threading.Lock()
 
     @property
     def client(self):
@@ -455,11 +456,11 @@ class S3Store(Store):
     def _name(self, key: str) -> str:
         return _join(self.prefix, check_key(key))
 
-    def _call(self, what: str, key: str | None, fn: Callable[[], T]) -> T:
+    def _call(self, what: str, key: str | None, fn: Callable[[], T], ensure_bucket: bool = True) -> T:
         """Run one request with retries; turn every failure into one clear, redacted StoreError line.
 
         With create_bucket, the first request creates the bucket when it is missing."""
-        if self.create_bucket and not self._bucket_ready:
+        if ensure_bucket and self.create_bucket and not self._bucket_ready:
             self._ensure_bucket()
         s = self.settings
         try:
@@ -477,9 +478,11 @@ class S3Store(Store):
         target = self.join(key) if key else self.uri
         where = f"{'https' if s['secure'] else 'http'}://{s['endpoint']}"
         code = exc.code if isinstance(exc, S3Error) else None
-        log.debug("%s %s failed: %s %s", what, target, type(exc).__name__, code)
+        log.debug("%s %s failed: %s %s (status %s)", what, target, type(exc).__name__, code,
+                  getattr(getattr(exc, "response", None), "status", None))
         if code in ("AccessDenied", "NoSuchKey") and not getattr(exc.response, "data", b""):
-            code = self._diagnose() or code  # a HEAD answer has no body: ask again with a GET
+            diagnosed = self._diagnose()  # a HEAD answer has no body: ask again with a GET
+            code = code if diagnosed in (None, "?") else diagnosed
         messages = {
             "InvalidAccessKeyId": f"S3 access key not recognised by {where} (check HPA_S3_ACCESS_KEY)",
             "SignatureDoesNotMatch": f"S3 secret key rejected by {where} (check HPA_S3_SECRET_KEY)",
@@ -508,8 +511,8 @@ class S3Store(Store):
                                                extra_query_params={"max-keys": "1"})), None)
         except S3Error as exc:
             return exc.code
-        except Exception:  # noqa: BLE001 - keep the original error
-            return None
+        except Exception:  # noqa: BLE001 - unknown: the caller keeps the original error
+            return "?"
         return None
 
     def _ensure_bucket(self) -> None:
@@ -526,12 +529,10 @@ class S3Store(Store):
                 if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists", "AccessDenied"):
                     raise
 
-        self._bucket_ready = True
-        try:
-            self._call("create bucket", None, make)
-        except BaseException:
-            self._bucket_ready = False
-            raise
+        with self._bucket_lock:  # every worker thread waits until the bucket exists
+            if not self._bucket_ready:
+                self._call("create bucket", None, make, ensure_bucket=False)
+                self._bucket_ready = True
 
     # primitives
     def put_bytes(self, key: str, data: bytes, sha256: str | None = None) -> str:

@@ -28,6 +28,7 @@ def own_server(tmp_path_factory):
 
 @pytest.fixture
 def own_store(own_server, monkeypatch, request):
+    own_server.start()  # no-op when running; brings it back if a failed test left it stopped
     for name, value in own_server.env().items():
         monkeypatch.setenv(name, value)
     return st.open_store(f"s3://faults/{request.node.name[:40].replace('[', '-').strip(']')}", create_bucket=True)
@@ -51,6 +52,7 @@ def _on_put(monkeypatch, n, action):
                 threading.Thread(target=action, daemon=True).start()
         return real(self, key, path, sha256)
 
+    hooked.__wrapped__ = real
     monkeypatch.setattr(st.S3Store, "put_file", hooked)
 
 
@@ -77,13 +79,14 @@ def test_server_down_fails_clearly_then_rerun_completes(own_server, own_store, t
     monkeypatch.setenv("HPA_S3_RETRIES", "2")
     own_store.settings = st.s3_settings()
     _on_put(monkeypatch, 10, lambda: own_server.stop(kill=True))
-    with pytest.raises(StoreError, match=r"S3 server http://127\.0\.0\.1:\d+ unreachable during write .* after 2 tries"):
-        entries = own_store.upload_tree(src, workers=2)
-        own_store.commit_manifest(entries, {})
-    own_server.start()
-    monkeypatch.undo()
-    for name, value in own_server.env().items():
-        monkeypatch.setenv(name, value)
+    try:
+        with pytest.raises(st.StoreUnreachableError,
+                           match=r"S3 server http://127\.0\.0\.1:\d+ unreachable during (write|read) .* after 2 tries"):
+            entries = own_store.upload_tree(src, workers=2)
+            own_store.commit_manifest(entries, {})
+    finally:
+        own_server.start()
+    monkeypatch.setattr(st.S3Store, "put_file", st.S3Store.put_file.__wrapped__)
     with pytest.raises(StoreError, match="not a committed dataset"):
         own_store.read_manifest()
     stored_before = len(own_store.list())
@@ -94,12 +97,12 @@ def test_server_down_fails_clearly_then_rerun_completes(own_server, own_store, t
     assert own_store.verify() == 40
 
 
-def test_corruption_on_disk_and_behind_the_manifest_is_named(own_server, own_store, tmp_path, monkeypatch):
+def test_object_replaced_behind_the_manifest_is_named(own_server, own_store, tmp_path, monkeypatch):
     monkeypatch.setenv("HPA_S3_RETRIES", "2")
     own_store.settings = st.s3_settings()
     src = _files(tmp_path / "src", 3)
     own_store.commit_manifest(own_store.upload_tree(src), {})
-    # 1. an object replaced behind the manifest's back (plain S3 client, no sha256 metadata)
+    # replaced behind the manifest's back (plain S3 client, so no sha256 metadata either)
     client = Minio(own_server.endpoint, own_server.access_key, own_server.secret_key, secure=False,
                    region="us-east-1")
     import io
@@ -110,7 +113,16 @@ def test_corruption_on_disk_and_behind_the_manifest_is_named(own_server, own_sto
     assert own_store.stored_sha256("f001.bin") is None  # so a re-upload would replace it
     own_store.upload_tree(src)
     assert own_store.verify() == 3
-    # 2. bytes flipped in the server's volume file: the server's CRC check refuses, we name the object
+
+
+@pytest.mark.slow
+def test_bit_rot_on_the_server_is_named(own_server, own_store, tmp_path, monkeypatch):
+    """Bytes flipped in the server's volume file: its CRC check refuses the read (after ~13 s of its own
+    retries), and the error names the object."""
+    monkeypatch.setenv("HPA_S3_RETRIES", "1")
+    own_store.settings = st.s3_settings()
+    src = _files(tmp_path / "src", 3)
+    own_store.commit_manifest(own_store.upload_tree(src), {})
     payload = (src / "f002.bin").read_bytes()
     flipped = 0
     for path in own_server.data_dir.glob("*.dat"):
@@ -122,7 +134,7 @@ def test_corruption_on_disk_and_behind_the_manifest_is_named(own_server, own_sto
                 f.write(bytes([blob[at + 1000] ^ 0xFF]))
             flipped += 1
     assert flipped
-    with pytest.raises(StoreError, match=r"s3://faults/.*/f002\.bin"):
+    with pytest.raises(StoreError, match=r"failed to read s3://faults/.*/f002\.bin after 1 tries \(InternalError"):
         own_store.verify()
 
 
