@@ -225,3 +225,27 @@ class LocalS3Server:
             return False
         finally:
             http.clear()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hpa.s3server [--dir DIR]`: serve until Ctrl-C; the keys go to DIR/env.sh (mode 600)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hpa.s3server", description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default=None, help="data directory (kept); default: a temporary one (removed)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with LocalS3Server(args.dir) as server:
+        env_file = server.base_dir / "env.sh"
+        env_file.touch(mode=0o600)
+        env_file.write_text("".join(f"export {k}={v}\n" for k, v in server.env().items()))
+        print(f"S3 at {server.endpoint}; run: source {env_file}   (Ctrl-C stops the server)", flush=True)
+        try:
+            server.proc.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
