@@ -28,6 +28,7 @@ import random
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -541,9 +542,16 @@ class StopFlag:
 
     def __init__(self):
         self.set = False
+        self.previous = None
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
+        # Only the main thread may set handlers; an in-process caller on another thread keeps its own.
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
     def _handle(self, signum, frame) -> None:
         self.set = True
@@ -816,6 +824,9 @@ def train(cfg: TrainConfig) -> dict:
                  len(trainer.fold.val_ids), trainer.data.steps_per_epoch, "shards" if trainer.data.shards else "png")
         return trainer.run()
     finally:
+        trainer.stop.restore()
+        if cfg.deterministic:  # do not leak the global switch into an in-process caller
+            torch.use_deterministic_algorithms(False)
         du.cleanup()
 
 
