@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from hpa import distributed_utils as du
-from hpa.errors import ConfigError, DataError, HPAError
+from hpa.errors import ConfigError, DataError, HPAError, StoreError
 from hpa.evaluate import fit_thresholds, macro_f1, predictions_bytes, thresholds_json
 from hpa.labels import COLORS, NUM_CLASSES, parse_target, to_matrix
 from hpa.models import MODEL_NAMES, create_model
@@ -683,12 +683,28 @@ class Trainer:
         self.out.write("config.json", json.dumps(asdict(cfg), indent=2).encode())
         while s.epoch < cfg.epochs and not s.stopped_early:
             t0 = time.time()
-            train_loss = train_one_epoch(self)
-            val = evaluate(self)
+            try:
+                train_loss = train_one_epoch(self)
+                val = evaluate(self)
+            except (StoreError, DataError):
+                self.save_on_data_failure()
+                raise
             self.end_epoch(train_loss, val, time.time() - t0)
         if self.tb is not None:
             self.tb.close()
         return self.metrics()
+
+    def save_on_data_failure(self) -> None:
+        """The store or a shard failed while reading (after the store's own bounded retries). The loop
+        is at a step boundary, so last.pt written now resumes exactly. Single process only: in DDP the
+        other ranks would not join the checkpoint's collective."""
+        if self.dist.distributed:
+            return
+        try:
+            self.save_last()
+            log.error("reading data failed at step %d; last.pt written, rerun with --resume", self.state.step)
+        except HPAError as exc:  # the output store may be down too: keep the original error
+            log.error("reading data failed, and writing last.pt failed as well: %s", exc)
 
     def end_epoch(self, train_loss: float, val: dict, seconds: float) -> None:
         cfg, s = self.cfg, self.state

@@ -117,3 +117,35 @@ def test_sigterm_checkpoints_and_exits_143_then_resumes_exactly(dataset, referen
 
     resume(dataset, out)
     assert_same_final_state(reference, out)
+
+
+def test_image_lost_mid_epoch_fails_clearly_with_a_checkpoint_then_resumes_exactly(dataset, reference, tmp_path):
+    """A data read that fails mid-epoch (here a PNG removed; on S3 a store outage outlasting the
+    retries) stops training with one `error:` line naming the file, after writing last.pt at the
+    step boundary; once the data is back, --resume ends exactly where an uninterrupted run does."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset / "data", data)
+    df = pd.read_csv(dataset / "split.csv", dtype=str)
+    train_ids = df.loc[df["fold"] != "0", "Id"].tolist()
+    order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(0)).tolist()  # sampler, epoch 0
+    lost = data / "train" / f"{train_ids[order[20]]}_green.png"  # in the 4th batch of 6
+    saved = lost.read_bytes()
+    lost.unlink()
+
+    out = tmp_path / "out"
+    command = cmd(dataset, out)
+    command[command.index("--data") + 1] = str(data)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and lost.name in errors[0], proc.stderr[-2000:]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (0, 3)
+
+    lost.write_bytes(saved)
+    command.append("--resume")
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_final_state(reference, out)
