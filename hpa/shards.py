@@ -594,19 +594,6 @@ class ShardReader:
             return decode_image(_read_sample(f, self.shard_set, n, where), self.shard_set.shape, where)
 
 
-def _forget_inherited_s3_clients() -> None:
-    """In a forked DataLoader worker, drop the S3 clients inherited from the parent.
-
-    hpa.store caches one minio client (urllib3 pool) per process; a forked worker inherits the parent's
-    pooled keep-alive sockets, and two workers writing on one socket corrupt each other's responses.
-    A worker builds its own client on first use instead. (Harmless if hpa.store already does this.)
-    """
-    store_module = sys.modules.get("hpa.store")
-    clients = getattr(store_module, "_clients", None)
-    if isinstance(clients, dict):
-        clients.clear()     # this worker's copy only
-
-
 def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is None and world_size is None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -706,8 +693,6 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        if info is not None:
-            _forget_inherited_s3_clients()
         positions = self.part(self.rank, self.world_size, worker, num_workers)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
         cache = ShardCache(self.shard_set.store, self.cache_dir, self.cache_bytes)

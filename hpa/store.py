@@ -415,6 +415,18 @@ _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
 
+def _forget_clients_after_fork() -> None:
+    """A forked child (a DataLoader worker) must not share the parent's pooled keep-alive sockets: two
+    processes writing on one socket corrupt each other's responses. The child builds its own clients;
+    the lock is replaced too, since another thread may have held it at the fork."""
+    global _clients_lock
+    _clients.clear()
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_clients_after_fork)
+
+
 def s3_client(settings: dict):
     """One minio client per (endpoint, keys, TLS, region); thread-safe. Our `retry` does the retrying."""
     import urllib3
