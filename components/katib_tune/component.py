@@ -37,6 +37,7 @@ def katib_tune(
     split_csv: Input[Dataset],
     store_uri: str,
     experiment: Output[Artifact],
+    shards_uri: str = "",
     namespace: str = "",
     algorithm: str = "tpe",
     max_trials: int = 12,
@@ -66,6 +67,7 @@ def katib_tune(
         split_csv: Fold assignment from the split task; copied into the store so that trial pods can read it.
         store_uri: Store prefix; the split copy and every trial's outputs go under <store_uri>/katib/<experiment>/.
         experiment: The Experiment YAML that was created; its metadata holds the best trial.
+        shards_uri: Packed shards of the dataset (the pack task's shards_uri); when set, the trials train from them.
         namespace: Kubernetes namespace of the Experiment; empty = the namespace this task runs in (Katib must be installed; the namespace needs the label katib.kubeflow.org/metrics-collector-injection=enabled).
         algorithm: tpe, random, grid, bayesianoptimization, cmaes or sobol.
         max_trials: maxTrialCount.
@@ -108,7 +110,7 @@ def katib_tune(
     split_uri = f"{prefix}/split.csv"
     store.publish(split_csv.path, split_uri)
     cfg = katib.KatibConfig(
-        name=name, namespace=namespace, data=data_uri, split=split_uri, out_prefix=prefix, fold=val_fold,
+        name=name, namespace=namespace, data=shards_uri or data_uri, split=split_uri, out_prefix=prefix, fold=val_fold,
         size=image_size, color_mode=color_mode, epochs=epochs, batch_size=batch_size, loss=loss, seed=seed,
         algorithm=algorithm, max_trials=max_trials, parallel_trials=parallel_trials, max_failed_trials=max_failed_trials,
         lr_min=lr_min, lr_max=lr_max, threshold_min=threshold_min, threshold_max=threshold_max, gpus=gpus,

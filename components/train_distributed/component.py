@@ -38,6 +38,7 @@ def train_distributed(
     val_predictions: Output[Dataset],
     test_predictions: Output[Dataset],
     metrics: Output[Metrics],
+    shards_uri: str = "",
     num_nodes: int = 2,
     gpus_per_node: int = 1,
     kind: str = "trainjob",
@@ -69,6 +70,7 @@ def train_distributed(
         val_predictions: Validation-fold predictions with TTA (.npz: ids, probs, targets, model).
         test_predictions: Test-set predictions with TTA (.npz: ids, probs, model).
         metrics: Best validation macro F1, its epoch and the losses, plus the job's shape.
+        shards_uri: Packed shards of the dataset (the pack task's shards_uri); when set, the job trains from them (each rank reads its own shards) and predictions read them too.
         num_nodes: Training pods (TrainJob numNodes; PyTorchJob 1 Master + num_nodes-1 Workers).
         gpus_per_node: GPUs per pod; torchrun starts one process per GPU.
         kind: trainjob (Kubeflow Trainer v2) or pytorchjob (Training Operator v1).
@@ -104,7 +106,7 @@ def train_distributed(
     store.publish(split_csv.path, f"{prefix}/split.csv")
     cfg = distributed.DistributedConfig(
         name=name, namespace=namespace, kind=kind, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
-        accelerator_type=accelerator_type, data=data_uri, split=f"{prefix}/split.csv", out=f"{prefix}/out",
+        accelerator_type=accelerator_type, data=shards_uri or data_uri, split=f"{prefix}/split.csv", out=f"{prefix}/out",
         fold=val_fold, arch=arch, size=image_size, color_mode=color_mode, epochs=epochs, batch_size=batch_size,
         lr=lr, loss=loss, threshold_mode=threshold_mode, threshold=threshold, seed=seed,
         s3_endpoint=s3_endpoint or config.S3_DEFAULT_ENDPOINT,
@@ -120,7 +122,7 @@ def train_distributed(
     model.metadata.update({"arch": arch, "image_size": image_size, "color_mode": color_mode, "framework": "pytorch",
                            "job": f"{result['kind']} {namespace}/{result['name']}", "outputs": result["out"]})
 
-    common = dict(checkpoint=model.path, data=data_uri, tta=tta, batch_size=batch_size)
+    common = dict(checkpoint=model.path, data=data_uri, shards=shards_uri or None, tta=tta, batch_size=batch_size)
     predict(ids="val", split_csv=split_csv.path, fold=val_fold, out=val_predictions.path, **common)
     predict(ids="test", out=test_predictions.path, **common)
 
