@@ -211,7 +211,7 @@ def load_checkpoint(path_or_uri: str | Path, map_location: str | torch.device = 
     model = create_model(ckpt["arch"], ckpt["in_chans"], ckpt["num_classes"], drop_rate=drop_rate)
     model.load_state_dict(ckpt["model"])
     model.to(map_location).eval()
-    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")}
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng", "rank_loss")}
     return model, meta
 
 

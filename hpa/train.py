@@ -628,11 +628,13 @@ class Trainer:
         cfg, s = self.cfg, self.state
         if s.step_in_epoch:  # mid-epoch: keep the epoch's running loss so its train_loss comes out exact
             s.loss_sum = float(self.epoch_loss)
-        rngs = du.all_gather_objects(rng_state(self.aug_gen))  # every rank's, so DDP resumes exactly too
+        # Every rank's RNG states and running loss, so that a DDP run resumes exactly too.
+        per_rank = du.all_gather_objects({"rng": rng_state(self.aug_gen), "loss": (s.loss_sum, s.loss_count)})
         return {"model": self.model.state_dict(), "arch": cfg.arch, "in_chans": cfg.in_chans,
                 "num_classes": NUM_CLASSES, "color_mode": cfg.color_mode, "size": cfg.size,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "epoch": s.epoch, "step": s.step, "rng": rngs,
+                "scaler": self.scaler.state_dict(), "epoch": s.epoch, "step": s.step,
+                "rng": [r["rng"] for r in per_rank], "rank_loss": [list(r["loss"]) for r in per_rank],
                 "loop": asdict(s), "world_size": self.dist.world_size, "config": asdict(cfg)}
 
     def save(self, name: str, ckpt: dict) -> None:
@@ -668,6 +670,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = LoopState(**ckpt["loop"])
+        self.state.loss_sum, self.state.loss_count = ckpt["rank_loss"][self.dist.rank]
         set_rng_state(ckpt["rng"][self.dist.rank], self.aug_gen)
         log.info("resumed from %s: epoch %d, step %d (%d into the epoch)", path, self.state.epoch,
                  self.state.step, self.state.step_in_epoch)
@@ -735,7 +738,7 @@ class Trainer:
 
     def write_best(self, val: dict) -> None:
         ckpt = self.checkpoint()
-        for key in ("optimizer", "scheduler", "scaler", "rng"):  # best.pt is for inference
+        for key in ("optimizer", "scheduler", "scaler", "rng", "rank_loss"):  # best.pt is for inference
             ckpt.pop(key)
         ckpt["thresholds"] = torch.tensor(val["thresholds"], dtype=torch.float32)
         self.save("best.pt", ckpt)

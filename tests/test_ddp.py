@@ -65,3 +65,53 @@ def test_torchrun_two_processes_cpu(tmp_path):
     np.testing.assert_allclose(probs, preds["probs"], atol=1e-4)
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_sigterm_then_resume_is_bit_exact(tmp_path):
+    """SIGTERM to torchrun (what a pod gets) reaches every worker: rank 0 writes last.pt with every
+    rank's RNG states and running loss, and a resumed 2-process run ends bit-identical to an
+    uninterrupted one (gloo on CPU, --deterministic)."""
+    import signal
+
+    from hpa.synthetic import generate
+
+    generate(tmp_path / "data", 48, 0, size=32, seed=0)
+    df = pd.read_csv(tmp_path / "data" / "train.csv", dtype=str)
+    df["fold"] = np.arange(len(df)) % 4  # 36 train: 18 per rank, 6 steps of 3 per epoch
+    df.to_csv(tmp_path / "split.csv", index=False)
+
+    def command(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hpa",
+                "train", "--data", str(tmp_path / "data"), "--split", str(tmp_path / "split.csv"), "--out", str(out),
+                "--size", "32", "--epochs", "2", "--batch-size", "3", "--workers", "0", "--threads", "1",
+                "--checkpoint-every-steps", "2", "--deterministic", "--drop-rate", "0.2", *extra]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    proc = subprocess.run(command(ref), capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    popen = subprocess.Popen(command(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in popen.stderr:
+            if "checkpoint saved: last.pt epoch 0 step 2" in line:
+                popen.send_signal(signal.SIGTERM)
+                break
+        _, err = popen.communicate(timeout=300)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait()
+    assert err.count("SIGTERM: checkpoint written") == 2, err[-3000:]  # both workers, rank 0 wrote
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 0 and 2 <= ckpt["step"] < 6 and len(ckpt["rank_loss"]) == 2
+
+    proc = subprocess.run(command(run, "--resume"), capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.load(p / "last.pt", weights_only=True) for p in (ref, run))
+    assert a["step"] == b["step"] == 12
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    ha, hb = (pd.read_csv(p / "history.csv").drop(columns="seconds") for p in (ref, run))
+    pd.testing.assert_frame_equal(ha, hb, check_exact=True)
