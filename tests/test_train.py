@@ -239,21 +239,30 @@ def test_png_layout_on_s3_with_outputs_on_s3(tmp_path, s3_bucket):
     assert meta["epoch"] == 0 and meta["step"] == 3
 
 
-def test_packed_shards_source(tmp_path):
+def test_packed_shards_source_global_threshold_and_early_stopping(tmp_path):
+    """Shards as the data source (3-channel rgb mode), and in the same tiny run: --threshold-mode global
+    at 1.0 makes the reported F1 exactly 0 every epoch, so --patience 1 must stop after epoch 2 of 4."""
     from hpa.shards import pack
 
     data, split = make_data(tmp_path, n=24, size=32)
     commit_local_dataset(data, str(tmp_path / "committed"))
     pack(str(tmp_path / "committed"), str(tmp_path / "shards"), size=32, samples_per_shard=8)
     out = tmp_path / "out"
-    proc = run_train(train_cmd(tmp_path / "shards", split, out, "--size", 32, "--epochs", 1, "--batch-size", 6,
-                               "--color-mode", "rgb"))
-    check_katib_stdout(proc.stdout, 1)
-    assert "data: shards" in proc.stderr and "3 steps per epoch" in proc.stderr
+    proc = run_train(train_cmd(tmp_path / "shards", split, out, "--size", 32, "--epochs", 4, "--batch-size", 6,
+                               "--color-mode", "rgb", "--threshold-mode", "global", "--threshold", 1.0,
+                               "--patience", 1))
+    rows = check_katib_stdout(proc.stdout, 2)
+    assert [r["val_macro_f1"] for r in rows] == [0.0, 0.0]
+    assert "data: shards" in proc.stderr and "3 steps per epoch" in proc.stderr and "early stopping" in proc.stderr
+    metrics = pd.read_json(out / "metrics.json", typ="series")
+    assert metrics["stopped_early"] and metrics["epochs_run"] == 2 and metrics["best_epoch"] == 1
+    history = pd.read_csv(out / "history.csv")
+    assert (history["val_macro_f1_fitted"] > 0).all()  # the fitted-threshold F1 is still recorded
     preds = np.load(out / "val_predictions.npz")
     df = pd.read_csv(split, dtype=str)
     assert preds["ids"].tolist() == df.loc[df["fold"] == "0", "Id"].tolist()
     assert torch.load(out / "best.pt", weights_only=True)["in_chans"] == 3
+    assert pd.read_json(out / "thresholds.json", typ="series")["mode"] == "global"
 
 
 # --- pieces -------------------------------------------------------------------------------------------------
