@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -234,9 +235,8 @@ def local_png_root(cfg: TrainConfig, ids: list[str], dist: du.DistInfo) -> str:
 
     # Default: one cache per dataset URI in the node's temp dir, shared by the node's ranks (their work
     # dirs differ) and reused by later runs on the same node.
-    import hashlib
-
-    root = Path(cfg.cache_dir or Path(tempfile.gettempdir()) / f"hpa-png-{hashlib.sha256(cfg.data.encode()).hexdigest()[:12]}")
+    default = Path(tempfile.gettempdir()) / f"hpa-png-{hashlib.sha256(cfg.data.encode()).hexdigest()[:12]}"
+    root = Path(cfg.cache_dir or default)
     if dist.local_rank == 0:
         store = open_store(cfg.data)
         keys = [f"train/{i}_{c}.png" for i in ids for c in COLORS]
