@@ -36,12 +36,14 @@ sys.path.insert(0, str(ROOT))
 from components.check_params.component import check_params  # noqa: E402
 from components.compare_plots.component import compare_plots  # noqa: E402
 from components.download.component import download  # noqa: E402
+from components.katib_tune.component import katib_defaults, katib_tune  # noqa: E402
 from components.ensemble.component import ensemble  # noqa: E402
 from components.montage.component import montage  # noqa: E402
 from components.pack.component import pack  # noqa: E402
 from components.split.component import split  # noqa: E402
 from components.submit.component import submit  # noqa: E402
 from components.train_resnet18.component import train_resnet18  # noqa: E402
+from components.train_distributed.component import train_distributed  # noqa: E402
 from components.train_se_resnet.component import train_se_resnet  # noqa: E402
 from hpa.config import (  # noqa: E402
     KAGGLE_SECRET_KEYS, KAGGLE_SECRET_NAME, S3_DEFAULT_ENDPOINT, S3_SECRET_KEYS, S3_SECRET_NAME, PipelineConfig,
@@ -53,10 +55,10 @@ COMPILED = ROOT / "compiled" / "hpa_pipeline.yaml"
 COMPONENTS = ROOT / "components"
 DEFAULTS = PipelineConfig()
 # Run parameters that are not PipelineConfig fields (cluster plumbing), with their defaults.
-EXTRA_PARAMS = {"s3_endpoint": S3_DEFAULT_ENDPOINT, "node_selector": {}, "tolerations": []}
+EXTRA_PARAMS = {"s3_endpoint": S3_DEFAULT_ENDPOINT, "node_selector": {}, "tolerations": [], "tune": False}
 # PipelineConfig fields that the pipeline does not take yet. num_nodes belongs to the distributed
 # training branch (components/train_distributed), which hooks in at the marked place below.
-NOT_PARAMS = {"num_nodes"}
+NOT_PARAMS: set[str] = set()
 
 # Requests per kind of task (compile-time constants; the GPU limit is a run parameter).
 LIGHT = {"cpu": "1", "memory": "2Gi"}
@@ -109,6 +111,8 @@ def hpa_pipeline(
     ensemble_method: str = DEFAULTS.ensemble_method,
     gpus: int = DEFAULTS.gpus,
     accelerator_type: str = DEFAULTS.accelerator_type,
+    num_nodes: int = DEFAULTS.num_nodes,
+    tune: bool = EXTRA_PARAMS["tune"],
     node_selector: dict = EXTRA_PARAMS["node_selector"],
     tolerations: list = EXTRA_PARAMS["tolerations"],
     kaggle_submit: bool = DEFAULTS.kaggle_submit,
@@ -138,6 +142,8 @@ def hpa_pipeline(
         ensemble_method: How the two models are combined: mean, weighted (by val macro F1) or rank.
         gpus: GPUs per training task (0 = CPU only; the limit is still set, as 0).
         accelerator_type: Kubernetes resource name of the accelerator, e.g. nvidia.com/gpu or amd.com/gpu.
+        num_nodes: Training nodes per model; above 1 each model trains as a multi-node DDP TrainJob (Kubeflow Trainer, torch-distributed runtime) with `gpus` GPUs per node.
+        tune: Run a Katib Experiment first (needs Katib in the cluster); resnet18 then trains with its best lr, and both models and the ensemble use its best threshold and threshold_mode.
         node_selector: Node labels for the training pods as JSON, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = anywhere.
         tolerations: Tolerations for the training pods as a JSON list, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]; [] = none.
         kaggle_submit: Upload submission.csv to Kaggle (needs the kaggle-credentials secret).
@@ -171,29 +177,50 @@ def hpa_pipeline(
     _with_s3(_with_requests(shards, DOWNLOAD)).set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
     shards.set_caching_options(True)
 
-    # -- Training. Extension point for the katib engineer: a `katib_tune` task goes here (its best lr /
-    # threshold feeding the tasks below), and a `with dsl.If(num_nodes > 1)` / `dsl.Else()` pair can
-    # route to `train_distributed` with dsl.OneOf over the outputs (model, run, val_predictions,
-    # test_predictions, metrics). Keep `_as_training` on every training task.
+    # -- Training inputs (the tuning stage and the multi-node branch follow below).
     common = dict(
         data_uri=data_uri, shards_uri=shards.outputs["shards_uri"], split_csv=folds_task.outputs["split_csv"],
         val_fold=val_fold, image_size=image_size,
         color_mode=color_mode, epochs=epochs, batch_size=batch_size, loss=loss, threshold_mode=threshold_mode,
         threshold=threshold, tta=tta, seed=seed, s3_endpoint=s3_endpoint,
     )
-    resnet = train_resnet18(lr=lr_resnet18, **common)
-    se_resnet = train_se_resnet(lr=lr_se_resnet, **common)
-    for task in (resnet, se_resnet):
-        _as_training(task, gpus, accelerator_type, node_selector, tolerations)
+    # -- Tuning and training (katib engineer). Optional Katib tuning: its best lr / threshold / mode, or
+    # the run parameters unchanged (katib_defaults), feed training and ensemble. Training: one pod per
+    # model, or a multi-node DDP TrainJob per model when num_nodes > 1. dsl.OneOf takes the branch that ran.
+    with dsl.If(tune == True, name="katib-tune"):  # noqa: E712 - a pipeline condition, not Python
+        tuned = katib_tune(store_uri=store_uri, gpus=gpus, accelerator_type=accelerator_type,
+                           **{k: v for k, v in common.items() if k in katib_tune.component_spec.inputs})
+        _with_s3(_with_requests(tuned, LIGHT)).set_caching_options(False)
+    with dsl.Else(name="fixed-hparams"):
+        fixed = katib_defaults(lr=lr_resnet18, threshold=threshold, threshold_mode=threshold_mode)
+        _with_requests(fixed, LIGHT).set_caching_options(True)
+    hp = {k: dsl.OneOf(tuned.outputs[k], fixed.outputs[k]) for k in ("lr", "threshold", "threshold_mode")}
+    common.update(threshold_mode=hp["threshold_mode"], threshold=hp["threshold"])
 
-    compare = compare_plots(run_a=resnet.outputs["run"], run_b=se_resnet.outputs["run"],
+    with dsl.If(num_nodes > 1, name="multi-node"):
+        ddp_args = dict(store_uri=store_uri, num_nodes=num_nodes, gpus_per_node=gpus, accelerator_type=accelerator_type,
+                        **{k: v for k, v in common.items() if k in train_distributed.component_spec.inputs})
+        ddp_a = train_distributed(arch="resnet18", lr=hp["lr"], **ddp_args)
+        ddp_b = train_distributed(arch="se_resnet18", lr=lr_se_resnet, **ddp_args)
+        for task in (ddp_a, ddp_b):  # this task only launches and waits; the TrainJob's pods get the GPUs
+            _with_s3(_with_requests(task, LIGHT)).set_caching_options(True)
+    with dsl.Else(name="single-pod"):
+        resnet = train_resnet18(lr=hp["lr"], **common)
+        se_resnet = train_se_resnet(lr=lr_se_resnet, **common)
+        for task in (resnet, se_resnet):
+            _as_training(task, gpus, accelerator_type, node_selector, tolerations)
+    used = ("run", "val_predictions", "test_predictions")
+    model_a = {k: dsl.OneOf(ddp_a.outputs[k], resnet.outputs[k]) for k in used}
+    model_b = {k: dsl.OneOf(ddp_b.outputs[k], se_resnet.outputs[k]) for k in used}
+
+    compare = compare_plots(run_a=model_a["run"], run_b=model_b["run"],
                             name_a="resnet18", name_b="se_resnet")
     _with_requests(compare, LIGHT).set_caching_options(True)
 
     combined = ensemble(
-        val_a=resnet.outputs["val_predictions"], val_b=se_resnet.outputs["val_predictions"],
-        test_a=resnet.outputs["test_predictions"], test_b=se_resnet.outputs["test_predictions"],
-        method=ensemble_method, threshold_mode=threshold_mode, threshold=threshold,
+        val_a=model_a["val_predictions"], val_b=model_b["val_predictions"],
+        test_a=model_a["test_predictions"], test_b=model_b["test_predictions"],
+        method=ensemble_method, threshold_mode=hp["threshold_mode"], threshold=hp["threshold"],
     )
     _with_requests(combined, LIGHT).set_caching_options(True)
 
@@ -407,6 +434,29 @@ def check_arguments(overrides: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- run --local
+def _local_oneof_artifacts() -> None:
+    """kfp.local 2.17 resolves dsl.OneOf over parameters but raises on artifacts ("Expected 1 artifact in
+    ArtifactSelectorSpec"), which the training branch (num_nodes) needs. Take the artifact of the branch
+    that ran, as kfp.local already does for parameters. (KFP's cluster backend supports both.)"""
+    from kfp.local.orchestrator.orchestrator_utils import OrchestratorUtils
+
+    def get_dag_output_artifacts(dag_outputs_spec, io_store) -> dict:
+        outputs = {}
+        for key, spec in dag_outputs_spec.artifacts.items():
+            found = []
+            for selector in spec.artifact_selectors:
+                try:
+                    found.append(io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key))
+                except (KeyError, ValueError):
+                    continue  # that branch did not run
+            if len(found) != 1:
+                raise ValueError(f"dsl.OneOf output {key!r}: {len(found)} branches produced it, expected exactly 1")
+            outputs[key] = found[0]
+        return outputs
+
+    OrchestratorUtils.get_dag_output_artifacts = staticmethod(get_dag_output_artifacts)
+
+
 def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> dict:
     """Run the whole pipeline with kfp.local; returns {"submission", "report", "metrics", "elapsed_s", ...}."""
     import kfp.local
@@ -432,6 +482,7 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
             arguments.setdefault("store_uri", "s3://hpa-local/hpa-kfp")
             arguments.setdefault("s3_endpoint", server.endpoint)
         check_arguments(arguments)
+        _local_oneof_artifacts()
         kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "pipeline_root"),
                        raise_on_error=True)
         task = hpa_pipeline(**arguments)

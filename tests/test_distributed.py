@@ -196,3 +196,79 @@ def test_train_distributed_component_end_to_end(tmp_path, monkeypatch):
 
     val = np.load(tmp_path / "outputs" / "val_predictions", allow_pickle=False)
     assert val["probs"].shape[1] == 28 and "best_val_macro_f1" in outputs["metrics"].metadata
+
+
+def _compiled_pipeline() -> dict:
+    return next(yaml.safe_load_all((ROOT / "compiled" / "hpa_pipeline.yaml").read_text()))
+
+
+def _conditions(spec: dict, parameter: str) -> dict[str, list[str]]:
+    """condition text -> component names of the tasks it guards, for conditions on a run parameter."""
+    found = {}
+    for comp in spec["components"].values():
+        for task in comp.get("dag", {}).get("tasks", {}).values():
+            condition = task.get("triggerPolicy", {}).get("condition", "")
+            if f"pipelinechannel--{parameter}'" in condition:
+                inner = spec["components"][task["componentRef"]["name"]]["dag"]["tasks"]
+                found[condition] = sorted(t["componentRef"]["name"] for t in inner.values())
+    return found
+
+
+def test_compiled_pipeline_has_the_distributed_path():
+    """num_nodes > 1 routes both models to train-distributed (TrainJobs); otherwise the single-pod tasks."""
+    spec = _compiled_pipeline()
+    multi = "int(inputs.parameter_values['pipelinechannel--num_nodes']) > 1"
+    assert _conditions(spec, "num_nodes") == {
+        multi: ["comp-train-distributed", "comp-train-distributed-2"],
+        f"!({multi})": ["comp-train-resnet18", "comp-train-se-resnet"],
+    }
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["num_nodes"]["defaultValue"] == 1 and params["tune"]["defaultValue"] is False
+    archs = set()
+    for name in ("comp-train-distributed", "comp-train-distributed-2"):
+        assert spec["components"][name]["executorLabel"].startswith("exec-train-distributed")
+    for comp in spec["components"].values():
+        for task in comp.get("dag", {}).get("tasks", {}).values():
+            if task["componentRef"]["name"].startswith("comp-train-distributed"):
+                inputs = task["inputs"]["parameters"]
+                archs.add(inputs["arch"]["runtimeValue"]["constant"])
+                assert inputs["num_nodes"]["componentInputParameter"].endswith("num_nodes")
+                assert inputs["gpus_per_node"]["componentInputParameter"].endswith("gpus")
+    assert archs == {"resnet18", "se_resnet18"}
+    executor = spec["deploymentSpec"]["executors"]["exec-train-distributed"]["container"]
+    assert "train_distributed" in " ".join(executor["command"] + executor.get("args", []))
+
+
+def test_compiled_pipeline_has_the_optional_katib_stage():
+    spec = _compiled_pipeline()
+    tune = "inputs.parameter_values['pipelinechannel--tune'] == true"
+    assert _conditions(spec, "tune") == {tune: ["comp-katib-tune"], f"!({tune})": ["comp-katib-defaults"]}
+
+
+@pytest.mark.slow
+def test_pipeline_with_num_nodes_2_runs_the_distributed_path(tmp_path, monkeypatch):
+    """The whole pipeline under kfp.local with num_nodes=2: both models go through train-distributed,
+    whose TrainJobs are posted to the loopback stand-in API server (CRD-validated there) and run by its
+    `on_create` hook as the Trainer would (the TrainJob's own command, torchrun standalone on CPU);
+    compare, ensemble and submit then consume the distributed branch's outputs through dsl.OneOf."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.delenv("HPA_IMAGE", raising=False)
+    import pipeline
+
+    def run_trainjob(job):
+        trainer = job["spec"]["trainer"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+               *trainer["command"][1:], *trainer["args"], "--workers", "0", "--threads", "1", "--device", "cpu"]
+        subprocess.run(cmd, check=True, timeout=600, capture_output=True)
+
+    small = {"n_train": 120, "n_test": 40, "image_size": 32, "epochs": 1, "batch_size": 16, "folds": 3, "tta": 1,
+             "num_nodes": 2}
+    with FakeKubeAPI(polls=1, on_create=run_trainjob, lifetime=1200, max_requests=5000) as api:
+        monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "kubeconfig"))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        result = pipeline.run_local(small, tmp_path / "run")
+        posted = [(p["kind"], p["spec"]["trainer"]["numNodes"], p["spec"]["trainer"]["args"]) for p in api.posted]
+    assert sorted(args[args.index("--arch") + 1] for _, _, args in posted) == ["resnet18", "se_resnet18"]
+    assert all(kind == "TrainJob" and nodes == 2 for kind, nodes, _ in posted)
+    rows = Path(result["submission"]).read_text().splitlines()
+    assert rows[0] == "Id,Predicted" and len(rows) == 1 + small["n_test"]

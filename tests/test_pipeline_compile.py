@@ -62,20 +62,37 @@ def test_component_script_rewrites_its_yaml(tmp_path):
     assert (scratch / "component.yaml").read_bytes() == (ROOT / "components" / "split" / "component.yaml").read_bytes()
 
 
+def all_tasks(spec) -> dict:
+    """Every task, in the root DAG or nested in condition DAGs: name -> (task, root-level task holding it)."""
+    found = {}
+
+    def walk(dag, holder):
+        for name, task in dag["tasks"].items():
+            found[name] = (task, holder or name)
+            inner = spec["components"].get(task["componentRef"]["name"], {}).get("dag")
+            if inner:
+                walk(inner, holder or name)
+
+    walk(spec["root"]["dag"], None)
+    return found
+
+
 def test_stages_and_order(compiled):
     spec, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
+    nested = all_tasks(spec)
     for stage in STAGES:
-        assert stage in tasks, f"stage {stage} missing from the root DAG ({sorted(tasks)})"
+        assert stage in nested, f"stage {stage} missing from the pipeline ({sorted(nested)})"
+    holder = {stage: nested[stage][1] for stage in STAGES}  # the root-level task that runs each stage
     deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
     assert deps["check-params"] == set()
     assert "check-params" in deps["download"]
     assert "download" in deps["split"] and "download" in deps["pack"]
     for train in TRAINING:
-        assert {"download", "split", "pack"} <= deps[train]
-        assert not (set(TRAINING) - {train}) & deps[train], "the two models must train in parallel"
-    assert set(TRAINING) <= deps["compare-plots"]
-    assert set(TRAINING) <= deps["ensemble"]
+        assert {"download", "split", "pack"} <= deps[holder[train]]
+        own = set(nested[train][0].get("dependentTasks", []))
+        assert not (set(TRAINING) - {train}) & own, "the two models must train in parallel"
+        assert holder[train] in deps["compare-plots"] and holder[train] in deps["ensemble"]
     assert "ensemble" in deps["submit"]
 
 
@@ -94,15 +111,17 @@ def test_montage_only_when_plot_samples(compiled):
 
 def test_gpu_fields_bound_to_run_parameters(compiled):
     spec, _ = compiled
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = {name: task for name, (task, _) in all_tasks(spec).items()}
     for train in TRAINING:
         executor = spec["deploymentSpec"]["executors"][tasks[train]["componentRef"]["name"].replace("comp-", "exec-")]
         accel = executor["container"]["resources"]["accelerator"]
         assert accel["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
         assert accel["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}"
         params = tasks[train]["inputs"]["parameters"]
-        assert params["pipelinechannel--gpus"] == {"componentInputParameter": "gpus"}
-        assert params["pipelinechannel--accelerator_type"] == {"componentInputParameter": "accelerator_type"}
+        # In a condition DAG a run parameter arrives as that DAG's input "pipelinechannel--<name>".
+        assert params["pipelinechannel--gpus"]["componentInputParameter"] in ("gpus", "pipelinechannel--gpus")
+        assert params["pipelinechannel--accelerator_type"]["componentInputParameter"] in (
+            "accelerator_type", "pipelinechannel--accelerator_type")
         assert executor["container"]["resources"]["resourceCpuRequest"]
         assert executor["container"]["resources"]["resourceMemoryRequest"]
 
@@ -126,9 +145,11 @@ def test_kubernetes_settings(compiled):
         executor = k8s[f"exec-{train}"]
         shm = [m for m in executor["emptyDirMounts"] if m["mountPath"] == "/dev/shm"]
         assert shm and shm[0]["medium"] == "Memory"
-        assert executor["nodeSelector"]["nodeSelectorJson"] == {"componentInputParameter": "node_selector"}
-        assert executor["tolerations"][0]["tolerationJson"] == {"componentInputParameter": "tolerations"}
-    tasks = spec["root"]["dag"]["tasks"]
+        assert executor["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] in (
+            "node_selector", "pipelinechannel--node_selector")
+        assert executor["tolerations"][0]["tolerationJson"]["componentInputParameter"] in (
+            "tolerations", "pipelinechannel--tolerations")
+    tasks = {name: task for name, (task, _) in all_tasks(spec).items()}
     assert tasks["download"]["retryPolicy"]["maxRetryCount"] >= 1
     assert tasks["submit"]["cachingOptions"].get("enableCache", False) is False
     for stage in ["download", "split", "pack", "train-resnet18", "train-se-resnet", "ensemble", "compare-plots"]:
@@ -182,7 +203,7 @@ def test_submit_creates_a_run_with_kfp_client(pipeline_module, monkeypatch, caps
 
         def create_run_from_pipeline_package(self, package, arguments, run_name, experiment_name, namespace):
             spec = next(yaml.safe_load_all(Path(package).read_text()))
-            calls.update(arguments=arguments, experiment=experiment_name, tasks=sorted(spec["root"]["dag"]["tasks"]))
+            calls.update(arguments=arguments, experiment=experiment_name, tasks=sorted(all_tasks(spec)))
             return type("Run", (), {"run_id": "r-123"})()
 
     monkeypatch.setattr(kfp, "Client", FakeClient)
