@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -299,33 +300,63 @@ def component_readme(stage: str, module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- graph
+GPU_NOTE = "gpus x accelerator_type"
+
+
+def condition_text(condition: str) -> str:
+    """A compiled trigger condition in run-parameter terms: "!(int(...['pipelinechannel--num_nodes']) > 1)"
+    -> "not num_nodes > 1"."""
+    text = re.sub(r"(?:int\()?inputs\.parameter_values\['pipelinechannel--(\w+)'\]\)?", r"\1", condition)
+    text = text.replace(" == true", "")
+    return re.sub(r"^!\((.*)\)$", r"not \1", text)
+
+
 def pipeline_graph(compiled: Path = COMPILED) -> tuple[dict, dict]:
-    """(task -> upstream tasks, task -> note) from a compiled pipeline; tasks inside a dsl.If are
-    listed under their own names, with the condition as their note."""
+    """(task -> upstream tasks, task -> notes) from a compiled pipeline. Condition groups (dsl.If/Else,
+    nested) are expanded to the tasks inside them; a task's notes are its condition ("if ...") and
+    whether it requests the accelerator."""
     spec = next(yaml.safe_load_all(Path(compiled).read_text()))
     deps, notes = {}, {}
-    for name, task in spec["root"]["dag"]["tasks"].items():
-        upstream = task.get("dependentTasks", [])
-        if "triggerPolicy" in task:  # a dsl.If: expand to the tasks of its sub-DAG
-            condition = task["triggerPolicy"]["condition"].split("--")[-1].replace("'] == true", "")
-            for inner in spec["components"][task["componentRef"]["name"]]["dag"]["tasks"]:
-                deps[inner], notes[inner] = list(upstream), f"if {condition}"
-        else:
-            deps[name] = list(upstream)
+
+    def leaves(name: str, task: dict) -> list[str]:
+        component = spec["components"][task["componentRef"]["name"]]
+        if "dag" not in component:
+            return [name]
+        return [leaf for n, t in component["dag"]["tasks"].items() for leaf in leaves(n, t)]
+
+    def walk(tasks: dict, outer: list[str], condition: str | None) -> None:
+        for name, task in tasks.items():
+            upstream = outer + [leaf for u in task.get("dependentTasks", []) for leaf in leaves(u, tasks[u])]
+            trigger = task.get("triggerPolicy", {}).get("condition")
+            where = condition_text(trigger) if trigger else condition
+            component = spec["components"][task["componentRef"]["name"]]
+            if "dag" in component:
+                walk(component["dag"]["tasks"], upstream, where)
+                continue
+            deps[name] = upstream
             executor = spec["deploymentSpec"]["executors"][task["componentRef"]["name"].replace("comp-", "exec-", 1)]
+            task_notes = [f"if {where}"] if where else []
             if "accelerator" in executor["container"].get("resources", {}):
-                notes[name] = "gpus x accelerator_type"
+                task_notes.append(GPU_NOTE)
+            if task_notes:
+                notes[name] = task_notes
+
+    walk(spec["root"]["dag"]["tasks"], [], None)
     return deps, notes
+
+
+def is_conditional(task_notes: list[str]) -> bool:
+    return any(note.startswith("if ") for note in task_notes)
 
 
 def mermaid(compiled: Path = COMPILED) -> str:
     deps, notes = pipeline_graph(compiled)
     lines = ["flowchart LR"]
     for name in deps:
-        label = name + (f"<br/><i>{notes[name]}</i>" if name in notes else "")
+        label = name + "".join(f"<br/><i>{note}</i>" for note in notes.get(name, []))
         lines.append(f'    {name.replace("-", "_")}["{label}"]')
     for name, upstream in transitive_reduction(deps).items():
-        arrow = "-.->" if notes.get(name, "").startswith("if ") else "-->"
+        arrow = "-.->" if is_conditional(notes.get(name, [])) else "-->"
         lines += [f'    {u.replace("-", "_")} {arrow} {name.replace("-", "_")}' for u in upstream]
     return "\n".join(lines)
 
@@ -361,30 +392,30 @@ def render_graph(png: Path, compiled: Path = COMPILED) -> Path:
             if name not in depth and all(u in depth for u in upstream):
                 depth[name] = 1 + max((depth[u] for u in upstream), default=-1)
     columns = {}
-    for name in sorted(deps, key=lambda n: (not notes.get(n, "").startswith("if "), n)):  # conditional on top
+    for name in sorted(deps, key=lambda n: (not is_conditional(notes.get(n, [])), n)):  # conditional on top
         columns.setdefault(depth[name], []).append(name)
     pos = {n: (d * 2.4, (len(col) - 1) / 2 - i * 1.2) for d, col in columns.items() for i, n in enumerate(col)}
     fig, ax = plt.subplots(figsize=(2.1 * len(columns) + 0.4, 1.2 * max(map(len, columns.values())) + 1.4))
     boxes = {}
     for name, (x, y) in pos.items():
-        note = notes.get(name, "")
-        color = "#fde7c8" if note.startswith("if ") else "#d5e8f7" if note else "#e6f2e1"
-        boxes[name] = ax.text(x, y, name + (f"\n{note}" if note else ""), ha="center", va="center", fontsize=10,
+        task_notes = notes.get(name, [])
+        color = "#d5e8f7" if GPU_NOTE in task_notes else "#fde7c8" if task_notes else "#e6f2e1"
+        boxes[name] = ax.text(x, y, "\n".join([name, *task_notes]), ha="center", va="center", fontsize=10,
                               bbox=dict(boxstyle="round,pad=0.5", fc=color, ec="#333", lw=1.0,
-                                        linestyle="--" if note.startswith("if ") else "-"))
+                                        linestyle="--" if is_conditional(task_notes) else "-"))
     fig.canvas.draw()  # box patches get their size at draw time; arrows are clipped to them
     for name, upstream in transitive_reduction(deps).items():
         for u in upstream:
             ax.annotate("", xy=pos[name], xytext=pos[u], arrowprops=dict(
                 arrowstyle="-|>", color="#444", lw=1.3, shrinkA=3, shrinkB=3,
-                linestyle="--" if notes.get(name, "").startswith("if ") else "-",
+                linestyle="--" if is_conditional(notes.get(name, [])) else "-",
                 patchA=boxes[u].get_bbox_patch(), patchB=boxes[name].get_bbox_patch()))
     xs, ys = [x for x, _ in pos.values()], [y for _, y in pos.values()]
     ax.set_xlim(min(xs) - 1.2, max(xs) + 1.2)
     ax.set_ylim(min(ys) - 0.8, max(ys) + 0.8)
     ax.axis("off")
     ax.set_title(f"{PIPELINE_NAME}: blue = GPU task (run parameters gpus, accelerator_type), "
-                 "dashed = only when plot_samples", fontsize=10)
+                 "dashed = runs only when its condition holds", fontsize=10)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)

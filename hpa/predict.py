@@ -217,6 +217,13 @@ def predict(checkpoint, data, ids: str = "test", split_csv=None, fold=None, tta:
     return result
 
 
+def predict_val_and_test(checkpoint, data, split_csv, fold: int, val_out, test_out, **options) -> dict:
+    """The training stages' last step: TTA predictions of the validation fold (for thresholds and the
+    ensemble) and of the test set, from one checkpoint. `options` go to `predict` (tta, shards, ...)."""
+    return {"val": predict(checkpoint, data, "val", split_csv, fold, out=val_out, **options),
+            "test": predict(checkpoint, data, "test", out=test_out, **options)}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hpa predict", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt, local path or s3:// URI")

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -136,6 +137,29 @@ class TrainConfig:
     @property
     def in_chans(self) -> int:
         return 4 if self.color_mode == "rgby" else 3
+
+
+def numeric_metrics(run_dir) -> dict[str, float]:
+    """The numbers of a run's metrics.json (what the pipeline logs as KFP Metrics)."""
+    with open(Path(run_dir) / "metrics.json") as f:
+        summary = json.load(f)
+    return {k: float(v) for k, v in sorted(summary.items()) if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def train_and_predict(cfg: TrainConfig, model_out, val_out, test_out, tta: int = 1, shards=None,
+                      predict_data=None) -> dict[str, float]:
+    """The pipeline's training stage: train into `cfg.out` (a local run directory), move the best
+    checkpoint to `model_out`, drop `last.pt` (only resuming needs it), then write TTA predictions of the
+    validation fold and the test set. Returns the run's numeric metrics."""
+    from hpa.predict import predict_val_and_test
+
+    train(cfg)
+    run_dir = Path(cfg.out)
+    shutil.move(run_dir / "best.pt", model_out)  # the artifact may live on another filesystem
+    (run_dir / "last.pt").unlink(missing_ok=True)
+    predict_val_and_test(model_out, predict_data or cfg.data, cfg.split, cfg.fold, val_out, test_out, tta=tta,
+                         shards=shards, batch_size=cfg.batch_size, cache_dir=cfg.cache_dir, workers=cfg.workers)
+    return numeric_metrics(run_dir)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

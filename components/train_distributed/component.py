@@ -91,14 +91,14 @@ def train_distributed(
         s3_endpoint: S3 endpoint host:port for this task and the training pods; empty = the KFP MinIO service.
         timeout_s: Seconds to wait for the job before failing.
     """
-    import json
     import os
     import uuid
 
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
     from hpa import config, distributed, k8s, store
-    from hpa.predict import predict
+    from hpa.predict import predict_val_and_test
+    from hpa.train import numeric_metrics
 
     namespace = namespace or k8s.current_namespace()
     name = f"hpa-{arch.replace('_', '-')}-ddp-{uuid.uuid4().hex[:6]}"
@@ -122,15 +122,10 @@ def train_distributed(
     model.metadata.update({"arch": arch, "image_size": image_size, "color_mode": color_mode, "framework": "pytorch",
                            "job": f"{result['kind']} {namespace}/{result['name']}", "outputs": result["out"]})
 
-    common = dict(checkpoint=model.path, data=data_uri, shards=shards_uri or None, tta=tta, batch_size=batch_size)
-    predict(ids="val", split_csv=split_csv.path, fold=val_fold, out=val_predictions.path, **common)
-    predict(ids="test", out=test_predictions.path, **common)
-
-    with open(os.path.join(run.path, "metrics.json")) as f:
-        summary = json.load(f)
-    for key, value in sorted(summary.items()):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(key, float(value))
+    predict_val_and_test(model.path, data_uri, split_csv.path, val_fold, val_predictions.path, test_predictions.path,
+                         tta=tta, shards=shards_uri or None, batch_size=batch_size)
+    for key, value in numeric_metrics(run.path).items():
+        metrics.log_metric(key, value)
     metrics.log_metric("num_nodes", float(num_nodes))
     metrics.log_metric("gpus_per_node", float(gpus_per_node))
 

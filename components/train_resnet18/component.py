@@ -74,44 +74,27 @@ def train_resnet18(
         seed: Random seed.
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
     """
-    import json
     import os
-    import shutil
     import tempfile
 
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
-    from hpa.predict import predict
-    from hpa.train import TrainConfig, train
+    from hpa.train import TrainConfig, train_and_predict
 
     os.makedirs(run.path, exist_ok=True)
-    cache = tempfile.mkdtemp(prefix="hpa-cache-")  # image/shard cache: outside the run artifact
     # DataLoader workers: up to 4, leaving a core for the training loop (a pod sees its node's cores, so cap).
     workers = min(4, max(0, len(os.sched_getaffinity(0)) - 1))
-    config = TrainConfig(
-        data=shards_uri or data_uri, split=split_csv.path, fold=val_fold, arch=arch, size=image_size, color_mode=color_mode,
-        epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, threshold_mode=threshold_mode,
-        threshold=threshold, seed=seed, out=run.path, cache_dir=cache, workers=workers,
-    )
-    train(config)
-    # The best checkpoint is the Model artifact; the run directory keeps only the small files.
-    shutil.move(os.path.join(run.path, "best.pt"), model.path)
-    if os.path.exists(os.path.join(run.path, "last.pt")):
-        os.remove(os.path.join(run.path, "last.pt"))
+    with tempfile.TemporaryDirectory(prefix="hpa-cache-") as cache:  # image/shard cache: outside the run artifact
+        config = TrainConfig(
+            data=shards_uri or data_uri, split=split_csv.path, fold=val_fold, arch=arch, size=image_size,
+            color_mode=color_mode, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
+            threshold_mode=threshold_mode, threshold=threshold, seed=seed, out=run.path, cache_dir=cache, workers=workers,
+        )
+        summary = train_and_predict(config, model.path, val_predictions.path, test_predictions.path, tta=tta,
+                                    shards=shards_uri or None, predict_data=data_uri)
     model.metadata.update({"arch": arch, "image_size": image_size, "color_mode": color_mode, "framework": "pytorch"})
-
-    common = dict(checkpoint=model.path, data=data_uri, shards=shards_uri or None, tta=tta, batch_size=batch_size,
-                  cache_dir=cache, workers=workers)
-    predict(ids="val", split_csv=split_csv.path, fold=val_fold, out=val_predictions.path, **common)
-    predict(ids="test", out=test_predictions.path, **common)
-
-    shutil.rmtree(cache, ignore_errors=True)
-    with open(os.path.join(run.path, "metrics.json")) as f:
-        summary = json.load(f)
-    for key, value in sorted(summary.items()):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(key, float(value))
-
+    for key, value in summary.items():
+        metrics.log_metric(key, value)
 
 if __name__ == "__main__":
     compiler.Compiler().compile(train_resnet18, str(Path(__file__).with_name("component.yaml")))

@@ -1,0 +1,44 @@
+"""The pipeline picture and mermaid block are drawn from the compiled YAML, condition groups expanded."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pipeline  # noqa: E402
+
+
+@pytest.mark.parametrize("compiled,expected", [
+    ("inputs.parameter_values['pipelinechannel--plot_samples'] == true", "plot_samples"),
+    ("!(inputs.parameter_values['pipelinechannel--tune'] == true)", "not tune"),
+    ("int(inputs.parameter_values['pipelinechannel--num_nodes']) > 1", "num_nodes > 1"),
+    ("!(int(inputs.parameter_values['pipelinechannel--num_nodes']) > 1)", "not num_nodes > 1"),
+])
+def test_condition_text(compiled, expected):
+    assert pipeline.condition_text(compiled) == expected
+
+
+def test_graph_expands_nested_condition_groups():
+    deps, notes = pipeline.pipeline_graph()
+    # Only executor tasks, never the compiler's group names.
+    assert not [name for name in deps if name.startswith("condition")]
+    assert notes["montage"] == ["if plot_samples"]
+    assert notes["katib-tune"] == ["if tune"] and notes["katib-defaults"] == ["if not tune"]
+    assert notes["train-resnet18"] == ["if not num_nodes > 1", pipeline.GPU_NOTE]
+    assert notes["train-distributed"] == ["if num_nodes > 1"]
+    for unconditional in ("check-params", "download", "split", "pack", "compare-plots", "ensemble", "submit"):
+        assert unconditional not in notes, unconditional
+    # Edges into and out of the groups reach the tasks inside them.
+    assert {"katib-tune", "katib-defaults"} <= set(deps["train-resnet18"])
+    assert {"train-resnet18", "train-distributed"} <= set(deps["ensemble"])
+    assert set(deps["submit"]) == {"download", "ensemble"}  # data_uri for the sample submission
+
+
+def test_docs_mermaid_matches_the_compiled_pipeline():
+    doc = (ROOT / "docs" / "cluster.md").read_text()
+    block = re.search(r"```mermaid\n(.*?)\n```", doc, re.S).group(1)
+    assert block == pipeline.mermaid(), "docs/cluster.md is stale: run `python pipeline.py graph`"
