@@ -7,7 +7,7 @@ generated from the same defaults instead of hand-kept copies.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Image reference for every component; override at compile time with HPA_IMAGE (see images/README.md).
 DEFAULT_IMAGE = "ghcr.io/hpa-kfp/hpa-kfp:0.1.0"
@@ -93,3 +93,25 @@ class PipelineConfig:
         need(self.num_nodes >= 1, "num_nodes", "an integer >= 1")
         need(self.seed >= 0, "seed", "an integer >= 0")
         return self
+
+
+@dataclass
+class TrainJobArgs:
+    """The `python -m hpa train` arguments that the in-cluster launchers (Katib trials, multi-node
+    jobs) fix for every pod; defaults follow PipelineConfig so that every rendered manifest agrees."""
+
+    data: str = field(default_factory=lambda: f"{PipelineConfig().store_uri}/data")
+    split: str = field(default_factory=lambda: f"{PipelineConfig().store_uri}/split/split.csv")
+    fold: int = field(default_factory=lambda: PipelineConfig().val_fold)
+    arch: str = "resnet18"
+    size: int = field(default_factory=lambda: PipelineConfig().image_size)
+    epochs: int = field(default_factory=lambda: PipelineConfig().epochs)
+    batch_size: int = field(default_factory=lambda: PipelineConfig().batch_size)
+    color_mode: str = field(default_factory=lambda: PipelineConfig().color_mode)
+    loss: str = field(default_factory=lambda: PipelineConfig().loss)
+    seed: int = field(default_factory=lambda: PipelineConfig().seed)
+
+    def fixed_train_args(self) -> list[str]:
+        return ["--data", self.data, "--split", self.split, "--fold", str(self.fold), "--arch", self.arch,
+                "--size", str(self.size), "--epochs", str(self.epochs), "--batch-size", str(self.batch_size),
+                "--color-mode", self.color_mode, "--loss", self.loss, "--seed", str(self.seed)]

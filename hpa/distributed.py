@@ -38,7 +38,7 @@ def _pc() -> config.PipelineConfig:
 
 
 @dataclass
-class DistributedConfig:
+class DistributedConfig(config.TrainJobArgs):
     """Cluster shape plus the `python -m hpa train` options (defaults from PipelineConfig)."""
 
     name: str = "hpa-train-ddp"
@@ -55,16 +55,6 @@ class DistributedConfig:
     runtime: str = "torch-distributed"  # ClusterTrainingRuntime shipped with Kubeflow Trainer
     restart_policy: str = "OnFailure"  # PyTorchJob replicas
     s3_endpoint: str = config.S3_DEFAULT_ENDPOINT
-    data: str = field(default_factory=lambda: f"{_pc().store_uri}/data")
-    split: str = field(default_factory=lambda: f"{_pc().store_uri}/split/split.csv")
-    fold: int = field(default_factory=lambda: _pc().val_fold)
-    arch: str = "resnet18"
-    size: int = field(default_factory=lambda: _pc().image_size)
-    epochs: int = field(default_factory=lambda: _pc().epochs)
-    batch_size: int = field(default_factory=lambda: _pc().batch_size)
-    color_mode: str = field(default_factory=lambda: _pc().color_mode)
-    loss: str = field(default_factory=lambda: _pc().loss)
-    seed: int = field(default_factory=lambda: _pc().seed)
     lr: float = field(default_factory=lambda: _pc().lr_resnet18)
     threshold_mode: str = field(default_factory=lambda: _pc().threshold_mode)
     threshold: float = field(default_factory=lambda: _pc().threshold)
@@ -96,9 +86,7 @@ def validate_config(cfg: DistributedConfig) -> DistributedConfig:
 
 def train_args(cfg: DistributedConfig) -> list[str]:
     return [
-        "--data", cfg.data, "--split", cfg.split, "--fold", str(cfg.fold), "--arch", cfg.arch,
-        "--size", str(cfg.size), "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size),
-        "--color-mode", cfg.color_mode, "--loss", cfg.loss, "--seed", str(cfg.seed),
+        *cfg.fixed_train_args(),
         "--lr", f"{cfg.lr:g}", "--threshold-mode", cfg.threshold_mode, "--threshold", f"{cfg.threshold:g}",
         "--out", cfg.out,
         "--resume",  # a restarted pod (eviction, OnFailure) continues from <out>/last.pt

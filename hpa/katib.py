@@ -53,23 +53,13 @@ def _pc() -> config.PipelineConfig:
 
 
 @dataclass
-class KatibConfig:
+class KatibConfig(config.TrainJobArgs):
     """Everything the rendered Experiment depends on; defaults follow PipelineConfig."""
 
     name: str = "hpa-lr-threshold"
     namespace: str = "kubeflow"
     image: str = ""  # empty: hpa.config.cuda_image() when gpus > 0, else hpa.config.image()
-    data: str = field(default_factory=lambda: f"{_pc().store_uri}/data")
-    split: str = field(default_factory=lambda: f"{_pc().store_uri}/split/split.csv")
     out_prefix: str = field(default_factory=lambda: f"{_pc().store_uri}/katib")  # trial i writes <out_prefix>/<trial name>
-    fold: int = field(default_factory=lambda: _pc().val_fold)
-    arch: str = "resnet18"
-    size: int = field(default_factory=lambda: _pc().image_size)
-    epochs: int = field(default_factory=lambda: _pc().epochs)
-    batch_size: int = field(default_factory=lambda: _pc().batch_size)
-    color_mode: str = field(default_factory=lambda: _pc().color_mode)
-    loss: str = field(default_factory=lambda: _pc().loss)
-    seed: int = field(default_factory=lambda: _pc().seed)
     algorithm: str = "tpe"
     max_trials: int = 12
     parallel_trials: int = 3
@@ -162,9 +152,7 @@ TRIAL_PARAMETERS = [
 def train_args(cfg: KatibConfig) -> list[str]:
     """Arguments of `python -m hpa train` with Katib's ${trialParameters.*} placeholders."""
     return [
-        "--data", cfg.data, "--split", cfg.split, "--fold", str(cfg.fold), "--arch", cfg.arch,
-        "--size", str(cfg.size), "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size),
-        "--color-mode", cfg.color_mode, "--loss", cfg.loss, "--seed", str(cfg.seed),
+        *cfg.fixed_train_args(),
         "--lr", "${trialParameters.lr}", "--threshold", "${trialParameters.threshold}",
         "--threshold-mode", "${trialParameters.thresholdMode}", "--out", f"{cfg.out_prefix}/${{trialParameters.trialName}}",
     ]
