@@ -155,6 +155,7 @@ def train_args(cfg: KatibConfig) -> list[str]:
         *cfg.fixed_train_args(),
         "--lr", "${trialParameters.lr}", "--threshold", "${trialParameters.threshold}",
         "--threshold-mode", "${trialParameters.thresholdMode}", "--out", f"{cfg.out_prefix}/${{trialParameters.trialName}}",
+        "--metric-timestamps",  # the collector stores each value at its line's time: epochs in time order
     ]
 
 

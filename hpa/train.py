@@ -6,7 +6,8 @@ KFP component and as a Katib trial.
 
 Contracts kept here:
 - stdout carries exactly one line per epoch, `epoch=3 train_loss=0.1234 val_loss=0.1345 val_macro_f1=0.4567`
-  (Katib's StdOut collector parses every `name=number` on stdout); everything else goes to stderr.
+  (Katib's StdOut collector parses every `name=number` on stdout), led by an RFC3339 UTC time with
+  --metric-timestamps (Katib trials use it); everything else goes to stderr.
 - Outputs under --out (local dir or s3://), written by rank 0 only, each atomically: last.pt, best.pt,
   history.csv, val_predictions.npz, thresholds.json, config.json, metrics.json.
 - `last.pt` is written each epoch and every --checkpoint-every-steps steps, with everything needed to
@@ -92,6 +93,7 @@ class TrainConfig:
     threads: int = 0                # torch.set_num_threads (0 = torch's default)
     device: str = "auto"            # auto | cpu | cuda
     deterministic: bool = False     # torch.use_deterministic_algorithms (exact resume tests)
+    metric_timestamps: bool = False  # prefix the metric line with an RFC3339 UTC time (Katib orders by it)
     checkpoint_every_steps: int = 0  # also write last.pt every K optimizer steps (0 = per epoch only)
     resume: bool = False            # continue from <out>/last.pt when it exists
     val_batch_size: int = 0         # 0 = 2 x batch_size
@@ -137,6 +139,17 @@ class TrainConfig:
     @property
     def in_chans(self) -> int:
         return 4 if self.color_mode == "rgby" else 3
+
+
+def metric_line(epoch: int, train_loss: float, val_loss: float, val_macro_f1: float, timestamp: bool = False) -> str:
+    """The epoch line in Katib's StdOut format; with `timestamp`, led by an RFC3339 UTC time, which Katib's
+    collector takes as the observation time (without one, every value gets the zero time)."""
+    line = f"epoch={epoch} train_loss={train_loss:.4f} val_loss={val_loss:.4f} val_macro_f1={val_macro_f1:.4f}"
+    if timestamp:
+        from datetime import datetime, timezone
+
+        line = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ ") + line
+    return line
 
 
 def numeric_metrics(run_dir) -> dict[str, float]:
@@ -198,6 +211,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=defaults.threads)
     p.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"))
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=defaults.deterministic)
+    p.add_argument("--metric-timestamps", action=argparse.BooleanOptionalAction, default=defaults.metric_timestamps,
+                   help="start each epoch line with an RFC3339 UTC time; Katib's StdOut collector stores it "
+                        "with the values, so epochs are ordered by time rather than by insertion")
     p.add_argument("--checkpoint-every-steps", type=int, default=defaults.checkpoint_every_steps)
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=defaults.resume)
     p.add_argument("--val-batch-size", type=int, default=defaults.val_batch_size)
@@ -741,8 +757,7 @@ class Trainer:
                "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3)}
         if self.dist.is_main:
             # The only stdout line: Katib's StdOut collector reads it.
-            print(f"epoch={epoch} train_loss={train_loss:.4f} val_loss={val['loss']:.4f} val_macro_f1={val['f1']:.4f}",
-                  flush=True)
+            print(metric_line(epoch, train_loss, val["loss"], val["f1"], self.cfg.metric_timestamps), flush=True)
             if self.tb is not None:
                 for k in HISTORY_FIELDS[1:]:
                     self.tb.add_scalar(k, row[k], epoch)

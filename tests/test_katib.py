@@ -248,3 +248,22 @@ def test_best_trial_without_assignments_is_a_clear_error():
     exp["status"] = {"currentOptimalTrial": {"parameterAssignments": [{"name": "lr", "value": "0.1"}]}}
     with pytest.raises(k8s.ClusterError, match=r"lacks \['threshold', 'threshold_mode'\]"):
         katib.best_trial(exp)
+
+
+def test_timestamped_metric_line_gives_katib_its_time_and_the_same_metrics():
+    """Trials print `<RFC3339 UTC> epoch=...`: Katib's collector takes the first token as the observation
+    time; the filters still extract exactly val_loss and val_macro_f1, and the default regex sees no extra
+    name=value in the timestamp."""
+    from datetime import datetime
+
+    from hpa.train import metric_line
+
+    line = metric_line(3, 0.1234, 0.1345, 0.4567, timestamp=True)
+    stamp, rest = line.split(" ", 1)
+    assert rest == metric_line(3, 0.1234, 0.1345, 0.4567) == "epoch=3 train_loss=0.1234 val_loss=0.1345 val_macro_f1=0.4567"
+    datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ")
+    found = {m.group(1): float(m.group(2)) for regex in katib.METRIC_FILTERS for m in re.finditer(regex, line)}
+    assert found == {"val_loss": 0.1345, "val_macro_f1": 0.4567}
+    assert [m.group(1) for m in re.finditer(katib.KATIB_DEFAULT_FILTER, line)] == [
+        "epoch", "train_loss", "val_loss", "val_macro_f1"]
+    assert "--metric-timestamps" in katib.train_args(katib.KatibConfig())

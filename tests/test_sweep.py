@@ -70,7 +70,13 @@ def test_trial_command_substitutes_and_overrides():
     cmd = sweep.trial_command(spec, {"lr": 0.00042, "threshold": 0.25, "threshold_mode": "global"}, "t-001",
                               {"data": "/d", "epochs": "1", "threads": "1"}, "/w/runs")
     assert cmd[0] == sys.executable and "${" not in " ".join(cmd)
-    opts = dict(zip(cmd[4::2], cmd[5::2]))
+    opts, rest = {}, cmd[4:]
+    while rest:  # `--flag value` pairs, and bare switches such as --metric-timestamps
+        if len(rest) > 1 and not rest[1].startswith("--"):
+            opts[rest[0]], rest = rest[1], rest[2:]
+        else:
+            opts[rest[0]], rest = True, rest[1:]
+    assert opts["--metric-timestamps"] is True
     assert opts["--lr"] == "0.00042" and opts["--threshold"] == "0.25" and opts["--threshold-mode"] == "global"
     assert opts["--data"] == "/d" and opts["--epochs"] == "1" and opts["--threads"] == "1" and opts["--out"] == "/w/runs/t-001"
 
@@ -167,7 +173,11 @@ def test_real_sweep_of_hpa_train_on_cpu(tmp_path):
     assert set(best["params"]) == {"lr", "threshold", "threshold_mode"}
     # Each trial's stdout, parsed with Katib's default regex: val_macro_f1 and val_loss once per epoch.
     for row in rows:
-        lines = [ln for ln in Path(row["log"]).read_text().splitlines() if ln.startswith("epoch=")]
+        log = [ln for ln in Path(row["log"]).read_text().splitlines() if "epoch=" in ln]
+        # Trials run with --metric-timestamps: every epoch line leads with the RFC3339 time Katib stores.
+        stamped = [re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z (epoch=.*)$", ln) for ln in log]
+        assert all(stamped), log
+        lines = [m.group(1) for m in stamped]
         parsed = [{m.group(1): float(m.group(2)) for m in re.finditer(KATIB_REGEX, ln)} for ln in lines]
         assert len(parsed) == int(row["epochs"]) >= 1
         assert [p["epoch"] for p in parsed] == list(range(1, len(parsed) + 1))
