@@ -10,11 +10,15 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hpa.errors import DataError
 from hpa.labels import CLASS_NAMES, NUM_CLASSES
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -130,11 +134,12 @@ def exists_uri(uri: str | os.PathLike) -> bool:
 
 def read_uri(uri: str | os.PathLike) -> bytes:
     """Bytes of a local file or an s3:// object; a missing one is a one-line DataError naming it."""
-    from hpa.store import read_bytes
+    from hpa.store import StoreNotFoundError, read_bytes
 
-    if not exists_uri(uri):
-        raise DataError(f"{uri}: file not found")
-    return read_bytes(uri)
+    try:
+        return read_bytes(uri)
+    except StoreNotFoundError:
+        raise DataError(f"{uri}: file not found") from None
 
 
 def write_uri(uri: str | os.PathLike, data: bytes) -> str:

@@ -54,6 +54,10 @@ class StoreUnreachableError(StoreError):
     """The S3 endpoint could not be reached (connection refused/reset, timeout) after every retry."""
 
 
+class StoreNotFoundError(StoreError):
+    """The object does not exist (callers that treat "missing" specially catch this, without asking first)."""
+
+
 # -- hashing and keys ------------------------------------------------------------------------------
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -364,7 +368,7 @@ class LocalStore(Store):
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise StoreError(f"no such object: {path}") from None
+            raise StoreNotFoundError(f"no such object: {path}") from None
         self._check_sha(key, sha256_bytes(data), sha256)
         return data
 
@@ -378,7 +382,7 @@ class LocalStore(Store):
         try:
             return self._path(key).stat().st_size
         except FileNotFoundError:
-            raise StoreError(f"no such object: {self._path(key)}") from None
+            raise StoreNotFoundError(f"no such object: {self._path(key)}") from None
 
     def list_sizes(self, prefix: str = "") -> dict[str, int]:
         prefix = _clean_prefix(prefix)
@@ -511,7 +515,8 @@ class S3Store(Store):
         else:
             detail = f"{code}: {exc.message}" if code else f"{type(exc).__name__}: {exc}"
             msg = f"S3 {what} {target} failed: {detail}"
-        kind = StoreUnreachableError if code is None and _connection_error(exc) else StoreError
+        kind = (StoreUnreachableError if code is None and _connection_error(exc)
+                else StoreNotFoundError if code == "NoSuchKey" else StoreError)
         return kind(redact(msg, s["access_key"], s["secret_key"]).splitlines()[0])
 
     def _diagnose(self) -> str | None:
@@ -628,7 +633,7 @@ class S3Store(Store):
     def size(self, key: str) -> int:
         st = self._stat(key)
         if st is None:
-            raise StoreError(f"no such object: {self.join(key)}")
+            raise StoreNotFoundError(f"no such object: {self.join(key)}")
         return int(st.size)
 
     def stored_sha256(self, key: str) -> str | None:
