@@ -292,7 +292,7 @@ def component_readme(stage: str, module) -> str:
     for name, out in (spec.outputs or {}).items():
         lines.append(f"| `{name}` | {type_name(out.type)} | {described.get(name, '')} |")
     lines += ["", "## Example", "", "The same stage without Kubeflow:", "", "```bash", module.CLI_EXAMPLE.strip(), "```",
-              "", f"In a pipeline (see `pipeline.py` for the wiring, resources and secrets):", "", "```python",
+              "", "In a pipeline (see `pipeline.py` for the wiring, resources and secrets):", "", "```python",
               f"from components.{stage}.component import {stage}", "", module.PIPELINE_EXAMPLE.strip(), "```", "",
               f"`python components/{stage}/component.py` rewrites `component.yaml` (image: `HPA_IMAGE`, default "
               "`hpa.config.DEFAULT_IMAGE`); `python pipeline.py compile` rewrites it together with this README.", ""]

@@ -22,7 +22,6 @@ What is asserted, and on what data:
 import json
 import time
 
-import numpy as np
 import pytest
 import torch
 

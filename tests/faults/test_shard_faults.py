@@ -69,16 +69,16 @@ def test_pack_killed_midway_then_rerun_gives_the_same_shards(raw, s3_bucket, tmp
     done = [k for k in stored if k.endswith(".tar")]
     print(f"killed after {len(done)} of 40 shards")
     assert "shards.json" not in stored and 3 <= len(done) < 40          # not committed
-    reference = shards.pack(data_uri, s3_bucket + "reference", SIZE, samples_per_shard=1)
-    ref_doc = json.loads(store.open_store(s3_bucket + "reference/train").get_bytes("shards.json"))
+    shards.pack(data_uri, s3_bucket + "reference", SIZE, samples_per_shard=1)
+    reference = store.open_store(s3_bucket + "reference/train")
+    ref_doc = json.loads(reference.get_bytes("shards.json"))
     by_name = {s["name"]: s["sha256"] for s in ref_doc["shards"]}
     for key in done:                               # whatever is under a final name is whole
         assert split_store.stored_sha256(key) == by_name[key]
         assert store.sha256_bytes(split_store.get_bytes(key)) == by_name[key]
     again = shards.pack(data_uri, out, SIZE, samples_per_shard=1)
     assert again["skipped_shards"] >= len(done) - 1 and again["num_shards"] == 40
-    assert split_store.get_bytes("shards.json") == \
-        store.open_store(s3_bucket + "reference/train").get_bytes("shards.json")
+    assert split_store.get_bytes("shards.json") == reference.get_bytes("shards.json")
     verify_all(out, tmp_path / "cache")
 
 
