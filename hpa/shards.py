@@ -284,14 +284,13 @@ def _build_shard(task: _ShardTask) -> dict:
 
     src, dst = open_store(task.data_uri), open_store(task.out_uri)
     index_key = _index_name(task.name)
-    if dst.exists(index_key):
-        try:
-            index = json.loads(dst.get_bytes(index_key))
-        except (ValueError, StoreError):
-            index = {}
-        # stored_sha256: recorded at write on S3, re-hashed locally
-        if index.get("fingerprint") == task.fingerprint and dst.stored_sha256(task.name) == index.get("sha256"):
-            return {**index, "skipped": True}
+    try:
+        index = json.loads(dst.get_bytes(index_key))
+    except (ValueError, StoreError):  # missing (StoreNotFoundError) or unreadable: build the shard
+        index = {}
+    # stored_sha256: recorded at write on S3, re-hashed locally
+    if index.get("fingerprint") == task.fingerprint and dst.stored_sha256(task.name) == index.get("sha256"):
+        return {**index, "skipped": True}
     with tempfile.TemporaryDirectory(prefix="hpa-pack-") as tmp:
         path = os.path.join(tmp, task.name)
         info = write_shard(path, _load_images(src, task, tmp))

@@ -308,10 +308,8 @@ class Store:
     def read_manifest(self, name: str = MANIFEST) -> dict:
         try:
             doc = json.loads(self.get_bytes(name))
-        except StoreError as exc:
-            if not self.exists(name):
-                raise StoreError(f"not a committed dataset: {self.join(name)} does not exist") from None
-            raise exc
+        except StoreNotFoundError:
+            raise StoreError(f"not a committed dataset: {self.join(name)} does not exist") from None
         except ValueError:
             raise StoreError(f"not a committed dataset: {self.join(name)} is not valid JSON") from None
         if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or "objects" not in doc:
