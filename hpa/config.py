@@ -7,6 +7,7 @@ generated from the same defaults instead of hand-kept copies.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 # Image reference for every component; override at compile time with HPA_IMAGE (see images/README.md).
@@ -25,7 +26,31 @@ def cuda_image() -> str:
 # KFP's object store conventions (the secret every Kubeflow install has).
 S3_SECRET_NAME = "mlpipeline-minio-artifact"
 S3_SECRET_KEYS = {"accesskey": "HPA_S3_ACCESS_KEY", "secretkey": "HPA_S3_SECRET_KEY"}
-S3_DEFAULT_ENDPOINT = "minio-service.kubeflow:9000"
+# KFP >= 2.15 serves SeaweedFS; 2.16 removed minio-service ("Remove minio", kubeflow/pipelines#12613).
+# seaweedfs.kubeflow:9000 is the S3 port kept "for backward compatibility with configs that expect the
+# legacy port" (kubeflow/pipelines 2.16.0 manifests/kustomize/third-party/seaweedfs/base/seaweedfs/
+# seaweedfs-service.yaml; 8333 is SeaweedFS's own S3 port on the same Service), and the backend's own
+# default (2.17.0 backend/src/v2/objectstore/config.go DefaultEndpointInMultiUserMode).
+S3_DEFAULT_ENDPOINT = "seaweedfs.kubeflow:9000"
+# In multi-user KFP >= 2.15 each profile's mlpipeline-minio-artifact keys may only touch
+# mlpipeline/{artifacts,shared}/ and mlpipeline/{private,private-artifacts}/<namespace>/
+# (kubeflow/pipelines 2.17.0 manifests/kustomize/base/installs/multi-user/pipelines-profile-controller/sync.py,
+# put_user_policy). The default store prefix is therefore the run's own namespace's private prefix;
+# NAMESPACE_FIELD is replaced by the namespace the task runs in (standalone KFP: kubeflow).
+NAMESPACE_FIELD = "{namespace}"
+DEFAULT_STORE_URI = "s3://mlpipeline/private/" + NAMESPACE_FIELD + "/hpa-kfp"
+
+
+def expand_store_uri(uri: str, namespace: str) -> str:
+    """`uri` with every {namespace} replaced by `namespace` (a DNS label); other braces are an error."""
+    from hpa.errors import ConfigError
+
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", namespace or ""):
+        raise ConfigError(f"namespace {namespace!r}: expected a Kubernetes namespace name (a DNS label)")
+    expanded = uri.replace(NAMESPACE_FIELD, namespace)
+    if "{" in expanded or "}" in expanded:
+        raise ConfigError(f"store_uri {uri!r}: the only placeholder allowed is {NAMESPACE_FIELD}")
+    return expanded
 KAGGLE_SECRET_NAME = "kaggle-credentials"
 KAGGLE_SECRET_KEYS = {"username": "KAGGLE_USERNAME", "key": "KAGGLE_KEY"}
 
@@ -35,7 +60,7 @@ class PipelineConfig:
     """Defaults of the pipeline's run parameters (the values a user sees in the KFP UI)."""
 
     data_source: str = "synthetic"
-    store_uri: str = "s3://mlpipeline/hpa-kfp"
+    store_uri: str = DEFAULT_STORE_URI
     n_train: int = 600
     n_test: int = 200
     image_size: int = 64
@@ -72,6 +97,8 @@ class PipelineConfig:
 
         need(bool(self.data_source.strip()), "data_source", "synthetic, a directory, s3://..., https://... or kaggle:<competition>")
         need(bool(self.store_uri.strip()), "store_uri", "a store URI such as s3://bucket/prefix or a local directory")
+        need("{" not in self.store_uri.replace(NAMESPACE_FIELD, "") and "}" not in self.store_uri.replace(NAMESPACE_FIELD, ""),
+             "store_uri", f"a store URI whose only placeholder is {NAMESPACE_FIELD}")
         need(self.n_train >= 0, "n_train", "an integer >= 0 (0 = all images of a real dataset)")
         need(self.n_test >= 0, "n_test", "an integer >= 0 (0 = all images of a real dataset)")
         need(self.image_size >= 32 and self.image_size % 32 == 0, "image_size", "a positive multiple of 32 (32, 64, ..., 512)")
@@ -115,3 +142,28 @@ class TrainJobArgs:
         return ["--data", self.data, "--split", self.split, "--fold", str(self.fold), "--arch", self.arch,
                 "--size", str(self.size), "--epochs", str(self.epochs), "--batch-size", str(self.batch_size),
                 "--color-mode", self.color_mode, "--loss", self.loss, "--seed", str(self.seed)]
+
+
+def pod_settings(cfg: PipelineConfig, multi_node: bool, namespace: str, cpu_image: str, cuda_image: str) -> dict:
+    """The training pods' settings derived from validated run parameters, as the KFP backend needs them.
+
+    - store_uri: {namespace} resolved to the namespace the run's pods live in (a profile in multi-user KFP).
+    - gpu_limit: a string. The driver reads runtime resource values with GetStringValue() and skips the
+      limit when it is empty (kubeflow/pipelines 2.17.0 backend/src/v2/driver/resolve.go
+      resolvePodSpecInputRuntimeParameter, driver.go initPodSpecPatch): an integer-typed parameter there
+      would silently request no GPU. "" for gpus=0, so a CPU run carries no accelerator limit at all.
+    - train_image: the CUDA image when the pods get GPUs, else the CPU image (both fixed at compile time).
+    """
+    from hpa.errors import ConfigError
+
+    if cfg.num_nodes > 1 and not multi_node:
+        raise ConfigError(f"pipeline parameter num_nodes={cfg.num_nodes}: this is the single-pod pipeline "
+                          "(compiled/hpa_pipeline.yaml); multi-node training is compiled/hpa_pipeline_multinode.yaml")
+    for name, value in (("cpu_image", cpu_image), ("cuda_image", cuda_image)):
+        if not value.strip():
+            raise ConfigError(f"check-params {name}={value!r}: expected the image reference fixed at compile time")
+    return {
+        "store_uri": expand_store_uri(cfg.store_uri, namespace),
+        "gpu_limit": str(cfg.gpus) if cfg.gpus > 0 else "",
+        "train_image": cuda_image if cfg.gpus > 0 else cpu_image,
+    }

@@ -1,7 +1,7 @@
 """Object store: `s3://bucket/prefix` (minio SDK) and local directories behind one small interface.
 
 Environment (KFP's MinIO conventions; secret `mlpipeline-minio-artifact`, keys accesskey/secretkey):
-    HPA_S3_ENDPOINT    host:port                     default minio-service.kubeflow:9000
+    HPA_S3_ENDPOINT    host:port                     default seaweedfs.kubeflow:9000
     HPA_S3_ACCESS_KEY  (fallback AWS_ACCESS_KEY_ID)
     HPA_S3_SECRET_KEY  (fallback AWS_SECRET_ACCESS_KEY)
     HPA_S3_SECURE      "1" for TLS                   default "0"
