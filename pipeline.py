@@ -1,17 +1,21 @@
-"""The HPA Kubeflow pipeline: wires the components in components/ (no ML code here).
+"""The HPA Kubeflow pipelines: wire the components in components/ (no ML code here).
 
-    python pipeline.py compile                       # compiled/hpa_pipeline.yaml + every components/*/component.yaml
+    python pipeline.py compile          # compiled/hpa_pipeline{,_multinode}.yaml + every components/*/component.yaml
     python pipeline.py run --local [--store DIR] [--out DIR] [key=value ...]
-    python pipeline.py submit --host URL [--experiment NAME] [--run-name NAME] [key=value ...]
-    python pipeline.py graph                         # docs/pipeline.png + a mermaid block, from the compiled YAML
+    python pipeline.py submit [--host URL] [--namespace NS] [--token-file F | --cookie-file F | --in-cluster]
+                              [--pipeline-name NAME] [--version-name V | --no-upload] [--experiment NAME] [key=value ...]
+    python pipeline.py graph            # docs/pipeline.png + a mermaid block, from the compiled YAML
 
 Graph: check-params -> download -> (montage, only when plot_samples), split, pack (shards at image_size)
-       -> train-resnet18 || train-se-resnet -> compare-plots, ensemble -> submit.
+       -> (katib-tune, when tune) -> train-resnet18 || train-se-resnet -> compare-plots, ensemble -> submit.
+The multi-node pipeline trains each model as a DDP TrainJob (train-distributed) instead.
 
-`run --local` runs the same pipeline for real with kfp.local (SubprocessRunner, no containers) through
-an embedded SeaweedFS S3 server on a free loopback port, so the local run uses the cluster's S3 code
-path; `--store DIR` uses a plain directory instead. Overrides are run parameters, `epochs=1 tta=1`.
-The image in every component comes from hpa.config.image() (env HPA_IMAGE at compile time).
+`run --local` runs the same pipeline for real with kfp.local (SubprocessRunner, no containers), resolving
+inputs as the KFP backend driver does (cluster/backend_rules.py strict_local), through an embedded
+SeaweedFS S3 server on a free loopback port, so the local run uses the cluster's S3 code path; `--store
+DIR` uses a plain directory instead. Overrides are run parameters, `epochs=1 tta=1`. The images are
+fixed at compile time: hpa.config.image() (HPA_IMAGE) for every task, hpa.config.cuda_image()
+(HPA_CUDA_IMAGE) for the training pods, Katib trials and TrainJobs when gpus > 0.
 """
 
 import argparse
@@ -22,7 +26,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -48,20 +51,28 @@ from components.train_distributed.component import train_distributed  # noqa: E4
 from components.train_se_resnet.component import train_se_resnet  # noqa: E402
 from hpa.config import (  # noqa: E402
     KAGGLE_SECRET_KEYS, KAGGLE_SECRET_NAME, S3_DEFAULT_ENDPOINT, S3_SECRET_KEYS, S3_SECRET_NAME, PipelineConfig,
+    cuda_image, image,
 )
 from hpa.errors import ConfigError  # noqa: E402
+from cluster import backend_rules  # noqa: E402
 
 PIPELINE_NAME = "hpa-pipeline"
+MULTINODE_NAME = "hpa-pipeline-multinode"
 COMPILED = ROOT / "compiled" / "hpa_pipeline.yaml"
+COMPILED_MULTINODE = ROOT / "compiled" / "hpa_pipeline_multinode.yaml"
 COMPONENTS = ROOT / "components"
 DEFAULTS = PipelineConfig()
 # Run parameters that are not PipelineConfig fields (cluster plumbing), with their defaults.
 EXTRA_PARAMS = {"s3_endpoint": S3_DEFAULT_ENDPOINT, "node_selector": {}, "tolerations": [], "tune": False}
-# PipelineConfig fields that the pipeline does not take yet. num_nodes belongs to the distributed
-# training branch (components/train_distributed), which hooks in at the marked place below.
+# PipelineConfig fields that the pipeline does not take.
 NOT_PARAMS: set[str] = set()
+# The multi-node pipeline's own defaults (compile-time `pipeline_parameters`).
+MULTINODE_DEFAULTS = {"num_nodes": 2}
+# The oldest KFP backend both pipelines run on with the default s3_endpoint (docs/cluster.md, Supported
+# versions; `submit` refuses an older one).
+MIN_KFP_BACKEND = "2.16.0"
 
-# Requests per kind of task (compile-time constants; the GPU limit is a run parameter).
+# Requests per kind of task (compile-time constants; the GPU limit and the image are runtime values).
 LIGHT = {"cpu": "1", "memory": "2Gi"}
 DOWNLOAD = {"cpu": "2", "memory": "4Gi"}
 TRAIN = {"cpu": "4", "memory": "16Gi"}
@@ -73,170 +84,205 @@ def _with_requests(task: dsl.PipelineTask, requests: dict) -> dsl.PipelineTask:
 
 
 def _with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """S3 keys from KFP's own MinIO secret (keys accesskey/secretkey) as HPA_S3_ACCESS_KEY/SECRET_KEY."""
+    """S3 keys from KFP's object store secret (keys accesskey/secretkey) as HPA_S3_ACCESS_KEY/SECRET_KEY."""
     return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET_NAME, secret_key_to_env=S3_SECRET_KEYS)
 
 
-def _as_training(task: dsl.PipelineTask, gpus, accelerator_type, node_selector, tolerations) -> dsl.PipelineTask:
-    """GPU request from run parameters, memory-backed /dev/shm, node placement, the S3 secret."""
-    _with_requests(task, TRAIN).set_accelerator_type(accelerator_type).set_accelerator_limit(gpus)
+def _as_training(task: dsl.PipelineTask, pod: dsl.PipelineTask, accelerator_type, node_selector,
+                 tolerations) -> dsl.PipelineTask:
+    """GPU request and image from check-params' string outputs, memory-backed /dev/shm, placement, the S3 secret.
+
+    The driver reads the accelerator count and the image of a task from that task's own inputs with
+    GetStringValue() (kubeflow/pipelines 2.17.0 backend/src/v2/driver/driver.go initPodSpecPatch,
+    resolve.go resolvePodSpecInputRuntimeParameter), so both come as string outputs of check-params.
+    set_accelerator_type/limit do not register their channels as task inputs in kfp 2.17 (only
+    set_container_image does); register_pipeline_channels makes the compiler pass them in, through every
+    enclosing DAG, since the driver resolves a componentInputParameter only from the immediate parent
+    DAG (resolve.go: "parent DAG does not have input parameter")."""
+    gpu_limit, image = pod.outputs["gpu_limit"], pod.outputs["train_image"]
+    _with_requests(task, TRAIN).set_accelerator_type(accelerator_type).set_accelerator_limit(gpu_limit)
+    task.register_pipeline_channels([accelerator_type, gpu_limit])
+    task.set_container_image(image)
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE)
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration_json(task, tolerations)
     return _with_s3(task).set_caching_options(True)
 
 
-@dsl.pipeline(
-    name=PIPELINE_NAME,
-    description="Human Protein Atlas multi-label classification: download, split, train resnet18 and "
-    "SE-ResNet, compare, ensemble with fitted thresholds, Kaggle submission.",
-)
-def hpa_pipeline(
-    data_source: str = DEFAULTS.data_source,
-    store_uri: str = DEFAULTS.store_uri,
-    s3_endpoint: str = EXTRA_PARAMS["s3_endpoint"],
-    n_train: int = DEFAULTS.n_train,
-    n_test: int = DEFAULTS.n_test,
-    image_size: int = DEFAULTS.image_size,
-    color_mode: str = DEFAULTS.color_mode,
-    folds: int = DEFAULTS.folds,
-    val_fold: int = DEFAULTS.val_fold,
-    epochs: int = DEFAULTS.epochs,
-    batch_size: int = DEFAULTS.batch_size,
-    lr_resnet18: float = DEFAULTS.lr_resnet18,
-    lr_se_resnet: float = DEFAULTS.lr_se_resnet,
-    loss: str = DEFAULTS.loss,
-    tta: int = DEFAULTS.tta,
-    threshold_mode: str = DEFAULTS.threshold_mode,
-    threshold: float = DEFAULTS.threshold,
-    ensemble_method: str = DEFAULTS.ensemble_method,
-    gpus: int = DEFAULTS.gpus,
-    accelerator_type: str = DEFAULTS.accelerator_type,
-    num_nodes: int = DEFAULTS.num_nodes,
-    tune: bool = EXTRA_PARAMS["tune"],
-    node_selector: dict = EXTRA_PARAMS["node_selector"],
-    tolerations: list = EXTRA_PARAMS["tolerations"],
-    kaggle_submit: bool = DEFAULTS.kaggle_submit,
-    plot_samples: bool = DEFAULTS.plot_samples,
-    seed: int = DEFAULTS.seed,
-) -> NamedTuple("Outputs", [("submission", Dataset), ("report", HTML), ("metrics", Metrics), ("test_metrics", Metrics)]):
-    """Human Protein Atlas multi-label pipeline.
+def make_pipeline(multi_node: bool):
+    """The pipeline, single-pod or multi-node.
 
-    Args:
-        data_source: Where the images come from: synthetic (HPA-like generated data), a directory in Kaggle layout, an s3:// prefix, an https:// zip/tar archive, or kaggle:human-protein-atlas-image-classification.
-        store_uri: Object store prefix that holds the datasets (s3://bucket/prefix, or a directory for local runs).
-        s3_endpoint: S3 endpoint host:port of the store (KFP's MinIO by default); keys come from the mlpipeline-minio-artifact secret.
-        n_train: Training images: how many to generate for synthetic data; for other sources a seeded random subset of at most this many (0 = all).
-        n_test: Test images, as n_train (the Kaggle test set has 11,702; 0 = all).
-        image_size: Image side in pixels for training and inference; a positive multiple of 32 (512 = full resolution).
-        color_mode: rgby (4 channels, red/green/blue/yellow) or rgb (3 channels: G, (R+Y)/2, (B+Y)/2).
-        folds: Number of iterative-stratified folds (>= 2).
-        val_fold: The fold held out for validation and threshold fitting (0 <= val_fold < folds).
-        epochs: Training epochs per model (>= 1).
-        batch_size: Batch size per training task (>= 2).
-        lr_resnet18: Peak learning rate of the resnet18 model, in (0, 1).
-        lr_se_resnet: Peak learning rate of the SE-ResNet-18 model, in (0, 1).
-        loss: Training loss: bce or focal.
-        tta: Dihedral test-time augmentations at prediction: 1, 2, 4 or 8.
-        threshold_mode: fitted = per-class thresholds that maximise validation F1; global = the threshold value for every class.
-        threshold: Global decision threshold in (0, 1), used when threshold_mode is global.
-        ensemble_method: How the two models are combined: mean, weighted (by val macro F1) or rank.
-        gpus: GPUs per training task (0 = CPU only; the limit is still set, as 0).
-        accelerator_type: Kubernetes resource name of the accelerator, e.g. nvidia.com/gpu or amd.com/gpu.
-        num_nodes: Training nodes per model; above 1 each model trains as a multi-node DDP TrainJob (Kubeflow Trainer, torch-distributed runtime) with `gpus` GPUs per node.
-        tune: Run a Katib Experiment first (needs Katib in the cluster); resnet18 then trains with its best lr, and both models and the ensemble use its best threshold and threshold_mode.
-        node_selector: Node labels for the training pods as JSON, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = anywhere.
-        tolerations: Tolerations for the training pods as a JSON list, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]; [] = none.
-        kaggle_submit: Upload submission.csv to Kaggle (needs the kaggle-credentials secret).
-        plot_samples: Render a montage of sample images with their labels after download.
-        seed: Random seed for data generation, split and training.
+    Two compiled pipelines instead of one with a `num_nodes > 1` branch: joining the branches' model
+    artifacts needs an artifact dsl.OneOf, which the KFP backend resolves only from 2.17.0
+    (kubeflow/pipelines#13436; 2.16.0 backend/src/v2/driver/resolve.go GetProducerTask takes the last
+    selector whichever branch ran), while kubeflow/manifests ships 2.16. Each variant runs on 2.16 and 2.17.
     """
-    checked = check_params(
-        data_source=data_source, store_uri=store_uri, n_train=n_train, n_test=n_test, image_size=image_size,
-        color_mode=color_mode, folds=folds, val_fold=val_fold, epochs=epochs, batch_size=batch_size,
-        lr_resnet18=lr_resnet18, lr_se_resnet=lr_se_resnet, loss=loss, tta=tta, threshold_mode=threshold_mode,
-        threshold=threshold, ensemble_method=ensemble_method, gpus=gpus, accelerator_type=accelerator_type, seed=seed,
+
+    @dsl.pipeline(
+        name=MULTINODE_NAME if multi_node else PIPELINE_NAME,
+        description="Human Protein Atlas multi-label classification: download, split, train resnet18 and "
+        "SE-ResNet" + (" as multi-node DDP TrainJobs (Kubeflow Trainer)" if multi_node else "") +
+        ", compare, ensemble with fitted thresholds, Kaggle submission.",
     )
-    _with_requests(checked, LIGHT).set_caching_options(True)
+    def hpa_pipeline(
+        data_source: str = DEFAULTS.data_source,
+        store_uri: str = DEFAULTS.store_uri,
+        s3_endpoint: str = EXTRA_PARAMS["s3_endpoint"],
+        n_train: int = DEFAULTS.n_train,
+        n_test: int = DEFAULTS.n_test,
+        image_size: int = DEFAULTS.image_size,
+        color_mode: str = DEFAULTS.color_mode,
+        folds: int = DEFAULTS.folds,
+        val_fold: int = DEFAULTS.val_fold,
+        epochs: int = DEFAULTS.epochs,
+        batch_size: int = DEFAULTS.batch_size,
+        lr_resnet18: float = DEFAULTS.lr_resnet18,
+        lr_se_resnet: float = DEFAULTS.lr_se_resnet,
+        loss: str = DEFAULTS.loss,
+        tta: int = DEFAULTS.tta,
+        threshold_mode: str = DEFAULTS.threshold_mode,
+        threshold: float = DEFAULTS.threshold,
+        ensemble_method: str = DEFAULTS.ensemble_method,
+        gpus: int = DEFAULTS.gpus,
+        accelerator_type: str = DEFAULTS.accelerator_type,
+        num_nodes: int = DEFAULTS.num_nodes,
+        tune: bool = EXTRA_PARAMS["tune"],
+        node_selector: dict = EXTRA_PARAMS["node_selector"],
+        tolerations: list = EXTRA_PARAMS["tolerations"],
+        kaggle_submit: bool = DEFAULTS.kaggle_submit,
+        plot_samples: bool = DEFAULTS.plot_samples,
+        seed: int = DEFAULTS.seed,
+    ) -> NamedTuple("Outputs", [("submission", Dataset), ("report", HTML), ("metrics", Metrics),
+                                ("test_metrics", Metrics)]):
+        """Human Protein Atlas multi-label pipeline.
 
-    data = download(
-        source=data_source, store_uri=store_uri, n_train=n_train, n_test=n_test, image_size=image_size,
-        seed=seed, s3_endpoint=s3_endpoint,
-    ).after(checked)
-    _with_s3(_with_requests(data, DOWNLOAD)).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2)
-    data.set_caching_options(True)
-    data_uri = data.outputs["data_uri"]
+        Args:
+            data_source: Where the images come from: synthetic (HPA-like generated data), a directory in Kaggle layout, an s3:// prefix, an https:// zip/tar archive, or kaggle:human-protein-atlas-image-classification.
+            store_uri: Object store prefix that holds the datasets (s3://bucket/prefix, or a directory for local runs); {namespace} is replaced by the run's namespace (multi-user profiles may only write under mlpipeline/private/<namespace>/ and mlpipeline/shared/).
+            s3_endpoint: S3 endpoint host:port of the store (KFP's SeaweedFS by default); keys come from the mlpipeline-minio-artifact secret.
+            n_train: Training images: how many to generate for synthetic data; for other sources a seeded random subset of at most this many (0 = all).
+            n_test: Test images, as n_train (the Kaggle test set has 11,702; 0 = all).
+            image_size: Image side in pixels for training and inference; a positive multiple of 32 (512 = full resolution).
+            color_mode: rgby (4 channels, red/green/blue/yellow) or rgb (3 channels: G, (R+Y)/2, (B+Y)/2).
+            folds: Number of iterative-stratified folds (>= 2).
+            val_fold: The fold held out for validation and threshold fitting (0 <= val_fold < folds).
+            epochs: Training epochs per model (>= 1).
+            batch_size: Batch size per training task (>= 2).
+            lr_resnet18: Peak learning rate of the resnet18 model, in (0, 1).
+            lr_se_resnet: Peak learning rate of the SE-ResNet-18 model, in (0, 1).
+            loss: Training loss: bce or focal.
+            tta: Dihedral test-time augmentations at prediction: 1, 2, 4 or 8.
+            threshold_mode: fitted = per-class thresholds that maximise validation F1; global = the threshold value for every class.
+            threshold: Global decision threshold in (0, 1), used when threshold_mode is global.
+            ensemble_method: How the two models are combined: mean, weighted (by val macro F1) or rank.
+            gpus: GPUs per training pod (0 = CPU only: no accelerator limit and the CPU image; > 0: the CUDA image).
+            accelerator_type: Kubernetes resource name of the accelerator, e.g. nvidia.com/gpu or amd.com/gpu.
+            num_nodes: Training nodes per model. The single-pod pipeline (hpa-pipeline) takes 1 only; the multi-node pipeline (hpa-pipeline-multinode) trains each model as a DDP TrainJob (Kubeflow Trainer, torch-distributed runtime) on num_nodes pods with `gpus` GPUs each.
+            tune: Run a Katib Experiment first (needs Katib in the cluster); resnet18 then trains with its best lr, and both models and the ensemble use its best threshold and threshold_mode.
+            node_selector: Node labels for the training pods as JSON, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = anywhere.
+            tolerations: Tolerations for the training pods as a JSON list, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]; [] = none.
+            kaggle_submit: Upload submission.csv to Kaggle (needs the kaggle-credentials secret).
+            plot_samples: Render a montage of sample images with their labels after download.
+            seed: Random seed for data generation, split and training.
+        """
+        checked = check_params(
+            data_source=data_source, store_uri=store_uri, n_train=n_train, n_test=n_test, image_size=image_size,
+            color_mode=color_mode, folds=folds, val_fold=val_fold, epochs=epochs, batch_size=batch_size,
+            lr_resnet18=lr_resnet18, lr_se_resnet=lr_se_resnet, loss=loss, tta=tta, threshold_mode=threshold_mode,
+            threshold=threshold, ensemble_method=ensemble_method, gpus=gpus, accelerator_type=accelerator_type,
+            seed=seed, num_nodes=num_nodes, multi_node=multi_node, cpu_image=image(), cuda_image=cuda_image(),
+        )
+        _with_requests(checked, LIGHT).set_caching_options(True)
+        store = checked.outputs["store_uri"]  # {namespace} resolved
 
-    with dsl.If(plot_samples == True, name="plot-samples"):  # noqa: E712 - a pipeline condition, not Python
-        samples = montage(data_uri=data_uri, seed=seed, s3_endpoint=s3_endpoint)
-        _with_s3(_with_requests(samples, LIGHT)).set_caching_options(True)
+        data = download(
+            source=data_source, store_uri=store, n_train=n_train, n_test=n_test, image_size=image_size,
+            seed=seed, s3_endpoint=s3_endpoint,
+        )
+        _with_s3(_with_requests(data, DOWNLOAD)).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2)
+        data.set_caching_options(True)
+        data_uri = data.outputs["data_uri"]
 
-    folds_task = split(data_uri=data_uri, folds=folds, seed=seed, s3_endpoint=s3_endpoint)
-    _with_s3(_with_requests(folds_task, LIGHT)).set_caching_options(True)
+        with dsl.If(plot_samples == True, name="plot-samples"):  # noqa: E712 - a pipeline condition, not Python
+            samples = montage(data_uri=data_uri, seed=seed, s3_endpoint=s3_endpoint)
+            _with_s3(_with_requests(samples, LIGHT)).set_caching_options(True)
 
-    shards = pack(data_uri=data_uri, image_size=image_size, s3_endpoint=s3_endpoint)
-    _with_s3(_with_requests(shards, DOWNLOAD)).set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
-    shards.set_caching_options(True)
+        folds_task = split(data_uri=data_uri, folds=folds, seed=seed, s3_endpoint=s3_endpoint)
+        _with_s3(_with_requests(folds_task, LIGHT)).set_caching_options(True)
 
-    # -- Training inputs (the tuning stage and the multi-node branch follow below).
-    common = dict(
-        data_uri=data_uri, shards_uri=shards.outputs["shards_uri"], split_csv=folds_task.outputs["split_csv"],
-        val_fold=val_fold, image_size=image_size,
-        color_mode=color_mode, epochs=epochs, batch_size=batch_size, loss=loss, threshold_mode=threshold_mode,
-        threshold=threshold, tta=tta, seed=seed, s3_endpoint=s3_endpoint,
-    )
-    # -- Tuning and training (katib engineer). Optional Katib tuning: its best lr / threshold / mode, or
-    # the run parameters unchanged (katib_defaults), feed training and ensemble. Training: one pod per
-    # model, or a multi-node DDP TrainJob per model when num_nodes > 1. dsl.OneOf takes the branch that ran.
-    with dsl.If(tune == True, name="katib-tune"):  # noqa: E712 - a pipeline condition, not Python
-        tuned = katib_tune(store_uri=store_uri, gpus=gpus, accelerator_type=accelerator_type,
-                           **{k: v for k, v in common.items() if k in katib_tune.component_spec.inputs})
-        _with_s3(_with_requests(tuned, LIGHT)).set_caching_options(False)
-    with dsl.Else(name="fixed-hparams"):
-        fixed = katib_defaults(lr=lr_resnet18, threshold=threshold, threshold_mode=threshold_mode)
-        _with_requests(fixed, LIGHT).set_caching_options(True)
-    hp = {k: dsl.OneOf(tuned.outputs[k], fixed.outputs[k]) for k in ("lr", "threshold", "threshold_mode")}
-    common.update(threshold_mode=hp["threshold_mode"], threshold=hp["threshold"])
+        shards = pack(data_uri=data_uri, image_size=image_size, s3_endpoint=s3_endpoint)
+        _with_s3(_with_requests(shards, DOWNLOAD)).set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
+        shards.set_caching_options(True)
 
-    with dsl.If(num_nodes > 1, name="multi-node"):
-        ddp_args = dict(store_uri=store_uri, num_nodes=num_nodes, gpus_per_node=gpus, accelerator_type=accelerator_type,
-                        **{k: v for k, v in common.items() if k in train_distributed.component_spec.inputs})
-        ddp_a = train_distributed(arch="resnet18", lr=hp["lr"], **ddp_args)
-        ddp_b = train_distributed(arch="se_resnet18", lr=lr_se_resnet, **ddp_args)
-        for task in (ddp_a, ddp_b):  # this task only launches and waits; the TrainJob's pods get the GPUs
-            _with_s3(_with_requests(task, LIGHT)).set_caching_options(True)
-    with dsl.Else(name="single-pod"):
-        resnet = train_resnet18(lr=hp["lr"], **common)
-        se_resnet = train_se_resnet(lr=lr_se_resnet, **common)
-        for task in (resnet, se_resnet):
-            _as_training(task, gpus, accelerator_type, node_selector, tolerations)
-    used = ("run", "val_predictions", "test_predictions")
-    model_a = {k: dsl.OneOf(ddp_a.outputs[k], resnet.outputs[k]) for k in used}
-    model_b = {k: dsl.OneOf(ddp_b.outputs[k], se_resnet.outputs[k]) for k in used}
+        common = dict(
+            data_uri=data_uri, shards_uri=shards.outputs["shards_uri"], split_csv=folds_task.outputs["split_csv"],
+            val_fold=val_fold, image_size=image_size,
+            color_mode=color_mode, epochs=epochs, batch_size=batch_size, loss=loss, threshold_mode=threshold_mode,
+            threshold=threshold, tta=tta, seed=seed, s3_endpoint=s3_endpoint,
+        )
+        # Optional Katib tuning: its best lr / threshold / mode, or the run parameters unchanged
+        # (katib_defaults). Parameter dsl.OneOf resolves on the backend since before 2.16 (2.16.0
+        # backend/src/v2/driver/resolve.go GetProducerTask, ValueFromOneof: the first successful branch).
+        with dsl.If(tune == True, name="katib-tune"):  # noqa: E712 - a pipeline condition, not Python
+            tuned = katib_tune(store_uri=store, gpus=gpus, accelerator_type=accelerator_type,
+                               trial_image=checked.outputs["train_image"], node_selector=node_selector,
+                               tolerations=tolerations,
+                               **{k: v for k, v in common.items() if k in katib_tune.component_spec.inputs})
+            _with_s3(_with_requests(tuned, LIGHT)).set_caching_options(False)
+        with dsl.Else(name="fixed-hparams"):
+            fixed = katib_defaults(lr=lr_resnet18, threshold=threshold, threshold_mode=threshold_mode)
+            _with_requests(fixed, LIGHT).set_caching_options(True)
+        hp = {k: dsl.OneOf(tuned.outputs[k], fixed.outputs[k]) for k in ("lr", "threshold", "threshold_mode")}
+        common.update(threshold_mode=hp["threshold_mode"], threshold=hp["threshold"])
 
-    compare = compare_plots(run_a=model_a["run"], run_b=model_b["run"],
-                            name_a="resnet18", name_b="se_resnet")
-    _with_requests(compare, LIGHT).set_caching_options(True)
+        if multi_node:
+            ddp_args = dict(store_uri=store, num_nodes=num_nodes, gpus_per_node=gpus, accelerator_type=accelerator_type,
+                            image=checked.outputs["train_image"], node_selector=node_selector, tolerations=tolerations,
+                            **{k: v for k, v in common.items() if k in train_distributed.component_spec.inputs})
+            model_a = train_distributed(arch="resnet18", lr=hp["lr"], **ddp_args)
+            model_b = train_distributed(arch="se_resnet18", lr=lr_se_resnet, **ddp_args)
+            for task in (model_a, model_b):  # this task only launches and waits; the TrainJob's pods get the GPUs
+                _with_s3(_with_requests(task, LIGHT)).set_caching_options(True)
+        else:
+            model_a = train_resnet18(lr=hp["lr"], **common)
+            model_b = train_se_resnet(lr=lr_se_resnet, **common)
+            for task in (model_a, model_b):
+                _as_training(task, checked, accelerator_type, node_selector, tolerations)
 
-    combined = ensemble(
-        val_a=model_a["val_predictions"], val_b=model_b["val_predictions"],
-        test_a=model_a["test_predictions"], test_b=model_b["test_predictions"],
-        method=ensemble_method, threshold_mode=hp["threshold_mode"], threshold=hp["threshold"],
-    )
-    _with_requests(combined, LIGHT).set_caching_options(True)
+        compare = compare_plots(run_a=model_a.outputs["run"], run_b=model_b.outputs["run"],
+                                name_a="resnet18", name_b="se_resnet")
+        _with_requests(compare, LIGHT).set_caching_options(True)
 
-    submission = submit(
-        data_uri=data_uri, predictions=combined.outputs["ensemble_test"], thresholds=combined.outputs["thresholds"],
-        kaggle_submit=kaggle_submit, s3_endpoint=s3_endpoint,
-    )
-    _with_s3(_with_requests(submission, LIGHT)).set_caching_options(False)  # an upload is a side effect
-    kubernetes.use_secret_as_env(submission, secret_name=KAGGLE_SECRET_NAME, secret_key_to_env=KAGGLE_SECRET_KEYS,
-                                 optional=True)  # only needed with kaggle_submit; absent secret = no upload
+        combined = ensemble(
+            val_a=model_a.outputs["val_predictions"], val_b=model_b.outputs["val_predictions"],
+            test_a=model_a.outputs["test_predictions"], test_b=model_b.outputs["test_predictions"],
+            method=ensemble_method, threshold_mode=hp["threshold_mode"], threshold=hp["threshold"],
+        )
+        _with_requests(combined, LIGHT).set_caching_options(True)
 
-    Outputs = NamedTuple("Outputs", [("submission", Dataset), ("report", HTML), ("metrics", Metrics),
-                                     ("test_metrics", Metrics)])
-    return Outputs(submission=submission.outputs["submission"], report=compare.outputs["report"],
-                   metrics=combined.outputs["metrics"], test_metrics=submission.outputs["metrics"])
+        submission = submit(
+            data_uri=data_uri, predictions=combined.outputs["ensemble_test"], thresholds=combined.outputs["thresholds"],
+            kaggle_submit=kaggle_submit, s3_endpoint=s3_endpoint,
+        )
+        _with_s3(_with_requests(submission, LIGHT)).set_caching_options(False)  # an upload is a side effect
+        kubernetes.use_secret_as_env(submission, secret_name=KAGGLE_SECRET_NAME, secret_key_to_env=KAGGLE_SECRET_KEYS,
+                                     optional=True)  # only needed with kaggle_submit; absent secret = no upload
+
+        Outputs = NamedTuple("Outputs", [("submission", Dataset), ("report", HTML), ("metrics", Metrics),
+                                         ("test_metrics", Metrics)])
+        return Outputs(submission=submission.outputs["submission"], report=compare.outputs["report"],
+                       metrics=combined.outputs["metrics"], test_metrics=submission.outputs["metrics"])
+
+    return hpa_pipeline
+
+
+hpa_pipeline = make_pipeline(multi_node=False)
+hpa_pipeline_multinode = make_pipeline(multi_node=True)
+
+
+def pipeline_for(arguments: dict):
+    """The compiled pipeline that runs `arguments`: multi-node when num_nodes > 1."""
+    return hpa_pipeline_multinode if arguments.get("num_nodes", DEFAULTS.num_nodes) > 1 else hpa_pipeline
 
 
 # ---------------------------------------------------------------------------------------------- compile
@@ -247,10 +293,13 @@ def compile_all(out_dir: Path | None = None) -> list[Path]:
     that `python components/<stage>/component.py` compiles, so both give byte-identical YAML.
     """
     out_dir = Path(out_dir) if out_dir else ROOT
-    target = out_dir / COMPILED.relative_to(ROOT)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(hpa_pipeline, str(target))
-    written = [target]
+    written = []
+    for func, path, defaults in ((hpa_pipeline, COMPILED, None),
+                                 (hpa_pipeline_multinode, COMPILED_MULTINODE, MULTINODE_DEFAULTS)):
+        target = out_dir / path.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        compiler.Compiler().compile(func, str(target), pipeline_parameters=defaults)
+        written.append(target)
     for script in sorted(COMPONENTS.glob("*/component.py")):
         stage = script.parent.name
         module = importlib.import_module(f"components.{stage}.component")
@@ -465,29 +514,6 @@ def check_arguments(overrides: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- run --local
-def _local_oneof_artifacts() -> None:
-    """kfp.local 2.17 resolves dsl.OneOf over parameters but raises on artifacts ("Expected 1 artifact in
-    ArtifactSelectorSpec"), which the training branch (num_nodes) needs. Take the artifact of the branch
-    that ran, as kfp.local already does for parameters. (KFP's cluster backend supports both.)"""
-    from kfp.local.orchestrator.orchestrator_utils import OrchestratorUtils
-
-    def get_dag_output_artifacts(dag_outputs_spec, io_store) -> dict:
-        outputs = {}
-        for key, spec in dag_outputs_spec.artifacts.items():
-            found = []
-            for selector in spec.artifact_selectors:
-                try:
-                    found.append(io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key))
-                except (KeyError, ValueError):
-                    continue  # that branch did not run
-            if len(found) != 1:
-                raise ValueError(f"dsl.OneOf output {key!r}: {len(found)} branches produced it, expected exactly 1")
-            outputs[key] = found[0]
-        return outputs
-
-    OrchestratorUtils.get_dag_output_artifacts = staticmethod(get_dag_output_artifacts)
-
-
 def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> dict:
     """Run the whole pipeline with kfp.local; returns {"submission", "report", "metrics", "elapsed_s", ...}."""
     import kfp.local
@@ -513,10 +539,10 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
             arguments.setdefault("store_uri", "s3://hpa-local/hpa-kfp")
             arguments.setdefault("s3_endpoint", server.endpoint)
         check_arguments(arguments)
-        _local_oneof_artifacts()
         kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "pipeline_root"),
                        raise_on_error=True)
-        task = hpa_pipeline(**arguments)
+        with backend_rules.strict_local():  # resolve inputs as the KFP backend driver does, not kfp.local's way
+            task = pipeline_for(arguments)(**arguments)
         result = {
             "submission": _keep(task.outputs["submission"].path, out_dir / "submission.csv"),
             "report": _keep(task.outputs["report"].path, out_dir / "report.html"),
@@ -548,18 +574,22 @@ def _keep_metrics(metrics: dict, dest: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- submit
-def submit_run(host: str, overrides: dict, experiment: str | None, run_name: str | None, namespace: str | None):
-    import kfp
+def submit_run(host: str | None, overrides: dict, experiment: str | None = None, run_name: str | None = None,
+               namespace: str | None = None, *, token_file: str | None = None, cookie_file: str | None = None,
+               in_cluster: bool = False, pipeline_name: str | None = None, version_name: str | None = None,
+               upload: bool = True, pipeline_func=None, pipeline_parameters: dict | None = None,
+               min_backend: str | None = None):
+    """Compile `pipeline_func` (default hpa_pipeline) here, with this machine's HPA_IMAGE / HPA_CUDA_IMAGE, and
+    run it on a KFP API: authentication, upload as a versioned pipeline, run (cluster/submit.py). Returns a
+    cluster.submit.SubmitResult; raises ConfigError before any request, cluster.submit.SubmitError after."""
+    from cluster import submit as cluster_submit
 
     check_arguments(overrides)
-    client = kfp.Client(host=host, namespace=namespace)
-    with tempfile.TemporaryDirectory() as tmp:
-        package = Path(tmp) / "hpa_pipeline.yaml"
-        compiler.Compiler().compile(hpa_pipeline, str(package))  # with this machine's HPA_IMAGE
-        run = client.create_run_from_pipeline_package(
-            str(package), arguments=overrides, run_name=run_name, experiment_name=experiment, namespace=namespace,
-        )
-    return run
+    request = cluster_submit.make_request(
+        host=host, namespace=namespace, token_file=token_file, cookie_file=cookie_file, in_cluster=in_cluster,
+        experiment=experiment, run_name=run_name, pipeline_name=pipeline_name, version_name=version_name,
+        upload=upload, min_backend=min_backend)
+    return cluster_submit.submit(request, pipeline_func or hpa_pipeline, overrides, pipeline_parameters)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -574,11 +604,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--store", type=Path, help="use this directory as the store instead of an embedded S3 server")
     run.add_argument("--out", type=Path, help="where to put the run (default local_runs/<time>)")
     run.add_argument("overrides", nargs="*", metavar="key=value")
-    subm = sub.add_parser("submit", help="create a run on a Kubeflow cluster with kfp.Client")
-    subm.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080 (port-forward)")
-    subm.add_argument("--experiment", default=None)
-    subm.add_argument("--run-name", default=None)
-    subm.add_argument("--namespace", default=None, help="profile namespace (multi-user Kubeflow)")
+    from cluster import submit as cluster_submit
+
+    subm = sub.add_parser("submit", help="upload the pipeline (versioned) to a Kubeflow cluster and create a run",
+                          description=cluster_submit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cluster_submit.add_arguments(subm)  # --host --namespace, --token-file/--cookie-file/--in-cluster, upload options
     subm.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
@@ -604,9 +634,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"store:         {result['store_uri']}")
             print(f"elapsed:       {result['elapsed_s']:.1f} s")
         else:
-            run = submit_run(args.host, check_arguments(parse_overrides(args.overrides)), args.experiment,
-                             args.run_name, args.namespace)
-            print(f"run {run.run_id}: {args.host.rstrip('/')}/#/runs/details/{run.run_id}")
+            overrides = check_arguments(parse_overrides(args.overrides))
+            try:
+                result = submit_run(args.host, overrides, args.experiment, args.run_name, args.namespace,
+                                    token_file=args.token_file, cookie_file=args.cookie_file,
+                                    in_cluster=args.in_cluster, pipeline_name=args.pipeline_name,
+                                    version_name=args.version_name, upload=not args.no_upload,
+                                    pipeline_func=pipeline_for(overrides), min_backend=MIN_KFP_BACKEND,
+                                    pipeline_parameters=MULTINODE_DEFAULTS if pipeline_for(overrides) is
+                                    hpa_pipeline_multinode else None)
+            except cluster_submit.SubmitError as exc:  # the server refused or failed (ConfigError: exit 2 below)
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(cluster_submit.describe_result(result))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,9 +1,10 @@
 """The compiled pipeline and components: no drift from the sources, and the graph a cluster will run.
 
-Drift: `python pipeline.py compile` into a temp dir must reproduce compiled/hpa_pipeline.yaml and every
-components/*/component.yaml byte for byte (run it and commit when this fails). Graph: stages, order,
-the conditional montage, GPU fields bound to run parameters, secrets as env, /dev/shm, parameters with
-defaults and descriptions.
+Drift: `python pipeline.py compile` into a temp dir must reproduce compiled/hpa_pipeline.yaml,
+compiled/hpa_pipeline_multinode.yaml and every components/*/component.yaml byte for byte (run it and
+commit when this fails). Graph: stages, order, the conditional montage, GPU limit and image as
+check-params' string outputs, images fixed at compile time, secrets as env, /dev/shm, parameters with
+defaults and descriptions. The backend's own rules over the IR are in test_backend_conformance.py.
 """
 
 import dataclasses
@@ -37,11 +38,20 @@ def monkeypatch_module():
     mp.undo()
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    docs = list(yaml.safe_load_all((ROOT / "compiled" / "hpa_pipeline.yaml").read_text()))
+def load_compiled(path: Path):
+    docs = list(yaml.safe_load_all(path.read_text()))
     assert len(docs) == 2, "expected the pipeline spec and the kubernetes platform spec"
     return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return load_compiled(ROOT / "compiled" / "hpa_pipeline.yaml")
+
+
+@pytest.fixture(scope="module")
+def compiled_multinode():
+    return load_compiled(ROOT / "compiled" / "hpa_pipeline_multinode.yaml")
 
 
 def test_compiled_files_match_sources(pipeline_module, tmp_path):
@@ -109,21 +119,108 @@ def test_montage_only_when_plot_samples(compiled):
     assert "montage" not in tasks
 
 
-def test_gpu_fields_bound_to_run_parameters(compiled):
+def test_gpu_fields_and_image_come_from_check_params_as_strings(compiled):
+    """The accelerator limit and the image are check-params' string outputs, passed in as task inputs.
+
+    The driver reads both from the task's own inputs with GetStringValue() (kubeflow/pipelines 2.17.0
+    backend/src/v2/driver/driver.go initPodSpecPatch): an integer parameter there reads as "" and no
+    GPU is requested; the accelerator type is registered as a task input (kfp 2.17's
+    set_accelerator_type does not do it by itself)."""
     spec, _ = compiled
     tasks = {name: task for name, (task, _) in all_tasks(spec).items()}
+    outputs = spec["components"]["comp-check-params"]["outputDefinitions"]["parameters"]
+    assert outputs["gpu_limit"]["parameterType"] == "STRING" and outputs["train_image"]["parameterType"] == "STRING"
     for train in TRAINING:
+        assert train in spec["root"]["dag"]["tasks"], "training tasks sit in the root DAG (no condition group)"
         executor = spec["deploymentSpec"]["executors"][tasks[train]["componentRef"]["name"].replace("comp-", "exec-")]
-        accel = executor["container"]["resources"]["accelerator"]
-        assert accel["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+        container = executor["container"]
+        accel = container["resources"]["accelerator"]
+        assert accel["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--check-params-gpu_limit']}}"
         assert accel["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}"
+        assert container["image"] == "{{$.inputs.parameters['pipelinechannel--check-params-train_image']}}"
         params = tasks[train]["inputs"]["parameters"]
-        # In a condition DAG a run parameter arrives as that DAG's input "pipelinechannel--<name>".
-        assert params["pipelinechannel--gpus"]["componentInputParameter"] in ("gpus", "pipelinechannel--gpus")
-        assert params["pipelinechannel--accelerator_type"]["componentInputParameter"] in (
-            "accelerator_type", "pipelinechannel--accelerator_type")
-        assert executor["container"]["resources"]["resourceCpuRequest"]
-        assert executor["container"]["resources"]["resourceMemoryRequest"]
+        for key in ("gpu_limit", "train_image"):
+            assert params[f"pipelinechannel--check-params-{key}"]["taskOutputParameter"] == {
+                "outputParameterKey": key, "producerTask": "check-params"}
+        assert params["pipelinechannel--accelerator_type"]["componentInputParameter"] == "accelerator_type"
+        assert container["resources"]["resourceCpuRequest"]
+        assert container["resources"]["resourceMemoryRequest"]
+
+
+def test_check_params_turns_run_parameters_into_pod_settings(monkeypatch):
+    """gpus=0: no accelerator limit and the CPU image; gpus>0: the count as a string and the CUDA image;
+    {namespace} in store_uri becomes the task's namespace; num_nodes > 1 only in the multi-node pipeline."""
+    from components.check_params.component import check_params
+    from hpa import k8s
+    from hpa.config import PipelineConfig
+    from hpa.errors import ConfigError
+
+    monkeypatch.setattr(k8s, "current_namespace", lambda default="kubeflow": "kubeflow-user-example-com")
+    base = {f.name: getattr(PipelineConfig(), f.name) for f in dataclasses.fields(PipelineConfig)
+            if f.name in check_params.component_spec.inputs}
+    images = dict(cpu_image="registry.example/hpa:cpu", cuda_image="registry.example/hpa:cuda")
+    cpu = check_params.python_func(**{**base, "gpus": 0}, **images)
+    assert (cpu.gpu_limit, cpu.train_image) == ("", "registry.example/hpa:cpu")
+    assert cpu.store_uri == "s3://mlpipeline/private/kubeflow-user-example-com/hpa-kfp"
+    gpu = check_params.python_func(**{**base, "gpus": 2}, **images)
+    assert (gpu.gpu_limit, gpu.train_image) == ("2", "registry.example/hpa:cuda")
+    with pytest.raises(ConfigError, match="num_nodes=2: this is the single-pod pipeline"):
+        check_params.python_func(**{**base, "num_nodes": 2}, **images)
+    assert check_params.python_func(**{**base, "num_nodes": 2}, multi_node=True, **images).gpu_limit == ""
+    with pytest.raises(ConfigError, match="cuda_image='': expected the image reference fixed at compile time"):
+        check_params.python_func(**base, cpu_image="registry.example/hpa:cpu", cuda_image="")
+    with pytest.raises(ConfigError, match=r"store_uri=.*only placeholder is \{namespace\}"):
+        check_params.python_func(**{**base, "store_uri": "s3://mlpipeline/{user}/x"}, **images)
+
+
+def test_images_given_at_compile_time_replace_every_default(tmp_path):
+    """HPA_IMAGE / HPA_CUDA_IMAGE at compile time: neither default tag appears in either compiled pipeline,
+    and the training pods, Katib trials and TrainJobs take the image check-params chose from them."""
+    from hpa.config import DEFAULT_CUDA_IMAGE, DEFAULT_IMAGE
+
+    env = {**__import__("os").environ, "HPA_IMAGE": "registry.example/team/hpa:1.2", "HPA_CUDA_IMAGE":
+           "registry.example/team/hpa:1.2-cuda"}
+    code = "import sys, pipeline; pipeline.compile_all(__import__('pathlib').Path(sys.argv[1]))"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env=env, cwd=ROOT)
+    for name in ("hpa_pipeline.yaml", "hpa_pipeline_multinode.yaml"):
+        text = (tmp_path / "compiled" / name).read_text()
+        assert DEFAULT_IMAGE not in text and "ghcr.io/hpa-kfp" not in text, name
+        spec, _ = load_compiled(tmp_path / "compiled" / name)
+        checked = spec["root"]["dag"]["tasks"]["check-params"]["inputs"]["parameters"]
+        assert checked["cpu_image"]["runtimeValue"]["constant"] == "registry.example/team/hpa:1.2"
+        assert checked["cuda_image"]["runtimeValue"]["constant"] == "registry.example/team/hpa:1.2-cuda"
+        tasks = {n: t for n, (t, _) in all_tasks(spec).items()}
+        users = {"katib-tune": "trial_image"}
+        users.update({t: "image" for t in tasks if t.startswith("train-distributed")})
+        for task, key in users.items():
+            ref = tasks[task]["inputs"]["parameters"][key]
+            # inside the katib-tune condition group the output arrives as the group's input
+            assert ref.get("taskOutputParameter", {}).get("outputParameterKey") == "train_image" or \
+                ref.get("componentInputParameter") == "pipelinechannel--check-params-train_image", (name, task, ref)
+    assert DEFAULT_CUDA_IMAGE.startswith(DEFAULT_IMAGE)  # so the check above covers both tags
+
+
+def test_multinode_pipeline_trains_with_trainjobs(compiled_multinode):
+    """The multi-node pipeline: both models through train-distributed, no condition on num_nodes and no
+    artifact dsl.OneOf (which the 2.16 backend cannot resolve); num_nodes defaults to 2 there."""
+    spec, _ = compiled_multinode
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"train-distributed", "train-distributed-2"} <= set(tasks)
+    assert not {"train-resnet18", "train-se-resnet"} & set(tasks)
+    archs = {tasks[t]["inputs"]["parameters"]["arch"]["runtimeValue"]["constant"]
+             for t in ("train-distributed", "train-distributed-2")}
+    assert archs == {"resnet18", "se_resnet18"}
+    for t in ("train-distributed", "train-distributed-2"):
+        params = tasks[t]["inputs"]["parameters"]
+        assert params["num_nodes"]["componentInputParameter"] == "num_nodes"
+        assert params["gpus_per_node"]["componentInputParameter"] == "gpus"
+        assert params["node_selector"]["componentInputParameter"] == "node_selector"
+        assert params["tolerations"]["componentInputParameter"] == "tolerations"
+        assert t in tasks["compare-plots"]["dependentTasks"] and t in tasks["ensemble"]["dependentTasks"]
+    assert spec["root"]["inputDefinitions"]["parameters"]["num_nodes"]["defaultValue"] == 2
+    for comp in spec["components"].values():
+        for out in comp.get("dag", {}).get("outputs", {}).get("artifacts", {}).values():
+            assert len(out["artifactSelectors"]) == 1, "artifact dsl.OneOf needs KFP backend >= 2.17"
 
 
 def test_kubernetes_settings(compiled):
@@ -156,8 +253,9 @@ def test_kubernetes_settings(compiled):
         assert tasks[stage]["cachingOptions"]["enableCache"] is True
 
 
-def test_every_parameter_has_default_and_description(compiled, pipeline_module):
-    spec, _ = compiled
+@pytest.mark.parametrize("which", ["compiled", "compiled_multinode"])
+def test_every_parameter_has_default_and_description(which, request, pipeline_module):
+    spec, _ = request.getfixturevalue(which)
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) == set(pipeline_module.parameter_names())
     for name, p in params.items():
@@ -165,10 +263,11 @@ def test_every_parameter_has_default_and_description(compiled, pipeline_module):
         assert len(p.get("description", "")) > 10, f"parameter {name} has no description"
     from hpa.config import PipelineConfig
 
-    defaults = PipelineConfig()
-    for f in dataclasses.fields(PipelineConfig):
-        if f.name in params:
-            assert params[f.name]["defaultValue"] == getattr(defaults, f.name), f.name
+    defaults = {**dataclasses.asdict(PipelineConfig()),
+                **(pipeline_module.MULTINODE_DEFAULTS if which == "compiled_multinode" else {})}
+    for name, value in defaults.items():
+        if name in params:
+            assert params[name]["defaultValue"] == value, name
 
 
 def test_components_use_the_project_image():
@@ -189,30 +288,3 @@ def test_cluster_doc_lists_every_parameter_and_the_graph(compiled):
     assert "](pipeline.png)" in doc and (ROOT / "docs" / "pipeline.png").stat().st_size > 10_000
     assert "```mermaid" in doc and "kubectl create secret generic mlpipeline-minio-artifact" in doc
     assert "kubectl create secret generic kaggle-credentials" in doc
-
-
-def test_submit_creates_a_run_with_kfp_client(pipeline_module, monkeypatch, capsys):
-    """`python pipeline.py submit` (no cluster here: kfp.Client is replaced by a recorder)."""
-    import kfp
-
-    calls = {}
-
-    class FakeClient:
-        def __init__(self, host, namespace=None):
-            calls["host"], calls["namespace"] = host, namespace
-
-        def create_run_from_pipeline_package(self, package, arguments, run_name, experiment_name, namespace):
-            spec = next(yaml.safe_load_all(Path(package).read_text()))
-            calls.update(arguments=arguments, experiment=experiment_name, tasks=sorted(all_tasks(spec)))
-            return type("Run", (), {"run_id": "r-123"})()
-
-    monkeypatch.setattr(kfp, "Client", FakeClient)
-    code = pipeline_module.main(["submit", "--host", "http://kfp.example:8080", "--experiment", "hpa",
-                                 "epochs=3", "gpus=1", "kaggle_submit=true",
-                                 'tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}]'])
-    assert code == 0
-    assert calls["host"] == "http://kfp.example:8080" and calls["experiment"] == "hpa"
-    assert calls["arguments"] == {"epochs": 3, "gpus": 1, "kaggle_submit": True,
-                                  "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}
-    assert "train-resnet18" in calls["tasks"]
-    assert "runs/details/r-123" in capsys.readouterr().out

@@ -2,10 +2,13 @@
 
 A run started from the Central Dashboard never passes through `pipeline.py`'s client-side check, so
 the pipeline's first task does the same check (`hpa.config.PipelineConfig.validate`) and fails with
-one line naming the parameter. `python components/check_params/component.py` rewrites component.yaml.
+one line naming the parameter. It also turns the run parameters into the training pods' settings
+(`hpa.config.pod_settings`): the store prefix with `{namespace}` resolved, the accelerator limit as the
+string the KFP driver reads, and the image (CUDA when gpus > 0). `python components/check_params/component.py` rewrites component.yaml.
 """
 
 from pathlib import Path
+from typing import NamedTuple
 
 from kfp import compiler, dsl
 
@@ -17,7 +20,7 @@ CLI_EXAMPLE = r"""
 python pipeline.py run --local epochs=-1      # error: pipeline parameter epochs=-1: expected an integer >= 1
 """
 PIPELINE_EXAMPLE = r"""
-checked = check_params(data_source="synthetic", store_uri="s3://mlpipeline/hpa-kfp", n_train=600, n_test=200,
+checked = check_params(data_source="synthetic", store_uri="s3://mlpipeline/private/{namespace}/hpa-kfp", n_train=600, n_test=200,
                        image_size=64, color_mode="rgby", folds=5, val_fold=0, epochs=2, batch_size=32,
                        lr_resnet18=1e-3, lr_se_resnet=1e-3, loss="bce", tta=2, threshold_mode="fitted",
                        threshold=0.3, ensemble_method="mean", gpus=0, accelerator_type="nvidia.com/gpu", seed=0)
@@ -45,12 +48,16 @@ def check_params(
     gpus: int,
     accelerator_type: str,
     seed: int,
-) -> str:
+    num_nodes: int = 1,
+    multi_node: bool = False,
+    cpu_image: str = "",
+    cuda_image: str = "",
+) -> NamedTuple("Outputs", [("params", str), ("store_uri", str), ("gpu_limit", str), ("train_image", str)]):
     """Validate the pipeline's run parameters; fail with one clear line on the first bad one.
 
     Args:
         data_source: Dataset source (synthetic, a directory, s3://..., https://..., kaggle:<competition>).
-        store_uri: Object store prefix for datasets (s3://bucket/prefix or a directory).
+        store_uri: Object store prefix for datasets (s3://bucket/prefix or a directory); {namespace} becomes the namespace this task runs in.
         n_train: Training images (synthetic: generated; other sources: subset, 0 = all).
         n_test: Test images (as n_train).
         image_size: Training and inference size in pixels, a positive multiple of 32.
@@ -69,19 +76,33 @@ def check_params(
         gpus: GPUs per training task, >= 0.
         accelerator_type: Kubernetes resource name of the accelerator.
         seed: Random seed, >= 0.
+        num_nodes: Training nodes per model; above 1 only in the multi-node pipeline.
+        multi_node: Whether this is the multi-node pipeline (a compile-time constant).
+        cpu_image: The CPU image fixed at compile time (HPA_IMAGE).
+        cuda_image: The CUDA image fixed at compile time (HPA_CUDA_IMAGE).
 
     Returns:
-        The validated parameters as JSON (shown in the task's outputs).
+        params: The validated parameters as JSON (shown in the task's outputs).
+        store_uri: The store prefix with {namespace} resolved.
+        gpu_limit: The accelerator limit of the training pods as a string ("" = no accelerator).
+        train_image: The image of the training pods, Katib trials and TrainJobs (CUDA when gpus > 0).
     """
     import dataclasses
     import json
+    from collections import namedtuple
 
-    from hpa.config import PipelineConfig
+    from hpa import k8s
+    from hpa.config import PipelineConfig, pod_settings
 
     params = dict(locals())
     names = {f.name for f in dataclasses.fields(PipelineConfig)}
     config = PipelineConfig(**{k: v for k, v in params.items() if k in names}).validate()
-    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+    settings = pod_settings(config, multi_node=multi_node, namespace=k8s.current_namespace(),
+                            cpu_image=cpu_image, cuda_image=cuda_image)
+    print(json.dumps(settings, sort_keys=True))
+    return namedtuple("Outputs", ["params", "store_uri", "gpu_limit", "train_image"])(
+        json.dumps(dataclasses.asdict(config), sort_keys=True), settings["store_uri"], settings["gpu_limit"],
+        settings["train_image"])
 
 
 if __name__ == "__main__":

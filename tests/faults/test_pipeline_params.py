@@ -84,12 +84,12 @@ def test_check_params_task_fails_first_in_the_pipeline(tmp_path, capfd):
     args = dict(data_source="synthetic", store_uri="s3://b/p", n_train=10, n_test=5, image_size=96, color_mode="rgby",
                 folds=5, val_fold=7, epochs=1, batch_size=8, lr_resnet18=1e-3, lr_se_resnet=1e-3, loss="bce", tta=1,
                 threshold_mode="fitted", threshold=0.3, ensemble_method="mean", gpus=0,
-                accelerator_type="nvidia.com/gpu", seed=0)
+                accelerator_type="nvidia.com/gpu", seed=0, cpu_image="hpa:cpu", cuda_image="hpa:cuda")
     with pytest.raises(RuntimeError):
         check_params(**args)
     assert "pipeline parameter val_fold=7: expected 0 <= val_fold < folds (5)" in capfd.readouterr().out
     args["val_fold"] = 0
-    assert '"val_fold": 0' in check_params(**args).output
+    assert '"val_fold": 0' in check_params(**args).outputs["params"]
 
 
 def test_stage_functions_refuse_the_same_values(tmp_path):
