@@ -68,9 +68,11 @@ EXTRA_PARAMS = {"s3_endpoint": S3_DEFAULT_ENDPOINT, "node_selector": {}, "tolera
 NOT_PARAMS: set[str] = set()
 # The multi-node pipeline's own defaults (compile-time `pipeline_parameters`).
 MULTINODE_DEFAULTS = {"num_nodes": 2}
-# The oldest KFP backend both pipelines run on with the default s3_endpoint (docs/cluster.md, Supported
-# versions; `submit` refuses an older one).
+# The oldest KFP backend both pipelines run on with the default s3_endpoint: seaweedfs.kubeflow:9000 exists
+# from 2.16.0 (docs/cluster.md, Supported versions). With an s3_endpoint of the user's it is the oldest the
+# compiled YAML itself runs on (cluster.backend_rules.min_backend_version: 2.15.0). `submit` refuses older.
 MIN_KFP_BACKEND = "2.16.0"
+MIN_KFP_BACKEND_OWN_ENDPOINT = "2.15.0"
 
 # Requests per kind of task (compile-time constants; the GPU limit and the image are runtime values).
 LIGHT = {"cpu": "1", "memory": "2Gi"}
@@ -541,7 +543,7 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
         check_arguments(arguments)
         kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "pipeline_root"),
                        raise_on_error=True)
-        with backend_rules.strict_local():  # resolve inputs as the KFP backend driver does, not kfp.local's way
+        with backend_rules.strict_local() as strict:  # resolve inputs as the KFP backend driver does
             task = pipeline_for(arguments)(**arguments)
         result = {
             "submission": _keep(task.outputs["submission"].path, out_dir / "submission.csv"),
@@ -551,6 +553,9 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
             "metrics": _keep_metrics({"ensemble_val": task.outputs["metrics"].metadata,
                                       "submission": task.outputs["test_metrics"].metadata}, out_dir / "metrics.json"),
             "pipeline_root": str(out_dir / "pipeline_root"),
+            # what the backend driver would put in each pod (image, limits, requests), resolved strictly
+            "pods": {pod.task: {"image": pod.image, "limits": pod.limits, "requests": pod.requests}
+                     for pod in strict.pods},
             "store_uri": arguments["store_uri"] + ("" if server is None else f" (embedded S3 at {server.endpoint}, "
                                                                              "removed after the run)"),
         }
@@ -640,7 +645,9 @@ def main(argv: list[str] | None = None) -> int:
                                     token_file=args.token_file, cookie_file=args.cookie_file,
                                     in_cluster=args.in_cluster, pipeline_name=args.pipeline_name,
                                     version_name=args.version_name, upload=not args.no_upload,
-                                    pipeline_func=pipeline_for(overrides), min_backend=MIN_KFP_BACKEND,
+                                    pipeline_func=pipeline_for(overrides),
+                                    min_backend=MIN_KFP_BACKEND_OWN_ENDPOINT if "s3_endpoint" in overrides
+                                    else MIN_KFP_BACKEND,
                                     pipeline_parameters=MULTINODE_DEFAULTS if pipeline_for(overrides) is
                                     hpa_pipeline_multinode else None)
             except cluster_submit.SubmitError as exc:  # the server refused or failed (ConfigError: exit 2 below)

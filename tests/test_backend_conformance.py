@@ -133,6 +133,17 @@ def test_stated_kfp_backend_minimum_suffices_for_every_compiled_pipeline():
             assert check_pipeline_spec(path, backend=tested) == [], f"{path.name} at {tested}"
 
 
+def test_submit_refuses_what_the_table_does_not_support():
+    """`pipeline.py submit` refuses a KFP backend older than the table's minimum (default s3_endpoint), or
+    than what the compiled YAML itself needs when the user brings an s3_endpoint (then 2.15.0 works)."""
+    import pipeline
+
+    (minimum,) = _versions_in(_supported_versions()["KFP backend"]["minimum"])
+    assert pipeline.MIN_KFP_BACKEND == minimum
+    needed = max((min_backend_version(p) for p in COMPILED), key=lambda v: tuple(map(int, v.split("."))))
+    assert pipeline.MIN_KFP_BACKEND_OWN_ENDPOINT == needed
+
+
 # ------------------------------------------------------------------------------------------ small specs
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def add(x: int) -> int:

@@ -28,6 +28,15 @@ def test_whole_pipeline_through_embedded_s3(tmp_path, monkeypatch):
     print(f"\nkfp.local pipeline run ({SMALL}): {time.monotonic() - start:.1f} s")
     assert "embedded S3" in result["store_uri"] and result["store_uri"].startswith("s3://")
 
+    # The run resolved its inputs as the KFP backend driver does (cluster.backend_rules.strict_local): the
+    # training pods got the CPU image and no accelerator limit (gpus=0 -> gpu_limit ""), from check-params.
+    from hpa.config import DEFAULT_IMAGE
+
+    for train in ("train-resnet18", "train-se-resnet"):
+        pod = result["pods"][train]
+        assert pod["image"] == DEFAULT_IMAGE and pod["limits"] == {}, (train, pod)
+        assert pod["requests"] == {"cpu": pipeline.TRAIN["cpu"], "memory": pipeline.TRAIN["memory"]}, pod
+
     # submission.csv: Kaggle format, every test Id exactly once, labels 0..27.
     with open(result["submission"], newline="") as f:
         rows = list(csv.reader(f))
