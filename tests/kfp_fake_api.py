@@ -50,11 +50,13 @@ import threading
 import urllib.parse
 import uuid
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
+
+from loopback import LoopbackServer
 
 API = "/apis/v2beta1"
 # gRPC codes in the error bodies (google.rpc.Code).
@@ -171,7 +173,7 @@ def matches(filter_text: str | None, obj: dict, fields: set) -> bool:
     return True
 
 
-class FakeKFPAPI:
+class FakeKFPAPI(LoopbackServer):
     """`with FakeKFPAPI(multi_user=True, token="t", namespaces={"alice"}, prefix="/pipeline") as api: ...`;
     `api.host` is the URL to give kfp.Client / `pipeline.py submit --host`."""
 
@@ -186,31 +188,8 @@ class FakeKFPAPI:
         self.experiments: dict[str, dict] = {}
         self.runs: dict[str, dict] = {}
         self.calls: list[dict] = []
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.host = f"http://127.0.0.1:{self.server.server_address[1]}{self.prefix}"
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._timer = threading.Timer(lifetime, self.stop)
-        self._stopped = False
-
-    def __enter__(self) -> "FakeKFPAPI":
-        self._thread.start()
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        with self.lock:
-            if self._stopped:
-                return
-            self._stopped = True
-        self._timer.cancel()
-        threading.Thread(target=self.server.shutdown, daemon=True).start()  # safe from a handler thread too
-        self._thread.join(timeout=5)
-        self.server.server_close()
+        super().__init__(self._handler(), lifetime)
+        self.host = f"{self.url}{self.prefix}"
 
     def calls_to(self, method: str, path: str) -> list[dict]:
         return [c for c in self.calls if c["method"] == method and c["path"] == path]
