@@ -58,7 +58,9 @@ class KatibConfig(config.TrainJobArgs):
 
     name: str = "hpa-lr-threshold"
     namespace: str = "kubeflow"
-    image: str = ""  # empty: hpa.config.cuda_image() when gpus > 0, else hpa.config.image()
+    # The trials' image, fixed by whoever renders: the pipeline passes the image chosen at compile time;
+    # the default here (and the CLI's, which picks by gpus) reads HPA_CUDA_IMAGE / HPA_IMAGE now.
+    image: str = field(default_factory=config.cuda_image)
     out_prefix: str = field(default_factory=lambda: f"{_pc().store_uri}/katib")  # trial i writes <out_prefix>/<trial name>
     algorithm: str = "tpe"
     max_trials: int = 12
@@ -77,12 +79,11 @@ class KatibConfig(config.TrainJobArgs):
     cpu: str = "4"
     memory: str = "16Gi"
     shm_size: str = "2Gi"
+    node_selector: dict = field(default_factory=dict)
+    tolerations: list = field(default_factory=list)
     s3_endpoint: str = config.S3_DEFAULT_ENDPOINT
     trial_kind: str = "job"
     num_nodes: int = 1  # PyTorchJob trials only
-
-    def resolved_image(self) -> str:
-        return self.image or (config.cuda_image() if self.gpus > 0 else config.image())
 
 
 def _need(ok: bool, message: str) -> None:
@@ -108,6 +109,9 @@ def validate_config(cfg: KatibConfig) -> KatibConfig:
     _need(cfg.min_trials_required >= 1, f"katib min_trials_required={cfg.min_trials_required} must be >= 1")
     _need(1 <= cfg.start_step <= cfg.epochs, f"katib start_step={cfg.start_step} must be in [1, epochs={cfg.epochs}] or medianstop never acts")
     _need(cfg.gpus >= 0 and cfg.num_nodes >= 1, "katib gpus must be >= 0 and num_nodes >= 1")
+    _need(re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", cfg.namespace) is not None, f"katib namespace {cfg.namespace!r}: expected a DNS label")
+    _need(bool(cfg.image.strip()), f"katib image {cfg.image!r}: expected the trial image reference fixed at compile time (e.g. $HPA_CUDA_IMAGE)")
+    k8s.validate_placement(cfg.node_selector, cfg.tolerations, "katib")
     for name in ("data", "split", "out_prefix", "image"):
         _need(not re.search(r"\s", getattr(cfg, name)), f"katib {name} {getattr(cfg, name)!r}: no whitespace allowed (Katib runs the command through sh -c)")
     if cfg.algorithm == "grid":
@@ -163,14 +167,15 @@ def trial_job(cfg: KatibConfig) -> dict:
     """The trial as a batch/v1 Job running `python -m hpa train`."""
     volume, mount = k8s.shm_volume(cfg.shm_size)
     container = {
-        "name": CONTAINER, "image": cfg.resolved_image(),
+        "name": CONTAINER, "image": cfg.image,
         "command": ["python", "-m", "hpa", "train"], "args": train_args(cfg),
         "env": k8s.container_env(cfg.s3_endpoint), "resources": k8s.pod_resources(cfg.cpu, cfg.memory, cfg.gpus, cfg.accelerator_type),
         "volumeMounts": [mount], "securityContext": dict(k8s.CONTAINER_SECURITY),
     }
     pod = {
-        "metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},
-        "spec": {"restartPolicy": "Never", "containers": [container], "volumes": [volume]},
+        "metadata": {"annotations": dict(k8s.NO_ISTIO)},
+        "spec": {"restartPolicy": "Never", **k8s.placement(cfg.node_selector, cfg.tolerations),
+                 "containers": [container], "volumes": [volume]},
     }
     return {"apiVersion": "batch/v1", "kind": "Job", "spec": {"backoffLimit": 0, "template": pod}}
 
@@ -181,8 +186,9 @@ def trial_template(cfg: KatibConfig) -> dict:
 
         dcfg = distributed.DistributedConfig(
             name="trial", namespace=cfg.namespace, num_nodes=cfg.num_nodes, restart_policy="Never",
-            gpus_per_node=cfg.gpus, image=cfg.resolved_image(), accelerator_type=cfg.accelerator_type,
-            cpu=cfg.cpu, memory=cfg.memory, shm_size=cfg.shm_size, s3_endpoint=cfg.s3_endpoint)
+            gpus_per_node=cfg.gpus, image=cfg.image, accelerator_type=cfg.accelerator_type,
+            cpu=cfg.cpu, memory=cfg.memory, shm_size=cfg.shm_size, s3_endpoint=cfg.s3_endpoint,
+            node_selector=cfg.node_selector, tolerations=cfg.tolerations)
         job = distributed.render_pytorchjob(dcfg, train_args(cfg))
         del job["metadata"]  # Katib names the trial's job itself
         return {
@@ -196,9 +202,14 @@ def trial_template(cfg: KatibConfig) -> dict:
     return {"primaryContainerName": CONTAINER, "trialParameters": [dict(p) for p in TRIAL_PARAMETERS], "trialSpec": trial_job(cfg)}
 
 
+def with_namespace(cfg: KatibConfig) -> KatibConfig:
+    """The store URIs with {namespace} (the default store prefix's placeholder) set to the Experiment's namespace."""
+    return replace(cfg, **{name: config.expand_store_uri(getattr(cfg, name), cfg.namespace) for name in ("data", "split", "out_prefix")})
+
+
 def render_experiment(cfg: KatibConfig) -> dict:
-    """The Experiment as a dict (validated against the schemas when they are available)."""
-    validate_config(cfg)
+    """The Experiment as a dict, validated against the vendored schemas."""
+    cfg = with_namespace(validate_config(cfg))
     algorithm_settings = [{"name": "random_state", "value": "0"}] if cfg.algorithm in ("tpe", "random", "grid", "cmaes") else []
     experiment = {
         "apiVersion": API_VERSION, "kind": "Experiment",
@@ -221,10 +232,7 @@ def render_experiment(cfg: KatibConfig) -> dict:
             "trialTemplate": trial_template(cfg),
         },
     }
-    if k8s.schemas_dir() is not None:
-        validate_experiment(experiment)
-    else:
-        log.warning("schema files not found (HPA_SCHEMAS_DIR): rendered Experiment not schema-validated")
+    validate_experiment(experiment)
     return experiment
 
 
@@ -276,17 +284,17 @@ def experiment_outcome(obj: dict) -> str | None:
 
 def launch(experiment: dict, namespace: str | None = None, timeout: float = 6 * 3600, poll: float = 10.0,
            unique_name: bool = False, api_client=None) -> dict:
-    """Create the Experiment, wait until Succeeded (Failed or the timeout raise ClusterError), return best_trial()."""
+    """Create the Experiment, wait until Succeeded (Failed or the timeout raise ClusterError), return best_trial().
+    The Experiment (and so its trials) is deleted if the wait fails or times out or the process gets
+    SIGTERM/SIGINT, and is owned by the KFP task's Pod when that is known (k8s.create_and_wait)."""
     experiment = json.loads(json.dumps(experiment))
     meta = experiment["metadata"]
     meta["namespace"] = namespace or meta.get("namespace") or "default"
     if unique_name:  # pipeline re-runs must not collide with an earlier Experiment
         meta["name"] = f"{meta['name'][:33]}-{uuid.uuid4().hex[:6]}"
-    if k8s.schemas_dir() is not None:
-        validate_experiment(experiment)
+    validate_experiment(experiment)
     api = k8s.custom_objects_api(api_client)
-    k8s.create_object(api, experiment, PLURAL, meta["namespace"])
-    final = k8s.wait_for(api, experiment, PLURAL, meta["namespace"], experiment_outcome, timeout, poll)
+    final = k8s.create_and_wait(api, experiment, PLURAL, meta["namespace"], experiment_outcome, timeout, poll)
     best = best_trial(final)
     log.info("experiment %s/%s succeeded; best trial %s: %s", meta["namespace"], meta["name"], best["trial"], best)
     return best
@@ -295,14 +303,8 @@ def launch(experiment: dict, namespace: str | None = None, timeout: float = 6 * 
 # ---------------------------------------------------------------- CLI
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    defaults = KatibConfig()
-    for f in fields(KatibConfig):
-        if f.name == "threshold_modes":
-            parser.add_argument("--threshold-modes", nargs="+", default=list(defaults.threshold_modes))
-            continue
-        value = getattr(defaults, f.name)
-        kwargs = {"choices": ALGORITHMS} if f.name == "algorithm" else {"choices": TRIAL_KINDS} if f.name == "trial_kind" else {}
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=value, **kwargs)
+    parser.add_argument("--threshold-modes", nargs="+", default=list(KatibConfig().threshold_modes))
+    k8s.add_config_options(parser, KatibConfig, skip=("threshold_modes",), choices={"algorithm": ALGORITHMS, "trial_kind": TRIAL_KINDS})
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -327,6 +329,7 @@ def main(argv: list[str]) -> int:
     if args.command == "render":
         values = {f.name: getattr(args, f.name) for f in fields(KatibConfig)}
         values["threshold_modes"] = tuple(values["threshold_modes"])
+        values["image"] = k8s.default_image(args.image, args.gpus)
         text = render_yaml(replace(KatibConfig(), **values))
         if args.out_file == "-":
             sys.stdout.write(text)

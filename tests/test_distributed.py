@@ -1,12 +1,17 @@
-"""TrainJob / PyTorchJob manifests: no drift, CRD schema validation, clear errors, launcher against the
-loopback stand-in API server, and the manifests' own command run as two "nodes" with the operators' env."""
+"""TrainJob / PyTorchJob manifests: no drift, CRD schema validation (per Trainer release), clear errors,
+the pod patch in both Trainer APIs (podTemplateOverrides for 2.1, runtimePatches for >= 2.2), the
+launcher against the loopback stand-in API server (trainer_api=auto, owner references, deletion on
+failure, timeout and SIGTERM), and the manifests' own command run as two "nodes" with the operators' env."""
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,8 +24,9 @@ from k8s_fake_api import FakeKubeAPI
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = {"trainjob": ROOT / "manifests" / "trainjob.yaml", "pytorchjob": ROOT / "manifests" / "pytorchjob.yaml"}
-
-pytestmark = pytest.mark.skipif(k8s.schemas_dir() is None, reason="shared/schemas not found (set HPA_SCHEMAS_DIR)")
+TRAINJOB_V21 = ROOT / "manifests" / "trainjob-trainer-v2.1.yaml"
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+PLACED = dict(node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}, tolerations=[GPU_TOLERATION])
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +41,122 @@ def test_manifests_are_generated_and_validate(kind):
     assert text == distributed.render_yaml(distributed.DistributedConfig(kind=kind)), \
         f"{MANIFESTS[kind]} drifted: run `python -m hpa distributed render --kind {kind} --manifest-out {MANIFESTS[kind]}`"
     distributed.validate_manifest(yaml.safe_load(text))
+
+
+def test_trainer_v21_manifest_is_generated_and_validates():
+    text = TRAINJOB_V21.read_text()
+    assert text == distributed.render_yaml(distributed.DistributedConfig(trainer_api="podTemplateOverrides")), \
+        f"{TRAINJOB_V21} drifted: run `python -m hpa distributed render --trainer-api podTemplateOverrides --manifest-out {TRAINJOB_V21}`"
+    job = yaml.safe_load(text)
+    distributed.validate_manifest(job, trainer_versions=("v2.1.0",))
+    assert "podTemplateOverrides" in job["spec"] and "runtimePatches" not in job["spec"]
+
+
+def test_cli_renders_the_image_and_placement_given(tmp_path, monkeypatch):
+    """CLI renders happen where HPA_IMAGE / HPA_CUDA_IMAGE may be set: the default follows them and the
+    GPU count; --image, --node-selector and --tolerations (JSON) go into the manifest."""
+    monkeypatch.setenv("HPA_IMAGE", "registry.example/hpa:cpu-1")
+    monkeypatch.setenv("HPA_CUDA_IMAGE", "registry.example/hpa:cuda-1")
+    out = tmp_path / "job.yaml"
+    assert distributed.main(["render", "--gpus-per-node", "0", "--manifest-out", str(out)]) == 0
+    assert yaml.safe_load(out.read_text())["spec"]["trainer"]["image"] == "registry.example/hpa:cpu-1"
+    assert distributed.main(["render", "--manifest-out", str(out)]) == 0
+    assert yaml.safe_load(out.read_text())["spec"]["trainer"]["image"] == "registry.example/hpa:cuda-1"
+    import json
+
+    assert distributed.main(["render", "--kind", "pytorchjob", "--image", "registry.example/other:2", "--manifest-out", str(out),
+                             "--node-selector", json.dumps(PLACED["node_selector"]), "--tolerations", json.dumps(PLACED["tolerations"])]) == 0
+    pod = yaml.safe_load(out.read_text())["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "registry.example/other:2"
+    assert pod["nodeSelector"] == PLACED["node_selector"] and pod["tolerations"] == PLACED["tolerations"]
+
+
+def test_cli_bad_json_option_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit) as err:
+        distributed.main(["render", "--tolerations", '{"key": "x"}'])
+    assert err.value.code == 2 and "expected a JSON list" in capsys.readouterr().err
+
+
+def _pod_patch(job: dict) -> tuple[dict, dict]:
+    """(pod metadata, pod spec) of the TrainJob's patch for the `node` job, in either Trainer API."""
+    spec = job["spec"]
+    if "podTemplateOverrides" in spec:
+        (override,) = spec["podTemplateOverrides"]
+        assert override["targetJobs"] == [{"name": "node"}]
+        return override["metadata"], override["spec"]
+    (patch,) = spec["runtimePatches"]
+    (rjob,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert rjob["name"] == "node"
+    pod = rjob["template"]["spec"]["template"]
+    return pod["metadata"], pod["spec"]
+
+
+@pytest.mark.parametrize("trainer_api, versions", [("podTemplateOverrides", ("v2.1.0",)), ("runtimePatches", ("v2.2.0", "v2.3.0"))])
+def test_trainjob_pods_opt_out_of_istio_and_get_placement_and_shm(trainer_api, versions):
+    """Both Trainer APIs patch the `node` pods with the Istio opt-out (profile namespaces inject sidecars),
+    the node selector and tolerations, and a memory /dev/shm; the env (S3 endpoint, secretKeyRefs) is in
+    trainer.env (the Trainer webhook refuses env on the `node` container of a patch). Only runtimePatches
+    (Trainer >= 2.2) can carry the container securityContext: the v2.1.0 CRD's override containers have
+    name, env and volumeMounts only. Validated against the CRD of every release the API targets."""
+    job = distributed.render(distributed.DistributedConfig(trainer_api=trainer_api, image="registry.example/hpa:7", **PLACED))
+    for version in versions:
+        distributed.validate_manifest(job, trainer_versions=(version,))
+    metadata, pod = _pod_patch(job)
+    assert metadata == {"annotations": {"sidecar.istio.io/inject": "false"}}
+    assert pod["nodeSelector"] == PLACED["node_selector"] and pod["tolerations"] == [GPU_TOLERATION]
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}]
+    (node,) = pod["containers"]
+    assert node["name"] == "node" and node["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}] and "env" not in node
+    assert node.get("securityContext") == ({"runAsNonRoot": True, "allowPrivilegeEscalation": False} if trainer_api == "runtimePatches" else None)
+    trainer = job["spec"]["trainer"]
+    assert trainer["image"] == "registry.example/hpa:7"
+    assert {e["name"] for e in trainer["env"]} == {"HPA_S3_ENDPOINT", "PYTHONUNBUFFERED", "HPA_S3_ACCESS_KEY", "HPA_S3_SECRET_KEY"}
+
+
+@pytest.mark.parametrize("trainer_api, other_release, where", [
+    ("podTemplateOverrides", "v2.3.0", "podTemplateOverrides"),
+    ("runtimePatches", "v2.1.0", "runtimePatches"),
+])
+def test_each_trainer_api_is_refused_by_the_other_releases_crd(trainer_api, other_release, where):
+    """The field availability per release is real: a v2.1 TrainJob does not validate against the v2.3.0
+    CRD, nor a v2.2+ one against v2.1.0 (so rendering for the wrong release cannot pass silently)."""
+    job = distributed.render(distributed.DistributedConfig(trainer_api=trainer_api))
+    with pytest.raises(ConfigError, match=where):
+        distributed.validate_manifest(job, trainer_versions=(other_release,))
+
+
+def test_runtime_patch_manager_must_be_domain_prefixed():
+    """Trainer >= 2.2 refuses a runtimePatches manager that is not a domain-prefixed path (v2.2.0
+    pkg/runtime/framework/plugins/jobset/jobset.go, validation.IsDomainPrefixedPath); the CRD only says
+    minLength 1, so the schema alone would let the bare name the renderer used to write through."""
+    job = distributed.render(distributed.DistributedConfig())
+    assert job["spec"]["runtimePatches"][0]["manager"] == distributed.PATCH_MANAGER
+    job["spec"]["runtimePatches"][0]["manager"] = "hpa-kfp"
+    k8s.validate_crd(job, k8s.TRAINJOB_CRDS["v2.3.0"], "schema only")  # the schema accepts it
+    with pytest.raises(ConfigError, match="must be a domain-prefixed path"):
+        distributed.validate_manifest(job)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p["containers"][0].__setitem__("env", [{"name": "X", "value": "1"}]), "without env"),
+    (lambda p: p["containers"].append({"name": "sidecar"}), "may patch only container 'node'"),
+])
+def test_trainer_webhook_rules_on_the_pod_patch(mutate, message):
+    for trainer_api in ("podTemplateOverrides", "runtimePatches"):
+        job = distributed.render(distributed.DistributedConfig(trainer_api=trainer_api))
+        mutate(_pod_patch(job)[1])
+        with pytest.raises(ConfigError, match=message):
+            distributed.validate_manifest(job)
+
+
+@pytest.mark.parametrize("num_nodes", [1, 3])
+def test_pytorchjob_pods_get_placement_and_no_istio(num_nodes):
+    job = distributed.render(distributed.DistributedConfig(kind="pytorchjob", num_nodes=num_nodes, image="registry.example/hpa:7", **PLACED))
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        template = spec["template"]
+        assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+        assert template["spec"]["nodeSelector"] == PLACED["node_selector"] and template["spec"]["tolerations"] == [GPU_TOLERATION]
+        assert template["spec"]["containers"][0]["image"] == "registry.example/hpa:7"
 
 
 @pytest.mark.parametrize("num_nodes", [1, 2, 4])
@@ -70,6 +192,14 @@ def test_pytorchjob_shape(num_nodes):
     (dict(lr=0.0), "lr=0.0: expected (0, 1)"),
     (dict(size=100), "size a multiple of 32"),
     (dict(name="Not_A_Label"), "expected a DNS label"),
+    (dict(image=""), "distributed image '': expected the image reference fixed at compile time"),
+    (dict(image="a b"), "distributed image 'a b'"),
+    (dict(trainer_api="podTemplateOverride"), "distributed trainer_api 'podTemplateOverride': expected auto"),
+    (dict(trainer_api="auto"), "auto is resolved when launching"),
+    (dict(node_selector=["gpu"]), "distributed node_selector ['gpu']: expected a JSON object"),
+    (dict(node_selector={"gpu": 1}), "expected a JSON object of label: value strings"),
+    (dict(tolerations={"key": "x"}), "distributed tolerations {'key': 'x'}: expected a JSON list"),
+    (dict(tolerations=[{"key": "x", "operater": "Exists"}]), "operater"),
 ])
 def test_bad_config_is_one_clear_error(changes, message):
     with pytest.raises(ConfigError) as err:
@@ -97,7 +227,9 @@ def test_launch_against_stand_in_server(kind):
     with FakeKubeAPI(polls=2) as api:
         result = distributed.launch(job, timeout=20, poll=0.05, unique_name=True, api_client=api.api_client())
         assert len(api.posted) == 1 and api.posted[0]["kind"] == job["kind"]
-    assert result["out"] == "s3://mlpipeline/hpa-kfp/runs/ddp" and result["name"].startswith("hpa-train-ddp-")
+        assert api.deleted == []  # a job that succeeded is kept (until its owner, the task's pod, goes)
+    # the default store prefix is the namespace's own (multi-user profiles may write only under private/<ns>/)
+    assert result["out"] == "s3://mlpipeline/private/kubeflow/hpa-kfp/runs/ddp" and result["name"].startswith("hpa-train-ddp-")
 
 
 def test_launch_failed_job_is_a_clear_error():
@@ -105,6 +237,157 @@ def test_launch_failed_job_is_a_clear_error():
     with FakeKubeAPI(polls=1, outcome="failed") as api:
         with pytest.raises(k8s.ClusterError, match="TrainJob kubeflow/hpa-train-ddp failed: BackoffLimitExceeded"):
             distributed.launch(job, timeout=20, poll=0.05, api_client=api.api_client())
+        # the failed job is deleted with its pods (Background propagation), not left behind
+        assert api.deleted == [{"key": ("trainjobs", "kubeflow", "hpa-train-ddp"), "propagationPolicy": "Background", "by": "client"}]
+
+
+def test_launch_timeout_deletes_the_job(caplog):
+    job = yaml.safe_load(MANIFESTS["pytorchjob"].read_text())
+    with FakeKubeAPI(polls=1, outcome="never") as api, caplog.at_level(logging.INFO, logger="hpa.k8s"):
+        with pytest.raises(k8s.ClusterError, match=r"did not finish within 0.3 s \(last state: Running\)"):
+            distributed.launch(job, timeout=0.3, poll=0.05, api_client=api.api_client())
+        assert [d["key"] for d in api.deleted] == [("pytorchjobs", "kubeflow", "hpa-train-ddp")]
+    assert "deleted PyTorchJob kubeflow/hpa-train-ddp (propagationPolicy=Background): did not finish within 0.3 s" in caplog.text
+
+
+def test_name_clash_does_not_delete_the_other_job():
+    """A 409 means someone else's object has that name: the launcher must not delete it."""
+    job = yaml.safe_load(MANIFESTS["trainjob"].read_text())
+    with FakeKubeAPI(polls=1) as api:
+        distributed.launch(job, timeout=5, poll=0.05, api_client=api.api_client())
+        with pytest.raises(k8s.ClusterError, match="HTTP 409"):
+            distributed.launch(job, timeout=5, poll=0.05, api_client=api.api_client())
+        assert api.deleted == [] and ("trainjobs", "kubeflow", "hpa-train-ddp") in api.objects
+
+
+# ---------------------------------------------------------------- trainer_api=auto against each release
+
+@pytest.mark.parametrize("release, expected", [("v2.1.0", "podTemplateOverrides"), ("v2.2.0", "runtimePatches"), ("v2.3.0", "runtimePatches")])
+def test_auto_reads_the_installed_crd(release, expected, caplog):
+    cfg = distributed.DistributedConfig(trainer_api="auto", name="auto-job")
+    with FakeKubeAPI(polls=1, trainer_version=release) as api, caplog.at_level(logging.INFO, logger="hpa.distributed"):
+        distributed.launch_config(cfg, timeout=5, poll=0.05, api_client=api.api_client())
+        assert api.crd_reads == 1 and api.rejected == []
+        (posted,) = api.posted
+    assert distributed.trainjob_api(posted) == expected
+    assert f"installed TrainJob CRD v1alpha1 has spec.{expected}" in caplog.text
+
+
+@pytest.mark.parametrize("release, posts", [("v2.1.0", ["podTemplateOverrides"]), ("v2.3.0", ["podTemplateOverrides", "runtimePatches"])])
+def test_auto_without_crd_read_rights_falls_back_with_a_clear_log_line(release, posts, caplog):
+    """A profile's service account may not read CRDs (403): auto tries the Trainer 2.1 field (what
+    Kubeflow 1.11 ships); on a newer Trainer the API server's strict field validation refuses
+    spec.podTemplateOverrides (400, strict decoding error) and the launcher renders runtimePatches."""
+    cfg = distributed.DistributedConfig(trainer_api="auto", name="auto-job")
+    with FakeKubeAPI(polls=1, trainer_version=release, crd_readable=False) as api, caplog.at_level(logging.INFO):
+        result = distributed.launch_config(cfg, timeout=5, poll=0.05, api_client=api.api_client())
+        assert [distributed.trainjob_api(p) for p in api.posted] == posts[-1:]
+        assert len(api.rejected) == len(posts) - 1
+        if len(posts) == 2:
+            assert api.rejected[0][0] == 400 and 'strict decoding error: unknown field "spec.podTemplateOverrides"' in api.rejected[0][1]
+    assert result["name"] == "auto-job"
+    assert "HTTP 403" in caplog.text and "trainer_api=auto cannot tell the Trainer release: trying podTemplateOverrides" in caplog.text
+    if len(posts) == 2:
+        assert "does not know spec.podTemplateOverrides (so Trainer >= 2.2): rendering the TrainJob with spec.runtimePatches" in caplog.text
+
+
+def test_explicit_trainer_api_for_the_wrong_release_is_one_clear_error():
+    """fieldValidation=Strict turns a field the installed CRD lacks into an error (without it the API
+    server would drop spec.runtimePatches silently and the pods would get Istio sidecars and no /dev/shm)."""
+    cfg = distributed.DistributedConfig(trainer_api="runtimePatches", name="wrong-api")
+    with FakeKubeAPI(polls=1, trainer_version="v2.1.0") as api:
+        with pytest.raises(k8s.ClusterError) as err:
+            distributed.launch_config(cfg, timeout=5, poll=0.05, api_client=api.api_client())
+        assert api.posted == [] and api.deleted == []
+    text = str(err.value)
+    assert 'HTTP 400' in text and 'unknown field "spec.runtimePatches"' in text
+    assert text.endswith("(the installed Trainer has no spec.runtimePatches: set trainer_api=podTemplateOverrides or auto)")
+
+
+# ---------------------------------------------------------------- owner references (KFP pod identity)
+
+@pytest.fixture
+def kfp_pod(tmp_path, monkeypatch):
+    """The env a KFP v2 executor container gets from the downward API (KFP_POD_NAME, KFP_POD_UID) and
+    the service-account namespace file, for a pod `run-pod` in namespace `team-a`."""
+    ns_file = tmp_path / "namespace"
+    ns_file.write_text("team-a")
+    monkeypatch.setattr(k8s, "SERVICEACCOUNT_NAMESPACE", str(ns_file))
+    monkeypatch.setenv("KFP_POD_NAME", "run-pod")
+    monkeypatch.setenv("KFP_POD_UID", "0f6c5a7e-1111-2222-3333-444455556666")
+    return {"apiVersion": "v1", "kind": "Pod", "name": "run-pod", "uid": "0f6c5a7e-1111-2222-3333-444455556666"}
+
+
+def test_job_is_owned_by_the_launcher_pod_and_collected_with_it(kfp_pod):
+    """With the pod identity known, the TrainJob's owner is the task's Pod: when the run's pods are
+    deleted (KFP's Argo ttlStrategy), Kubernetes' garbage collector deletes the TrainJob (played here)."""
+    cfg = distributed.DistributedConfig(namespace="team-a", name="owned-job")
+    with FakeKubeAPI(polls=1) as api:
+        api.add_pod("team-a", "run-pod", kfp_pod["uid"])
+        distributed.launch_config(cfg, timeout=5, poll=0.05, api_client=api.api_client())
+        assert api.posted[0]["metadata"]["ownerReferences"] == [kfp_pod]
+        assert ("trainjobs", "team-a", "owned-job") in api.objects
+        api.delete_pod("team-a", "run-pod")
+        assert ("trainjobs", "team-a", "owned-job") not in api.objects
+        assert api.deleted == [{"key": ("trainjobs", "team-a", "owned-job"), "propagationPolicy": "Background", "by": "garbage-collector"}]
+
+
+def test_no_owner_reference_across_namespaces_or_outside_kfp(kfp_pod, monkeypatch, caplog):
+    """Kubernetes treats an owner in another namespace as absent and would delete the job at once: none
+    is set then, nor when the pod identity is unknown (a local run); each case says so in the log."""
+    with FakeKubeAPI(polls=1) as api, caplog.at_level(logging.INFO, logger="hpa.k8s"):
+        api.add_pod("team-a", "run-pod", kfp_pod["uid"])
+        distributed.launch_config(distributed.DistributedConfig(namespace="team-b", name="elsewhere"), timeout=5, poll=0.05,
+                                  api_client=api.api_client())
+        monkeypatch.delenv("KFP_POD_UID")
+        distributed.launch_config(distributed.DistributedConfig(namespace="team-a", name="local-run"), timeout=5, poll=0.05,
+                                  api_client=api.api_client())
+        assert [p["metadata"].get("ownerReferences") for p in api.posted] == [None, None]
+        assert api.deleted == []
+    assert "runs in namespace team-a but the object goes to team-b: no ownerReference" in caplog.text
+    assert "KFP_POD_NAME/KFP_POD_UID not set (not a KFP pod): the created object gets no ownerReference" in caplog.text
+
+
+def test_stand_in_collects_a_job_whose_owner_pod_is_unknown(kfp_pod):
+    """The stand-in plays the garbage collector faithfully: a wrong owner uid gets the job deleted."""
+    with FakeKubeAPI(polls=1) as api:
+        api.add_pod("team-a", "run-pod", "another-uid")
+        with pytest.raises(k8s.ClusterError, match="HTTP 404"):
+            distributed.launch_config(distributed.DistributedConfig(namespace="team-a", name="orphan"), timeout=5, poll=0.05,
+                                      api_client=api.api_client())
+        assert api.deleted[0]["by"] == "garbage-collector"
+
+
+# ---------------------------------------------------------------- SIGTERM (a cancelled run)
+
+def _launch_until_posted(api: FakeKubeAPI, tmp_path, argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "KUBECONFIG": api.write_kubeconfig(tmp_path / "kubeconfig"), "PYTHONUNBUFFERED": "1"}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    proc = subprocess.Popen([sys.executable, "-m", "hpa", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not api.posted and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api.posted, f"nothing was posted (rc={proc.poll()})"
+    time.sleep(0.3)  # well inside the wait loop
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_while_waiting_deletes_the_job_and_exits_non_zero(tmp_path, sig):
+    """A cancelled KFP run terminates its pods (Argo's emissary forwards SIGTERM to the main container's
+    process group). A real `python -m hpa distributed launch` subprocess, waiting on a job that never
+    finishes, gets the signal: it deletes the TrainJob (Background propagation) and exits non-zero."""
+    with FakeKubeAPI(polls=1, outcome="never") as api:
+        proc = _launch_until_posted(api, tmp_path, ["distributed", "launch", "--file", str(MANIFESTS["trainjob"]),
+                                                    "--timeout", "120", "--poll", "0.1"])
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+        assert api.deleted == [{"key": ("trainjobs", "kubeflow", "hpa-train-ddp"), "propagationPolicy": "Background", "by": "client"}]
+    assert proc.returncode == 2, err
+    assert out == ""
+    name = signal.Signals(sig).name
+    assert f"deleted TrainJob kubeflow/hpa-train-ddp (propagationPolicy=Background): cancelled by {name}" in err
+    assert err.strip().splitlines()[-1] == f"error: TrainJob kubeflow/hpa-train-ddp: cancelled by {name}; deleted TrainJob kubeflow/hpa-train-ddp"
 
 
 def _free_port() -> int:
@@ -187,9 +470,11 @@ def test_train_distributed_component_end_to_end(tmp_path, monkeypatch):
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         train_distributed.python_func(data_uri=str(data), split_csv=Dataset(name="split", uri=str(split)),
                                       store_uri=str(tmp_path / "store"), num_nodes=2, gpus_per_node=0, image_size=32,
-                                      epochs=1, batch_size=8, tta=1, timeout_s=450, **outputs)
+                                      epochs=1, batch_size=8, tta=1, timeout_s=450, image="registry.example/hpa:cpu-9",
+                                      node_selector={"pool": "cpu"}, **outputs)
         job = api.posted[0]
     assert job["kind"] == "TrainJob" and job["spec"]["trainer"]["numNodes"] == 2
+    assert job["spec"]["trainer"]["image"] == "registry.example/hpa:cpu-9" and _pod_patch(job)[1]["nodeSelector"] == {"pool": "cpu"}
     assert (tmp_path / "outputs" / "model").stat().st_size > 100_000
     assert (tmp_path / "outputs" / "run" / "metrics.json").exists()
     import numpy as np
@@ -198,8 +483,8 @@ def test_train_distributed_component_end_to_end(tmp_path, monkeypatch):
     assert val["probs"].shape[1] == 28 and "best_val_macro_f1" in outputs["metrics"].metadata
 
 
-def _compiled_pipeline() -> dict:
-    return next(yaml.safe_load_all((ROOT / "compiled" / "hpa_pipeline.yaml").read_text()))
+def _compiled_pipeline(name: str = "hpa_pipeline.yaml") -> dict:
+    return next(yaml.safe_load_all((ROOT / "compiled" / name).read_text()))
 
 
 def _conditions(spec: dict, parameter: str) -> dict[str, list[str]]:
@@ -215,27 +500,31 @@ def _conditions(spec: dict, parameter: str) -> dict[str, list[str]]:
 
 
 def test_compiled_pipeline_has_the_distributed_path():
-    """num_nodes > 1 routes both models to train-distributed (TrainJobs); otherwise the single-pod tasks."""
-    spec = _compiled_pipeline()
-    multi = "int(inputs.parameter_values['pipelinechannel--num_nodes']) > 1"
-    assert _conditions(spec, "num_nodes") == {
-        multi: ["comp-train-distributed", "comp-train-distributed-2"],
-        f"!({multi})": ["comp-train-resnet18", "comp-train-se-resnet"],
-    }
-    params = spec["root"]["inputDefinitions"]["parameters"]
-    assert params["num_nodes"]["defaultValue"] == 1 and params["tune"]["defaultValue"] is False
+    """The multi-node pipeline (compiled/hpa_pipeline_multinode.yaml) trains both models with
+    train-distributed (TrainJobs) straight from the root DAG; the single-pod pipeline has none. Each
+    train-distributed task gets num_nodes and gpus from the run parameters, the image chosen at compile
+    time from check-params (not resolved inside the pod) and the placement parameters."""
+    single, multi = _compiled_pipeline(), _compiled_pipeline("hpa_pipeline_multinode.yaml")
+    assert not any(name.startswith("comp-train-distributed") for name in single["components"])
+    assert single["root"]["inputDefinitions"]["parameters"]["num_nodes"]["defaultValue"] == 1
+    assert single["root"]["inputDefinitions"]["parameters"]["tune"]["defaultValue"] is False
+    params = multi["root"]["inputDefinitions"]["parameters"]
+    assert params["num_nodes"]["defaultValue"] == 2 and params["tune"]["defaultValue"] is False
     archs = set()
     for name in ("comp-train-distributed", "comp-train-distributed-2"):
-        assert spec["components"][name]["executorLabel"].startswith("exec-train-distributed")
-    for comp in spec["components"].values():
-        for task in comp.get("dag", {}).get("tasks", {}).values():
-            if task["componentRef"]["name"].startswith("comp-train-distributed"):
-                inputs = task["inputs"]["parameters"]
-                archs.add(inputs["arch"]["runtimeValue"]["constant"])
-                assert inputs["num_nodes"]["componentInputParameter"].endswith("num_nodes")
-                assert inputs["gpus_per_node"]["componentInputParameter"].endswith("gpus")
+        assert multi["components"][name]["executorLabel"].startswith("exec-train-distributed")
+    tasks = [t for t in multi["root"]["dag"]["tasks"].values() if t["componentRef"]["name"].startswith("comp-train-distributed")]
+    assert len(tasks) == 2 and not any("triggerPolicy" in t for t in tasks)
+    for task in tasks:
+        inputs = task["inputs"]["parameters"]
+        archs.add(inputs["arch"]["runtimeValue"]["constant"])
+        assert inputs["num_nodes"] == {"componentInputParameter": "num_nodes"}
+        assert inputs["gpus_per_node"] == {"componentInputParameter": "gpus"}
+        assert inputs["image"] == {"taskOutputParameter": {"outputParameterKey": "train_image", "producerTask": "check-params"}}
+        assert inputs["node_selector"] == {"componentInputParameter": "node_selector"}
+        assert inputs["tolerations"] == {"componentInputParameter": "tolerations"}
     assert archs == {"resnet18", "se_resnet18"}
-    executor = spec["deploymentSpec"]["executors"]["exec-train-distributed"]["container"]
+    executor = multi["deploymentSpec"]["executors"]["exec-train-distributed"]["container"]
     assert "train_distributed" in " ".join(executor["command"] + executor.get("args", []))
 
 
@@ -243,6 +532,24 @@ def test_compiled_pipeline_has_the_optional_katib_stage():
     spec = _compiled_pipeline()
     tune = "inputs.parameter_values['pipelinechannel--tune'] == true"
     assert _conditions(spec, "tune") == {tune: ["comp-katib-tune"], f"!({tune})": ["comp-katib-defaults"]}
+
+
+def test_train_distributed_component_refuses_an_empty_image(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    try:
+        from kfp.dsl import Artifact, Dataset, Metrics, Model
+
+        from components.train_distributed.component import train_distributed
+    finally:
+        sys.path.remove(str(ROOT))
+    outputs = {name: cls(name=name, uri=str(tmp_path / name)) for name, cls in
+               [("model", Model), ("run", Artifact), ("val_predictions", Dataset), ("test_predictions", Dataset), ("metrics", Metrics)]}
+    with pytest.raises(ConfigError) as err:
+        train_distributed.python_func(data_uri="s3://b/d", split_csv=Dataset(name="split", uri=str(tmp_path / "s.csv")),
+                                      store_uri=str(tmp_path / "store"), image=" ", **outputs)
+    assert str(err.value) == ("train-distributed image=' ': expected the training image fixed at compile time "
+                              "(pipeline.py passes the CUDA image when gpus > 0, else the CPU image)")
+    assert not (tmp_path / "store").exists()
 
 
 @pytest.mark.slow

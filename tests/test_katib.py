@@ -1,10 +1,16 @@
 """Katib Experiment: rendering (no drift), strict schema validation, bad search spaces, metric filters,
-and the launcher against a loopback stand-in for the Kubernetes API server (tests/k8s_fake_api.py)."""
+the trials' image and placement, and the launcher against a loopback stand-in for the Kubernetes API
+server (tests/k8s_fake_api.py): owner references, deletion on failure, timeout and SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import copy
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,9 +24,6 @@ from k8s_fake_api import FakeKubeAPI
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "katib" / "experiment.yaml"
 LINE = "epoch=3 train_loss=0.1234 val_loss=0.1345 val_macro_f1=0.4567"
-
-pytestmark = pytest.mark.skipif(k8s.schemas_dir() is None, reason="shared/schemas not found (set HPA_SCHEMAS_DIR)")
-
 
 @pytest.fixture(autouse=True)
 def default_images(monkeypatch):
@@ -85,6 +88,10 @@ def test_every_algorithm_and_trial_kind_validates(algorithm, trial_kind):
     (dict(algorithm="grid", max_trials=100), "grid combinations"),
     (dict(data="s3://bucket/with space"), "no whitespace"),
     (dict(name="Bad_Name"), "DNS label"),
+    (dict(image=""), "katib image '': expected the trial image reference fixed at compile time"),
+    (dict(namespace="Team_A"), "katib namespace 'Team_A': expected a DNS label"),
+    (dict(tolerations=[{"key": "x", "effect": 3}]), "effect"),
+    (dict(node_selector="gpu=h100"), "katib node_selector 'gpu=h100': expected a JSON object"),
 ])
 def test_bad_search_space_is_one_clear_error(changes, message):
     with pytest.raises(ConfigError) as err:
@@ -110,6 +117,37 @@ def test_schema_validation_is_strict(mutate, where):
 
 def _container(exp):
     return exp["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"][0]
+
+
+PLACED = dict(node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+              tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+
+
+@pytest.mark.parametrize("trial_kind", katib.TRIAL_KINDS)
+def test_trial_pods_get_the_image_and_placement_given(trial_kind):
+    """The trials run the image the renderer is given (the pipeline passes the one chosen at compile
+    time), with the node selector, tolerations and Istio opt-out, for Job and PyTorchJob trials."""
+    exp = katib.render_experiment(katib.KatibConfig(image="registry.example/hpa:cuda-7", trial_kind=trial_kind, num_nodes=2, **PLACED))
+    trial = exp["spec"]["trialTemplate"]["trialSpec"]
+    templates = ([r["template"] for r in trial["spec"]["pytorchReplicaSpecs"].values()] if trial_kind == "pytorchjob"
+                 else [trial["spec"]["template"]])
+    assert len(templates) == (2 if trial_kind == "pytorchjob" else 1)
+    for template in templates:
+        assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+        assert template["spec"]["nodeSelector"] == PLACED["node_selector"] and template["spec"]["tolerations"] == PLACED["tolerations"]
+        assert [c["image"] for c in template["spec"]["containers"]] == ["registry.example/hpa:cuda-7"]
+
+
+def test_cli_image_default_follows_the_environment_and_gpus(tmp_path, monkeypatch):
+    """`katib render` runs on the user's machine: without --image it takes HPA_CUDA_IMAGE for GPU trials
+    and HPA_IMAGE for CPU trials (the values set where the render happens)."""
+    monkeypatch.setenv("HPA_IMAGE", "registry.example/hpa:cpu-3")
+    monkeypatch.setenv("HPA_CUDA_IMAGE", "registry.example/hpa:cuda-3")
+    out = tmp_path / "exp.yaml"
+    for argv, image in [([], "registry.example/hpa:cuda-3"), (["--gpus", "0"], "registry.example/hpa:cpu-3"),
+                        (["--image", "registry.example/mine:1"], "registry.example/mine:1")]:
+        assert katib.main(["render", "--out", str(out), *argv]) == 0
+        assert _container(yaml.safe_load(out.read_text()))["image"] == image
 
 
 def _katib_parse(line: str, filters: list[str], names: list[str]) -> dict:
@@ -177,12 +215,52 @@ def test_launch_failed_experiment_is_a_clear_error():
     with FakeKubeAPI(polls=1, outcome="failed") as api:
         with pytest.raises(k8s.ClusterError, match=r"Experiment kubeflow/hpa-lr-threshold failed: MaxFailedTrialsReached: 3 trials failed"):
             katib.launch(_experiment(), timeout=20, poll=0.05, api_client=api.api_client())
+        # deleted (and with it its trials and their Jobs, Background propagation), not left behind
+        assert api.deleted == [{"key": ("experiments", "kubeflow", "hpa-lr-threshold"), "propagationPolicy": "Background", "by": "client"}]
 
 
 def test_launch_timeout_is_a_clear_error():
     with FakeKubeAPI(polls=1, outcome="never") as api:
         with pytest.raises(k8s.ClusterError, match=r"did not finish within 0.5 s \(last state: Running\)"):
             katib.launch(_experiment(), timeout=0.5, poll=0.05, api_client=api.api_client())
+        assert [d["key"] for d in api.deleted] == [("experiments", "kubeflow", "hpa-lr-threshold")]
+        assert api.objects == {}
+
+
+def test_experiment_is_owned_by_the_kfp_task_pod(tmp_path, monkeypatch):
+    """KFP_POD_NAME / KFP_POD_UID (the KFP executor's downward-API env) make the task's Pod the
+    Experiment's owner; deleting the pod garbage-collects the Experiment (played by the stand-in)."""
+    (tmp_path / "namespace").write_text("team-a")
+    monkeypatch.setattr(k8s, "SERVICEACCOUNT_NAMESPACE", str(tmp_path / "namespace"))
+    monkeypatch.setenv("KFP_POD_NAME", "tune-pod")
+    monkeypatch.setenv("KFP_POD_UID", "uid-of-tune-pod")
+    with FakeKubeAPI(polls=1) as api:
+        api.add_pod("team-a", "tune-pod", "uid-of-tune-pod")
+        katib.launch(_experiment(), namespace="team-a", timeout=5, poll=0.05, api_client=api.api_client())
+        assert api.posted[0]["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": "tune-pod", "uid": "uid-of-tune-pod"}]
+        api.delete_pod("team-a", "tune-pod")
+        assert api.objects == {} and api.deleted[0]["by"] == "garbage-collector"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_waiting_deletes_the_experiment(tmp_path, sig):
+    """A real `python -m hpa katib launch` subprocess, waiting on an Experiment that never finishes,
+    gets SIGINT/SIGTERM: it deletes the Experiment and exits non-zero with one error line."""
+    with FakeKubeAPI(polls=1, outcome="never") as api:
+        env = {**os.environ, "KUBECONFIG": api.write_kubeconfig(tmp_path / "kubeconfig")}
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        proc = subprocess.Popen([sys.executable, "-m", "hpa", "katib", "launch", "--file", str(EXPERIMENT), "--namespace", "ns1",
+                                 "--timeout", "120", "--poll", "0.1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not api.gets and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert api.gets, f"the launcher never polled (rc={proc.poll()})"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+        assert api.deleted == [{"key": ("experiments", "ns1", "hpa-lr-threshold"), "propagationPolicy": "Background", "by": "client"}]
+    assert proc.returncode == 2 and out == "", err
+    assert err.strip().splitlines()[-1] == (f"error: Experiment ns1/hpa-lr-threshold: cancelled by {signal.Signals(sig).name}; "
+                                            "deleted Experiment ns1/hpa-lr-threshold")
 
 
 def test_launch_duplicate_and_unique_names():
@@ -230,7 +308,8 @@ def test_katib_tune_component_against_stand_in(tmp_path, monkeypatch):
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         out = katib_tune.python_func(data_uri="s3://bucket/data", split_csv=Dataset(name="split", uri=str(split)),
                                      store_uri=str(tmp_path / "store"), experiment=experiment, namespace="team",
-                                     max_trials=4, parallel_trials=2, poll_s=0.05, timeout_s=20)
+                                     trial_image="registry.example/hpa:cuda-5", max_trials=4, parallel_trials=2,
+                                     poll_s=0.05, timeout_s=20, **PLACED)
         posted = api.posted[0]
     assert (out.lr, out.threshold, out.threshold_mode, out.val_macro_f1) == (0.0007, 0.2, "global", 0.43)
     name = posted["metadata"]["name"]
@@ -238,9 +317,27 @@ def test_katib_tune_component_against_stand_in(tmp_path, monkeypatch):
     args = _container(posted)["args"]
     assert args[args.index("--split") + 1] == f"{tmp_path}/store/katib/{name}/split.csv"
     assert args[args.index("--data") + 1] == "s3://bucket/data" and posted["spec"]["maxTrialCount"] == 4
+    assert _container(posted)["image"] == "registry.example/hpa:cuda-5"
+    pod_spec = posted["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]
+    assert pod_spec["nodeSelector"] == PLACED["node_selector"] and pod_spec["tolerations"] == PLACED["tolerations"]
     assert yaml.safe_load((tmp_path / "experiment.yaml").read_text())["metadata"]["name"] == name
     assert experiment.metadata["lr"] == 0.0007
     assert tuple(katib_defaults.python_func(lr=1e-3, threshold=0.3, threshold_mode="fitted")) == (1e-3, 0.3, "fitted", -1.0)
+
+
+def test_katib_tune_component_refuses_an_empty_trial_image(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from kfp.dsl import Artifact, Dataset
+
+    from components.katib_tune.component import katib_tune
+
+    with pytest.raises(ConfigError) as err:
+        katib_tune.python_func(data_uri="s3://bucket/data", split_csv=Dataset(name="split", uri=str(tmp_path / "s.csv")),
+                               store_uri=str(tmp_path / "store"), experiment=Artifact(name="e", uri=str(tmp_path / "e.yaml")),
+                               trial_image="")
+    assert str(err.value) == ("katib-tune trial_image='': expected the trial image fixed at compile time "
+                              "(pipeline.py passes the CUDA image when gpus > 0, else the CPU image)")
+    assert not (tmp_path / "store").exists()
 
 
 def test_best_trial_without_assignments_is_a_clear_error():

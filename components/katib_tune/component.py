@@ -2,10 +2,14 @@
 
 An optional stage (`tune` run parameter): it renders the same Experiment as `python -m hpa katib render`
 for this run's dataset and split, creates it through the Kubernetes API (the pipeline's service account
-needs create/get on experiments.kubeflow.org in `namespace`), waits, and returns the best trial's values
+needs create/get/delete on experiments.kubeflow.org in `namespace`), waits, and returns the best trial's values
 as outputs for the training and ensemble tasks. `katib_defaults` is its pass-through for runs without
 tuning, so that `dsl.OneOf` has a value on both branches. `python components/katib_tune/component.py`
 rewrites component.yaml.
+
+The trials' image is an input (`trial_image`), fixed when the pipeline is compiled: nothing inside the
+pod picks an image. The Experiment is owned by this task's Pod (KFP_POD_NAME/KFP_POD_UID) and deleted
+when the wait fails, times out or the task is cancelled (SIGTERM): see hpa.k8s.create_and_wait.
 """
 
 from pathlib import Path
@@ -17,14 +21,18 @@ from kfp.dsl import Artifact, Dataset, Input, Output
 import hpa.config
 
 CLI_EXAMPLE = r"""
-python -m hpa katib render --data s3://mlpipeline/hpa-kfp/datasets/synthetic-600x200-64px-seed0 --split s3://mlpipeline/hpa-kfp/split.csv \
+python -m hpa katib render --namespace team-a --image ghcr.io/me/hpa-kfp:0.1.0-cuda \
+    --data s3://mlpipeline/private/team-a/hpa-kfp/datasets/synthetic-600x200-64px-seed0 --split s3://mlpipeline/private/team-a/hpa-kfp/split.csv \
     --algorithm tpe --max-trials 12 --parallel-trials 3 --out experiment.yaml
-python -m hpa katib launch --file experiment.yaml --namespace kubeflow-user-example-com --timeout 21600
+python -m hpa katib launch --file experiment.yaml --namespace team-a --timeout 21600
 python -m hpa sweep experiment.yaml --trials 4 --parallel 2 --set data=./data --set split=split.csv   # the same search, locally
 """
 PIPELINE_EXAMPLE = r"""
 with dsl.If(tune == True):
-    tuned = katib_tune(data_uri=data.outputs["data_uri"], split_csv=folds.outputs["split_csv"], store_uri=store_uri)
+    tuned = katib_tune(data_uri=data.outputs["data_uri"], split_csv=folds.outputs["split_csv"],
+                       store_uri=checked.outputs["store_uri"],
+                       trial_image=checked.outputs["train_image"],  # the CUDA or CPU image, fixed at compile time
+                       node_selector=node_selector, tolerations=tolerations)
 with dsl.Else():
     fixed = katib_defaults(lr=lr_resnet18, threshold=threshold, threshold_mode=threshold_mode)
 lr = dsl.OneOf(tuned.outputs["lr"], fixed.outputs["lr"])
@@ -37,6 +45,7 @@ def katib_tune(
     split_csv: Input[Dataset],
     store_uri: str,
     experiment: Output[Artifact],
+    trial_image: str,
     shards_uri: str = "",
     namespace: str = "",
     algorithm: str = "tpe",
@@ -56,6 +65,8 @@ def katib_tune(
     seed: int = 0,
     gpus: int = 1,
     accelerator_type: str = "nvidia.com/gpu",
+    node_selector: dict = {},
+    tolerations: list = [],
     s3_endpoint: str = "",
     timeout_s: float = 21600.0,
     poll_s: float = 30.0,
@@ -67,6 +78,7 @@ def katib_tune(
         split_csv: Fold assignment from the split task; copied into the store so that trial pods can read it.
         store_uri: Store prefix; the split copy and every trial's outputs go under <store_uri>/katib/<experiment>/.
         experiment: The Experiment YAML that was created; its metadata holds the best trial.
+        trial_image: Image of the trial pods, fixed when the pipeline is compiled (the CUDA image when trials get GPUs, else the CPU image); required, an empty value is refused.
         shards_uri: Packed shards of the dataset (the pack task's shards_uri); when set, the trials train from them.
         namespace: Kubernetes namespace of the Experiment; empty = the namespace this task runs in (Katib must be installed; the namespace needs the label katib.kubeflow.org/metrics-collector-injection=enabled).
         algorithm: tpe, random, grid, bayesianoptimization, cmaes or sobol.
@@ -86,7 +98,9 @@ def katib_tune(
         seed: Random seed of the trials and of the search algorithm's settings.
         gpus: GPUs per trial pod.
         accelerator_type: Kubernetes resource name of the accelerator.
-        s3_endpoint: S3 endpoint host:port for this task and the trial pods; empty = the KFP MinIO service.
+        node_selector: Node labels for the trial pods, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = anywhere.
+        tolerations: Tolerations for the trial pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]; [] = none.
+        s3_endpoint: S3 endpoint host:port for this task and the trial pods; empty = hpa.config.S3_DEFAULT_ENDPOINT (KFP's SeaweedFS).
         timeout_s: Seconds to wait for the Experiment before failing.
         poll_s: Seconds between status reads.
 
@@ -103,10 +117,14 @@ def katib_tune(
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
     from hpa import config, k8s, katib, store
+    from hpa.errors import ConfigError
 
+    if not trial_image.strip():
+        raise ConfigError(f"katib-tune trial_image={trial_image!r}: expected the trial image fixed at compile time "
+                          "(pipeline.py passes the CUDA image when gpus > 0, else the CPU image)")
     namespace = namespace or k8s.current_namespace()
     name = f"hpa-tune-{uuid.uuid4().hex[:8]}"
-    prefix = f"{store_uri.rstrip('/')}/katib/{name}"
+    prefix = f"{config.expand_store_uri(store_uri, namespace).rstrip('/')}/katib/{name}"
     split_uri = f"{prefix}/split.csv"
     store.publish(split_csv.path, split_uri)
     cfg = katib.KatibConfig(
@@ -114,7 +132,8 @@ def katib_tune(
         size=image_size, color_mode=color_mode, epochs=epochs, batch_size=batch_size, loss=loss, seed=seed,
         algorithm=algorithm, max_trials=max_trials, parallel_trials=parallel_trials, max_failed_trials=max_failed_trials,
         lr_min=lr_min, lr_max=lr_max, threshold_min=threshold_min, threshold_max=threshold_max, gpus=gpus,
-        accelerator_type=accelerator_type, s3_endpoint=s3_endpoint or config.S3_DEFAULT_ENDPOINT,
+        accelerator_type=accelerator_type, image=trial_image, node_selector=node_selector, tolerations=tolerations,
+        s3_endpoint=s3_endpoint or config.S3_DEFAULT_ENDPOINT,
     )
     exp = katib.render_experiment(cfg)
     with open(experiment.path, "w") as f:

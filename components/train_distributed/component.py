@@ -1,11 +1,16 @@
 """KFP component `train-distributed`: train one model with multi-node DDP as a TrainJob (or PyTorchJob).
 
-Used instead of the single-pod training tasks when the `num_nodes` run parameter is above 1. It copies
-the split into the store, creates a Kubeflow Trainer v2 TrainJob on the `torch-distributed` runtime
+Used by the multi-node pipeline (compiled/hpa_pipeline_multinode.yaml) instead of the single-pod training
+tasks. It copies the split into the store, creates a Kubeflow Trainer v2 TrainJob on the `torch-distributed` runtime
 (`kind=pytorchjob`: a Training Operator v1 PyTorchJob) running `torchrun -m hpa train`, waits for it,
 then fetches the run's outputs from the store and predicts val and test, so that its outputs are the
-same as `train-resnet18`'s. The pipeline's service account needs create/get on the job kind in
-`namespace`. `python components/train_distributed/component.py` rewrites component.yaml.
+same as `train-resnet18`'s. The pipeline's service account needs create/get/delete on the job kind in
+`namespace` (and, for trainer_api=auto, get on customresourcedefinitions; without it the task tries the
+Trainer 2.1 field first). `python components/train_distributed/component.py` rewrites component.yaml.
+
+The pods' image is an input (`image`), fixed when the pipeline is compiled: nothing inside the pod picks
+an image. The TrainJob is owned by this task's Pod (KFP_POD_NAME/KFP_POD_UID) and deleted when the wait
+fails, times out or the task is cancelled (SIGTERM): see hpa.k8s.create_and_wait.
 """
 
 from pathlib import Path
@@ -16,15 +21,18 @@ from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 import hpa.config
 
 CLI_EXAMPLE = r"""
-python -m hpa distributed render --kind trainjob --num-nodes 4 --gpus-per-node 8 --arch resnet18 \
-    --data s3://mlpipeline/hpa-kfp/datasets/synthetic-600x200-64px-seed0 --split s3://mlpipeline/hpa-kfp/split.csv \
-    --out s3://mlpipeline/hpa-kfp/runs/ddp --manifest-out trainjob.yaml
+python -m hpa distributed render --kind trainjob --trainer-api podTemplateOverrides --num-nodes 4 --gpus-per-node 8 \
+    --arch resnet18 --namespace team-a --image ghcr.io/me/hpa-kfp:0.1.0-cuda \
+    --data s3://mlpipeline/private/team-a/hpa-kfp/datasets/synthetic-600x200-64px-seed0 \
+    --split s3://mlpipeline/private/team-a/hpa-kfp/split.csv --out s3://mlpipeline/private/team-a/hpa-kfp/runs/ddp \
+    --manifest-out trainjob.yaml
 python -m hpa distributed launch --file trainjob.yaml --timeout 86400
 """
 PIPELINE_EXAMPLE = r"""
-with dsl.If(num_nodes > 1):
-    ddp = train_distributed(data_uri=data.outputs["data_uri"], split_csv=folds.outputs["split_csv"],
-                            store_uri=store_uri, num_nodes=num_nodes, gpus_per_node=8, arch="resnet18")
+ddp = train_distributed(data_uri=data.outputs["data_uri"], split_csv=folds.outputs["split_csv"],
+                        store_uri=checked.outputs["store_uri"], num_nodes=num_nodes, gpus_per_node=gpus, arch="resnet18",
+                        image=checked.outputs["train_image"],  # the CUDA or CPU image, fixed at compile time
+                        node_selector=node_selector, tolerations=tolerations)
 """
 
 
@@ -38,12 +46,16 @@ def train_distributed(
     val_predictions: Output[Dataset],
     test_predictions: Output[Dataset],
     metrics: Output[Metrics],
+    image: str,
     shards_uri: str = "",
     num_nodes: int = 2,
     gpus_per_node: int = 1,
     kind: str = "trainjob",
     namespace: str = "",
     accelerator_type: str = "nvidia.com/gpu",
+    node_selector: dict = {},
+    tolerations: list = [],
+    trainer_api: str = "auto",
     arch: str = "resnet18",
     val_fold: int = 0,
     image_size: int = 64,
@@ -70,12 +82,16 @@ def train_distributed(
         val_predictions: Validation-fold predictions with TTA (.npz: ids, probs, targets, model).
         test_predictions: Test-set predictions with TTA (.npz: ids, probs, model).
         metrics: Best validation macro F1, its epoch and the losses, plus the job's shape.
+        image: Image of the training pods, fixed when the pipeline is compiled (the CUDA image when they get GPUs, else the CPU image); required, an empty value is refused.
         shards_uri: Packed shards of the dataset (the pack task's shards_uri); when set, the job trains from them (each rank reads its own shards) and predictions read them too.
         num_nodes: Training pods (TrainJob numNodes; PyTorchJob 1 Master + num_nodes-1 Workers).
         gpus_per_node: GPUs per pod; torchrun starts one process per GPU.
         kind: trainjob (Kubeflow Trainer v2) or pytorchjob (Training Operator v1).
         namespace: Namespace of the job; empty = the namespace this task runs in.
         accelerator_type: Kubernetes resource name of the accelerator.
+        node_selector: Node labels for the training pods, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = anywhere.
+        tolerations: Tolerations for the training pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]; [] = none.
+        trainer_api: How the TrainJob patches its pods: podTemplateOverrides (Trainer 2.1, Kubeflow 1.11), runtimePatches (Trainer >= 2.2), or auto (read the installed TrainJob CRD; if this task may not, try 2.1 then 2.2+).
         arch: Architecture name from hpa.models.MODEL_NAMES.
         val_fold: Fold held out for validation.
         image_size: Training and inference size in pixels (multiple of 32).
@@ -88,7 +104,7 @@ def train_distributed(
         threshold: Global threshold used when threshold_mode is global.
         tta: Dihedral test-time augmentations for the predictions: 1, 2, 4 or 8.
         seed: Random seed.
-        s3_endpoint: S3 endpoint host:port for this task and the training pods; empty = the KFP MinIO service.
+        s3_endpoint: S3 endpoint host:port for this task and the training pods; empty = hpa.config.S3_DEFAULT_ENDPOINT (KFP's SeaweedFS).
         timeout_s: Seconds to wait for the job before failing.
     """
     import os
@@ -97,21 +113,26 @@ def train_distributed(
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
     from hpa import config, distributed, k8s, store
+    from hpa.errors import ConfigError
     from hpa.predict import predict_val_and_test
     from hpa.train import numeric_metrics
 
+    if not image.strip():
+        raise ConfigError(f"train-distributed image={image!r}: expected the training image fixed at compile time "
+                          "(pipeline.py passes the CUDA image when gpus > 0, else the CPU image)")
     namespace = namespace or k8s.current_namespace()
     name = f"hpa-{arch.replace('_', '-')}-ddp-{uuid.uuid4().hex[:6]}"
-    prefix = f"{store_uri.rstrip('/')}/runs/{name}"
+    prefix = f"{config.expand_store_uri(store_uri, namespace).rstrip('/')}/runs/{name}"
     store.publish(split_csv.path, f"{prefix}/split.csv")
     cfg = distributed.DistributedConfig(
         name=name, namespace=namespace, kind=kind, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
         accelerator_type=accelerator_type, data=shards_uri or data_uri, split=f"{prefix}/split.csv", out=f"{prefix}/out",
         fold=val_fold, arch=arch, size=image_size, color_mode=color_mode, epochs=epochs, batch_size=batch_size,
-        lr=lr, loss=loss, threshold_mode=threshold_mode, threshold=threshold, seed=seed,
+        lr=lr, loss=loss, threshold_mode=threshold_mode, threshold=threshold, seed=seed, image=image,
+        node_selector=node_selector, tolerations=tolerations, trainer_api=trainer_api,
         s3_endpoint=s3_endpoint or config.S3_DEFAULT_ENDPOINT,
     )
-    result = distributed.launch(distributed.render(cfg), timeout=timeout_s)
+    result = distributed.launch_config(cfg, timeout=timeout_s)
 
     out = store.open_store(result["out"])
     os.makedirs(run.path, exist_ok=True)

@@ -12,10 +12,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 import yaml
 
-from hpa import config, distributed, k8s, katib
+from hpa import config, distributed, katib
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = [ROOT / "katib" / "experiment.yaml", *sorted((ROOT / "manifests").glob("*.yaml")),
@@ -54,9 +53,6 @@ def _rendered(monkeypatch) -> dict[str, str]:
 
 def _all_texts(monkeypatch) -> dict[str, str]:
     return {**{str(p.relative_to(ROOT)): p.read_text() for p in COMMITTED}, **_rendered(monkeypatch)}
-
-
-pytestmark = pytest.mark.skipif(k8s.schemas_dir() is None, reason="shared/schemas not found (set HPA_SCHEMAS_DIR)")
 
 
 def test_no_secret_value_in_any_manifest(monkeypatch):
