@@ -144,6 +144,23 @@ def test_submit_refuses_what_the_table_does_not_support():
     assert pipeline.MIN_KFP_BACKEND_OWN_ENDPOINT == needed
 
 
+def test_table_names_the_trainer_katib_and_training_operator_releases_the_schemas_come_from():
+    """The Trainer, Katib and Training Operator rows state exactly the releases whose CRDs / OpenAPI the
+    rendered objects are validated against (hpa/schemas, tests/test_k8s_conformance.py)."""
+    from hpa import distributed, k8s
+
+    rows = _supported_versions()
+    trainer = sorted(v.lstrip("v") for versions in distributed.TRAINER_API_VERSIONS.values() for v in versions)
+    assert sorted(_versions_in(rows["Kubeflow Trainer"]["tested against"])) == sorted(
+        v.lstrip("v") for v in k8s.TRAINJOB_CRDS) == trainer
+    assert _versions_in(rows["Kubeflow Trainer"]["minimum"]) == [min(trainer, key=lambda v: tuple(map(int, v.split("."))))]
+    vendored = (ROOT / "hpa" / "schemas" / "README.md").read_text()
+    for row, schema in (("Katib", "katib/openapi-spec.swagger.json"),
+                        ("Training Operator", "training-operator/kubeflow.org_pytorchjobs.yaml")):
+        (tag,) = re.findall(rf"\| `{re.escape(schema)}` \|[^\n]*?tag `v([\d.]+)`", vendored)
+        assert _versions_in(rows[row]["tested against"]) == [tag] == _versions_in(rows[row]["minimum"]), row
+
+
 # ------------------------------------------------------------------------------------------ small specs
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def add(x: int) -> int:
