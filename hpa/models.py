@@ -2,14 +2,23 @@
 
 `create_model(name, in_chans=4)` returns an `HPAModel`: the backbone plus the input normalisation, so a
 checkpoint carries everything `predict` needs (it feeds [0, 1] floats or uint8 and gets logits back).
-Weights never come from the network (there is none at run time): `weights=` is a LOCAL state-dict file
-of the 3-channel model, adapted to 4 inputs by `adapt_first_conv`.
+
+`weights=` starts the backbone from a 3-channel ImageNet-shaped state dict, adapted to 4 inputs by
+`adapt_first_conv`: "imagenet" (timm's pretrained weights, only when the model hub is reachable: the
+probe fails fast instead of timm's ~45 s hang), a local file (torch.save state dict or .safetensors)
+or an s3:// URI read through `hpa.store` (sha256-verified when a manifest or the object's recorded
+sha256 exists). `weights_source(spec)` is the form a checkpoint records (no credentials, no query).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
+import tempfile
+import threading
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +27,7 @@ import torch
 import torchvision
 from torch import nn
 
-from hpa.errors import ConfigError
+from hpa.errors import ConfigError, StoreError
 from hpa.labels import NUM_CLASSES
 
 log = logging.getLogger(__name__)
@@ -55,6 +64,16 @@ ARCHS: dict[str, _Arch] = {
     "se_resnet50": _Arch(_timm("seresnet50"), "conv1", "fc"),
     "densenet121": _Arch(lambda: torchvision.models.densenet121(weights=None), "features.conv0", "classifier"),
 }
+
+
+# Our arch name -> timm's model name, whose (default-tag) pretrained weights `--weights imagenet` loads.
+# timm's resnet/densenet state dicts use the torchvision key names (tests/test_weights.py checks that every
+# backbone here has exactly the keys and shapes of its timm model).
+TIMM_NAMES = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
+              "se_resnet18": "seresnet18", "se_resnet50": "seresnet50", "densenet121": "densenet121"}
+IMAGENET = "imagenet"
+HUB_PROBE_TIMEOUT = 3.0  # seconds for DNS + TCP connect to the hub before `imagenet` gives up
+SKIP_PROBE_ENV = "HPA_WEIGHTS_SKIP_PROBE"  # "1": call timm without probing (e.g. a proxy the probe cannot see)
 
 
 class DropoutLinear(nn.Linear):
@@ -124,45 +143,177 @@ def _new_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
     return new
 
 
-def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"weights: file {path} does not exist (weights must be a local state-dict file)") from None
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad weights file
-        raise ConfigError(f"weights: {path} is not a loadable state dict ({type(exc).__name__}: {exc})") from None
+def weights_source(spec: str | Path | None) -> str:
+    """What a checkpoint records for `spec`: "" (random init), "imagenet", a local path, or an s3:// URI
+    without credentials (`user:secret@`), query string or fragment (S3 keys come from HPA_S3_*)."""
+    spec = "" if spec is None else str(spec).strip()
+    if not spec.startswith("s3://"):
+        return spec
+    rest = re.split(r"[?#]", spec[len("s3://"):], maxsplit=1)[0]
+    netloc, slash, path = rest.partition("/")
+    return "s3://" + netloc.rpartition("@")[2] + slash + path
+
+
+def _read_state_dict(path: str | Path, name: str | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from a local torch.save file (weights_only) or a .safetensors file; `name` is what
+    messages call it (the s3:// URI when `path` is its downloaded copy)."""
+    name = name or str(path)
+    if str(path).endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ConfigError(f"weights: {name} is a .safetensors file but safetensors is not installed") from None
+        if not Path(path).is_file():
+            raise ConfigError(f"weights: file {name} does not exist") from None
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad weights file
+            raise ConfigError(f"weights: {name} is not a loadable safetensors file ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ConfigError(f"weights: file {name} does not exist (expected imagenet, a local state-dict file "
+                              f"or an s3:// URI)") from None
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad weights file
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ConfigError(f"weights: {name} is not a loadable state dict ({type(exc).__name__}: {first})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ConfigError(f"weights: {path} does not hold a state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"weights: {name} does not hold a state dict (name -> tensor)")
     # Old torchvision densenet files name `norm.1` what modules now call `norm1`.
     pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
     return {pattern.sub(r"\1\2", k).removeprefix("module."): v for k, v in state.items()}
 
 
-def _load_3ch_weights(backbone: nn.Module, arch: str, path: str | Path) -> None:
-    """Load a 3-channel state dict into the (still 3-channel) backbone; the head is ignored because it
-    is replaced afterwards."""
-    state = _read_state_dict(path)
-    head = ARCHS[arch].head + "."
-    own = backbone.state_dict()
+def _read_s3_weights(uri: str) -> dict[str, torch.Tensor]:
+    """Read an s3:// weights object through hpa.store, verified against the sha256 of a `manifest.json`
+    beside it or, failing that, the sha256 recorded when hpa.store wrote it; a bare object (uploaded by
+    other tools, no manifest) is read unverified, and the log says so."""
+    from hpa import store
+
+    try:
+        parent, key = store.split_uri(uri)
+        if not parent.exists(key):
+            raise ConfigError(f"weights: {uri} does not exist")
+        expected, how = None, ""
+        if parent.exists(store.MANIFEST):
+            entry = next((e for e in parent.read_manifest()["objects"] if e["key"] == key), None)
+            if entry is not None:
+                expected, how = entry["sha256"], "the manifest's sha256"
+        if expected is None:
+            expected = parent.stored_sha256(key)
+            how = "its recorded sha256" if expected else ""
+        with tempfile.TemporaryDirectory(prefix="hpa-weights-") as tmp:
+            local = Path(tmp) / key.rsplit("/", 1)[-1]
+            parent.get_file(key, local, sha256=expected)
+            if how:
+                log.info("weights: read %s, verified against %s", uri, how)
+            else:
+                log.warning("weights: read %s UNVERIFIED: no manifest entry and no recorded sha256 (not written "
+                            "by hpa.store)", uri)
+            return _read_state_dict(local, name=uri)
+    except StoreError as exc:
+        raise ConfigError(f"weights: cannot read {uri}: {exc}") from None
+
+
+def _hub_address(timm_name: str) -> tuple[str, int]:
+    """(host, port) that timm's pretrained download contacts first: the Hugging Face hub (HF_ENDPOINT)
+    when the model has an hf_hub_id (timm 1.x prefers it), else the weights URL's host; an HTTPS proxy
+    from the environment instead when one is set, since that is what the download will connect to."""
+    from timm.models import get_pretrained_cfg
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    cfg = get_pretrained_cfg(timm_name)
+    url = proxy or (os.environ.get("HF_ENDPOINT", "https://huggingface.co") if cfg.hf_hub_id else cfg.url) or ""
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _reachable(host: str, port: int, timeout: float) -> bool:
+    """DNS lookup + TCP connect within `timeout` seconds overall (getaddrinfo has no timeout of its own,
+    hence the thread)."""
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    """timm's default pretrained weights for `arch` (3-channel, 1000 classes).
+
+    Not testable here (no network): the successful download itself. The tests cover the probe's fast
+    failure and, with HF_HUB_OFFLINE=1 and a pre-filled Hugging Face cache, this very timm call.
+    """
+    import timm
+
+    timm_name = TIMM_NAMES[arch]
+    alternative = f"pass --weights <local file or s3:// URI> of a 3-channel {arch} state dict instead"
+    if not timm.list_models(timm_name, pretrained=True):
+        raise ConfigError(f"weights: timm has no ImageNet weights for {arch} ({timm_name}); {alternative}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not offline and os.environ.get(SKIP_PROBE_ENV) != "1":
+        host, port = _hub_address(timm_name)
+        if not _reachable(host, port, HUB_PROBE_TIMEOUT):
+            raise ConfigError(f"weights: imagenet needs the model hub but {host}:{port} is unreachable within "
+                              f"{HUB_PROBE_TIMEOUT:g} s (no network?); {alternative}")
+    try:
+        # The normal timm pretrained load (Hugging Face hub download + cache); with HF_HUB_OFFLINE=1
+        # it reads the local cache only.
+        return timm.create_model(timm_name, pretrained=True).state_dict()
+    except Exception as exc:  # noqa: BLE001 - hub, HTTP and cache errors all mean "no ImageNet weights"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        where = " (HF_HUB_OFFLINE=1: only the local Hugging Face cache is read)" if offline else ""
+        raise ConfigError(f"weights: imagenet: timm could not load {timm_name} pretrained weights{where} "
+                          f"({type(exc).__name__}: {first[:200]}); {alternative}") from None
+
+
+def read_weights(spec: str | Path, arch: str) -> dict[str, torch.Tensor]:
+    """The 3-channel state dict that `spec` names (imagenet, local file or s3:// URI) for `arch`."""
+    spec = str(spec).strip()
+    if spec == IMAGENET:
+        return _imagenet_state_dict(arch)
+    if spec.startswith("s3://"):
+        return _read_s3_weights(weights_source(spec))
+    if re.match(r"^[a-z][a-z0-9+.-]*://", spec):
+        raise ConfigError(f"weights: unsupported URI scheme in {weights_source(spec).split('://')[0]}://..., "
+                          f"expected imagenet, a local file or an s3:// URI")
+    return _read_state_dict(spec)
+
+
+def _check_matches(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], arch: str, head: str,
+                   source: str) -> None:
+    """One clear line naming the file and a few keys when `state` is not a (3-channel) `arch` backbone."""
     missing = [k for k in own if not k.startswith(head) and k not in state]
     unexpected = [k for k in state if not k.startswith(head) and k not in own]
     if missing or unexpected:
-        example = (missing or unexpected)[0]
-        raise ConfigError(f"weights: {path} does not match {arch}: {len(missing)} missing and "
-                          f"{len(unexpected)} unexpected keys, e.g. {example!r}")
-    for key, value in own.items():
-        if not key.startswith(head) and state[key].shape != value.shape:
-            raise ConfigError(f"weights: {path} key {key!r} has shape {tuple(state[key].shape)}, {arch} expects {tuple(value.shape)}")
-    backbone.load_state_dict({k: v for k, v in state.items() if k in own and not k.startswith(head)}, strict=False)
+        raise ConfigError(f"weights: {source} does not match {arch}: {len(missing)} missing keys "
+                          f"{missing[:3]} and {len(unexpected)} unexpected keys {unexpected[:3]}")
+    wrong = [k for k in own if not k.startswith(head) and state[k].shape != own[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise ConfigError(f"weights: {source} does not match {arch}: {len(wrong)} keys of another shape, e.g. "
+                          f"{k!r} is {tuple(state[k].shape)}, {arch} expects {tuple(own[k].shape)}")
 
 
 def create_model(name: str, in_chans: int = 4, num_classes: int = NUM_CLASSES, weights: str | Path | None = None,
                  drop_rate: float = 0.0) -> HPAModel:
     """Build `name` for `in_chans` (4 = R,G,B,Y; 3 = the classic RGB mapping) and `num_classes` outputs.
 
-    `weights`: optional local state dict of the 3-channel ImageNet-shaped model (any head size).
+    `weights`: None or "" = random init; "imagenet", a local file or an s3:// URI = a 3-channel
+    ImageNet-shaped state dict of the same architecture (any head size; the head is loaded only when
+    its shape is already (num_classes, features), else re-initialised).
     """
     if name not in ARCHS:
         raise ConfigError(f"arch: unknown model {name!r}, expected one of {', '.join(MODEL_NAMES)}")
@@ -172,20 +323,45 @@ def create_model(name: str, in_chans: int = 4, num_classes: int = NUM_CLASSES, w
         raise ConfigError(f"drop_rate: {drop_rate} is outside [0, 1)")
     spec = ARCHS[name]
     backbone = spec.build()
-    if weights is not None:
-        _load_3ch_weights(backbone, name, weights)
+    source = weights_source(weights)
+    state = read_weights(weights, name) if source else None
+    head = spec.head + "."
+    if state is not None:
+        own = backbone.state_dict()
+        _check_matches(own, state, name, head, source)
+        body = {k: v for k, v in state.items() if not k.startswith(head)}
+        backbone.load_state_dict(body, strict=False)  # still 3-channel: the stem is adapted below
     stem = _get(backbone, spec.first_conv)
     if in_chans != 3:
         conv = _new_conv(stem, in_chans)
-        if weights is not None:
+        if state is not None:
             with torch.no_grad():
                 conv.weight.copy_(adapt_first_conv(stem.weight, in_chans))
                 if stem.bias is not None:
                     conv.bias.copy_(stem.bias)
         _set(backbone, spec.first_conv, conv)
     old_head = _get(backbone, spec.head)
-    _set(backbone, spec.head, DropoutLinear(old_head.in_features, num_classes, drop_rate))
+    new_head = DropoutLinear(old_head.in_features, num_classes, drop_rate)
+    file_head = {k: state.get(head + k) for k in new_head.state_dict()} if state is not None else {}
+    head_loaded = bool(file_head) and all(v is not None and v.shape == new_head.state_dict()[k].shape
+                                          for k, v in file_head.items())
+    if head_loaded:  # e.g. a 28-class file: keep its head too
+        new_head.load_state_dict(file_head)
+    _set(backbone, spec.head, new_head)
+    if state is not None:
+        _log_weights(name, source, body, spec.first_conv + ".weight", in_chans, state, head, head_loaded, num_classes)
     return HPAModel(backbone, name, in_chans, num_classes, drop_rate)
+
+
+def _log_weights(arch: str, source: str, body: dict, stem_key: str, in_chans: int, state: dict, head: str,
+                 head_loaded: bool, num_classes: int) -> None:
+    adapted = [stem_key] if in_chans != 3 else []
+    head_keys = sorted(k for k in state if k.startswith(head))
+    loaded = len(body) - len(adapted) + (len(head_keys) if head_loaded else 0)
+    skipped = "none" if head_loaded or not head_keys else (
+        f"{', '.join(f'{k}{tuple(state[k].shape)}' for k in head_keys)} (head re-initialised for {num_classes} classes)")
+    log.info("weights: %s from %s: loaded %d tensors, adapted %s, skipped %s", arch, source, loaded,
+             f"{stem_key} (3 -> {in_chans} channels: RGB kept, yellow = mean of RGB)" if adapted else "none", skipped)
 
 
 def load_checkpoint(path_or_uri: str | Path, map_location: str | torch.device = "cpu") -> tuple[HPAModel, dict]:

@@ -47,7 +47,7 @@ from hpa import distributed_utils as du
 from hpa.errors import ConfigError, DataError, HPAError, StoreError
 from hpa.evaluate import fit_thresholds, macro_f1, predictions_bytes, thresholds_json
 from hpa.labels import COLORS, NUM_CLASSES, parse_target, to_matrix
-from hpa.models import MODEL_NAMES, create_model
+from hpa.models import MODEL_NAMES, create_model, weights_source
 
 log = logging.getLogger("hpa.train")
 
@@ -65,7 +65,7 @@ class TrainConfig:
     out: str = ""                   # output dir, local or s3://
     fold: int = 0                   # validation fold; the others train
     arch: str = "resnet18"
-    weights: str | None = None      # local 3-channel state dict to start from (no downloads at run time)
+    weights: str = ""               # "" = random init | imagenet (timm, needs the hub) | local file | s3:// URI
     color_mode: str = "rgby"        # rgby = 4 channels; rgb = classic 3-channel mapping
     size: int = 512
     epochs: int = 10
@@ -134,6 +134,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        # What checkpoints and logs record: never an s3:// URI's credentials or query string.
+        clean = weights_source(self.weights)
+        if clean != str(self.weights or "").strip():
+            log.warning("weights: credentials/query string dropped from the s3:// URI (S3 keys come from HPA_S3_*)")
+        self.weights = clean
         return self
 
     @property
@@ -183,7 +188,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output dir; local or s3://")
     p.add_argument("--fold", type=int, default=defaults.fold)
     p.add_argument("--arch", default=defaults.arch, help=f"one of {', '.join(MODEL_NAMES)}")
-    p.add_argument("--weights", default=None, help="local 3-channel state dict to start from")
+    p.add_argument("--weights", default=defaults.weights,
+                   help="start from: imagenet (timm's pretrained weights; needs the model hub), or a 3-channel "
+                        "state dict of the arch (local .pt/.pth/.safetensors file or s3:// URI); default: random init")
     p.add_argument("--color-mode", default=defaults.color_mode, choices=("rgby", "rgb"))
     p.add_argument("--size", type=int, default=defaults.size)
     p.add_argument("--epochs", type=int, default=defaults.epochs)

@@ -1,4 +1,5 @@
-"""Every model builds and trains one step at 64 px with 4 and 3 channels; local weights keep RGB filters."""
+"""Every model builds and trains one step at 64 px with 4 and 3 channels; local weights keep RGB filters
+(the `--weights` sources themselves: tests/test_weights.py)."""
 
 import pytest
 import torch
@@ -83,3 +84,13 @@ def test_load_checkpoint_roundtrip(tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_empty_weights_is_random_init(caplog):
+    torch.manual_seed(3)
+    a = create_model("resnet18", weights="")
+    torch.manual_seed(3)
+    b = create_model("resnet18", weights=None)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert "weights:" not in caplog.text
