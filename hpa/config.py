@@ -112,7 +112,7 @@ class PipelineConfig:
             need(value > 0 and value < 1 and value == value, name, "a learning rate in (0, 1)")
         need(self.loss in ("bce", "focal"), "loss", "'bce' or 'focal'")
         need(self.tta in (1, 2, 4, 8), "tta", "1, 2, 4 or 8 dihedral transforms")
-        need(self.threshold_mode in ("fitted", "global"), "threshold_mode", "'fitted' or 'global'")
+        need(self.threshold_mode in ("fitted", "global", "shrunk", "prior"), "threshold_mode", "'fitted', 'global', 'shrunk' or 'prior'")
         need(0.0 < self.threshold < 1.0, "threshold", "a decision threshold in (0, 1)")
         need(self.ensemble_method in ("mean", "weighted", "rank"), "ensemble_method", "'mean', 'weighted' or 'rank'")
         need(self.gpus >= 0, "gpus", "an integer >= 0")

@@ -1,4 +1,4 @@
-"""Metrics as Kaggle scored HPA, exact per-class threshold fitting, and ensembling."""
+"""Metrics as Kaggle scored HPA, exact per-class threshold fitting, robust threshold policies, and ensembling."""
 
 from __future__ import annotations
 
@@ -82,6 +82,169 @@ def fit_thresholds(probs: np.ndarray, targets: np.ndarray, fallback: float | Non
         fill = fit_global_threshold(probs, targets) if fallback is None else fallback
         cuts = np.where(np.isnan(cuts), fill, cuts)
     return cuts
+
+
+# ---------------------------------------------------------------------------------------------
+# Robust threshold policies: rare classes must not get degenerate cuts
+# ---------------------------------------------------------------------------------------------
+
+# fitted: per-class F1-optimal cuts (fit_thresholds); global: one value for every class; shrunk: each
+# fitted cut pulled toward the global one by its evidence; prior: each class predicted as often as it
+# occurs in the training labels (the HPA top teams' trick).
+THRESHOLD_MODES = ("fitted", "global", "shrunk", "prior")
+DEFAULT_SHRINK_STRENGTH = 10.0
+# Policies other than `fitted` keep every threshold strictly inside (0, 1): 0 would predict every
+# image and 1 none (submit and ensemble treat both as a broken thresholds file).
+THRESHOLD_MIN, THRESHOLD_MAX = 1e-4, 1.0 - 1e-6
+
+
+def check_threshold_mode(mode: str, where: str = "threshold_mode") -> str:
+    if mode not in THRESHOLD_MODES:
+        raise DataError(f"{where} {mode!r}: expected one of {', '.join(THRESHOLD_MODES)}")
+    return mode
+
+
+def check_shrink_strength(strength, where: str = "shrink_strength") -> float:
+    try:
+        k = float(strength)
+    except (TypeError, ValueError):
+        raise DataError(f"{where} {strength!r}: expected a number >= 0") from None
+    if not np.isfinite(k) or k < 0:
+        raise DataError(f"{where} {strength!r}: expected a finite number >= 0 (0 = the fitted thresholds)")
+    return k
+
+
+def shrink_weights(n_pos, strength: float = DEFAULT_SHRINK_STRENGTH) -> np.ndarray:
+    """w = n_pos / (n_pos + k) per class: how much of its own fitted cut a class keeps. A class with
+    0 positives keeps none (w = 0); with k = 0 every class with a positive keeps all of it."""
+    n = np.asarray(n_pos, dtype=np.float64)
+    k = check_shrink_strength(strength)
+    return np.divide(n, n + k, out=np.zeros_like(n), where=(n + k) > 0)
+
+
+def shrunk_thresholds(probs: np.ndarray, targets: np.ndarray, strength: float = DEFAULT_SHRINK_STRENGTH,
+                      threshold: float | None = None) -> np.ndarray:
+    """Per-class thresholds shrunk toward a global one by the evidence:
+    t_c = w_c * fitted_c + (1 - w_c) * global, with w_c = n_pos_c / (n_pos_c + strength).
+
+    `global` is `threshold` when given, else the single threshold that maximises macro F1 on these
+    predictions. A class with 0 positives gets exactly `global`; with 1-5 positives the F1-optimal cut
+    (often ~0.05, just under the lone positive's score) moves most of the way back to `global`.
+    """
+    probs, targets = _check_pair(probs, targets)
+    g = fit_global_threshold(probs, targets) if threshold is None else _check_global(threshold)
+    w = shrink_weights(targets.sum(0), strength)
+    fitted = fit_thresholds(probs, targets, fallback=g)
+    out = w * fitted + (1.0 - w) * g
+    return np.where(w == 0, g, np.clip(out, THRESHOLD_MIN, THRESHOLD_MAX))
+
+
+def label_prior(labels, exclude_ids=None, where: str = "prior") -> np.ndarray:
+    """(28,) frequency of each class in training labels: an (N, 28) 0/1 matrix, or a CSV (local path or
+    s3:// URI) with Id,Target such as train.csv or the split CSV. With `exclude_ids`, rows with those
+    ids (the validation images the thresholds are applied to) are left out, unless that leaves none
+    (out-of-fold predictions cover every row: then every row is a training row of some fold)."""
+    if isinstance(labels, (str, os.PathLike)):
+        from hpa.data import read_labels, targets_matrix
+
+        df = read_labels(io.BytesIO(read_uri(labels)), where=str(labels))
+        if exclude_ids is not None:
+            keep = ~df["Id"].astype(str).isin(set(np.asarray(exclude_ids).astype(str).tolist()))
+            df = df[keep] if keep.any() else df
+        matrix = targets_matrix(df)
+    else:
+        matrix = np.asarray(labels)
+        if matrix.ndim == 1 and matrix.shape == (NUM_CLASSES,):
+            return check_prior(matrix, where)
+    if matrix.ndim != 2 or matrix.shape[1] != NUM_CLASSES or len(matrix) == 0 or not np.isin(matrix, (0, 1)).all():
+        raise DataError(f"{where}: expected training labels as a non-empty (N, {NUM_CLASSES}) 0/1 matrix, "
+                        f"got shape {matrix.shape}")
+    return matrix.astype(np.float64).mean(0)
+
+
+def check_prior(prior, where: str = "prior") -> np.ndarray:
+    try:
+        arr = np.asarray(prior, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: class frequencies must be numbers, got {prior!r:.80}") from None
+    if arr.shape != (NUM_CLASSES,) or not np.isfinite(arr).all() or (arr < 0).any() or (arr > 1).any():
+        raise DataError(f"{where}: expected {NUM_CLASSES} class frequencies in [0, 1], got {arr.size} values "
+                        f"in [{np.nanmin(arr) if arr.size else 0:.4g}, {np.nanmax(arr) if arr.size else 0:.4g}]")
+    return arr
+
+
+def prior_thresholds(probs: np.ndarray, prior) -> np.ndarray:
+    """Per-class thresholds under which each class is predicted on `probs` as often as its training
+    frequency `prior` (28 values in [0, 1], e.g. from label_prior): the top k = round(prior * N) scores
+    of a class, and at least 1 when prior > 0 (the macro F1 of a class never predicted is 0, so one
+    guess never costs). Cuts lie midway between the k-th and the (k+1)-th score, so ties can add a few.
+
+    A class with prior 0 gets a threshold just above its highest score (capped at THRESHOLD_MAX < 1),
+    which predicts nothing on these probabilities; only a probability of exactly >= THRESHOLD_MAX on
+    new images would still be predicted.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != NUM_CLASSES or len(probs) == 0:
+        raise DataError(f"probs {probs.shape}: expected a non-empty (N, {NUM_CLASSES}) array")
+    prior = check_prior(prior)
+    n = len(probs)
+    out = np.empty(NUM_CLASSES)
+    for c in range(NUM_CLASSES):
+        p = np.sort(probs[:, c])[::-1]
+        k = 0 if prior[c] == 0 else min(n, max(1, int(round(prior[c] * n))))
+        if k == 0:
+            out[c] = min(np.nextafter(p[0], np.inf) + 1e-9, THRESHOLD_MAX)
+        elif k == n:
+            out[c] = p[-1]
+        else:
+            out[c] = (p[k - 1] + p[k]) / 2.0
+    return np.clip(out, THRESHOLD_MIN, THRESHOLD_MAX)
+
+
+def thresholds_for_mode(mode: str, probs: np.ndarray, targets: np.ndarray | None = None, *,
+                        threshold: float | None = None, strength: float = DEFAULT_SHRINK_STRENGTH,
+                        prior=None) -> np.ndarray:
+    """(28,) thresholds by policy (THRESHOLD_MODES). `threshold`: the global value for `global`
+    (default: the macro-F1 optimum on these predictions) and the shrinkage target for `shrunk`.
+    `prior`: training class frequencies (or labels, see label_prior) for `prior`, which needs no targets."""
+    check_threshold_mode(mode)
+    if mode == "prior":
+        if prior is None:
+            raise DataError("threshold_mode 'prior': needs the training labels' class frequencies (prior)")
+        return prior_thresholds(probs, label_prior(prior))
+    probs, targets = _check_pair(probs, targets)
+    if mode == "fitted":
+        return fit_thresholds(probs, targets)
+    if mode == "global":
+        g = fit_global_threshold(probs, targets) if threshold is None else _check_global(threshold)
+        return np.full(probs.shape[1], g)
+    return shrunk_thresholds(probs, targets, strength, threshold)
+
+
+def label_cardinality(labels) -> float:
+    """Mean number of labels per image of a binary (N, C) array."""
+    labels = np.asarray(labels, dtype=bool)
+    return float(labels.sum(1).mean()) if len(labels) else 0.0
+
+
+def _check_pair(probs, targets) -> tuple[np.ndarray, np.ndarray]:
+    if targets is None:
+        raise DataError("fitting thresholds needs validation targets")
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets).astype(np.int64)
+    if probs.shape != targets.shape or probs.ndim != 2:
+        raise DataError(f"probs {probs.shape} and targets {targets.shape} must both be (N, C)")
+    return probs, targets
+
+
+def _check_global(threshold) -> float:
+    try:
+        g = float(threshold)
+    except (TypeError, ValueError):
+        raise DataError(f"threshold {threshold!r}: expected a number in (0, 1)") from None
+    if not 0.0 < g < 1.0:
+        raise DataError(f"threshold {threshold!r}: expected a number in (0, 1)")
+    return g
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,26 +517,46 @@ def ensemble_weights(scores: list[dict]) -> np.ndarray:
     return f1 / f1.sum() if f1.sum() > 0 else np.full(len(f1), 1.0 / len(f1))
 
 
-def resolve_thresholds(val_probs, targets, thresholds=None, threshold=None) -> tuple[np.ndarray, str]:
+def resolve_thresholds(val_probs, targets, thresholds=None, threshold=None, threshold_mode: str | None = None,
+                       shrink_strength: float = DEFAULT_SHRINK_STRENGTH, prior=None) -> tuple[np.ndarray, str]:
+    """(thresholds, mode). A thresholds file wins ("given"); without `threshold_mode` a `threshold`
+    means "global" and nothing means "fitted" (the behaviour before the policies existed)."""
     if thresholds is not None and threshold is not None:
         raise DataError("give either a thresholds file or a global threshold, not both")
+    if thresholds is not None and threshold_mode is not None:
+        raise DataError(f"give either a thresholds file or threshold_mode {threshold_mode!r}, not both")
     if thresholds is not None:
         return load_thresholds(thresholds), "given"
-    if threshold is not None:
+    if threshold_mode is None:
+        threshold_mode = "fitted" if threshold is None else "global"
+    check_threshold_mode(threshold_mode)
+    if threshold_mode == "global" and threshold is not None:
         return check_thresholds(np.full(NUM_CLASSES, float(threshold)), "--threshold"), "global"
-    return fit_thresholds(val_probs, targets), "fitted"
+    return thresholds_for_mode(threshold_mode, val_probs, targets, threshold=threshold, strength=shrink_strength,
+                               prior=prior), threshold_mode
 
 
-def ensemble(val_files, test_files, method: str = "mean", out_dir=".", thresholds=None, threshold=None) -> dict:
+def ensemble(val_files, test_files, method: str = "mean", out_dir=".", thresholds=None, threshold=None,
+             threshold_mode: str | None = None, shrink_strength: float = DEFAULT_SHRINK_STRENGTH, prior=None) -> dict:
     """Combine several models' predictions, fit (or take) thresholds on the combined validation
     predictions, and write `ensemble_val.npz`, `ensemble_test.npz`, `thresholds.json` and, last,
     `metrics.json` under `out_dir` (local or s3://). Returns the metrics dict.
 
     `val_files[i]` and `test_files[i]` are the same model. Ids must match across models (order may
     differ: everything is aligned to the first file). Validation files must carry targets.
+    `threshold_mode` (THRESHOLD_MODES; default fitted, or global when `threshold` is given) picks the
+    threshold policy; `shrink_strength` is k of `shrunk`; `prior` the training labels of `prior`
+    (a matrix, 28 frequencies, or an Id,Target CSV whose rows of the validation ids are left out).
+    Metrics report the predicted label cardinality (labels per image, before any top-class fill)
+    beside the true one.
     """
     if method not in METHODS:
         raise DataError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    if threshold_mode is not None:
+        check_threshold_mode(threshold_mode)
+    shrink_strength = check_shrink_strength(shrink_strength)
+    if threshold_mode == "prior" and prior is None:
+        raise DataError("threshold_mode 'prior': needs the training labels (prior: an Id,Target CSV or 28 frequencies)")
     if not val_files or len(val_files) != len(test_files):
         raise DataError(f"need one test file per val file, got {len(val_files)} val and {len(test_files)} test")
     val = align([load_predictions(f) for f in val_files])
@@ -387,7 +570,9 @@ def ensemble(val_files, test_files, method: str = "mean", out_dir=".", threshold
     scores = [model_scores(v) for v in val]
     weights = ensemble_weights(scores) if method == "weighted" else np.full(len(val), 1.0 / len(val))
     val_probs, test_probs = combine(val, test, method, weights)
-    values, mode = resolve_thresholds(val_probs, targets, thresholds, threshold)
+    if threshold_mode == "prior" and isinstance(prior, (str, os.PathLike)):
+        prior = label_prior(prior, exclude_ids=val[0].ids, where=str(prior))
+    values, mode = resolve_thresholds(val_probs, targets, thresholds, threshold, threshold_mode, shrink_strength, prior)
     report = class_report(targets, val_probs, values)
     metrics = {
         "method": method, "threshold_mode": mode, "n_models": len(val),
@@ -396,8 +581,15 @@ def ensemble(val_files, test_files, method: str = "mean", out_dir=".", threshold
         "val_macro_f1": macro_f1(targets, binarize(val_probs, values)),
         "val_macro_f1_at_05": macro_f1(targets, val_probs >= DEFAULT_THRESHOLD),
         "best_single_val_macro_f1_fitted": max(s["val_macro_f1_fitted"] for s in scores),
+        "val_labels_per_image": label_cardinality(binarize(val_probs, values)),
+        "val_true_labels_per_image": label_cardinality(targets),
+        "test_labels_per_image": label_cardinality(binarize(test_probs, values)),
         "per_class": report.drop(columns=["threshold"]).to_dict("records"),
     }
+    if test[0].targets is not None:
+        metrics["test_true_labels_per_image"] = label_cardinality(test[0].targets)
+    if mode == "shrunk":
+        metrics["shrink_strength"] = shrink_strength
     outputs = {name: join_uri(out_dir, name) for name in
                ("ensemble_val.npz", "ensemble_test.npz", "thresholds.json", "metrics.json")}
     name = f"ensemble-{method}"
@@ -406,8 +598,10 @@ def ensemble(val_files, test_files, method: str = "mean", out_dir=".", threshold
     save_thresholds(outputs["thresholds.json"], values, mode)
     write_uri(outputs["metrics.json"], json.dumps(metrics, indent=2).encode())  # last: marks completion
     metrics["outputs"] = outputs  # not in the file: the same inputs give the same bytes wherever written
-    log.info("ensemble (%s, %d models): val macro F1 %.4f (best single, fitted: %.4f)", method, len(val),
-             metrics["val_macro_f1"], metrics["best_single_val_macro_f1_fitted"])
+    log.info("ensemble (%s, %d models, %s thresholds): val macro F1 %.4f (best single, fitted: %.4f), "
+             "labels per image %.2f predicted vs %.2f true on val, %.2f predicted on test", method, len(val), mode,
+             metrics["val_macro_f1"], metrics["best_single_val_macro_f1_fitted"], metrics["val_labels_per_image"],
+             metrics["val_true_labels_per_image"], metrics["test_labels_per_image"])
     return metrics
 
 
@@ -419,14 +613,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output dir or s3:// prefix")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--thresholds", help="thresholds JSON to use instead of fitting (e.g. from Katib)")
-    g.add_argument("--threshold", type=float, help="one global threshold for every class")
+    g.add_argument("--threshold", type=float, help="one global threshold for every class (the target of shrunk)")
+    p.add_argument("--threshold-mode", choices=THRESHOLD_MODES,
+                   help="fitted (default; global with --threshold), global, shrunk (fitted cuts pulled toward the "
+                        "global one by n_pos / (n_pos + k)), prior (predict each class as often as in --prior)")
+    p.add_argument("--shrink-strength", type=float, default=DEFAULT_SHRINK_STRENGTH,
+                   help="k of --threshold-mode shrunk: a class with k validation positives keeps half its fitted cut")
+    p.add_argument("--prior", help="training labels (Id,Target CSV, e.g. the split CSV) for --threshold-mode prior")
     return p
 
 
 def ensemble_main(argv: list[str]) -> int:
     args = get_args_parser().parse_args(argv)
-    metrics = ensemble(args.val, args.test, args.method, args.out, args.thresholds, args.threshold)
-    print(f"ensemble val macro F1: {metrics['val_macro_f1']:.4f}")
+    metrics = ensemble(args.val, args.test, args.method, args.out, args.thresholds, args.threshold,
+                       threshold_mode=args.threshold_mode, shrink_strength=args.shrink_strength, prior=args.prior)
+    print(f"ensemble val macro F1: {metrics['val_macro_f1']:.4f} ({metrics['threshold_mode']} thresholds); labels per "
+          f"image: {metrics['val_labels_per_image']:.2f} predicted vs {metrics['val_true_labels_per_image']:.2f} true "
+          f"on val, {metrics['test_labels_per_image']:.2f} predicted on test")
     for path in metrics["outputs"].values():
         print(path)
     return 0

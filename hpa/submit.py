@@ -97,12 +97,17 @@ def sibling(uri, name: str) -> str:
     return f"{head}{sep}{name}"
 
 
-def score(labels: np.ndarray, ids: list[str], labels_uri) -> float:
+def true_matrix(ids: list[str], labels_uri) -> np.ndarray:
+    """(N, 28) test targets in the order of `ids`, from a test_labels.csv."""
     truth = read_test_labels(labels_uri).set_index("Id")
     missing = sorted(set(ids) - set(truth.index))
     if missing:
         raise DataError(f"{labels_uri}: no Target for Id {missing[0]!r} ({len(missing)} missing)")
-    return macro_f1(to_matrix(truth.loc[ids, "labels"].tolist()), labels)
+    return to_matrix(truth.loc[ids, "labels"].tolist())
+
+
+def score(labels: np.ndarray, ids: list[str], labels_uri) -> float:
+    return macro_f1(true_matrix(ids, labels_uri), labels)
 
 
 def kaggle_upload(path: str, competition: str, message: str) -> None:
@@ -150,8 +155,11 @@ def make_submission(predictions, thresholds, sample_submission, out, fill_empty:
         beside = sibling(sample_submission, "test_labels.csv")
         test_labels = beside if exists_uri(beside) else None
     if test_labels is not None:
-        result["test_macro_f1"] = score(labels, ids, test_labels)
-        log.info("submission scored against %s: macro F1 %.4f", test_labels, result["test_macro_f1"])
+        truth = true_matrix(ids, test_labels)
+        result["test_macro_f1"] = macro_f1(truth, labels)
+        result["true_labels_per_image"] = round(float(truth.sum(1).mean()), 4)
+        log.info("submission scored against %s: macro F1 %.4f, %.2f labels per image predicted vs %.2f true",
+                 test_labels, result["test_macro_f1"], result["labels_per_image"], result["true_labels_per_image"])
     if kaggle_submit:
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "submission.csv"
@@ -189,5 +197,7 @@ def main(argv: list[str]) -> int:
                              a.test_labels, a.kaggle_submit, a.competition)
     if "test_macro_f1" in result:
         print(f"test macro F1: {result['test_macro_f1']:.4f}")
+    truth = f" vs {result['true_labels_per_image']:.2f} true" if "true_labels_per_image" in result else ""
+    print(f"labels per image: {result['labels_per_image']:.2f} predicted{truth}")
     print(result["out"])
     return 0

@@ -186,6 +186,13 @@ def test_ensemble_writes_outputs_and_beats_single_models(tmp_path, method):
     assert m["val_macro_f1"] > m["best_single_val_macro_f1_fitted"]  # independent noise averages out
     test = ev.load_predictions(out / "ensemble_test.npz")
     assert test.ids.tolist() == [f"t{i:04d}" for i in range(80)]
+    # the predicted label cardinality beside the true one (test files here carry no targets)
+    thresholds = ev.load_thresholds(out / "thresholds.json")
+    val = ev.load_predictions(out / "ensemble_val.npz")
+    assert m["val_labels_per_image"] == pytest.approx((val.probs >= thresholds).sum(1).mean())
+    assert m["val_true_labels_per_image"] == pytest.approx(val.targets.sum(1).mean())
+    assert m["test_labels_per_image"] == pytest.approx((test.probs >= thresholds).sum(1).mean())
+    assert "test_true_labels_per_image" not in m
     if method == "weighted":
         assert sum(m["weights"]) == pytest.approx(1.0)
 
@@ -205,6 +212,15 @@ def test_ensemble_given_thresholds(tmp_path):
     ev.save_thresholds(tmp_path / "thr.json", np.full(NUM_CLASSES, 0.3))
     m = ev.ensemble(val_files, test_files, out_dir=tmp_path / "f", thresholds=tmp_path / "thr.json")
     assert m["threshold_mode"] == "given"
+    # threshold_mode=global without a value: the one threshold that maximises val macro F1
+    m = ev.ensemble(val_files, test_files, out_dir=tmp_path / "h", threshold_mode="global")
+    values = ev.load_thresholds(tmp_path / "h" / "thresholds.json")
+    val = ev.load_predictions(tmp_path / "h" / "ensemble_val.npz")
+    assert m["threshold_mode"] == "global" and (values == ev.fit_global_threshold(val.probs, val.targets)).all()
+    # threshold_mode=fitted is what no option gives
+    a = ev.ensemble(val_files, test_files, out_dir=tmp_path / "i", threshold_mode="fitted")
+    b = ev.ensemble(val_files, test_files, out_dir=tmp_path / "j")
+    assert a["val_macro_f1"] == b["val_macro_f1"] and a["threshold_mode"] == b["threshold_mode"] == "fitted"
 
 
 def test_ensemble_refuses_mismatched_ids(tmp_path):

@@ -62,6 +62,28 @@ def test_no_fill_empty_and_scoring_from_labels_beside_the_sample(case, capsys):
     assert (df["Predicted"] == "").sum() == int((~(probs >= 0.55).any(1)).sum()) > 0
 
 
+def test_submission_reports_predicted_and_true_label_cardinality(case, capsys):
+    tmp, ids, probs, targets = case
+    r = sb.make_submission(tmp / "test.npz", 0.55, tmp / "sample_submission.csv", tmp / "a.csv")
+    expected = probs >= 0.55
+    empty = ~expected.any(1)
+    expected[np.flatnonzero(empty), probs[empty].argmax(1)] = True  # the file's labels, after the top-class fill
+    assert r["labels_per_image"] == round(float(expected.sum(1).mean()), 4)
+    assert "true_labels_per_image" not in r  # no test labels: only the predicted cardinality
+    truth = targets.copy()
+    truth[~truth.any(1), 0] = 1  # an image without a class is written as class 0 below
+    pd.DataFrame({"Id": ids, "Target": [format_target(np.flatnonzero(t)) for t in truth]}).to_csv(
+        tmp / "test_labels.csv", index=False)
+    r = sb.make_submission(tmp / "test.npz", 0.55, tmp / "sample_submission.csv", tmp / "b.csv")
+    assert r["true_labels_per_image"] == round(float(truth.sum(1).mean()), 4)
+    assert r["true_labels_per_image"] != r["labels_per_image"]
+    rc = sb.main(["--predictions", str(tmp / "test.npz"), "--thresholds", "0.55", "--sample-submission",
+                  str(tmp / "sample_submission.csv"), "--out", str(tmp / "c.csv")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"labels per image: {r['labels_per_image']:.2f} predicted vs {r['true_labels_per_image']:.2f} true" in out
+
+
 def assert_refused(tmp, match, **kwargs):
     args = dict(predictions=tmp / "test.npz", thresholds=tmp / "thr.json",
                 sample_submission=tmp / "sample_submission.csv", out=tmp / "submission.csv")
