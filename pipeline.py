@@ -154,6 +154,7 @@ def make_pipeline(multi_node: bool):
         kaggle_submit: bool = DEFAULTS.kaggle_submit,
         plot_samples: bool = DEFAULTS.plot_samples,
         seed: int = DEFAULTS.seed,
+        weights: str = DEFAULTS.weights,
     ) -> NamedTuple("Outputs", [("submission", Dataset), ("report", HTML), ("metrics", Metrics),
                                 ("test_metrics", Metrics)]):
         """Human Protein Atlas multi-label pipeline.
@@ -174,8 +175,8 @@ def make_pipeline(multi_node: bool):
             lr_se_resnet: Peak learning rate of the SE-ResNet-18 model, in (0, 1).
             loss: Training loss: bce or focal.
             tta: Dihedral test-time augmentations at prediction: 1, 2, 4 or 8.
-            threshold_mode: fitted = per-class thresholds that maximise validation F1; global = the threshold value for every class.
-            threshold: Global decision threshold in (0, 1), used when threshold_mode is global.
+            threshold_mode: fitted = per-class thresholds that maximise validation F1; global = the threshold value for every class; shrunk = fitted thresholds pulled toward the global one by the evidence (n_pos / (n_pos + 10)), so rare classes do not get degenerate cuts; prior = each class predicted as often as in the training labels.
+            threshold: Global decision threshold in (0, 1), used when threshold_mode is global (and the target of shrunk).
             ensemble_method: How the two models are combined: mean, weighted (by val macro F1) or rank.
             gpus: GPUs per training pod (0 = CPU only: no accelerator limit and the CPU image; > 0: the CUDA image).
             accelerator_type: Kubernetes resource name of the accelerator, e.g. nvidia.com/gpu or amd.com/gpu.
@@ -186,13 +187,15 @@ def make_pipeline(multi_node: bool):
             kaggle_submit: Upload submission.csv to Kaggle (needs the kaggle-credentials secret).
             plot_samples: Render a montage of sample images with their labels after download.
             seed: Random seed for data generation, split and training.
+            weights: Initial weights of every model: empty = random init; imagenet = timm's ImageNet weights (the pods need the model hub, e.g. huggingface.co); or a 3-channel state dict file / s3:// URI (readable with the run's store keys); the stem becomes 4 channels (yellow = mean of RGB).
         """
         checked = check_params(
             data_source=data_source, store_uri=store_uri, n_train=n_train, n_test=n_test, image_size=image_size,
             color_mode=color_mode, folds=folds, val_fold=val_fold, epochs=epochs, batch_size=batch_size,
             lr_resnet18=lr_resnet18, lr_se_resnet=lr_se_resnet, loss=loss, tta=tta, threshold_mode=threshold_mode,
             threshold=threshold, ensemble_method=ensemble_method, gpus=gpus, accelerator_type=accelerator_type,
-            seed=seed, num_nodes=num_nodes, multi_node=multi_node, cpu_image=image(), cuda_image=cuda_image(),
+            seed=seed, num_nodes=num_nodes, weights=weights, multi_node=multi_node, cpu_image=image(),
+            cuda_image=cuda_image(),
         )
         _with_requests(checked, LIGHT).set_caching_options(True)
         store = checked.outputs["store_uri"]  # {namespace} resolved
@@ -220,7 +223,7 @@ def make_pipeline(multi_node: bool):
             data_uri=data_uri, shards_uri=shards.outputs["shards_uri"], split_csv=folds_task.outputs["split_csv"],
             val_fold=val_fold, image_size=image_size,
             color_mode=color_mode, epochs=epochs, batch_size=batch_size, loss=loss, threshold_mode=threshold_mode,
-            threshold=threshold, tta=tta, seed=seed, s3_endpoint=s3_endpoint,
+            threshold=threshold, tta=tta, seed=seed, s3_endpoint=s3_endpoint, weights=weights,
         )
         # Optional Katib tuning: its best lr / threshold / mode, or the run parameters unchanged
         # (katib_defaults). Parameter dsl.OneOf resolves on the backend since before 2.16 (2.16.0
@@ -259,6 +262,7 @@ def make_pipeline(multi_node: bool):
             val_a=model_a.outputs["val_predictions"], val_b=model_b.outputs["val_predictions"],
             test_a=model_a.outputs["test_predictions"], test_b=model_b.outputs["test_predictions"],
             method=ensemble_method, threshold_mode=hp["threshold_mode"], threshold=hp["threshold"],
+            prior_labels=folds_task.outputs["split_csv"],  # the training folds' label frequencies, for prior
         )
         _with_requests(combined, LIGHT).set_caching_options(True)
 

@@ -82,6 +82,7 @@ class PipelineConfig:
     kaggle_submit: bool = False
     plot_samples: bool = True
     seed: int = 0
+    weights: str = ""  # "" = random init | imagenet | a 3-channel state dict file or s3:// URI
 
     def validate(self) -> "PipelineConfig":
         """Raise ConfigError (one line naming the parameter) for a value out of range; return self.
@@ -119,6 +120,8 @@ class PipelineConfig:
         need(bool(self.accelerator_type.strip()), "accelerator_type", "a Kubernetes resource name such as nvidia.com/gpu")
         need(self.num_nodes >= 1, "num_nodes", "an integer >= 1")
         need(self.seed >= 0, "seed", "an integer >= 0")
+        need(self.weights == self.weights.strip() and not any(c.isspace() for c in self.weights), "weights",
+             "empty (random init), imagenet, or a weights file path / s3:// URI without spaces")
         return self
 
 
@@ -137,11 +140,13 @@ class TrainJobArgs:
     color_mode: str = field(default_factory=lambda: PipelineConfig().color_mode)
     loss: str = field(default_factory=lambda: PipelineConfig().loss)
     seed: int = field(default_factory=lambda: PipelineConfig().seed)
+    weights: str = field(default_factory=lambda: PipelineConfig().weights)
 
     def fixed_train_args(self) -> list[str]:
         return ["--data", self.data, "--split", self.split, "--fold", str(self.fold), "--arch", self.arch,
                 "--size", str(self.size), "--epochs", str(self.epochs), "--batch-size", str(self.batch_size),
-                "--color-mode", self.color_mode, "--loss", self.loss, "--seed", str(self.seed)]
+                "--color-mode", self.color_mode, "--loss", self.loss, "--seed", str(self.seed),
+                *(["--weights", self.weights] if self.weights else [])]
 
 
 def pod_settings(cfg: PipelineConfig, multi_node: bool, namespace: str, cpu_image: str, cuda_image: str) -> dict:

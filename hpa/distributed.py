@@ -20,6 +20,7 @@ from pathlib import Path
 
 from hpa import config, k8s
 from hpa.errors import ConfigError
+from hpa.evaluate import THRESHOLD_MODES
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ def validate_config(cfg: DistributedConfig) -> DistributedConfig:
     k8s.validate_placement(cfg.node_selector, cfg.tolerations, "distributed")
     need(cfg.epochs >= 1 and cfg.batch_size >= 1 and cfg.size % 32 == 0 and cfg.size >= 32, "distributed epochs/batch_size >= 1, size a multiple of 32")
     need(0 < cfg.lr < 1, f"distributed lr={cfg.lr}: expected (0, 1)")
-    need(0 < cfg.threshold < 1 and cfg.threshold_mode in ("fitted", "global"), "distributed threshold in (0, 1), threshold_mode fitted|global")
+    need(0 < cfg.threshold < 1 and cfg.threshold_mode in THRESHOLD_MODES,
+         f"distributed threshold in (0, 1), threshold_mode one of {'|'.join(THRESHOLD_MODES)}")
     need(cfg.restart_policy in ("Never", "OnFailure", "Always", "ExitCode"), f"distributed restart_policy {cfg.restart_policy!r}")
     return cfg
 

@@ -112,7 +112,7 @@ def validate_config(cfg: KatibConfig) -> KatibConfig:
     _need(re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", cfg.namespace) is not None, f"katib namespace {cfg.namespace!r}: expected a DNS label")
     _need(bool(cfg.image.strip()), f"katib image {cfg.image!r}: expected the trial image reference fixed at compile time (e.g. $HPA_CUDA_IMAGE)")
     k8s.validate_placement(cfg.node_selector, cfg.tolerations, "katib")
-    for name in ("data", "split", "out_prefix", "image"):
+    for name in ("data", "split", "out_prefix", "image", "weights"):
         _need(not re.search(r"\s", getattr(cfg, name)), f"katib {name} {getattr(cfg, name)!r}: no whitespace allowed (Katib runs the command through sh -c)")
     if cfg.algorithm == "grid":
         _need(cfg.grid_points >= 2, f"katib grid_points={cfg.grid_points} must be >= 2")

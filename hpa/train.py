@@ -45,7 +45,9 @@ from tqdm import tqdm
 
 from hpa import distributed_utils as du
 from hpa.errors import ConfigError, DataError, HPAError, StoreError
-from hpa.evaluate import fit_thresholds, macro_f1, predictions_bytes, thresholds_json
+from hpa.evaluate import (
+    THRESHOLD_MODES, fit_thresholds, macro_f1, predictions_bytes, thresholds_for_mode, thresholds_json,
+)
 from hpa.labels import COLORS, NUM_CLASSES, parse_target, to_matrix
 from hpa.models import MODEL_NAMES, create_model, weights_source
 
@@ -122,7 +124,7 @@ class TrainConfig:
             (self.pos_weight in ("none", "sqrt"), f"pos_weight: {self.pos_weight!r}, expected none or sqrt"),
             (0 <= self.drop_rate < 1, f"drop_rate: {self.drop_rate} must be in [0, 1)"),
             (0 < self.min_crop <= 1, f"min_crop: {self.min_crop} must be in (0, 1]"),
-            (self.threshold_mode in ("fitted", "global"), f"threshold_mode: {self.threshold_mode!r}, expected fitted or global"),
+            (self.threshold_mode in THRESHOLD_MODES, f"threshold_mode: {self.threshold_mode!r}, expected one of {', '.join(THRESHOLD_MODES)}"),
             (0 <= self.threshold <= 1, f"threshold: {self.threshold} must be in [0, 1]"),
             (self.patience >= 0, f"patience: {self.patience} must be >= 0"),
             (self.workers >= 0, f"workers: {self.workers} must be >= 0"),
@@ -210,7 +212,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=defaults.amp)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=defaults.channels_last)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=defaults.compile)
-    p.add_argument("--threshold-mode", default=defaults.threshold_mode, choices=("fitted", "global"))
+    p.add_argument("--threshold-mode", default=defaults.threshold_mode, choices=THRESHOLD_MODES)
     p.add_argument("--threshold", type=float, default=defaults.threshold)
     p.add_argument("--patience", type=int, default=defaults.patience)
     p.add_argument("--seed", type=int, default=defaults.seed)
@@ -791,7 +793,7 @@ class Trainer:
         self.out.write("val_predictions.npz", predictions_bytes(np.array(self.fold.val_ids), val["probs"],
                                                                 self.fold.val_targets, model=f"{self.cfg.arch}-fold{self.cfg.fold}"))
         mode = self.cfg.threshold_mode
-        values = val["thresholds"] if mode == "fitted" else np.full(NUM_CLASSES, self.cfg.threshold)
+        values = val["mode_thresholds"]
         self.out.write("thresholds.json", json.dumps(thresholds_json(values, mode), indent=2).encode())
 
     def metrics(self) -> dict:
@@ -869,10 +871,16 @@ def evaluate(t: Trainer) -> dict:
     probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     thresholds = fit_thresholds(probs, targets)
     f1_fitted = macro_f1(targets, probs >= thresholds)
-    f1_global = macro_f1(targets, probs >= cfg.threshold)
+    # The reported f1 follows the threshold policy (hpa.evaluate.thresholds_for_mode); `prior` matches the
+    # training folds' class frequencies.
+    if cfg.threshold_mode in ("fitted", "global"):  # global: exactly --threshold, 0 and 1 included
+        chosen = thresholds if cfg.threshold_mode == "fitted" else np.full(NUM_CLASSES, cfg.threshold)
+    else:
+        chosen = thresholds_for_mode(cfg.threshold_mode, probs, targets, threshold=cfg.threshold,
+                                     prior=t.fold.train_targets)
     return {"loss": loss, "f1_at_05": macro_f1(targets, probs >= 0.5), "f1_fitted": f1_fitted,
-            "f1": f1_fitted if cfg.threshold_mode == "fitted" else f1_global,
-            "probs": probs.astype(np.float32), "thresholds": thresholds}
+            "f1": macro_f1(targets, probs >= chosen), "probs": probs.astype(np.float32), "thresholds": thresholds,
+            "mode_thresholds": chosen}
 
 
 def train(cfg: TrainConfig) -> dict:

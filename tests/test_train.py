@@ -6,6 +6,7 @@ Runs are subprocesses (`python -m hpa train`), as in production, kept tiny for a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ import torch
 
 from hpa.errors import ConfigError
 from hpa.evaluate import fit_thresholds, macro_f1
-from hpa.labels import parse_target, to_matrix
+from hpa.labels import CLASS_NAMES, parse_target, to_matrix
 from hpa.train import TrainConfig, get_args_parser, config_from_args, train
 
 KATIB_RE = re.compile(r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)")  # Katib's default filter
@@ -263,6 +264,28 @@ def test_packed_shards_source_global_threshold_and_early_stopping(tmp_path):
     assert preds["ids"].tolist() == df.loc[df["fold"] == "0", "Id"].tolist()
     assert torch.load(out / "best.pt", weights_only=True)["in_chans"] == 3
     assert pd.read_json(out / "thresholds.json", typ="series")["mode"] == "global"
+
+
+@pytest.mark.parametrize("mode", ["shrunk", "prior"])
+def test_robust_threshold_modes_score_what_they_save(tmp_path, mode):
+    """--threshold-mode shrunk|prior: the metric line's val_macro_f1 is the F1 of the saved val predictions at
+    the saved thresholds.json of that policy (hpa.evaluate.thresholds_for_mode), recomputed here."""
+    from hpa.evaluate import macro_f1, thresholds_for_mode
+
+    data, split = make_data(tmp_path, n=24, size=32)
+    out = tmp_path / "out"
+    proc = run_train(train_cmd(data, split, out, "--size", 32, "--epochs", 1, "--batch-size", 6,
+                               "--threshold-mode", mode, "--threshold", 0.3))
+    (row,) = check_katib_stdout(proc.stdout, 1)
+    saved = json.loads((out / "thresholds.json").read_text())
+    assert saved["mode"] == mode
+    preds = np.load(out / "val_predictions.npz")
+    df = pd.read_csv(split, dtype=str)
+    train_targets = to_matrix([parse_target(t, "split.csv") for t in df.loc[df["fold"] != "0", "Target"]])
+    expected = thresholds_for_mode(mode, preds["probs"], preds["targets"], threshold=0.3, prior=train_targets)
+    values = np.array([saved["thresholds"][name] for name in CLASS_NAMES], dtype=float)
+    np.testing.assert_allclose(values, expected, rtol=0, atol=1e-6)
+    assert abs(row["val_macro_f1"] - macro_f1(preds["targets"], preds["probs"] >= expected)) < 1e-4
 
 
 # --- pieces -------------------------------------------------------------------------------------------------

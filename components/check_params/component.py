@@ -49,6 +49,7 @@ def check_params(
     accelerator_type: str,
     seed: int,
     num_nodes: int = 1,
+    weights: str = "",
     multi_node: bool = False,
     cpu_image: str = "",
     cuda_image: str = "",
@@ -70,13 +71,14 @@ def check_params(
         lr_se_resnet: Learning rate of the SE-ResNet model, in (0, 1).
         loss: bce or focal.
         tta: Dihedral test-time augmentations: 1, 2, 4 or 8.
-        threshold_mode: fitted (per class on validation) or global (the threshold value).
+        threshold_mode: fitted, global, shrunk or prior (see the pipeline's description).
         threshold: Global decision threshold in (0, 1).
         ensemble_method: mean, weighted or rank.
         gpus: GPUs per training task, >= 0.
         accelerator_type: Kubernetes resource name of the accelerator.
         seed: Random seed, >= 0.
         num_nodes: Training nodes per model; above 1 only in the multi-node pipeline.
+        weights: Initial weights: empty, imagenet, a file or an s3:// URI.
         multi_node: Whether this is the multi-node pipeline (a compile-time constant).
         cpu_image: The CPU image fixed at compile time (HPA_IMAGE).
         cuda_image: The CUDA image fixed at compile time (HPA_CUDA_IMAGE).

@@ -63,6 +63,7 @@ def katib_tune(
     batch_size: int = 32,
     loss: str = "bce",
     seed: int = 0,
+    weights: str = "",
     gpus: int = 1,
     accelerator_type: str = "nvidia.com/gpu",
     node_selector: dict = {},
@@ -96,6 +97,7 @@ def katib_tune(
         batch_size: Batch size per trial.
         loss: bce or focal.
         seed: Random seed of the trials and of the search algorithm's settings.
+        weights: Every trial starts from imagenet (timm's pretrained weights; needs the model hub), a 3-channel state dict file or s3:// URI; empty = random init.
         gpus: GPUs per trial pod.
         accelerator_type: Kubernetes resource name of the accelerator.
         node_selector: Node labels for the trial pods, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = anywhere.
@@ -129,7 +131,7 @@ def katib_tune(
     store.publish(split_csv.path, split_uri)
     cfg = katib.KatibConfig(
         name=name, namespace=namespace, data=shards_uri or data_uri, split=split_uri, out_prefix=prefix, fold=val_fold,
-        size=image_size, color_mode=color_mode, epochs=epochs, batch_size=batch_size, loss=loss, seed=seed,
+        size=image_size, color_mode=color_mode, epochs=epochs, batch_size=batch_size, loss=loss, seed=seed, weights=weights,
         algorithm=algorithm, max_trials=max_trials, parallel_trials=parallel_trials, max_failed_trials=max_failed_trials,
         lr_min=lr_min, lr_max=lr_max, threshold_min=threshold_min, threshold_max=threshold_max, gpus=gpus,
         accelerator_type=accelerator_type, image=trial_image, node_selector=node_selector, tolerations=tolerations,

@@ -68,6 +68,7 @@ def train_distributed(
     threshold: float = 0.3,
     tta: int = 2,
     seed: int = 0,
+    weights: str = "",
     s3_endpoint: str = "",
     timeout_s: float = 86400.0,
 ):
@@ -104,6 +105,7 @@ def train_distributed(
         threshold: Global threshold used when threshold_mode is global.
         tta: Dihedral test-time augmentations for the predictions: 1, 2, 4 or 8.
         seed: Random seed.
+        weights: Start from imagenet (timm's pretrained weights; needs the model hub), a 3-channel state dict file or s3:// URI; empty = random init.
         s3_endpoint: S3 endpoint host:port for this task and the training pods; empty = hpa.config.S3_DEFAULT_ENDPOINT (KFP's SeaweedFS).
         timeout_s: Seconds to wait for the job before failing.
     """
@@ -128,7 +130,7 @@ def train_distributed(
         name=name, namespace=namespace, kind=kind, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
         accelerator_type=accelerator_type, data=shards_uri or data_uri, split=f"{prefix}/split.csv", out=f"{prefix}/out",
         fold=val_fold, arch=arch, size=image_size, color_mode=color_mode, epochs=epochs, batch_size=batch_size,
-        lr=lr, loss=loss, threshold_mode=threshold_mode, threshold=threshold, seed=seed, image=image,
+        lr=lr, loss=loss, threshold_mode=threshold_mode, threshold=threshold, seed=seed, weights=weights, image=image,
         node_selector=node_selector, tolerations=tolerations, trainer_api=trainer_api,
         s3_endpoint=s3_endpoint or config.S3_DEFAULT_ENDPOINT,
     )

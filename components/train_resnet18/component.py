@@ -47,6 +47,7 @@ def train_resnet18(
     threshold: float = 0.3,
     tta: int = 2,
     seed: int = 0,
+    weights: str = "",
     s3_endpoint: str = "",
 ):
     """Train one model on the training folds, keep the best epoch, predict val and test with TTA.
@@ -72,6 +73,7 @@ def train_resnet18(
         threshold: Global threshold used when threshold_mode is global.
         tta: Dihedral test-time augmentations for the predictions: 1, 2, 4 or 8.
         seed: Random seed.
+        weights: Start from imagenet (timm's pretrained weights; needs the model hub), a 3-channel state dict file or s3:// URI; empty = random init.
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
     """
     import os
@@ -88,7 +90,7 @@ def train_resnet18(
         config = TrainConfig(
             data=shards_uri or data_uri, split=split_csv.path, fold=val_fold, arch=arch, size=image_size,
             color_mode=color_mode, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
-            threshold_mode=threshold_mode, threshold=threshold, seed=seed, out=run.path, cache_dir=cache, workers=workers,
+            threshold_mode=threshold_mode, threshold=threshold, seed=seed, weights=weights, out=run.path, cache_dir=cache, workers=workers,
         )
         summary = train_and_predict(config, model.path, val_predictions.path, test_predictions.path, tta=tta,
                                     shards=shards_uri or None, predict_data=data_uri)
