@@ -288,3 +288,24 @@ def test_cluster_doc_lists_every_parameter_and_the_graph(compiled):
     assert "](pipeline.png)" in doc and (ROOT / "docs" / "pipeline.png").stat().st_size > 10_000
     assert "```mermaid" in doc and "kubectl create secret generic mlpipeline-minio-artifact" in doc
     assert "kubectl create secret generic kaggle-credentials" in doc
+
+
+def test_weights_reach_every_training_pod(compiled, compiled_multinode):
+    """The `weights` run parameter goes to both training tasks, Katib trials (katib-tune) and the TrainJobs'
+    `python -m hpa train` args, and is validated by check-params."""
+    from hpa import distributed, katib
+
+    for spec, _ in (compiled, compiled_multinode):
+        tasks = {name: task for name, (task, _) in all_tasks(spec).items()}
+        users = [n for n in tasks if n.startswith(("train-", "katib-tune", "check-params"))]
+        assert len(users) == 4, users
+        for name in users:
+            ref = tasks[name]["inputs"]["parameters"]["weights"]["componentInputParameter"]
+            assert ref in ("weights", "pipelinechannel--weights"), (name, ref)
+    job = distributed.render(distributed.DistributedConfig(weights="s3://mlpipeline/shared/w/resnet18.pth",
+                                                           image="registry.example/hpa:cuda"))
+    args = job["spec"]["trainer"]["args"]
+    assert args[args.index("--weights") + 1] == "s3://mlpipeline/shared/w/resnet18.pth"
+    assert "--weights" not in distributed.train_args(distributed.DistributedConfig(image="registry.example/hpa:cuda"))
+    exp = katib.render_experiment(katib.KatibConfig(weights="imagenet", image="registry.example/hpa:cuda"))
+    assert "--weights" in str(exp) and "imagenet" in str(exp)
