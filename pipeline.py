@@ -19,6 +19,8 @@ fixed at compile time: hpa.config.image() (HPA_IMAGE) for every task, hpa.config
 """
 
 import argparse
+import builtins
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -520,6 +522,22 @@ def check_arguments(overrides: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- run --local
+@contextlib.contextmanager
+def print_restored():
+    """builtins.print as it was before, whatever kfp.local left behind.
+
+    kfp.local 2.17 runs the ready tasks of a DAG in a ThreadPoolExecutor (kfp/local/orchestrator/
+    enhanced_dag_orchestrator.py) and indents each task's output by swapping builtins.print
+    (logging_utils.indented_print, used by task_dispatcher.py). Two overlapping tasks that finish in the
+    order they started leave the second one's saved value, an indenting print, installed for the rest of
+    the process: every later print starts with four spaces."""
+    saved = builtins.print
+    try:
+        yield
+    finally:
+        builtins.print = saved
+
+
 def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> dict:
     """Run the whole pipeline with kfp.local; returns {"submission", "report", "metrics", "elapsed_s", ...}."""
     import kfp.local
@@ -547,7 +565,7 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
         check_arguments(arguments)
         kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "pipeline_root"),
                        raise_on_error=True)
-        with backend_rules.strict_local() as strict:  # resolve inputs as the KFP backend driver does
+        with backend_rules.strict_local() as strict, print_restored():  # resolve inputs as the driver does
             task = pipeline_for(arguments)(**arguments)
         result = {
             "submission": _keep(task.outputs["submission"].path, out_dir / "submission.csv"),

@@ -65,3 +65,24 @@ def test_whole_pipeline_through_embedded_s3(tmp_path, monkeypatch):
     assert "data:image/png;base64," in (run_dir / "montage" / "montage").read_text()
     run_bytes = sum(p.stat().st_size for p in (run_dir / "train-resnet18" / "run").rglob("*") if p.is_file())
     assert run_bytes < 5_000_000, "the run artifact must not carry the image cache"
+
+
+def test_print_is_restored_after_overlapping_kfp_local_tasks():
+    """Two parallel tasks of one DAG interleave kfp.local's per-task print indentation
+    (logging_utils.indented_print); left alone, print stays indented for the rest of the process (seen in
+    CI: every later CLI line began with four spaces). run_local's guard puts the original back."""
+    import builtins
+
+    from kfp.local import logging_utils
+
+    import pipeline
+
+    original = builtins.print
+    first, second = logging_utils.indented_print(), logging_utils.indented_print()
+    with pipeline.print_restored():
+        first.__enter__()   # task A starts
+        second.__enter__()  # task B starts, saving A's indenting print
+        first.__exit__(None, None, None)   # A ends: the original back
+        second.__exit__(None, None, None)  # B ends: A's indenting print back
+        assert builtins.print is not original  # the leak this guards against
+    assert builtins.print is original
