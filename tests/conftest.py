@@ -43,3 +43,16 @@ def s3_bucket(s3_server, s3_env):
                    region="us-east-1")
     client.make_bucket(name)
     return f"s3://{name}/"
+
+
+@pytest.fixture(autouse=True)
+def _print_restored():
+    """Undo kfp.local's leaked print indentation after every test that ran pipelines directly (not through
+    pipeline.run_local, which guards itself): kfp.local 2.17 swaps builtins.print per task without a lock
+    (logging_utils.indented_print) while running a DAG's tasks in threads, so overlapping tasks can leave
+    an indenting print behind (pipeline.print_restored explains the interleaving)."""
+    import builtins
+
+    saved = builtins.print
+    yield
+    builtins.print = saved
