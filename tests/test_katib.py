@@ -1,10 +1,13 @@
-"""Katib Experiment: rendering (no drift), strict schema validation, bad search spaces, metric filters,
-the trials' image and placement, and the launcher against a loopback stand-in for the Kubernetes API
-server (tests/k8s_fake_api.py): owner references, deletion on failure, timeout and SIGINT/SIGTERM."""
+"""Katib Experiment: rendering (no drift), strict schema validation, bad search spaces, the threshold
+policy's parameters, metric filters, the trials' image and placement, and the launchers against a
+loopback stand-in for the Kubernetes API server (tests/k8s_fake_api.py): owner references, deletion on
+failure, timeout and SIGINT/SIGTERM, for one Experiment and for a model list (one Experiment per model)."""
 
 from __future__ import annotations
 
 import copy
+import json
+import math
 import os
 import re
 import signal
@@ -45,8 +48,11 @@ def test_committed_experiment_validates_and_has_the_contract():
     assert spec["objective"]["additionalMetricNames"] == ["val_loss"]
     assert spec["algorithm"]["algorithmName"] == "tpe" and spec["earlyStopping"]["algorithmName"] == "medianstop"
     params = {p["name"]: p for p in spec["parameters"]}
+    assert list(params) == ["lr", "threshold_mode", "threshold", "shrink_strength"]
     assert params["lr"]["feasibleSpace"]["distribution"] == "logUniform"
-    assert params["threshold_mode"]["feasibleSpace"]["list"] == ["fitted", "global"]
+    assert params["threshold_mode"]["feasibleSpace"]["list"] == ["fitted", "global", "shrunk", "prior"]
+    assert params["threshold"]["feasibleSpace"] == {"min": "0.05", "max": "0.6", "distribution": "uniform"}
+    assert params["shrink_strength"]["feasibleSpace"] == {"min": "1", "max": "50", "distribution": "logUniform"}
     assert all(isinstance(v, str) for p in params.values() for v in p["feasibleSpace"].values() if not isinstance(v, list))
     job = spec["trialTemplate"]["trialSpec"]
     pod = job["spec"]["template"]
@@ -54,8 +60,9 @@ def test_committed_experiment_validates_and_has_the_contract():
     assert spec["trialTemplate"]["primaryContainerName"] == container["name"]
     assert container["command"] == ["python", "-m", "hpa", "train"]
     args = " ".join(container["args"])
-    for name in ("lr", "threshold", "thresholdMode"):
-        assert f"${{trialParameters.{name}}}" in args
+    for flag, name in (("--lr", "lr"), ("--threshold", "threshold"), ("--threshold-mode", "thresholdMode"),
+                       ("--shrink-strength", "shrinkStrength")):
+        assert f"{flag} ${{trialParameters.{name}}}" in args
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     refs = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e}
     assert refs == {"accesskey", "secretkey"}
@@ -82,10 +89,19 @@ def test_every_algorithm_and_trial_kind_validates(algorithm, trial_kind):
     (dict(threshold_max=1.2), "must lie inside (0, 1)"),
     (dict(threshold_min=0.5, threshold_max=0.2), "threshold_min=0.5 must be < threshold_max=0.2"),
     (dict(algorithm="hyperband2"), "katib algorithm 'hyperband2': expected one of tpe, random"),
-    (dict(threshold_modes=("fitted", "best")), "threshold_modes"),
+    (dict(threshold_modes=("fitted", "best")), "katib threshold_modes fitted best: expected one or more of fitted, global, shrunk, prior, each once"),
+    (dict(threshold_modes=()), "katib threshold_modes (none): expected one or more of"),
+    (dict(threshold_modes=("shrunk", "shrunk")), "katib threshold_modes shrunk shrunk: expected"),
+    (dict(shrink_strength_min=0.0), "katib shrink_strength range: shrink_strength_min=0.0 must be > 0 (log-uniform)"),
+    (dict(shrink_strength_min=-2.0), "shrink_strength_min=-2.0 must be > 0"),
+    (dict(shrink_strength_max=math.inf), "shrink_strength_min=1.0 must be > 0 (log-uniform)"),
+    (dict(shrink_strength_min=30.0, shrink_strength_max=5.0), "katib shrink_strength range: shrink_strength_min=30.0 must be < shrink_strength_max=5.0"),
     (dict(parallel_trials=20, max_trials=5), "parallel_trials=20 must be <= max_trials=5"),
     (dict(start_step=5, epochs=2), "start_step=5 must be in [1, epochs=2]"),
-    (dict(algorithm="grid", max_trials=100), "grid combinations"),
+    # grid: 4 values per numeric parameter that some chosen policy reads, times the policies
+    (dict(algorithm="grid", max_trials=257), "katib grid: max_trials=257 > 256 grid combinations"),  # lr, threshold, k: 4**3 * 4
+    (dict(algorithm="grid", max_trials=33, threshold_modes=("fitted", "global")), "max_trials=33 > 32 grid combinations"),
+    (dict(algorithm="grid", max_trials=9, threshold_modes=("fitted", "prior")), "max_trials=9 > 8 grid combinations"),
     (dict(data="s3://bucket/with space"), "no whitespace"),
     (dict(name="Bad_Name"), "DNS label"),
     (dict(image=""), "katib image '': expected the trial image reference fixed at compile time"),
@@ -195,10 +211,249 @@ def test_cli_bad_range_exits_2_with_one_line(capsys):
     assert err[-1] == "error: katib lr range: lr_min=0.1 must be < lr_max=0.01"
 
 
+# ---------------------------------------------------------------- the threshold policy's search space
+
+@pytest.mark.parametrize("modes, params, flags", [
+    (("fitted",), ["lr", "threshold_mode"], []),
+    (("fitted", "prior"), ["lr", "threshold_mode"], []),
+    (("prior", "global"), ["lr", "threshold_mode", "threshold"], ["--threshold"]),
+    (("shrunk",), ["lr", "threshold_mode", "threshold", "shrink_strength"], ["--threshold", "--shrink-strength"]),
+    (katib.THRESHOLD_MODES, ["lr", "threshold_mode", "threshold", "shrink_strength"], ["--threshold", "--shrink-strength"]),
+])
+@pytest.mark.parametrize("trial_kind", katib.TRIAL_KINDS)
+def test_search_space_holds_what_the_chosen_policies_read(modes, params, flags, trial_kind):
+    """threshold only when global or shrunk is searched, shrink_strength only with shrunk; the trial
+    command passes exactly the searched values, and the Experiment validates."""
+    exp = katib.render_experiment(katib.KatibConfig(threshold_modes=modes, trial_kind=trial_kind, num_nodes=2))
+    assert [p["name"] for p in exp["spec"]["parameters"]] == params
+    assert exp["spec"]["parameters"][1]["feasibleSpace"]["list"] == list(modes)
+    args = " ".join(katib.train_args(katib.KatibConfig(threshold_modes=modes)))
+    for flag, name in (("--threshold", "threshold"), ("--shrink-strength", "shrinkStrength")):
+        assert (f"{flag} ${{trialParameters.{name}}}" in args) == (flag in flags)
+    assert "--threshold-mode ${trialParameters.thresholdMode}" in args and "--lr ${trialParameters.lr}" in args
+
+
+def test_grid_space_includes_the_shrink_strength():
+    exp = katib.render_experiment(katib.KatibConfig(algorithm="grid", grid_points=3, max_trials=108,
+                                                    shrink_strength_min=2.0, shrink_strength_max=32.0))
+    params = {p["name"]: p for p in exp["spec"]["parameters"]}
+    assert params["shrink_strength"] == {"name": "shrink_strength", "parameterType": "discrete", "feasibleSpace": {"list": ["2", "8", "32"]}}
+    assert params["threshold"]["feasibleSpace"] == {"min": "0.05", "max": "0.6", "step": "0.275"}
+    assert len(params["lr"]["feasibleSpace"]["list"]) == 3  # 3 * 3 * 3 values * 4 policies = 108 combinations
+
+
+def test_cli_render_new_options(tmp_path):
+    out = tmp_path / "exp.yaml"
+    assert katib.main(["render", "--out", str(out), "--threshold-modes", "shrunk", "prior",
+                       "--shrink-strength-min", "3", "--shrink-strength-max", "30"]) == 0
+    params = {p["name"]: p["feasibleSpace"] for p in yaml.safe_load(out.read_text())["spec"]["parameters"]}
+    assert params["threshold_mode"]["list"] == ["shrunk", "prior"]
+    assert params["shrink_strength"] == {"min": "3", "max": "30", "distribution": "logUniform"}
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p["threshold_mode"]["feasibleSpace"].__setitem__("list", ["fitted", "best"]),
+     "parameter threshold_mode: expected a categorical list of distinct policies from fitted, global, shrunk, prior, got ['fitted', 'best']"),
+    (lambda p: p["threshold_mode"]["feasibleSpace"].__setitem__("list", ["fitted", "fitted"]),
+     "parameter threshold_mode: expected a categorical list of distinct policies from fitted, global, shrunk, prior, got ['fitted', 'fitted']"),
+    (lambda p: p["shrink_strength"]["feasibleSpace"].__setitem__("min", "0"), "parameter shrink_strength: min='0' must be > 0 (logUniform)"),
+    (lambda p: p["shrink_strength"]["feasibleSpace"].__setitem__("max", "-1"), "parameter shrink_strength: max='-1' must be a finite number >= 0"),
+    (lambda p: p["shrink_strength"]["feasibleSpace"].__setitem__("max", "inf"), "parameter shrink_strength: max='inf' must be a finite number >= 0"),
+    (lambda p: p["shrink_strength"]["feasibleSpace"].update(min="40", max="5"), "parameter shrink_strength: min='40' must be < max='5'"),
+    (lambda p: p["threshold"]["feasibleSpace"].__setitem__("max", "1.5"), "parameter threshold: max='1.5' must be in (0, 1)"),
+    (lambda p: p["threshold"]["feasibleSpace"].__setitem__("min", "low"), "parameter threshold: min='low' must be in (0, 1)"),
+    (lambda p: p["lr"]["feasibleSpace"].update(min="0.01", max="0.001"), "parameter lr: min='0.01' must be < max='0.001'"),
+])
+def test_hand_edited_search_space_is_one_clear_error(mutate, message):
+    """validate_experiment (and so `katib validate`, `katib launch` and the stand-in server) refuses a
+    space the trials cannot run, with one line that names the parameter."""
+    exp = _experiment()
+    mutate({p["name"]: p for p in exp["spec"]["parameters"]})
+    with pytest.raises(ConfigError) as err:
+        katib.validate_experiment(exp)
+    assert str(err.value) == f"Katib Experiment: {message}"
+
+
+def test_validate_accepts_every_policy_and_a_discrete_shrink_strength():
+    exp = katib.render_experiment(katib.KatibConfig(algorithm="grid", max_trials=20))
+    katib.validate_experiment(exp)
+    katib.check_search_space([{"name": "shrink_strength", "parameterType": "discrete", "feasibleSpace": {"list": ["0", "5"]}},
+                              {"name": "threshold_mode", "parameterType": "categorical", "feasibleSpace": {"list": list(katib.THRESHOLD_MODES)}}])
+
+
+def _with_optimal(exp: dict, assigned: dict, objective: str = "0.5") -> dict:
+    exp = copy.deepcopy(exp)
+    exp["status"] = {"currentOptimalTrial": {
+        "bestTrialName": "t-1", "parameterAssignments": [{"name": k, "value": v} for k, v in assigned.items()],
+        "observation": {"metrics": [{"name": "val_macro_f1", "max": objective, "latest": "0.4"}]}}}
+    return exp
+
+
+def test_best_trial_returns_the_policy_with_its_shrink_strength():
+    exp = _with_optimal(_experiment(), {"lr": "0.0004", "threshold_mode": "shrunk", "threshold": "0.22", "shrink_strength": "17.5"})
+    assert katib.best_trial(exp) == {"lr": 0.0004, "threshold": 0.22, "threshold_mode": "shrunk", "shrink_strength": 17.5,
+                                     "trial": "t-1", "val_macro_f1": 0.5}
+
+
+def test_best_trial_reports_defaults_for_values_not_searched():
+    """An Experiment over fitted and prior searches neither threshold nor shrink_strength: best_trial
+    reports the pipeline defaults (no chosen policy reads them), and does not ask for them."""
+    exp = katib.render_experiment(katib.KatibConfig(threshold_modes=("fitted", "prior")))
+    best = katib.best_trial(_with_optimal(exp, {"lr": "0.001", "threshold_mode": "prior"}))
+    assert (best["threshold_mode"], best["threshold"], best["shrink_strength"]) == ("prior", 0.3, katib.DEFAULT_SHRINK_STRENGTH)
+    exp = katib.render_experiment(katib.KatibConfig(threshold_modes=("global",)))
+    with pytest.raises(k8s.ClusterError, match=r"lacks \['threshold'\]$"):
+        katib.best_trial(_with_optimal(exp, {"lr": "0.001", "threshold_mode": "global"}))
+
+
 # ---------------------------------------------------------------- launch (stand-in API server)
 
 def _experiment():
     return yaml.safe_load(EXPERIMENT.read_text())
+
+
+class PerExperimentAPI(FakeKubeAPI):
+    """The stand-in with an optimal trial and objective per Experiment, chosen by the name's model suffix
+    (results: {suffix: (assignments, objective)}), and Experiments whose name ends with `-<failing>` Failed.
+    A subclass here rather than a change to the shared stand-in: it only overrides how a status is made."""
+
+    def __init__(self, results: dict | None = None, failing: tuple[str, ...] = (), **kwargs):
+        super().__init__(**kwargs)
+        self.results, self.failing = results or {}, tuple(f"-{suffix}" for suffix in failing)
+
+    def _status(self, plural: str, obj: dict, failed: bool = False) -> dict:
+        name = obj["metadata"]["name"]
+        suffix = max((s for s in self.results if name.endswith(f"-{s}")), key=len, default=None)
+        self.best = self.results[suffix][0] if suffix else None  # called with the server's lock held
+        status = super()._status(plural, obj, failed=failed or name.endswith(self.failing))
+        if suffix and "currentOptimalTrial" in status:
+            status["currentOptimalTrial"]["observation"]["metrics"][0]["max"] = str(self.results[suffix][1])
+        return status
+
+
+MODELS = {"resnet18": 1e-3, "se_resnet18": 1e-3}
+
+
+def test_model_experiments_one_per_model_with_dns_safe_names():
+    exps = katib.model_experiments(katib.KatibConfig(), MODELS)
+    assert list(exps) == ["resnet18", "se_resnet18"]
+    assert [e["metadata"]["name"] for e in exps.values()] == ["hpa-lr-threshold-resnet18", "hpa-lr-threshold-se-resnet18"]
+    for arch, exp in exps.items():
+        args = _container(exp)["args"]
+        assert args[args.index("--arch") + 1] == arch
+    long = katib.model_experiments(katib.KatibConfig(name="a" * 40), {"se_resnet50": 1e-3})
+    assert long["se_resnet50"]["metadata"]["name"] == "a" * 28 + "-se-resnet50"
+    assert katib.arch_label("Se_ResNet18") == "se-resnet18"
+
+
+@pytest.mark.parametrize("models, message", [
+    ({}, "katib models {}: expected a non-empty JSON object of model name -> learning rate"),
+    ([1e-3], "katib models [0.001]: expected a non-empty JSON object"),
+    ({"resnet18": 1e-3, "resnet19": 1e-3}, "katib models: unknown model 'resnet19'; expected names from resnet18, "),
+])
+def test_bad_model_list_is_one_clear_error(models, message):
+    with pytest.raises(ConfigError) as err:
+        katib.model_experiments(katib.KatibConfig(), models)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_tune_models_runs_one_experiment_per_model_and_takes_the_best_policy(tmp_path):
+    results = {"resnet18": ({"lr": "0.0009", "threshold_mode": "fitted", "threshold": "0.4", "shrink_strength": "3"}, 0.52),
+               "se-resnet18": ({"lr": "0.0002", "threshold_mode": "shrunk", "threshold": "0.2", "shrink_strength": "25"}, 0.48)}
+    with PerExperimentAPI(results, polls=3) as api:
+        out = katib.tune_models(katib.KatibConfig(namespace="team-a"), MODELS, timeout=20, poll=0.05, unique_name=True,
+                                api_client=api.api_client(), save_to=tmp_path / "experiments.yaml")
+        names = [p["metadata"]["name"] for p in api.posted]
+        assert all(api.gets[("experiments", "team-a", n)] == 3 for n in names) and api.deleted == []
+    assert re.fullmatch(r"hpa-lr-threshold-[0-9a-f]{6}-resnet18", names[0]) and names[1] == names[0].replace("-resnet18", "-se-resnet18")
+    assert {k: out[k] for k in ("models", "threshold", "threshold_mode", "shrink_strength", "val_macro_f1", "policy_from")} == {
+        "models": {"resnet18": 0.0009, "se_resnet18": 0.0002}, "threshold": 0.4, "threshold_mode": "fitted",
+        "shrink_strength": 3.0, "val_macro_f1": 0.52, "policy_from": "resnet18"}
+    assert out["experiments"] == dict(zip(MODELS, names)) and out["trials"]["se_resnet18"]["threshold_mode"] == "shrunk"
+    assert [d["metadata"]["name"] for d in yaml.safe_load_all((tmp_path / "experiments.yaml").read_text())] == names
+
+
+def test_combine_best_ignores_nan_and_keeps_the_first_of_a_tie():
+    def best(mode, f1):
+        return {"lr": 1e-3, "threshold": 0.3, "threshold_mode": mode, "shrink_strength": 10.0, "trial": "t", "val_macro_f1": f1}
+
+    assert katib.combine_best({"a": best("prior", math.nan), "b": best("global", 0.1)})["threshold_mode"] == "global"
+    assert katib.combine_best({"a": best("prior", 0.4), "b": best("global", 0.4)})["policy_from"] == "a"
+
+
+def test_one_failed_experiment_deletes_the_others():
+    with PerExperimentAPI(failing=("se-resnet18",), polls=2, outcome="never") as api:
+        with pytest.raises(k8s.ClusterError, match=r"^Experiment team-a/hpa-lr-threshold-se-resnet18 failed: MaxFailedTrialsReached"):
+            katib.tune_models(katib.KatibConfig(namespace="team-a"), MODELS, timeout=20, poll=0.05, api_client=api.api_client())
+        assert sorted(d["key"][2] for d in api.deleted if d["by"] == "client") == ["hpa-lr-threshold-resnet18", "hpa-lr-threshold-se-resnet18"]
+        assert api.objects == {}
+
+
+def test_timeout_of_a_model_list_deletes_every_experiment():
+    with PerExperimentAPI(polls=1, outcome="never") as api:
+        with pytest.raises(k8s.ClusterError, match=r"did not finish within 0.5 s \(last state: Running\)"):
+            katib.tune_models(katib.KatibConfig(), MODELS, timeout=0.5, poll=0.05, api_client=api.api_client())
+        assert len(api.deleted) == 2 and api.objects == {}
+
+
+def test_refused_creation_deletes_the_experiments_already_created():
+    """The second model's name is taken: the first model's Experiment, already created, is deleted."""
+    with PerExperimentAPI(polls=1) as api:
+        client = api.api_client()
+        clash = katib.model_experiments(katib.KatibConfig(), {"se_resnet18": 1e-3})["se_resnet18"]
+        k8s.create_object(k8s.custom_objects_api(client), clash, "experiments", "kubeflow")
+        with pytest.raises(k8s.Rejected, match=r'HTTP 409 experiments "hpa-lr-threshold-se-resnet18" already exists'):
+            katib.tune_models(katib.KatibConfig(), MODELS, timeout=5, poll=0.05, api_client=client)
+        assert [d["key"][2] for d in api.deleted] == ["hpa-lr-threshold-resnet18"]
+        assert list(api.objects) == [("experiments", "kubeflow", "hpa-lr-threshold-se-resnet18")]
+
+
+def test_model_list_experiments_are_owned_by_the_kfp_task_pod(tmp_path, monkeypatch):
+    (tmp_path / "namespace").write_text("team-a")
+    monkeypatch.setattr(k8s, "SERVICEACCOUNT_NAMESPACE", str(tmp_path / "namespace"))
+    monkeypatch.setenv("KFP_POD_NAME", "tune-pod")
+    monkeypatch.setenv("KFP_POD_UID", "uid-of-tune-pod")
+    with PerExperimentAPI(polls=1) as api:
+        api.add_pod("team-a", "tune-pod", "uid-of-tune-pod")
+        katib.tune_models(katib.KatibConfig(namespace="team-a"), MODELS, timeout=5, poll=0.05, api_client=api.api_client())
+        assert all(p["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": "tune-pod", "uid": "uid-of-tune-pod"}]
+                   for p in api.posted) and len(api.posted) == 2
+        api.delete_pod("team-a", "tune-pod")
+        assert api.objects == {} and [d["by"] for d in api.deleted] == ["garbage-collector"] * 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_tuning_a_model_list_deletes_every_experiment(tmp_path, sig):
+    """A real `python -m hpa katib tune` subprocess waiting on two Experiments that never finish gets
+    SIGINT/SIGTERM: it deletes both and exits non-zero with one error line."""
+    with PerExperimentAPI(polls=1, outcome="never") as api:
+        env = {**os.environ, "KUBECONFIG": api.write_kubeconfig(tmp_path / "kubeconfig")}
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        proc = subprocess.Popen([sys.executable, "-m", "hpa", "katib", "tune", "--models", '{"resnet18": 0.001, "se_resnet18": 0.001}',
+                                 "--namespace", "ns1", "--timeout", "120", "--poll", "0.1"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 90
+        while len(api.gets) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(api.gets) == 2, f"the launcher never polled both (rc={proc.poll()})"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+        names = ["hpa-lr-threshold-resnet18", "hpa-lr-threshold-se-resnet18"]
+        assert api.deleted == [{"key": ("experiments", "ns1", n), "propagationPolicy": "Background", "by": "client"} for n in names]
+    both = ", ".join(f"Experiment ns1/{n}" for n in names)
+    assert proc.returncode == 2 and out == "", err
+    assert err.strip().splitlines()[-1] == f"error: {both}: cancelled by {signal.Signals(sig).name}; deleted {both}"
+
+
+def test_cli_tune_prints_the_combined_result(tmp_path, monkeypatch, capsys):
+    with PerExperimentAPI({"resnet18": ({"lr": "0.002", "threshold_mode": "prior"}, 0.3)}, polls=1) as api:
+        monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "config"))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        assert katib.main(["tune", "--models", '{"resnet18": 0.001}', "--namespace", "ns1", "--threshold-modes", "fitted", "prior",
+                           "--timeout", "20", "--poll", "0.05", "--save", str(tmp_path / "e.yaml")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["models"] == {"resnet18": 0.002} and result["threshold_mode"] == "prior" and result["val_macro_f1"] == 0.3
+    assert (result["threshold"], result["shrink_strength"]) == (0.3, 10.0)  # not searched: the defaults
 
 
 def test_launch_creates_waits_and_reads_the_optimal_trial():
@@ -207,7 +462,7 @@ def test_launch_creates_waits_and_reads_the_optimal_trial():
         result = katib.launch(_experiment(), namespace="team-a", timeout=20, poll=0.05, api_client=api.api_client())
         assert len(api.posted) == 1 and api.posted[0]["metadata"]["namespace"] == "team-a"
         assert api.gets[("experiments", "team-a", "hpa-lr-threshold")] == 3
-    assert result == {"lr": 0.00042, "threshold": 0.27, "threshold_mode": "global",
+    assert result == {"lr": 0.00042, "threshold": 0.27, "threshold_mode": "global", "shrink_strength": 1.0,
                       "trial": "hpa-lr-threshold-abc123", "val_macro_f1": 0.43}
 
 
@@ -294,7 +549,8 @@ def test_cli_launch_with_kubeconfig(tmp_path, monkeypatch, capsys):
 
 
 def test_katib_tune_component_against_stand_in(tmp_path, monkeypatch):
-    """The KFP component's own function: split copied to the store, Experiment created, best returned."""
+    """The KFP component's own function with two models: split copied to the store once, one Experiment
+    per model created, each model's best lr and the best Experiment's policy returned."""
     monkeypatch.syspath_prepend(str(ROOT))
     from kfp.dsl import Artifact, Dataset
 
@@ -303,26 +559,54 @@ def test_katib_tune_component_against_stand_in(tmp_path, monkeypatch):
     split = tmp_path / "split.csv"
     split.write_text("Id,Target,fold\na,0,0\n")
     experiment = Artifact(name="experiment", uri=str(tmp_path / "experiment.yaml"))
-    with FakeKubeAPI(polls=2, best={"lr": "0.0007", "threshold": "0.2", "threshold_mode": "global"}) as api:
+    results = {"resnet18": ({"lr": "0.0007", "threshold": "0.2", "threshold_mode": "global", "shrink_strength": "7"}, 0.41),
+               "se-resnet18": ({"lr": "0.0003", "threshold": "0.25", "threshold_mode": "shrunk", "shrink_strength": "12.5"}, 0.47)}
+    with PerExperimentAPI(results, polls=2) as api:
         monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "config"))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         out = katib_tune.python_func(data_uri="s3://bucket/data", split_csv=Dataset(name="split", uri=str(split)),
                                      store_uri=str(tmp_path / "store"), experiment=experiment, namespace="team",
-                                     trial_image="registry.example/hpa:cuda-5", max_trials=4, parallel_trials=2,
-                                     poll_s=0.05, timeout_s=20, **PLACED)
-        posted = api.posted[0]
-    assert (out.lr, out.threshold, out.threshold_mode, out.val_macro_f1) == (0.0007, 0.2, "global", 0.43)
-    name = posted["metadata"]["name"]
-    assert (tmp_path / "store" / "katib" / name / "split.csv").read_text() == split.read_text()
-    args = _container(posted)["args"]
-    assert args[args.index("--split") + 1] == f"{tmp_path}/store/katib/{name}/split.csv"
-    assert args[args.index("--data") + 1] == "s3://bucket/data" and posted["spec"]["maxTrialCount"] == 4
-    assert _container(posted)["image"] == "registry.example/hpa:cuda-5"
-    pod_spec = posted["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]
-    assert pod_spec["nodeSelector"] == PLACED["node_selector"] and pod_spec["tolerations"] == PLACED["tolerations"]
-    assert yaml.safe_load((tmp_path / "experiment.yaml").read_text())["metadata"]["name"] == name
-    assert experiment.metadata["lr"] == 0.0007
-    assert tuple(katib_defaults.python_func(lr=1e-3, threshold=0.3, threshold_mode="fitted")) == (1e-3, 0.3, "fitted", -1.0)
+                                     trial_image="registry.example/hpa:cuda-5", models={"resnet18": 1e-3, "se_resnet18": 2e-3},
+                                     max_trials=4, parallel_trials=2, threshold_modes=["global", "shrunk"],
+                                     shrink_strength_min=2.0, shrink_strength_max=20.0, poll_s=0.05, timeout_s=20, **PLACED)
+        posted = list(api.posted)
+    assert out._fields == ("models", "threshold", "threshold_mode", "shrink_strength", "val_macro_f1")
+    assert tuple(out) == ({"resnet18": 0.0007, "se_resnet18": 0.0003}, 0.25, "shrunk", 12.5, 0.47)
+    names = [p["metadata"]["name"] for p in posted]
+    base = names[0].removesuffix("-resnet18")
+    assert re.fullmatch(r"hpa-tune-[0-9a-f]{8}", base) and names == [f"{base}-resnet18", f"{base}-se-resnet18"]
+    assert (tmp_path / "store" / "katib" / base / "split.csv").read_text() == split.read_text()
+    for exp, arch in zip(posted, ("resnet18", "se_resnet18")):
+        args = _container(exp)["args"]
+        assert args[args.index("--arch") + 1] == arch
+        assert args[args.index("--split") + 1] == f"{tmp_path}/store/katib/{base}/split.csv"
+        assert args[args.index("--data") + 1] == "s3://bucket/data" and exp["spec"]["maxTrialCount"] == 4
+        assert _container(exp)["image"] == "registry.example/hpa:cuda-5"
+        params = {p["name"]: p["feasibleSpace"] for p in exp["spec"]["parameters"]}
+        assert params["threshold_mode"]["list"] == ["global", "shrunk"] and params["shrink_strength"]["min"] == "2"
+        pod_spec = exp["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]
+        assert pod_spec["nodeSelector"] == PLACED["node_selector"] and pod_spec["tolerations"] == PLACED["tolerations"]
+    assert [d["metadata"]["name"] for d in yaml.safe_load_all((tmp_path / "experiment.yaml").read_text())] == names
+    assert experiment.metadata["policy_from"] == "se_resnet18" and experiment.metadata["experiments"]["resnet18"] == names[0]
+    assert experiment.metadata["trials"]["resnet18"]["val_macro_f1"] == 0.41
+    defaults = katib_defaults.python_func(models={"resnet18": 1e-3, "se_resnet18": 2e-3}, threshold=0.3,
+                                          threshold_mode="shrunk", shrink_strength=10.0)
+    assert defaults._fields == out._fields
+    assert tuple(defaults) == ({"resnet18": 1e-3, "se_resnet18": 2e-3}, 0.3, "shrunk", 10.0, -1.0)
+
+
+def test_katib_tune_component_refuses_a_bad_model_list_before_touching_the_store(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from kfp.dsl import Artifact, Dataset
+
+    from components.katib_tune.component import katib_tune
+
+    with pytest.raises(ConfigError) as err:
+        katib_tune.python_func(data_uri="s3://bucket/data", split_csv=Dataset(name="split", uri=str(tmp_path / "s.csv")),
+                               store_uri=str(tmp_path / "store"), experiment=Artifact(name="e", uri=str(tmp_path / "e.yaml")),
+                               trial_image="registry.example/hpa:cuda-5", models={"resnet19": 1e-3}, namespace="team")
+    assert str(err.value).startswith("katib models: unknown model 'resnet19'; expected names from resnet18,")
+    assert not (tmp_path / "store").exists()
 
 
 def test_katib_tune_component_refuses_an_empty_trial_image(tmp_path, monkeypatch):
@@ -334,7 +618,7 @@ def test_katib_tune_component_refuses_an_empty_trial_image(tmp_path, monkeypatch
     with pytest.raises(ConfigError) as err:
         katib_tune.python_func(data_uri="s3://bucket/data", split_csv=Dataset(name="split", uri=str(tmp_path / "s.csv")),
                                store_uri=str(tmp_path / "store"), experiment=Artifact(name="e", uri=str(tmp_path / "e.yaml")),
-                               trial_image="")
+                               trial_image="", models={"resnet18": 1e-3})
     assert str(err.value) == ("katib-tune trial_image='': expected the trial image fixed at compile time "
                               "(pipeline.py passes the CUDA image when gpus > 0, else the CPU image)")
     assert not (tmp_path / "store").exists()
@@ -343,7 +627,7 @@ def test_katib_tune_component_refuses_an_empty_trial_image(tmp_path, monkeypatch
 def test_best_trial_without_assignments_is_a_clear_error():
     exp = copy.deepcopy(_experiment())
     exp["status"] = {"currentOptimalTrial": {"parameterAssignments": [{"name": "lr", "value": "0.1"}]}}
-    with pytest.raises(k8s.ClusterError, match=r"lacks \['threshold', 'threshold_mode'\]"):
+    with pytest.raises(k8s.ClusterError, match=r"lacks \['shrink_strength', 'threshold', 'threshold_mode'\]"):
         katib.best_trial(exp)
 
 

@@ -26,7 +26,7 @@ KATIB_REGEX = r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
 FAKE_TRIAL = textwrap.dedent("""
     import argparse, math, sys, time
     p = argparse.ArgumentParser()
-    for name in ("data", "split", "fold", "arch", "size", "batch-size", "threshold", "threshold-mode", "out"):
+    for name in ("data", "split", "fold", "arch", "size", "batch-size", "threshold", "threshold-mode", "shrink-strength", "out"):
         p.add_argument("--" + name)
     p.add_argument("--lr", type=float)
     p.add_argument("--epochs", type=int)
@@ -35,6 +35,7 @@ FAKE_TRIAL = textwrap.dedent("""
     if a.fail_mode and a.threshold_mode == a.fail_mode:
         print("boom", file=sys.stderr)
         sys.exit(3)
+    print(f"policy {a.threshold_mode} threshold={a.threshold} shrink_strength={a.shrink_strength}", file=sys.stderr)
     quality = 0.6 - 0.1 * abs(math.log10(a.lr) + 3)   # best near lr = 1e-3
     for epoch in range(1, a.epochs + 1):
         print(f"INFO log line val_macro_f1=0.99 (not a metric line)", file=sys.stderr)
@@ -67,8 +68,8 @@ def test_read_experiment():
 
 def test_trial_command_substitutes_and_overrides():
     spec = sweep.read_experiment(EXPERIMENT)
-    cmd = sweep.trial_command(spec, {"lr": 0.00042, "threshold": 0.25, "threshold_mode": "global"}, "t-001",
-                              {"data": "/d", "epochs": "1", "threads": "1"}, "/w/runs")
+    cmd = sweep.trial_command(spec, {"lr": 0.00042, "threshold": 0.25, "threshold_mode": "shrunk", "shrink_strength": 12.5},
+                              "t-001", {"data": "/d", "epochs": "1", "threads": "1"}, "/w/runs")
     assert cmd[0] == sys.executable and "${" not in " ".join(cmd)
     opts, rest = {}, cmd[4:]
     while rest:  # `--flag value` pairs, and bare switches such as --metric-timestamps
@@ -77,7 +78,8 @@ def test_trial_command_substitutes_and_overrides():
         else:
             opts[rest[0]], rest = True, rest[1:]
     assert opts["--metric-timestamps"] is True
-    assert opts["--lr"] == "0.00042" and opts["--threshold"] == "0.25" and opts["--threshold-mode"] == "global"
+    assert opts["--lr"] == "0.00042" and opts["--threshold"] == "0.25" and opts["--threshold-mode"] == "shrunk"
+    assert opts["--shrink-strength"] == "12.5"
     assert opts["--data"] == "/d" and opts["--epochs"] == "1" and opts["--threads"] == "1" and opts["--out"] == "/w/runs/t-001"
 
 
@@ -140,13 +142,44 @@ def test_failed_trials_are_recorded_and_stop_the_sweep(tmp_path):
         sweep.run_sweep(path, trials=3, parallel=1, workdir=tmp_path / "w",
                         overrides={"epochs": "1", "fail_mode": "fitted", "threshold_mode": "fitted"})
     path = _fake_experiment(tmp_path, maxFailedTrialCount=5)
-    # One at a time: the seeded sampler then draws the same modes every run (2 fitted, 4 global); with two
-    # threads the draw order follows thread timing, and six global draws (1 in 64) fail the whole sweep.
+    # One at a time: the seeded sampler then draws the same policies every run (2 fitted, 3 shrunk, 1 global);
+    # with two threads the draw order follows thread timing, and six global draws could fail the whole sweep.
     best = sweep.run_sweep(path, trials=6, parallel=1, workdir=tmp_path / "w2", overrides={"epochs": "1", "fail_mode": "global"})
     rows = list(csv.DictReader(open(tmp_path / "w2" / "trials.csv")))
     failed = [r for r in rows if r["state"] == "FAILED"]
     assert best["failed"] == len(failed) and all(r["threshold_mode"] == "global" and r["returncode"] == "3" for r in failed)
-    assert best["params"]["threshold_mode"] == "fitted"
+    assert best["params"]["threshold_mode"] != "global"
+
+
+@pytest.mark.parametrize("algorithm", ["tpe", "grid"])
+def test_sweep_draws_every_policy_and_passes_the_shrink_strength(tmp_path, algorithm):
+    """The local sweep reads the four-policy space (categorical threshold_mode, uniform threshold,
+    log-uniform or grid shrink_strength) and hands each trial the values it drew."""
+    path = tmp_path / "e.yaml"
+    path.write_text(katib.render_yaml(katib.KatibConfig(algorithm=algorithm, max_trials=12, parallel_trials=1,
+                                                        shrink_strength_min=2.0, shrink_strength_max=40.0)))
+    spec = sweep.read_experiment(path)
+    assert [p["name"] for p in spec.parameters] == ["lr", "threshold_mode", "threshold", "shrink_strength"]
+    script = tmp_path / "fake_trial.py"
+    script.write_text(FAKE_TRIAL)
+    spec.command[:4] = ["python", str(script)]
+    spec.min_trials_required = None
+    import optuna
+
+    rec_sweep = sweep.Sweep(spec, tmp_path / "w", {"epochs": "1"}, trial_timeout=60)
+    study = optuna.create_study(direction="maximize", sampler=sweep.make_sampler(spec))
+    study.optimize(rec_sweep.objective, n_trials=12)
+    records = rec_sweep.records
+    assert all(r.state == "COMPLETE" for r in records) and len(records) == 12
+    assert {r.params["threshold_mode"] for r in records} <= set(katib.THRESHOLD_MODES)
+    assert len({r.params["threshold_mode"] for r in records}) >= 3
+    for r in records:
+        assert 2.0 <= r.params["shrink_strength"] <= 40.0 and 0.05 <= r.params["threshold"] <= 0.6
+        line = next(ln for ln in Path(r.log).read_text().splitlines() if ln.startswith("policy "))
+        assert line == (f"policy {r.params['threshold_mode']} threshold={sweep.format_value(r.params['threshold'])} "
+                        f"shrink_strength={sweep.format_value(r.params['shrink_strength'])}")
+    if algorithm == "grid":
+        assert {r.params["shrink_strength"] for r in records} <= {2.0, 5.42884, 14.7361, 40.0}
 
 
 @pytest.mark.slow
@@ -172,7 +205,7 @@ def test_real_sweep_of_hpa_train_on_cpu(tmp_path):
     assert len(rows) == 4 and all(r["state"] in ("COMPLETE", "PRUNED") for r in rows)
     scores = [float(r["val_macro_f1"]) for r in rows if not math.isnan(float(r["val_macro_f1"]))]
     assert best["val_macro_f1"] == max(scores) and 0.0 <= best["val_macro_f1"] <= 1.0
-    assert set(best["params"]) == {"lr", "threshold", "threshold_mode"}
+    assert set(best["params"]) == {"lr", "threshold_mode", "threshold", "shrink_strength"}
     # Each trial's stdout, parsed with Katib's default regex: val_macro_f1 and val_loss once per epoch.
     for row in rows:
         log = [ln for ln in Path(row["log"]).read_text().splitlines() if "epoch=" in ln]

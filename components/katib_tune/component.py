@@ -1,15 +1,19 @@
-"""KFP component `katib-tune`: run a Katib Experiment over lr, threshold and threshold_mode, return the best.
+"""KFP component `katib-tune`: Katib Experiments over each model's lr and the threshold policy, return the best.
 
-An optional stage (`tune` run parameter): it renders the same Experiment as `python -m hpa katib render`
-for this run's dataset and split, creates it through the Kubernetes API (the pipeline's service account
-needs create/get/delete on experiments.kubeflow.org in `namespace`), waits, and returns the best trial's values
-as outputs for the training and ensemble tasks. `katib_defaults` is its pass-through for runs without
+An optional stage (`tune` run parameter): for every model of `models` it renders the same Experiment as
+`python -m hpa katib render --arch <model>` for this run's dataset and split (lr, threshold_mode over the
+chosen policies, threshold, shrink_strength; each trial scored out-of-sample by cross-fitting its
+thresholds on the validation fold), creates them all through the Kubernetes API (the pipeline's service
+account needs create/get/delete on experiments.kubeflow.org in `namespace`), waits for all, and returns
+each model's best lr with the threshold policy of the Experiment whose best objective is highest (the
+ensemble applies one policy to every model). `katib_defaults` is its pass-through for runs without
 tuning, so that `dsl.OneOf` has a value on both branches. `python components/katib_tune/component.py`
 rewrites component.yaml.
 
 The trials' image is an input (`trial_image`), fixed when the pipeline is compiled: nothing inside the
 pod picks an image. The Experiment is owned by this task's Pod (KFP_POD_NAME/KFP_POD_UID) and deleted
-when the wait fails, times out or the task is cancelled (SIGTERM): see hpa.k8s.create_and_wait.
+when the wait fails, times out or the task is cancelled (SIGTERM); one Experiment failing deletes the
+others that have not finished: see hpa.katib.create_all_and_wait.
 """
 
 from pathlib import Path
@@ -21,21 +25,24 @@ from kfp.dsl import Artifact, Dataset, Input, Output
 import hpa.config
 
 CLI_EXAMPLE = r"""
-python -m hpa katib render --namespace team-a --image ghcr.io/me/hpa-kfp:0.1.0-cuda \
+python -m hpa katib tune --models '{"resnet18": 0.001, "se_resnet18": 0.001}' --namespace team-a \
+    --image ghcr.io/me/hpa-kfp:0.1.0-cuda --unique-name --timeout 21600 --save experiments.yaml \
     --data s3://mlpipeline/private/team-a/hpa-kfp/datasets/synthetic-600x200-64px-seed0 --split s3://mlpipeline/private/team-a/hpa-kfp/split.csv \
-    --algorithm tpe --max-trials 12 --parallel-trials 3 --out experiment.yaml
-python -m hpa katib launch --file experiment.yaml --namespace team-a --timeout 21600
+    --algorithm tpe --max-trials 12 --parallel-trials 3 --threshold-modes fitted global shrunk prior
+python -m hpa katib render --arch se_resnet18 --out experiment.yaml   # one model's Experiment, to read or to launch alone
 python -m hpa sweep experiment.yaml --trials 4 --parallel 2 --set data=./data --set split=split.csv   # the same search, locally
 """
 PIPELINE_EXAMPLE = r"""
 with dsl.If(tune == True):
     tuned = katib_tune(data_uri=data.outputs["data_uri"], split_csv=folds.outputs["split_csv"],
-                       store_uri=checked.outputs["store_uri"],
+                       store_uri=checked.outputs["store_uri"], models=models,
                        trial_image=checked.outputs["train_image"],  # the CUDA or CPU image, fixed at compile time
                        node_selector=node_selector, tolerations=tolerations)
 with dsl.Else():
-    fixed = katib_defaults(lr=lr_resnet18, threshold=threshold, threshold_mode=threshold_mode)
-lr = dsl.OneOf(tuned.outputs["lr"], fixed.outputs["lr"])
+    fixed = katib_defaults(models=models, threshold=threshold, threshold_mode=threshold_mode,
+                           shrink_strength=shrink_strength)
+tuned_models = dsl.OneOf(tuned.outputs["models"], fixed.outputs["models"])  # {arch: lr}
+threshold_mode = dsl.OneOf(tuned.outputs["threshold_mode"], fixed.outputs["threshold_mode"])  # likewise threshold, shrink_strength
 """
 
 
@@ -46,6 +53,7 @@ def katib_tune(
     store_uri: str,
     experiment: Output[Artifact],
     trial_image: str,
+    models: dict,
     shards_uri: str = "",
     namespace: str = "",
     algorithm: str = "tpe",
@@ -54,8 +62,11 @@ def katib_tune(
     max_failed_trials: int = 3,
     lr_min: float = 1e-5,
     lr_max: float = 3e-3,
+    threshold_modes: list = ["fitted", "global", "shrunk", "prior"],
     threshold_min: float = 0.05,
     threshold_max: float = 0.6,
+    shrink_strength_min: float = 1.0,
+    shrink_strength_max: float = 50.0,
     val_fold: int = 0,
     image_size: int = 64,
     color_mode: str = "rgby",
@@ -71,25 +82,30 @@ def katib_tune(
     s3_endpoint: str = "",
     timeout_s: float = 21600.0,
     poll_s: float = 30.0,
-) -> NamedTuple("Outputs", [("lr", float), ("threshold", float), ("threshold_mode", str), ("val_macro_f1", float)]):
-    """Create the Katib Experiment for this run, wait for it, return the best trial's hyperparameters.
+) -> NamedTuple("Outputs", [("models", dict), ("threshold", float), ("threshold_mode", str),
+                             ("shrink_strength", float), ("val_macro_f1", float)]):
+    """Create one Katib Experiment per model for this run, wait for all, return each model's best lr and the best threshold policy.
 
     Args:
         data_uri: URI of a committed dataset (the download task's data_uri); the trials read it from the store.
         split_csv: Fold assignment from the split task; copied into the store so that trial pods can read it.
-        store_uri: Store prefix; the split copy and every trial's outputs go under <store_uri>/katib/<experiment>/.
-        experiment: The Experiment YAML that was created; its metadata holds the best trial.
+        store_uri: Store prefix; the split copy and every trial's outputs go under <store_uri>/katib/<name>/.
+        experiment: The Experiments that were created (one YAML document per model); its metadata holds each model's best trial.
         trial_image: Image of the trial pods, fixed when the pipeline is compiled (the CUDA image when trials get GPUs, else the CPU image); required, an empty value is refused.
+        models: The models to tune, create_model name -> learning rate, e.g. {"resnet18": 0.001, "se_resnet18": 0.001}; one Experiment per model searches [lr_min, lr_max] (the given rates are not used here).
         shards_uri: Packed shards of the dataset (the pack task's shards_uri); when set, the trials train from them.
-        namespace: Kubernetes namespace of the Experiment; empty = the namespace this task runs in (Katib must be installed; the namespace needs the label katib.kubeflow.org/metrics-collector-injection=enabled).
+        namespace: Kubernetes namespace of the Experiments; empty = the namespace this task runs in (Katib must be installed; the namespace needs the label katib.kubeflow.org/metrics-collector-injection=enabled).
         algorithm: tpe, random, grid, bayesianoptimization, cmaes or sobol.
-        max_trials: maxTrialCount.
-        parallel_trials: parallelTrialCount.
-        max_failed_trials: maxFailedTrialCount.
+        max_trials: maxTrialCount of each model's Experiment (the run costs up to this many trials per model).
+        parallel_trials: parallelTrialCount of each model's Experiment (all models' Experiments run at once).
+        max_failed_trials: maxFailedTrialCount of each model's Experiment.
         lr_min: Lower bound of the log-uniform learning-rate range (> 0).
-        lr_max: Upper bound of the learning-rate range.
-        threshold_min: Lower bound of the global threshold range, in (0, 1).
-        threshold_max: Upper bound of the global threshold range, in (0, 1).
+        lr_max: Upper bound of the learning-rate range (< 1).
+        threshold_modes: Threshold policies searched (categorical), one or more of fitted, global, shrunk, prior; every trial scores its policy out-of-sample (thresholds cross-fitted on the validation fold).
+        threshold_min: Lower bound of the uniform threshold range, in (0, 1): the global cut of global, the target shrunk pulls rare classes toward; searched only when global or shrunk is among threshold_modes.
+        threshold_max: Upper bound of the threshold range, in (0, 1).
+        shrink_strength_min: Lower bound of the log-uniform shrink_strength range (k of shrunk: a class keeps n_pos/(n_pos+k) of its fitted cut), > 0; searched only when shrunk is among threshold_modes.
+        shrink_strength_max: Upper bound of the shrink_strength range.
         val_fold: Fold held out for validation in every trial.
         image_size: Training size in pixels (multiple of 32).
         color_mode: rgby or rgb.
@@ -103,14 +119,15 @@ def katib_tune(
         node_selector: Node labels for the trial pods, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = anywhere.
         tolerations: Tolerations for the trial pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]; [] = none.
         s3_endpoint: S3 endpoint host:port for this task and the trial pods; empty = hpa.config.S3_DEFAULT_ENDPOINT (KFP's SeaweedFS).
-        timeout_s: Seconds to wait for the Experiment before failing.
+        timeout_s: Seconds to wait for the Experiments before failing.
         poll_s: Seconds between status reads.
 
     Returns:
-        lr: Best trial's learning rate.
-        threshold: Best trial's global threshold.
-        threshold_mode: Best trial's threshold mode (fitted or global).
-        val_macro_f1: Best trial's objective (max over its epochs).
+        models: Each model's best learning rate, create_model name -> lr (the same models as the input).
+        threshold: The best policy's global threshold (the cut of global, the target of shrunk; the pipeline default when no searched policy reads it).
+        threshold_mode: The threshold policy of the Experiment with the highest best objective: fitted, global, shrunk or prior.
+        shrink_strength: The best policy's shrink strength k (used by shrunk; the default when shrunk was not searched).
+        val_macro_f1: The highest best objective over the models' Experiments (out-of-sample macro F1, max over its epochs).
     """
     import os
     import uuid
@@ -125,41 +142,50 @@ def katib_tune(
         raise ConfigError(f"katib-tune trial_image={trial_image!r}: expected the trial image fixed at compile time "
                           "(pipeline.py passes the CUDA image when gpus > 0, else the CPU image)")
     namespace = namespace or k8s.current_namespace()
-    name = f"hpa-tune-{uuid.uuid4().hex[:8]}"
-    prefix = f"{config.expand_store_uri(store_uri, namespace).rstrip('/')}/katib/{name}"
+    name = f"hpa-tune-{uuid.uuid4().hex[:8]}"  # each model's Experiment: <name>-<model>
+    prefix = f"{config.expand_store_uri(store_uri, namespace).rstrip('/')}/katib/{name}"  # trials write <prefix>/<trial>
     split_uri = f"{prefix}/split.csv"
-    store.publish(split_csv.path, split_uri)
     cfg = katib.KatibConfig(
-        name=name, namespace=namespace, data=shards_uri or data_uri, split=split_uri, out_prefix=prefix, fold=val_fold,
-        size=image_size, color_mode=color_mode, epochs=epochs, batch_size=batch_size, loss=loss, seed=seed, weights=weights,
-        algorithm=algorithm, max_trials=max_trials, parallel_trials=parallel_trials, max_failed_trials=max_failed_trials,
-        lr_min=lr_min, lr_max=lr_max, threshold_min=threshold_min, threshold_max=threshold_max, gpus=gpus,
+        name=name, namespace=namespace, data=shards_uri or data_uri, split=split_uri, out_prefix=prefix, fold=val_fold, size=image_size, color_mode=color_mode, epochs=epochs,
+        batch_size=batch_size, loss=loss, seed=seed, weights=weights, algorithm=algorithm, max_trials=max_trials,
+        parallel_trials=parallel_trials, max_failed_trials=max_failed_trials, lr_min=lr_min, lr_max=lr_max,
+        threshold_modes=tuple(threshold_modes), threshold_min=threshold_min, threshold_max=threshold_max,
+        shrink_strength_min=shrink_strength_min, shrink_strength_max=shrink_strength_max, gpus=gpus,
         accelerator_type=accelerator_type, image=trial_image, node_selector=node_selector, tolerations=tolerations,
         s3_endpoint=s3_endpoint or config.S3_DEFAULT_ENDPOINT,
     )
-    exp = katib.render_experiment(cfg)
-    with open(experiment.path, "w") as f:
-        f.write(k8s.dump_yaml(exp))
-    best = katib.launch(exp, namespace=namespace, timeout=timeout_s, poll=poll_s)
-    experiment.metadata.update({"name": name, "namespace": namespace, **best})
-    return namedtuple("Outputs", ["lr", "threshold", "threshold_mode", "val_macro_f1"])(
-        best["lr"], best["threshold"], best["threshold_mode"], best["val_macro_f1"])
+    katib.model_experiments(cfg, models)  # a bad search space or model list fails before the store is touched
+    store.publish(split_csv.path, split_uri)
+    result = katib.tune_models(cfg, models, timeout=timeout_s, poll=poll_s, save_to=experiment.path)
+    experiment.metadata.update({"namespace": namespace, **result})
+    return namedtuple("Outputs", ["models", "threshold", "threshold_mode", "shrink_strength", "val_macro_f1"])(
+        result["models"], result["threshold"], result["threshold_mode"], result["shrink_strength"], result["val_macro_f1"])
 
 
 @dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
 def katib_defaults(
-    lr: float, threshold: float, threshold_mode: str,
-) -> NamedTuple("Outputs", [("lr", float), ("threshold", float), ("threshold_mode", str), ("val_macro_f1", float)]):
+    models: dict, threshold: float, threshold_mode: str, shrink_strength: float,
+) -> NamedTuple("Outputs", [("models", dict), ("threshold", float), ("threshold_mode", str),
+                            ("shrink_strength", float), ("val_macro_f1", float)]):
     """The run parameters unchanged, in katib_tune's output shape (the branch without tuning).
 
     Args:
-        lr: Learning rate run parameter.
+        models: Models run parameter, create_model name -> learning rate.
         threshold: Threshold run parameter.
         threshold_mode: Threshold mode run parameter.
+        shrink_strength: Shrink strength run parameter.
+
+    Returns:
+        models: The models run parameter, unchanged.
+        threshold: The threshold run parameter, unchanged.
+        threshold_mode: The threshold_mode run parameter, unchanged.
+        shrink_strength: The shrink_strength run parameter, unchanged.
+        val_macro_f1: -1.0 (nothing was tuned).
     """
     from collections import namedtuple
 
-    return namedtuple("Outputs", ["lr", "threshold", "threshold_mode", "val_macro_f1"])(lr, threshold, threshold_mode, -1.0)
+    return namedtuple("Outputs", ["models", "threshold", "threshold_mode", "shrink_strength", "val_macro_f1"])(
+        models, threshold, threshold_mode, shrink_strength, -1.0)
 
 
 if __name__ == "__main__":
