@@ -7,8 +7,9 @@
     python pipeline.py graph            # docs/pipeline.png + a mermaid block, from the compiled YAML
 
 Graph: check-params -> download -> (montage, only when plot_samples), split, pack (shards at image_size)
-       -> (katib-tune, when tune) -> train-resnet18 || train-se-resnet -> compare-plots, ensemble -> submit.
-The multi-node pipeline trains each model as a DDP TrainJob (train-distributed) instead.
+       -> (katib-tune, when tune) -> ParallelFor over models x train_folds: train
+       -> compare-plots, ensemble (dsl.Collected) -> submit.
+The multi-node pipeline trains each (model, fold) as a DDP TrainJob (train-distributed) instead.
 
 `run --local` runs the same pipeline for real with kfp.local (SubprocessRunner, no containers), resolving
 inputs as the KFP backend driver does (cluster/backend_rules.py strict_local), through an embedded
@@ -48,9 +49,8 @@ from components.montage.component import montage  # noqa: E402
 from components.pack.component import pack  # noqa: E402
 from components.split.component import split  # noqa: E402
 from components.submit.component import submit  # noqa: E402
-from components.train_resnet18.component import train_resnet18  # noqa: E402
+from components.train.component import train  # noqa: E402
 from components.train_distributed.component import train_distributed  # noqa: E402
-from components.train_se_resnet.component import train_se_resnet  # noqa: E402
 from hpa.config import (  # noqa: E402
     KAGGLE_SECRET_KEYS, KAGGLE_SECRET_NAME, S3_DEFAULT_ENDPOINT, S3_SECRET_KEYS, S3_SECRET_NAME, PipelineConfig,
     cuda_image, image,
@@ -124,9 +124,10 @@ def make_pipeline(multi_node: bool):
 
     @dsl.pipeline(
         name=MULTINODE_NAME if multi_node else PIPELINE_NAME,
-        description="Human Protein Atlas multi-label classification: download, split, train resnet18 and "
-        "SE-ResNet" + (" as multi-node DDP TrainJobs (Kubeflow Trainer)" if multi_node else "") +
-        ", compare, ensemble with fitted thresholds, Kaggle submission.",
+        description="Human Protein Atlas multi-label classification: download, split, train every model of the "
+        "models run parameter on train_folds folds" + (" as multi-node DDP TrainJobs (Kubeflow Trainer)" if multi_node
+                                                       else "") +
+        ", compare, ensemble the out-of-fold predictions with robust thresholds, Kaggle submission.",
     )
     def hpa_pipeline(
         data_source: str = DEFAULTS.data_source,
@@ -140,12 +141,13 @@ def make_pipeline(multi_node: bool):
         val_fold: int = DEFAULTS.val_fold,
         epochs: int = DEFAULTS.epochs,
         batch_size: int = DEFAULTS.batch_size,
-        lr_resnet18: float = DEFAULTS.lr_resnet18,
-        lr_se_resnet: float = DEFAULTS.lr_se_resnet,
+        models: dict = DEFAULTS.models,
+        train_folds: int = DEFAULTS.train_folds,
         loss: str = DEFAULTS.loss,
         tta: int = DEFAULTS.tta,
         threshold_mode: str = DEFAULTS.threshold_mode,
         threshold: float = DEFAULTS.threshold,
+        shrink_strength: float = DEFAULTS.shrink_strength,
         ensemble_method: str = DEFAULTS.ensemble_method,
         gpus: int = DEFAULTS.gpus,
         accelerator_type: str = DEFAULTS.accelerator_type,
@@ -170,20 +172,21 @@ def make_pipeline(multi_node: bool):
             image_size: Image side in pixels for training and inference; a positive multiple of 32 (512 = full resolution).
             color_mode: rgby (4 channels, red/green/blue/yellow) or rgb (3 channels: G, (R+Y)/2, (B+Y)/2).
             folds: Number of iterative-stratified folds (>= 2).
-            val_fold: The fold held out for validation and threshold fitting (0 <= val_fold < folds).
+            val_fold: The first fold held out for validation (0 <= val_fold < folds); with train_folds = k, folds val_fold .. val_fold + k - 1 (mod folds) are each held out once.
             epochs: Training epochs per model (>= 1).
             batch_size: Batch size per training task (>= 2).
-            lr_resnet18: Peak learning rate of the resnet18 model, in (0, 1).
-            lr_se_resnet: Peak learning rate of the SE-ResNet-18 model, in (0, 1).
+            models: The models to train as JSON, model name -> peak learning rate in (0, 1); any hpa.models create_model name, e.g. {"resnet18": 0.001, "se_resnet18": 0.001, "densenet121": 0.0003}.
+            train_folds: Folds trained per model (1 = one model per entry of models, the laptop default; 5 = a full 5-fold cross-validation). Their out-of-fold predictions are what the thresholds are fitted on; test predictions are averaged over the folds, then over the models.
             loss: Training loss: bce or focal.
             tta: Dihedral test-time augmentations at prediction: 1, 2, 4 or 8.
-            threshold_mode: fitted = per-class thresholds that maximise validation F1; global = the threshold value for every class; shrunk = fitted thresholds pulled toward the global one by the evidence (n_pos / (n_pos + 10)), so rare classes do not get degenerate cuts; prior = each class predicted as often as in the training labels.
+            threshold_mode: fitted = per-class thresholds that maximise validation F1; global = the threshold value for every class; shrunk = fitted thresholds pulled toward the global one by the evidence (n_pos / (n_pos + shrink_strength)), so rare classes do not get degenerate cuts; prior = each class predicted as often as in the training labels. Every reported validation score is out-of-sample (each fold, or each of 5 parts of a single fold, scored with thresholds fitted on the others).
             threshold: Global decision threshold in (0, 1), used when threshold_mode is global (and the target of shrunk).
-            ensemble_method: How the two models are combined: mean, weighted (by val macro F1) or rank.
+            shrink_strength: k of shrunk (>= 0): a class with k validation positives keeps half of its fitted threshold.
+            ensemble_method: How the models are combined (after averaging each model's folds): mean, weighted (by out-of-sample val macro F1) or rank.
             gpus: GPUs per training pod (0 = CPU only: no accelerator limit and the CPU image; > 0: the CUDA image).
             accelerator_type: Kubernetes resource name of the accelerator, e.g. nvidia.com/gpu or amd.com/gpu.
             num_nodes: Training nodes per model. The single-pod pipeline (hpa-pipeline) takes 1 only; the multi-node pipeline (hpa-pipeline-multinode) trains each model as a DDP TrainJob (Kubeflow Trainer, torch-distributed runtime) on num_nodes pods with `gpus` GPUs each.
-            tune: Run a Katib Experiment first (needs Katib in the cluster); resnet18 then trains with its best lr, and both models and the ensemble use its best threshold and threshold_mode.
+            tune: Run Katib first (needs Katib in the cluster): one Experiment per model tunes its learning rate and the threshold policy (threshold_mode, threshold, shrink_strength), each trial scored out-of-sample; training and the ensemble then use the best values.
             node_selector: Node labels for the training pods as JSON, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = anywhere.
             tolerations: Tolerations for the training pods as a JSON list, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]; [] = none.
             kaggle_submit: Upload submission.csv to Kaggle (needs the kaggle-credentials secret).
@@ -194,8 +197,9 @@ def make_pipeline(multi_node: bool):
         checked = check_params(
             data_source=data_source, store_uri=store_uri, n_train=n_train, n_test=n_test, image_size=image_size,
             color_mode=color_mode, folds=folds, val_fold=val_fold, epochs=epochs, batch_size=batch_size,
-            lr_resnet18=lr_resnet18, lr_se_resnet=lr_se_resnet, loss=loss, tta=tta, threshold_mode=threshold_mode,
-            threshold=threshold, ensemble_method=ensemble_method, gpus=gpus, accelerator_type=accelerator_type,
+            models=models, train_folds=train_folds, loss=loss, tta=tta, threshold_mode=threshold_mode,
+            threshold=threshold, shrink_strength=shrink_strength, ensemble_method=ensemble_method, gpus=gpus,
+            accelerator_type=accelerator_type,
             seed=seed, num_nodes=num_nodes, weights=weights, multi_node=multi_node, cpu_image=image(),
             cuda_image=cuda_image(),
         )
@@ -223,47 +227,55 @@ def make_pipeline(multi_node: bool):
 
         common = dict(
             data_uri=data_uri, shards_uri=shards.outputs["shards_uri"], split_csv=folds_task.outputs["split_csv"],
-            val_fold=val_fold, image_size=image_size,
-            color_mode=color_mode, epochs=epochs, batch_size=batch_size, loss=loss, threshold_mode=threshold_mode,
-            threshold=threshold, tta=tta, seed=seed, s3_endpoint=s3_endpoint, weights=weights,
+            image_size=image_size, color_mode=color_mode, epochs=epochs, batch_size=batch_size, loss=loss,
+            threshold_mode=threshold_mode, threshold=threshold, shrink_strength=shrink_strength, tta=tta, seed=seed,
+            s3_endpoint=s3_endpoint, weights=weights,
         )
-        # Optional Katib tuning: its best lr / threshold / mode, or the run parameters unchanged
+        # Optional Katib tuning: its best lr per model and threshold policy, or the run parameters unchanged
         # (katib_defaults). Parameter dsl.OneOf resolves on the backend since before 2.16 (2.16.0
         # backend/src/v2/driver/resolve.go GetProducerTask, ValueFromOneof: the first successful branch).
         with dsl.If(tune == True, name="katib-tune"):  # noqa: E712 - a pipeline condition, not Python
-            tuned = katib_tune(store_uri=store, gpus=gpus, accelerator_type=accelerator_type,
-                               trial_image=checked.outputs["train_image"], node_selector=node_selector,
-                               tolerations=tolerations,
+            tuned = katib_tune(store_uri=store, models=models, val_fold=val_fold, gpus=gpus,
+                               accelerator_type=accelerator_type, trial_image=checked.outputs["train_image"],
+                               node_selector=node_selector, tolerations=tolerations,
                                **{k: v for k, v in common.items() if k in katib_tune.component_spec.inputs})
             _with_s3(_with_requests(tuned, LIGHT)).set_caching_options(False)
         with dsl.Else(name="fixed-hparams"):
-            fixed = katib_defaults(lr=lr_resnet18, threshold=threshold, threshold_mode=threshold_mode)
+            fixed = katib_defaults(models=models, threshold=threshold, threshold_mode=threshold_mode,
+                                   shrink_strength=shrink_strength)
             _with_requests(fixed, LIGHT).set_caching_options(True)
-        hp = {k: dsl.OneOf(tuned.outputs[k], fixed.outputs[k]) for k in ("lr", "threshold", "threshold_mode")}
-        common.update(threshold_mode=hp["threshold_mode"], threshold=hp["threshold"])
+        hp = {k: dsl.OneOf(tuned.outputs[k], fixed.outputs[k])
+              for k in ("models", "threshold", "threshold_mode", "shrink_strength")}
+        common.update(threshold_mode=hp["threshold_mode"], threshold=hp["threshold"],
+                      shrink_strength=hp["shrink_strength"])
 
-        if multi_node:
-            ddp_args = dict(store_uri=store, num_nodes=num_nodes, gpus_per_node=gpus, accelerator_type=accelerator_type,
-                            image=checked.outputs["train_image"], node_selector=node_selector, tolerations=tolerations,
-                            **{k: v for k, v in common.items() if k in train_distributed.component_spec.inputs})
-            model_a = train_distributed(arch="resnet18", lr=hp["lr"], **ddp_args)
-            model_b = train_distributed(arch="se_resnet18", lr=lr_se_resnet, **ddp_args)
-            for task in (model_a, model_b):  # this task only launches and waits; the TrainJob's pods get the GPUs
-                _with_s3(_with_requests(task, LIGHT)).set_caching_options(True)
-        else:
-            model_a = train_resnet18(lr=hp["lr"], **common)
-            model_b = train_se_resnet(lr=lr_se_resnet, **common)
-            for task in (model_a, model_b):
-                _as_training(task, checked, accelerator_type, node_selector, tolerations)
+        # One training task per (model, fold) of check-params' plan. The loop's items come from a task output,
+        # which the loop DAG receives as its own input (R7: the driver resolves the iterator from the DAG's
+        # inputs, backend/src/v2/driver/dag.go); dsl.Collected fans the results in (resolve.go CollectInputs,
+        # in every backend from 2.5.0 on: kubeflow/pipelines#11725).
+        with dsl.ParallelFor(checked.outputs["train_plan"], name="models-x-folds") as item:
+            if multi_node:
+                trained = train_distributed(
+                    arch=item.arch, fold=item.fold, models=hp["models"], store_uri=store, num_nodes=num_nodes,
+                    gpus_per_node=gpus, accelerator_type=accelerator_type, image=checked.outputs["train_image"],
+                    node_selector=node_selector, tolerations=tolerations,
+                    **{k: v for k, v in common.items() if k in train_distributed.component_spec.inputs})
+                # this task only launches and waits; the TrainJob's pods get the GPUs
+                _with_s3(_with_requests(trained, LIGHT)).set_caching_options(True)
+                trained.set_display_name("train-distributed (model x fold)")
+            else:
+                trained = train(arch=item.arch, fold=item.fold, models=hp["models"], **common)
+                _as_training(trained, checked, accelerator_type, node_selector, tolerations)
+                trained.set_display_name("train (model x fold)")
 
-        compare = compare_plots(run_a=model_a.outputs["run"], run_b=model_b.outputs["run"],
-                                name_a="resnet18", name_b="se_resnet")
+        compare = compare_plots(runs=dsl.Collected(trained.outputs["run"]))
         _with_requests(compare, LIGHT).set_caching_options(True)
 
         combined = ensemble(
-            val_a=model_a.outputs["val_predictions"], val_b=model_b.outputs["val_predictions"],
-            test_a=model_a.outputs["test_predictions"], test_b=model_b.outputs["test_predictions"],
+            val_predictions=dsl.Collected(trained.outputs["val_predictions"]),
+            test_predictions=dsl.Collected(trained.outputs["test_predictions"]),
             method=ensemble_method, threshold_mode=hp["threshold_mode"], threshold=hp["threshold"],
+            shrink_strength=hp["shrink_strength"],
             prior_labels=folds_task.outputs["split_csv"],  # the training folds' label frequencies, for prior
         )
         _with_requests(combined, LIGHT).set_caching_options(True)
@@ -370,8 +382,8 @@ def condition_text(condition: str) -> str:
 
 def pipeline_graph(compiled: Path = COMPILED) -> tuple[dict, dict]:
     """(task -> upstream tasks, task -> notes) from a compiled pipeline. Condition groups (dsl.If/Else,
-    nested) are expanded to the tasks inside them; a task's notes are its condition ("if ...") and
-    whether it requests the accelerator."""
+    nested) and ParallelFor loops are expanded to the tasks inside them; a task's notes are its condition
+    ("if ..."), its loop ("for each of models x folds") and whether it requests the accelerator."""
     spec = next(yaml.safe_load_all(Path(compiled).read_text()))
     deps, notes = {}, {}
 
@@ -381,24 +393,25 @@ def pipeline_graph(compiled: Path = COMPILED) -> tuple[dict, dict]:
             return [name]
         return [leaf for n, t in component["dag"]["tasks"].items() for leaf in leaves(n, t)]
 
-    def walk(tasks: dict, outer: list[str], condition: str | None) -> None:
+    def walk(tasks: dict, outer: list[str], condition: str | None, loop: str | None) -> None:
         for name, task in tasks.items():
             upstream = outer + [leaf for u in task.get("dependentTasks", []) for leaf in leaves(u, tasks[u])]
             trigger = task.get("triggerPolicy", {}).get("condition")
             where = condition_text(trigger) if trigger else condition
             component = spec["components"][task["componentRef"]["name"]]
             if "dag" in component:
-                walk(component["dag"]["tasks"], upstream, where)
+                each = task["taskInfo"]["name"].replace("-x-", " x ") if "parameterIterator" in task else loop
+                walk(component["dag"]["tasks"], upstream, where, each)
                 continue
             deps[name] = upstream
             executor = spec["deploymentSpec"]["executors"][task["componentRef"]["name"].replace("comp-", "exec-", 1)]
-            task_notes = [f"if {where}"] if where else []
+            task_notes = ([f"if {where}"] if where else []) + ([f"for each of {loop}"] if loop else [])
             if "accelerator" in executor["container"].get("resources", {}):
                 task_notes.append(GPU_NOTE)
             if task_notes:
                 notes[name] = task_notes
 
-    walk(spec["root"]["dag"]["tasks"], [], None)
+    walk(spec["root"]["dag"]["tasks"], [], None, None)
     return deps, notes
 
 
@@ -456,7 +469,7 @@ def render_graph(png: Path, compiled: Path = COMPILED) -> Path:
     boxes = {}
     for name, (x, y) in pos.items():
         task_notes = notes.get(name, [])
-        color = "#d5e8f7" if GPU_NOTE in task_notes else "#fde7c8" if task_notes else "#e6f2e1"
+        color = "#d5e8f7" if GPU_NOTE in task_notes else "#fde7c8" if is_conditional(task_notes) else "#e6f2e1"
         boxes[name] = ax.text(x, y, "\n".join([name, *task_notes]), ha="center", va="center", fontsize=10,
                               bbox=dict(boxstyle="round,pad=0.5", fc=color, ec="#333", lw=1.0,
                                         linestyle="--" if is_conditional(task_notes) else "-"))
@@ -590,6 +603,26 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
     return result
 
 
+def score_lines(scores: dict, models) -> list[str]:
+    """What a local run scored: the ensemble's out-of-sample val macro F1 (with the in-sample figure and each
+    model's), and on a labelled test set the submission's test macro F1 beside the all-classes baseline and the
+    best single model, and the predicted labels per image beside the true ones."""
+    val, test = scores["ensemble_val"], scores["submission"]
+    members = [m for m in models if f"{m}_val_macro_f1" in val]
+    lines = [f"val macro F1:  {val['val_macro_f1']:.4f} ensemble, out-of-sample ({val['val_macro_f1_in_sample']:.4f} "
+             f"in-sample); single models: " + ", ".join(f"{m} {val[m + '_val_macro_f1']:.4f}" for m in members)]
+    if "test_macro_f1" in test:
+        lines.append(f"test macro F1: {test['test_macro_f1']:.4f} submission; predicting all 28 classes: "
+                     f"{test['test_macro_f1_all_classes']:.4f}; single models: "
+                     + ", ".join(f"{m} {val[m + '_test_macro_f1']:.4f}" for m in members if m + "_test_macro_f1" in val))
+        lines.append(f"labels/image:  {test['labels_per_image']:.2f} predicted, {test['true_labels_per_image']:.2f} "
+                     "true (test)")
+    else:
+        lines.append(f"labels/image:  {test['labels_per_image']:.2f} predicted (test), "
+                     f"{val['val_true_labels_per_image']:.2f} true on val")
+    return lines
+
+
 def _keep(src: str, dest: Path) -> str:
     shutil.copyfile(src, dest)
     return str(dest)
@@ -653,10 +686,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report:        {result['report']}")
             print(f"plots:         {result['plots']}")
             print(f"metrics:       {result['metrics']}")
-            scores = json.loads(Path(result["metrics"]).read_text())
-            print(f"val macro F1 (ensemble): {scores['ensemble_val'].get('val_macro_f1', float('nan')):.4f}"
-                  + (f", test macro F1 (submission): {scores['submission']['test_macro_f1']:.4f}"
-                     if "test_macro_f1" in scores["submission"] else ""))
+            for line in score_lines(json.loads(Path(result["metrics"]).read_text()),
+                                    overrides.get("models", DEFAULTS.models)):
+                print(line)
             print(f"all artifacts: {result['pipeline_root']}")
             print(f"store:         {result['store_uri']}")
             print(f"elapsed:       {result['elapsed_s']:.1f} s")

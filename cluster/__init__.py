@@ -9,7 +9,7 @@
     min_backend_version("compiled/hpa_pipeline.yaml")                    # -> "2.15.0"
     with strict_local() as run:                                          # kfp.local, resolved like the driver
         my_pipeline(...)
-    run.pod("train-resnet18").limits                                     # what the driver would request
+    run.pod("check-params").limits                                       # what the driver would request
 
 Importing the package is cheap (backend_rules imports kfp only when a check or strict_local needs it).
 Unlike `hpa/`, modules here may import kfp.

@@ -1013,6 +1013,52 @@ def _strict_build_nested_dag_arguments(task_name, task_spec, component_spec, io_
     return args
 
 
+def _strict_loop_iteration_task_spec(original_task_spec, loop_item, loop_task_name):
+    """One iteration of a parameter ParallelFor as the backend runs it (dag.go: each iteration DAG gets the item
+    under the iterator's item_input and every other input of the loop task as that task resolved it).
+    kfp.local 2.17's task_spec_utils.create_parameter_loop_iteration_task_spec replaces every input of the
+    loop task that is another task's output with the loop item, so a loop body reading check-params' GPU
+    limit or the download's data_uri would get the item instead."""
+    from kfp.compiler import pipeline_spec_builder
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    spec = pipeline_spec_pb2.PipelineTaskSpec()
+    spec.CopyFrom(original_task_spec)
+    item_input = original_task_spec.parameter_iterator.item_input
+    spec.inputs.parameters[item_input].runtime_value.constant.CopyFrom(pipeline_spec_builder.to_protobuf_value(loop_item))
+    spec.ClearField("parameter_iterator")
+    spec.ClearField("artifact_iterator")
+    return spec
+
+
+def _wrap_run_parallel_for_task(original):
+    """The loop's items as the DAG driver resolves them: from the loop task's own inputs (dag.go: the iterator's
+    items are read from the DAG execution's resolved inputs, "cannot find input parameter"), which resolve like
+    any task's inputs (a sibling task's output, or an input of the parent DAG). kfp.local 2.17 looks the items
+    up only among the enclosing DAG's inputs or as a task output named "Output", so a ParallelFor over any
+    other output of a task (check-params' train_plan) fails there although the backend runs it. The resolved
+    value is offered under the item input's name while the loop starts, and removed afterwards."""
+    def run_parallel_for_task(**kwargs):
+        spec, io_store, task_name = kwargs["task_spec"], kwargs["io_store"], kwargs["task_name"]
+        items = spec.parameter_iterator.items
+        if spec.WhichOneof("iterator") != "parameter_iterator" or not items.HasField("input_parameter"):
+            return original(**kwargs)
+        name = items.input_parameter
+        args = _strict_task_arguments(task_name, spec, io_store)
+        if name not in args:
+            raise BackendResolutionError(task_name, name, f"ParallelFor items: cannot find input parameter {name!r} "
+                                         "among the loop task's inputs", RULES["R7"].citation)
+        present = name in io_store._parent_input_data
+        io_store._parent_input_data.setdefault(name, args[name])
+        try:
+            return original(**kwargs)
+        finally:
+            if not present:
+                io_store._parent_input_data.pop(name, None)
+
+    return run_parallel_for_task
+
+
 def _wrap_run_enhanced_dag(original, components_name):
     def run_enhanced_dag(*args, **kwargs):
         dag_component_spec = kwargs.get("dag_component_spec", args[1] if len(args) > 1 else None)
@@ -1044,7 +1090,9 @@ def _install() -> None:
     needed = [(local_io.IOStore, "get_parent_input"), (local_io.IOStore(), "_parent_input_data"),
               (task_executor, "execute_single_task"), (task_spec_utils, "build_nested_dag_arguments"),
               (enhanced_dag_orchestrator, "run_enhanced_dag"), (enhanced_dag_orchestrator.ConditionEvaluator,
-                                                                "evaluate_condition")]
+                                                                "evaluate_condition"),
+              (enhanced_dag_orchestrator, "_run_parallel_for_task"),
+              (task_spec_utils, "create_parameter_loop_iteration_task_spec")]
     lacking = [f"{getattr(owner, '__name__', owner)}.{attr}" for owner, attr in needed if not hasattr(owner, attr)]
     if lacking:
         import kfp
@@ -1053,6 +1101,7 @@ def _install() -> None:
     originals = {
         "execute_single_task": task_executor.execute_single_task,
         "run_enhanced_dag": enhanced_dag_orchestrator.run_enhanced_dag,
+        "_run_parallel_for_task": enhanced_dag_orchestrator._run_parallel_for_task,
     }
     patches = [
         (local_io.IOStore, "get_parent_input", _strict_get_parent_input),
@@ -1062,6 +1111,9 @@ def _install() -> None:
          _wrap_run_enhanced_dag(originals["run_enhanced_dag"], _component_name)),
         (enhanced_dag_orchestrator.ConditionEvaluator, "evaluate_condition",
          staticmethod(_strict_evaluate_condition)),
+        (enhanced_dag_orchestrator, "_run_parallel_for_task",
+         _wrap_run_parallel_for_task(originals["_run_parallel_for_task"])),
+        (task_spec_utils, "create_parameter_loop_iteration_task_spec", _strict_loop_iteration_task_spec),
     ]
     for owner, attr, replacement in patches:
         raw = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
@@ -1105,6 +1157,13 @@ def strict_local() -> Iterator[StrictRun]:
       evaluated over the condition task's own resolved inputs (dag.go: expr.Condition(executorInput, ...));
       a reference that is not a task input, an evaluation error or a non-bool result raises instead of
       kfp.local's silent skip of the branch (R7).
+    - `kfp.local.orchestrator.enhanced_dag_orchestrator._run_parallel_for_task`: a ParallelFor's items are the
+      loop task's own resolved input (dag.go), so a loop over any output of a task runs, as on the backend
+      (kfp.local alone finds only a task output named "Output" or an input of the enclosing DAG); an items
+      input the loop task does not have fails (R7).
+    - `kfp.local.orchestrator.task_spec_utils.create_parameter_loop_iteration_task_spec`: an iteration gets the
+      item under the iterator's item input and keeps every other input of the loop task (kfp.local alone
+      replaces each input that is another task's output with the item).
     - `kfp.local.orchestrator.enhanced_dag_orchestrator.run_enhanced_dag`: wrapped only to know which DAG is
       running (for the condition above and for messages); behaviour unchanged.
 

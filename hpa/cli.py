@@ -21,7 +21,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("hpa.train:main", "train one model on one fold (AMP, resume, DDP under torchrun)"),
     "predict": ("hpa.predict:main", "batched inference with dihedral TTA -> ids + probabilities (.npz)"),
     "compare": ("hpa.plots:main", "comparison plots and an HTML/Markdown report for several runs"),
-    "ensemble": ("hpa.evaluate:ensemble_main", "combine model predictions, fit thresholds, report val macro F1"),
+    "ensemble": ("hpa.ensemble:main", "combine models and folds, fit thresholds, report out-of-sample val macro F1"),
     "submit": ("hpa.submit:main", "write and validate a Kaggle submission, optionally score and upload it"),
     "katib": ("hpa.katib:main", "render, validate or launch the Katib Experiment"),
     "sweep": ("hpa.sweep:main", "run a Katib Experiment's search space locally with Optuna"),

@@ -51,6 +51,8 @@ def expand_store_uri(uri: str, namespace: str) -> str:
     if "{" in expanded or "}" in expanded:
         raise ConfigError(f"store_uri {uri!r}: the only placeholder allowed is {NAMESPACE_FIELD}")
     return expanded
+DEFAULT_MODELS = {"resnet18": 1e-3, "se_resnet18": 1e-3}
+
 KAGGLE_SECRET_NAME = "kaggle-credentials"
 KAGGLE_SECRET_KEYS = {"username": "KAGGLE_USERNAME", "key": "KAGGLE_KEY"}
 
@@ -69,12 +71,14 @@ class PipelineConfig:
     val_fold: int = 0
     epochs: int = 2
     batch_size: int = 32
-    lr_resnet18: float = 1e-3
-    lr_se_resnet: float = 1e-3
+    # The models to train, create_model name -> peak learning rate; each trains on `train_folds` folds.
+    models: dict = field(default_factory=lambda: dict(DEFAULT_MODELS))
+    train_folds: int = 1
     loss: str = "bce"
     tta: int = 2
     threshold_mode: str = "fitted"
     threshold: float = 0.3
+    shrink_strength: float = 10.0
     ensemble_method: str = "mean"
     gpus: int = 0
     accelerator_type: str = "nvidia.com/gpu"
@@ -108,13 +112,21 @@ class PipelineConfig:
         need(0 <= self.val_fold < self.folds, "val_fold", f"0 <= val_fold < folds ({self.folds})")
         need(self.epochs >= 1, "epochs", "an integer >= 1")
         need(self.batch_size >= 2, "batch_size", "an integer >= 2 (BatchNorm needs 2 samples)")
-        for name in ("lr_resnet18", "lr_se_resnet"):
-            value = getattr(self, name)
-            need(value > 0 and value < 1 and value == value, name, "a learning rate in (0, 1)")
+        from hpa.models import MODEL_NAMES
+
+        need(isinstance(self.models, dict) and bool(self.models), "models",
+             'a non-empty JSON object of model name -> learning rate, e.g. {"resnet18": 0.001}')
+        for arch, lr in self.models.items():
+            need(arch in MODEL_NAMES, "models", f"model names from {', '.join(MODEL_NAMES)} ({arch!r} is not one)")
+            need(isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < 1, "models",
+                 f"a learning rate in (0, 1) for each model ({arch}: {lr!r})")
+        need(1 <= self.train_folds <= self.folds, "train_folds", f"an integer in [1, folds={self.folds}]")
         need(self.loss in ("bce", "focal"), "loss", "'bce' or 'focal'")
         need(self.tta in (1, 2, 4, 8), "tta", "1, 2, 4 or 8 dihedral transforms")
         need(self.threshold_mode in ("fitted", "global", "shrunk", "prior"), "threshold_mode", "'fitted', 'global', 'shrunk' or 'prior'")
         need(0.0 < self.threshold < 1.0, "threshold", "a decision threshold in (0, 1)")
+        need(self.shrink_strength >= 0 and self.shrink_strength == self.shrink_strength, "shrink_strength",
+             "a number >= 0 (k of shrunk: a class with k validation positives keeps half its fitted threshold)")
         need(self.ensemble_method in ("mean", "weighted", "rank"), "ensemble_method", "'mean', 'weighted' or 'rank'")
         need(self.gpus >= 0, "gpus", "an integer >= 0")
         need(bool(self.accelerator_type.strip()), "accelerator_type", "a Kubernetes resource name such as nvidia.com/gpu")
@@ -123,6 +135,14 @@ class PipelineConfig:
         need(self.weights == self.weights.strip() and not any(c.isspace() for c in self.weights), "weights",
              "empty (random init), imagenet, or a weights file path / s3:// URI without spaces")
         return self
+
+    def train_plan(self) -> list[dict]:
+        """The training tasks: every model on each of `train_folds` folds, starting at val_fold. One item per
+        task of the pipeline's ParallelFor, {"arch", "fold"}; the learning rate comes from `models` (or Katib).
+        Models in name order: a JSON object run parameter reaches the task as a protobuf Struct, whose key
+        order is not kept."""
+        folds = [(self.val_fold + k) % self.folds for k in range(self.train_folds)]
+        return [{"arch": arch, "fold": fold} for arch in sorted(self.models) for fold in folds]
 
 
 @dataclass

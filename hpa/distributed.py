@@ -82,9 +82,10 @@ class DistributedConfig(config.TrainJobArgs):
     trainer_api: str = "runtimePatches"  # TrainJob only: podTemplateOverrides (Trainer 2.1) | runtimePatches (>= 2.2) | auto (launch reads the CRD)
     restart_policy: str = "OnFailure"  # PyTorchJob replicas
     s3_endpoint: str = config.S3_DEFAULT_ENDPOINT
-    lr: float = field(default_factory=lambda: _pc().lr_resnet18)
+    lr: float = field(default_factory=lambda: next(iter(_pc().models.values())))
     threshold_mode: str = field(default_factory=lambda: _pc().threshold_mode)
     threshold: float = field(default_factory=lambda: _pc().threshold)
+    shrink_strength: float = field(default_factory=lambda: _pc().shrink_strength)
     out: str = field(default_factory=lambda: f"{_pc().store_uri}/runs/ddp")
 
     def procs(self) -> int:
@@ -109,6 +110,7 @@ def validate_config(cfg: DistributedConfig) -> DistributedConfig:
     need(0 < cfg.lr < 1, f"distributed lr={cfg.lr}: expected (0, 1)")
     need(0 < cfg.threshold < 1 and cfg.threshold_mode in THRESHOLD_MODES,
          f"distributed threshold in (0, 1), threshold_mode one of {'|'.join(THRESHOLD_MODES)}")
+    need(cfg.shrink_strength >= 0, f"distributed shrink_strength={cfg.shrink_strength}: expected >= 0")
     need(cfg.restart_policy in ("Never", "OnFailure", "Always", "ExitCode"), f"distributed restart_policy {cfg.restart_policy!r}")
     return cfg
 
@@ -122,7 +124,7 @@ def train_args(cfg: DistributedConfig) -> list[str]:
     return [
         *cfg.fixed_train_args(),
         "--lr", f"{cfg.lr:g}", "--threshold-mode", cfg.threshold_mode, "--threshold", f"{cfg.threshold:g}",
-        "--out", cfg.out,
+        "--shrink-strength", f"{cfg.shrink_strength:g}", "--out", cfg.out,
         "--resume",  # a restarted pod (eviction, OnFailure) continues from <out>/last.pt
     ]
 

@@ -1,8 +1,8 @@
-"""Metrics as Kaggle scored HPA, exact per-class threshold fitting, robust threshold policies, and ensembling."""
+"""Metrics as Kaggle scored HPA, exact per-class threshold fitting, robust threshold policies, thresholds and
+predictions files. Ensembling: hpa.ensemble; out-of-sample (cross-fitted) scores: hpa.crossfit."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -253,9 +253,6 @@ def _check_global(threshold) -> float:
 
 log = logging.getLogger(__name__)
 
-METHODS = ("mean", "weighted", "rank")
-
-
 def binarize(probs: np.ndarray, thresholds) -> np.ndarray:
     """`probs >= threshold` per class (the convention `best_cut` fits for)."""
     return np.asarray(probs) >= np.asarray(thresholds, dtype=np.float64)
@@ -267,17 +264,23 @@ def class_report(targets: np.ndarray, probs: np.ndarray, thresholds) -> "pd.Data
     One row per class (`class_id`, `class_name`, `threshold`, `precision`, `recall`, `f1`, `support`,
     `predicted`); zero divisions give 0 as in sklearn. `df.to_dict("records")` gives plain dicts.
     """
+    report = class_report_of(targets, binarize(probs, thresholds))
+    report.insert(2, "threshold", np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (len(report),)))
+    return report
+
+
+def class_report_of(targets: np.ndarray, preds: np.ndarray) -> "pd.DataFrame":
+    """class_report of binary predictions (e.g. cross-fitted ones, which no single threshold gives)."""
     import pandas as pd
 
     targets = np.asarray(targets, dtype=bool)
-    preds = binarize(probs, thresholds)
+    preds = np.asarray(preds, dtype=bool)
     tp = (targets & preds).sum(0)
     support, predicted = targets.sum(0), preds.sum(0)
     safe = lambda a, b: np.divide(a, b, out=np.zeros(len(a)), where=b > 0)  # noqa: E731
     return pd.DataFrame({
         "class_id": np.arange(targets.shape[1]),
         "class_name": list(CLASS_NAMES[: targets.shape[1]]),
-        "threshold": np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (targets.shape[1],)),
         "precision": safe(tp, predicted),
         "recall": safe(tp, support),
         "f1": f1_per_class(targets, preds),
@@ -458,178 +461,3 @@ def load_predictions(path_or_uri) -> Predictions:
     ids, probs, targets = validate_predictions(arrays["ids"], arrays["probs"], arrays.get("targets"), where)
     model = str(arrays["model"]) if "model" in arrays else Path(where).stem
     return Predictions(ids, probs, targets, model, where)
-
-
-# --- ensembling ------------------------------------------------------------------------------------
-
-def align(preds: list[Predictions]) -> list[Predictions]:
-    """Reorder every model's predictions to the first one's id order; ids must be the same set."""
-    ref = preds[0]
-    ref_set = set(ref.ids.tolist())
-    out = [ref]
-    for p in preds[1:]:
-        other = set(p.ids.tolist())
-        if other != ref_set:
-            only_ref, only_other = sorted(ref_set - other), sorted(other - ref_set)
-            example = (f"{only_ref[0]!r} is in {ref.source} but not in {p.source}" if only_ref
-                       else f"{only_other[0]!r} is in {p.source} but not in {ref.source}")
-            raise DataError(f"ids differ between {ref.source} ({len(ref_set)} ids) and {p.source} ({len(other)} ids): "
-                            f"{len(only_ref) + len(only_other)} mismatched, e.g. {example}")
-        out.append(p if np.array_equal(p.ids, ref.ids) else p.reindex(ref.ids))
-    return out
-
-
-def model_scores(p: Predictions) -> dict:
-    """Val macro F1 of one model at 0.5 and with thresholds fitted on the same predictions."""
-    fitted = fit_thresholds(p.probs, p.targets)
-    return {"model": p.model, "file": p.source,
-            "val_macro_f1_at_05": macro_f1(p.targets, p.probs >= DEFAULT_THRESHOLD),
-            "val_macro_f1_fitted": macro_f1(p.targets, binarize(p.probs, fitted))}
-
-
-def ecdf_ranks(reference: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Map each class's probabilities through the empirical CDF of `reference` (that class's val
-    probabilities), so val and test of one model land on the same [0, 1] rank scale."""
-    out = np.empty(probs.shape, dtype=np.float64)
-    for c in range(probs.shape[1]):
-        ref = np.sort(reference[:, c])
-        out[:, c] = np.searchsorted(ref, probs[:, c], side="right") / len(ref)
-    return out
-
-
-def combine(val: list[Predictions], test: list[Predictions], method: str, weights=None) -> tuple[np.ndarray, np.ndarray]:
-    """(val, test) combined probabilities. mean: plain average; weighted: average with `weights`;
-    rank: average of per-class ranks on each model's validation ECDF (robust to calibration)."""
-    if method == "rank":
-        val_probs = [ecdf_ranks(v.probs, v.probs) for v in val]
-        test_probs = [ecdf_ranks(v.probs, t.probs) for v, t in zip(val, test)]
-    else:
-        val_probs, test_probs = [v.probs for v in val], [t.probs for t in test]
-    w = np.full(len(val), 1.0 / len(val)) if weights is None else np.asarray(weights, dtype=np.float64)
-    avg = lambda arrays: np.tensordot(w, np.stack(arrays).astype(np.float64), axes=1)  # noqa: E731
-    return avg(val_probs).astype(np.float32), avg(test_probs).astype(np.float32)
-
-
-def ensemble_weights(scores: list[dict]) -> np.ndarray:
-    """`weighted`: weights proportional to each model's val macro F1 with fitted thresholds
-    (no search: with a handful of models and one val fold a search only overfits the fold)."""
-    f1 = np.array([s["val_macro_f1_fitted"] for s in scores], dtype=np.float64)
-    return f1 / f1.sum() if f1.sum() > 0 else np.full(len(f1), 1.0 / len(f1))
-
-
-def resolve_thresholds(val_probs, targets, thresholds=None, threshold=None, threshold_mode: str | None = None,
-                       shrink_strength: float = DEFAULT_SHRINK_STRENGTH, prior=None) -> tuple[np.ndarray, str]:
-    """(thresholds, mode). A thresholds file wins ("given"); without `threshold_mode` a `threshold`
-    means "global" and nothing means "fitted" (the behaviour before the policies existed)."""
-    if thresholds is not None and threshold is not None:
-        raise DataError("give either a thresholds file or a global threshold, not both")
-    if thresholds is not None and threshold_mode is not None:
-        raise DataError(f"give either a thresholds file or threshold_mode {threshold_mode!r}, not both")
-    if thresholds is not None:
-        return load_thresholds(thresholds), "given"
-    if threshold_mode is None:
-        threshold_mode = "fitted" if threshold is None else "global"
-    check_threshold_mode(threshold_mode)
-    if threshold_mode == "global" and threshold is not None:
-        return check_thresholds(np.full(NUM_CLASSES, float(threshold)), "--threshold"), "global"
-    return thresholds_for_mode(threshold_mode, val_probs, targets, threshold=threshold, strength=shrink_strength,
-                               prior=prior), threshold_mode
-
-
-def ensemble(val_files, test_files, method: str = "mean", out_dir=".", thresholds=None, threshold=None,
-             threshold_mode: str | None = None, shrink_strength: float = DEFAULT_SHRINK_STRENGTH, prior=None) -> dict:
-    """Combine several models' predictions, fit (or take) thresholds on the combined validation
-    predictions, and write `ensemble_val.npz`, `ensemble_test.npz`, `thresholds.json` and, last,
-    `metrics.json` under `out_dir` (local or s3://). Returns the metrics dict.
-
-    `val_files[i]` and `test_files[i]` are the same model. Ids must match across models (order may
-    differ: everything is aligned to the first file). Validation files must carry targets.
-    `threshold_mode` (THRESHOLD_MODES; default fitted, or global when `threshold` is given) picks the
-    threshold policy; `shrink_strength` is k of `shrunk`; `prior` the training labels of `prior`
-    (a matrix, 28 frequencies, or an Id,Target CSV whose rows of the validation ids are left out).
-    Metrics report the predicted label cardinality (labels per image, before any top-class fill)
-    beside the true one.
-    """
-    if method not in METHODS:
-        raise DataError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-    if threshold_mode is not None:
-        check_threshold_mode(threshold_mode)
-    shrink_strength = check_shrink_strength(shrink_strength)
-    if threshold_mode == "prior" and prior is None:
-        raise DataError("threshold_mode 'prior': needs the training labels (prior: an Id,Target CSV or 28 frequencies)")
-    if not val_files or len(val_files) != len(test_files):
-        raise DataError(f"need one test file per val file, got {len(val_files)} val and {len(test_files)} test")
-    val = align([load_predictions(f) for f in val_files])
-    test = align([load_predictions(f) for f in test_files])
-    for v in val:
-        if v.targets is None:
-            raise DataError(f"{v.source}: validation predictions have no 'targets'")
-        if not np.array_equal(v.targets, val[0].targets):
-            raise DataError(f"{v.source}: 'targets' differ from {val[0].source} for the same ids")
-    targets = val[0].targets
-    scores = [model_scores(v) for v in val]
-    weights = ensemble_weights(scores) if method == "weighted" else np.full(len(val), 1.0 / len(val))
-    val_probs, test_probs = combine(val, test, method, weights)
-    if threshold_mode == "prior" and isinstance(prior, (str, os.PathLike)):
-        prior = label_prior(prior, exclude_ids=val[0].ids, where=str(prior))
-    values, mode = resolve_thresholds(val_probs, targets, thresholds, threshold, threshold_mode, shrink_strength, prior)
-    report = class_report(targets, val_probs, values)
-    metrics = {
-        "method": method, "threshold_mode": mode, "n_models": len(val),
-        "n_val": int(len(targets)), "n_test": int(len(test[0].ids)),
-        "weights": [float(w) for w in weights], "models": scores,
-        "val_macro_f1": macro_f1(targets, binarize(val_probs, values)),
-        "val_macro_f1_at_05": macro_f1(targets, val_probs >= DEFAULT_THRESHOLD),
-        "best_single_val_macro_f1_fitted": max(s["val_macro_f1_fitted"] for s in scores),
-        "val_labels_per_image": label_cardinality(binarize(val_probs, values)),
-        "val_true_labels_per_image": label_cardinality(targets),
-        "test_labels_per_image": label_cardinality(binarize(test_probs, values)),
-        "per_class": report.drop(columns=["threshold"]).to_dict("records"),
-    }
-    if test[0].targets is not None:
-        metrics["test_true_labels_per_image"] = label_cardinality(test[0].targets)
-    if mode == "shrunk":
-        metrics["shrink_strength"] = shrink_strength
-    outputs = {name: join_uri(out_dir, name) for name in
-               ("ensemble_val.npz", "ensemble_test.npz", "thresholds.json", "metrics.json")}
-    name = f"ensemble-{method}"
-    save_predictions(outputs["ensemble_val.npz"], val[0].ids, val_probs, targets, name)
-    save_predictions(outputs["ensemble_test.npz"], test[0].ids, test_probs, test[0].targets, name)
-    save_thresholds(outputs["thresholds.json"], values, mode)
-    write_uri(outputs["metrics.json"], json.dumps(metrics, indent=2).encode())  # last: marks completion
-    metrics["outputs"] = outputs  # not in the file: the same inputs give the same bytes wherever written
-    log.info("ensemble (%s, %d models, %s thresholds): val macro F1 %.4f (best single, fitted: %.4f), "
-             "labels per image %.2f predicted vs %.2f true on val, %.2f predicted on test", method, len(val), mode,
-             metrics["val_macro_f1"], metrics["best_single_val_macro_f1_fitted"], metrics["val_labels_per_image"],
-             metrics["val_true_labels_per_image"], metrics["test_labels_per_image"])
-    return metrics
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hpa ensemble", description=ensemble.__doc__.split("\n")[0])
-    p.add_argument("--val", nargs="+", required=True, help="validation predictions .npz per model (with targets)")
-    p.add_argument("--test", nargs="+", required=True, help="test predictions .npz per model, same order as --val")
-    p.add_argument("--method", choices=METHODS, default="mean")
-    p.add_argument("--out", required=True, help="output dir or s3:// prefix")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--thresholds", help="thresholds JSON to use instead of fitting (e.g. from Katib)")
-    g.add_argument("--threshold", type=float, help="one global threshold for every class (the target of shrunk)")
-    p.add_argument("--threshold-mode", choices=THRESHOLD_MODES,
-                   help="fitted (default; global with --threshold), global, shrunk (fitted cuts pulled toward the "
-                        "global one by n_pos / (n_pos + k)), prior (predict each class as often as in --prior)")
-    p.add_argument("--shrink-strength", type=float, default=DEFAULT_SHRINK_STRENGTH,
-                   help="k of --threshold-mode shrunk: a class with k validation positives keeps half its fitted cut")
-    p.add_argument("--prior", help="training labels (Id,Target CSV, e.g. the split CSV) for --threshold-mode prior")
-    return p
-
-
-def ensemble_main(argv: list[str]) -> int:
-    args = get_args_parser().parse_args(argv)
-    metrics = ensemble(args.val, args.test, args.method, args.out, args.thresholds, args.threshold,
-                       threshold_mode=args.threshold_mode, shrink_strength=args.shrink_strength, prior=args.prior)
-    print(f"ensemble val macro F1: {metrics['val_macro_f1']:.4f} ({metrics['threshold_mode']} thresholds); labels per "
-          f"image: {metrics['val_labels_per_image']:.2f} predicted vs {metrics['val_true_labels_per_image']:.2f} true "
-          f"on val, {metrics['test_labels_per_image']:.2f} predicted on test")
-    for path in metrics["outputs"].values():
-        print(path)
-    return 0

@@ -62,7 +62,8 @@ N_TRAIN, N_TEST, IMAGE_SIZE, FOLDS = 64, 16, 32, 3
 SMOKE_PARAMETERS = {
     "download": {"source": "synthetic", "n_train": N_TRAIN, "n_test": N_TEST, "image_size": IMAGE_SIZE, "seed": 0},
     "split": {"folds": FOLDS, "seed": 0},
-    "train_resnet18": {"image_size": IMAGE_SIZE, "epochs": 1, "batch_size": 16, "tta": 2, "val_fold": 0},
+    "train": {"arch": "resnet18", "fold": 0, "models": {"resnet18": 1e-3}, "image_size": IMAGE_SIZE, "epochs": 1,
+              "batch_size": 16, "tta": 2},
 }
 
 
@@ -513,23 +514,23 @@ def smoke_run(engine: str, which: str, args) -> None:
         log(f"split: verified {len(rows)} ids in {FOLDS} folds ({split_uri})")
 
         split_artifact = {"name": "split_csv", "uri": split_uri, "metadata": {}}
-        out = run_stage(box, "train_resnet18", {"data_uri": data_uri}, {"split_csv": split_artifact}, secrets,
+        out = run_stage(box, "train", {"data_uri": data_uri}, {"split_csv": split_artifact}, secrets,
                         server.endpoint, work)
         arts = {name: host_path(work, a["artifacts"][0]["uri"]) for name, a in out["artifacts"].items()}
         checkpoint = torch.load(arts["model"], map_location="cpu", weights_only=False)
         if not isinstance(checkpoint, dict) or not any(isinstance(v, dict) and v for v in checkpoint.values()):
-            raise SmokeError(f"train_resnet18: {arts['model']} is not a checkpoint with a state dict")
+            raise SmokeError(f"train: {arts['model']} is not a checkpoint with a state dict")
         metrics = out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
         if not metrics or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()):
-            raise SmokeError(f"train_resnet18: metrics {metrics} are not finite numbers")
+            raise SmokeError(f"train: metrics {metrics} are not finite numbers")
         test = np.load(arts["test_predictions"], allow_pickle=False)
         if test["probs"].shape != (N_TEST, 28):
-            raise SmokeError(f"train_resnet18: test predictions of shape {test['probs'].shape}, expected ({N_TEST}, 28)")
+            raise SmokeError(f"train: test predictions of shape {test['probs'].shape}, expected ({N_TEST}, 28)")
         for name in ("model", "run", "val_predictions", "test_predictions"):  # metrics live in the metadata
             owned_by(arts[name], box.uid)
-        log(f"train_resnet18: verified checkpoint ({arts['model'].stat().st_size / 1e6:.1f} MB), "
+        log(f"train: verified checkpoint ({arts['model'].stat().st_size / 1e6:.1f} MB), "
             f"test predictions {test['probs'].shape}, metrics {json.dumps(metrics)}")
-    log(f"smoke run on {image}: download -> split -> train_resnet18 passed in {time.monotonic() - start:.0f} s "
+    log(f"smoke run on {image}: download -> split -> train passed in {time.monotonic() - start:.0f} s "
         f"(runner {box.runner}, uid {box.uid})")
 
 

@@ -11,6 +11,7 @@ enclosing condition group, so only an outer group receives them. It passes plain
 
 import sys
 import threading
+from typing import List, NamedTuple
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,42 @@ def loop(xs: list = [1, 2, 3], y: int = 10, flag: bool = True) -> str:
         with dsl.If(flag == True, name="inside"):  # noqa: E712
             summand = plus(x=x, y=y)
     return total(xs=dsl.Collected(summand.output)).output
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def plan_and_tag() -> NamedTuple("Outputs", [("plan", list), ("tag", str)]):
+    from collections import namedtuple
+
+    return namedtuple("Outputs", ["plan", "tag"])([{"arch": "a", "fold": 0}, {"arch": "b", "fold": 1}], "v1")
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def label(arch: str, fold: int, tag: str) -> str:
+    return f"{arch}-{int(fold)}-{tag}"
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def join(labels: List[str]) -> str:
+    return ",".join(sorted(labels))
+
+
+@dsl.pipeline(name="loop-over-named-output")
+def loop_over_named_output() -> str:
+    """The pipeline's training loop in small: items from one named output of a task, the body reading another
+    output of the same task and fields of the item, the results collected."""
+    made = plan_and_tag()
+    with dsl.ParallelFor(made.outputs["plan"], name="plan") as item:
+        one = label(arch=item.arch, fold=item.fold, tag=made.outputs["tag"])
+    return join(labels=dsl.Collected(one.output)).output
+
+
+@dsl.pipeline(name="loop-over-input")
+def loop_over_input(plan: list = [{"arch": "a", "fold": 0}, {"arch": "b", "fold": 1}]) -> str:
+    """Items from a pipeline input (kfp.local finds those), the body reading another task's output."""
+    made = plan_and_tag()
+    with dsl.ParallelFor(plan, name="plan") as item:
+        one = label(arch=item.arch, fold=item.fold, tag=made.outputs["tag"])
+    return join(labels=dsl.Collected(one.output)).output
 
 
 @pytest.fixture
@@ -214,6 +251,27 @@ def test_parallel_for_condition_and_collected_run_strict(local, tmp_path):
     assert sorted(p.task for p in run.pods) == ["plus", "plus", "plus", "total"]
 
 
+def test_parallel_for_over_a_named_output_runs_strict_as_on_the_backend(local, tmp_path):
+    """Two kfp.local 2.17 faults that the backend does not have (found with the training loop over check-params'
+    train_plan): plain kfp.local finds a ParallelFor's items only as an enclosing DAG input or a task output named
+    "Output" (enhanced_dag_orchestrator._run_parallel_for_task), and it replaces every task-output input of the
+    loop with the item (task_spec_utils.create_parameter_loop_iteration_task_spec). The backend resolves the
+    loop task's inputs like any task's and reads the items from them (kubeflow/pipelines 2.16.0
+    backend/src/v2/driver/dag.go); strict mode does the same."""
+    path = tmp_path / "named.yaml"
+    compiler.Compiler().compile(loop_over_named_output, str(path))
+    assert check_pipeline_spec(path) == []
+    with pytest.raises(ValueError, match="plan-and-tag-plan' not found"):  # plain kfp.local: no items
+        loop_over_named_output()
+    with strict_local() as run:
+        assert loop_over_named_output().output == "a-0-v1,b-1-v1"
+    # plain kfp.local hands the loop item to the body in place of the other task's output `tag`
+    assert loop_over_input().output == "a-0-{'arch': 'a', 'fold': 0.0},b-1-{'arch': 'b', 'fold': 1.0}"
+    with strict_local():
+        assert loop_over_input().output == "a-0-v1,b-1-v1"
+    assert sorted(p.task for p in run.pods) == ["join", "label", "label", "plan-and-tag"]
+
+
 def _patched_attributes():
     from kfp.local import io
     from kfp.local.orchestrator import enhanced_dag_orchestrator, task_executor, task_spec_utils
@@ -224,6 +282,8 @@ def _patched_attributes():
         "build_nested_dag_arguments": task_spec_utils.build_nested_dag_arguments,
         "run_enhanced_dag": enhanced_dag_orchestrator.run_enhanced_dag,
         "evaluate_condition": enhanced_dag_orchestrator.ConditionEvaluator.__dict__["evaluate_condition"],
+        "_run_parallel_for_task": enhanced_dag_orchestrator._run_parallel_for_task,
+        "create_parameter_loop_iteration_task_spec": task_spec_utils.create_parameter_loop_iteration_task_spec,
     }
 
 

@@ -73,14 +73,17 @@ def test_ensemble_and_submit_components_equal_cli(dataset, local_kfp, tmp_path):
 
     from components.ensemble.component import ensemble
     from components.submit.component import submit
+    from kfp_lists import stage_pairs
 
     files = fake_predictions(tmp_path, dataset)
 
     @dsl.pipeline(name="ensemble-submit")
     def ensemble_submit(data_uri: str):
-        # Artifacts reach a component through a pipeline; importer tasks bring in the local files.
-        inputs = {k: dsl.importer(artifact_uri=v, artifact_class=dsl.Dataset).output for k, v in files.items()}
-        combined = ensemble(**inputs, method="mean", threshold_mode="fitted")
+        # Artifacts reach a component through a pipeline: a ParallelFor stages the local files, dsl.Collected
+        # hands them over as lists, as the training loop does in the pipeline.
+        val, test = stage_pairs([{"val": files["val_a"], "test": files["test_a"]},
+                                 {"val": files["val_b"], "test": files["test_b"]}])
+        combined = ensemble(val_predictions=val, test_predictions=test, method="mean", threshold_mode="fitted")
         submit(data_uri=data_uri, predictions=combined.outputs["ensemble_test"],
                thresholds=combined.outputs["thresholds"], kaggle_submit=False)
 

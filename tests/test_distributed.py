@@ -469,6 +469,7 @@ def test_train_distributed_component_end_to_end(tmp_path, monkeypatch):
         monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "config"))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         train_distributed.python_func(data_uri=str(data), split_csv=Dataset(name="split", uri=str(split)),
+                                      arch="resnet18", fold=0, models={"resnet18": 1e-3},
                                       store_uri=str(tmp_path / "store"), num_nodes=2, gpus_per_node=0, image_size=32,
                                       epochs=1, batch_size=8, tta=1, timeout_s=450, image="registry.example/hpa:cpu-9",
                                       node_selector={"pool": "cpu"}, **outputs)
@@ -500,30 +501,30 @@ def _conditions(spec: dict, parameter: str) -> dict[str, list[str]]:
 
 
 def test_compiled_pipeline_has_the_distributed_path():
-    """The multi-node pipeline (compiled/hpa_pipeline_multinode.yaml) trains both models with
-    train-distributed (TrainJobs) straight from the root DAG; the single-pod pipeline has none. Each
-    train-distributed task gets num_nodes and gpus from the run parameters, the image chosen at compile
-    time from check-params (not resolved inside the pod) and the placement parameters."""
+    """The multi-node pipeline (compiled/hpa_pipeline_multinode.yaml) trains every model x fold with
+    train-distributed (TrainJobs) in the models-x-folds loop; the single-pod pipeline has none. The task gets
+    num_nodes and gpus from the run parameters, the image chosen at compile time from check-params (not
+    resolved inside the pod), the placement parameters, and arch and fold from the loop item."""
     single, multi = _compiled_pipeline(), _compiled_pipeline("hpa_pipeline_multinode.yaml")
     assert not any(name.startswith("comp-train-distributed") for name in single["components"])
     assert single["root"]["inputDefinitions"]["parameters"]["num_nodes"]["defaultValue"] == 1
     assert single["root"]["inputDefinitions"]["parameters"]["tune"]["defaultValue"] is False
     params = multi["root"]["inputDefinitions"]["parameters"]
     assert params["num_nodes"]["defaultValue"] == 2 and params["tune"]["defaultValue"] is False
-    archs = set()
-    for name in ("comp-train-distributed", "comp-train-distributed-2"):
-        assert multi["components"][name]["executorLabel"].startswith("exec-train-distributed")
-    tasks = [t for t in multi["root"]["dag"]["tasks"].values() if t["componentRef"]["name"].startswith("comp-train-distributed")]
-    assert len(tasks) == 2 and not any("triggerPolicy" in t for t in tasks)
-    for task in tasks:
-        inputs = task["inputs"]["parameters"]
-        archs.add(inputs["arch"]["runtimeValue"]["constant"])
-        assert inputs["num_nodes"] == {"componentInputParameter": "num_nodes"}
-        assert inputs["gpus_per_node"] == {"componentInputParameter": "gpus"}
-        assert inputs["image"] == {"taskOutputParameter": {"outputParameterKey": "train_image", "producerTask": "check-params"}}
-        assert inputs["node_selector"] == {"componentInputParameter": "node_selector"}
-        assert inputs["tolerations"] == {"componentInputParameter": "tolerations"}
-    assert archs == {"resnet18", "se_resnet18"}
+    loop = [t for t in multi["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    assert len(loop) == 1 and "triggerPolicy" not in loop[0]
+    body = multi["components"][loop[0]["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(body) == ["train-distributed"]
+    inputs, outer = body["train-distributed"]["inputs"]["parameters"], loop[0]["inputs"]["parameters"]
+    item = loop[0]["parameterIterator"]["itemInput"]
+    assert inputs["arch"]["componentInputParameter"] == inputs["fold"]["componentInputParameter"] == item
+    for key, source in (("num_nodes", "num_nodes"), ("gpus_per_node", "gpus"), ("node_selector", "node_selector"),
+                        ("tolerations", "tolerations")):
+        assert inputs[key] == {"componentInputParameter": f"pipelinechannel--{source}"}
+        assert outer[f"pipelinechannel--{source}"] == {"componentInputParameter": source}
+    assert inputs["image"] == {"componentInputParameter": "pipelinechannel--check-params-train_image"}
+    assert outer["pipelinechannel--check-params-train_image"] == {
+        "taskOutputParameter": {"outputParameterKey": "train_image", "producerTask": "check-params"}}
     executor = multi["deploymentSpec"]["executors"]["exec-train-distributed"]["container"]
     assert "train_distributed" in " ".join(executor["command"] + executor.get("args", []))
 
@@ -546,6 +547,7 @@ def test_train_distributed_component_refuses_an_empty_image(tmp_path):
                [("model", Model), ("run", Artifact), ("val_predictions", Dataset), ("test_predictions", Dataset), ("metrics", Metrics)]}
     with pytest.raises(ConfigError) as err:
         train_distributed.python_func(data_uri="s3://b/d", split_csv=Dataset(name="split", uri=str(tmp_path / "s.csv")),
+                                      arch="resnet18", fold=0, models={"resnet18": 1e-3},
                                       store_uri=str(tmp_path / "store"), image=" ", **outputs)
     assert str(err.value) == ("train-distributed image=' ': expected the training image fixed at compile time "
                               "(pipeline.py passes the CUDA image when gpus > 0, else the CPU image)")

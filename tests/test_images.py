@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
 DOCKERFILES = [IMAGES / "Dockerfile", IMAGES / "Dockerfile.cuda"]
-SMOKE_STAGES = ["download", "split", "train_resnet18"]
+SMOKE_STAGES = ["download", "split", "train"]
 
 
 def instructions(path: Path) -> list[str]:
@@ -154,10 +154,10 @@ def test_smoke_executor_input_from_the_current_component_yaml(stage):
     smoke = load_smoke()
     loaded = smoke.load_component(stage)
     values = {"download": {"store_uri": "s3://mlpipeline/x"}, "split": {"data_uri": "s3://mlpipeline/x/d"},
-              "train_resnet18": {"data_uri": "s3://mlpipeline/x/d"}}[stage]
+              "train": {"data_uri": "s3://mlpipeline/x/d"}}[stage]
     params, extra_env = smoke.stage_inputs(loaded, stage, values, "127.0.0.1:9")
     artifacts = {"split_csv": {"name": "split_csv", "uri": "/smoke/split/split_csv", "metadata": {}}} \
-        if stage == "train_resnet18" else {}
+        if stage == "train" else {}
     exec_input = smoke.executor_input(loaded["component"], stage, params, artifacts, f"/smoke/{stage}")
     declared = loaded["component"]["inputDefinitions"]
     assert set(exec_input["inputs"]["parameterValues"]) == set(declared["parameters"])
@@ -177,13 +177,14 @@ def test_smoke_executor_input_from_the_current_component_yaml(stage):
 
 def test_smoke_names_a_missing_required_input():
     smoke = load_smoke()
-    loaded = smoke.load_component("train_resnet18")
+    loaded = smoke.load_component("train")
+    plan = {"arch": "resnet18", "fold": 0, "models": {"resnet18": 1e-3}}
     with pytest.raises(smoke.SmokeError, match="input artifact 'split_csv' is required"):
-        smoke.executor_input(loaded["component"], "train_resnet18", {"data_uri": "s3://b/d"}, {}, "/smoke/t")
+        smoke.executor_input(loaded["component"], "train", {"data_uri": "s3://b/d", **plan}, {}, "/smoke/t")
     with pytest.raises(smoke.SmokeError, match="input parameter 'data_uri' is required"):
-        smoke.executor_input(loaded["component"], "train_resnet18", {}, {}, "/smoke/t")
+        smoke.executor_input(loaded["component"], "train", plan, {}, "/smoke/t")
     with pytest.raises(smoke.SmokeError, match=r"sets \['no_such_input'\]"):
-        smoke.executor_input(loaded["component"], "train_resnet18", {"data_uri": "d", "no_such_input": 1},
+        smoke.executor_input(loaded["component"], "train", {"data_uri": "d", "no_such_input": 1, **plan},
                              {"split_csv": {"uri": "/x"}}, "/smoke/t")
 
 
@@ -215,7 +216,7 @@ if os.environ.get("HPA_IMAGE_SMOKE") == "1":
     # Opt-in (see the module docstring): defined only when asked for, so the default run shows no skip.
     @pytest.mark.timeout(7200)
     def test_images_build_and_run_components():
-        """Builds both images and runs download -> split -> train_resnet18 in each as a KFP pod would.
+        """Builds both images and runs download -> split -> train in each as a KFP pod would.
         Extra arguments for images/smoke.py come from HPA_IMAGE_SMOKE_ARGS (e.g. `--base stand-in`)."""
         args = shlex.split(os.environ.get("HPA_IMAGE_SMOKE_ARGS", ""))
         result = subprocess.run([sys.executable, str(IMAGES / "smoke.py"), "all", *args], cwd=ROOT)

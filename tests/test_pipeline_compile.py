@@ -18,9 +18,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STAGES = ["check-params", "download", "split", "pack", "train-resnet18", "train-se-resnet", "compare-plots", "ensemble",
-          "submit"]
-TRAINING = ["train-resnet18", "train-se-resnet"]
+STAGES = ["check-params", "download", "split", "pack", "train", "compare-plots", "ensemble", "submit"]
+TRAINING = ["train"]  # one task per (model, fold), inside the ParallelFor "models-x-folds"
+
+
+def training_loop(spec) -> tuple[str, dict]:
+    """(root task name, task) of the ParallelFor that trains every model x fold."""
+    loops = [(n, t) for n, t in spec["root"]["dag"]["tasks"].items() if "parameterIterator" in t]
+    assert len(loops) == 1, f"expected one ParallelFor in the root DAG, got {[n for n, _ in loops]}"
+    return loops[0]
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +104,46 @@ def test_stages_and_order(compiled):
     assert deps["check-params"] == set()
     assert "check-params" in deps["download"]
     assert "download" in deps["split"] and "download" in deps["pack"]
-    for train in TRAINING:
-        assert {"download", "split", "pack"} <= deps[holder[train]]
-        own = set(nested[train][0].get("dependentTasks", []))
-        assert not (set(TRAINING) - {train}) & own, "the two models must train in parallel"
-        assert holder[train] in deps["compare-plots"] and holder[train] in deps["ensemble"]
+    loop, _ = training_loop(spec)
+    assert holder["train"] == loop
+    assert {"download", "split", "pack", "check-params"} <= deps[loop]
+    assert loop in deps["compare-plots"] and loop in deps["ensemble"]
     assert "ensemble" in deps["submit"]
+
+
+@pytest.mark.parametrize("which, trainer", [("compiled", "train"), ("compiled_multinode", "train-distributed")])
+def test_models_x_folds_parallel_for_and_collected_inputs(which, trainer, request):
+    """One ParallelFor over check-params' train_plan (every model x fold), its items read from the loop task's
+    own input (R7; kubeflow/pipelines 2.16.0 backend/src/v2/driver/dag.go), the arch and fold of each task
+    selected from the item, and the results fanned in with dsl.Collected: ensemble and compare-plots take
+    artifact lists (isArtifactList) from the loop DAG's outputs, which the driver gathers over the iterations
+    (2.16.0 backend/src/v2/driver/resolve.go resolveUpstreamArtifacts -> CollectInputs)."""
+    spec, _ = request.getfixturevalue(which)
+    loop, task = training_loop(spec)
+    assert task["taskInfo"]["name"] == "models-x-folds"
+    items = task["parameterIterator"]["items"]["inputParameter"]
+    assert task["inputs"]["parameters"][items]["taskOutputParameter"] == {
+        "outputParameterKey": "train_plan", "producerTask": "check-params"}
+    plan_type = spec["components"]["comp-check-params"]["outputDefinitions"]["parameters"]["train_plan"]
+    assert plan_type["parameterType"] == "LIST"
+    body = spec["components"][task["componentRef"]["name"]]["dag"]
+    assert list(body["tasks"]) == [trainer]
+    params = body["tasks"][trainer]["inputs"]["parameters"]
+    item = task["parameterIterator"]["itemInput"]
+    assert params["arch"] == {"componentInputParameter": item, "parameterExpressionSelector": 'parseJson(string_value)["arch"]'}
+    assert params["fold"] == {"componentInputParameter": item, "parameterExpressionSelector": 'parseJson(string_value)["fold"]'}
+    # The UI shows the display name; the driver resolves producers by the DAG task key ("train"), not by it
+    # (2.15.0-2.17.0 backend/src/v2/driver/container.go, dag.go: ecfg.TaskName = opts.TaskName, DisplayName apart).
+    assert body["tasks"][trainer]["taskInfo"]["name"] == f"{trainer} (model x fold)"
+    collected = {"ensemble": ("val_predictions", "test_predictions"), "compare-plots": ("runs",)}
+    for consumer, inputs in collected.items():
+        comp = spec["components"][f"comp-{consumer}"]["inputDefinitions"]["artifacts"]
+        for name in inputs:
+            assert comp[name]["isArtifactList"] is True, (consumer, name)
+            ref = spec["root"]["dag"]["tasks"][consumer]["inputs"]["artifacts"][name]["taskOutputArtifact"]
+            assert ref["producerTask"] == loop, (consumer, name)
+            selector = body["outputs"]["artifacts"][ref["outputArtifactKey"]]["artifactSelectors"]
+            assert selector == [{"outputArtifactKey": selector[0]["outputArtifactKey"], "producerSubtask": trainer}]
 
 
 def test_montage_only_when_plot_samples(compiled):
@@ -127,11 +167,12 @@ def test_gpu_fields_and_image_come_from_check_params_as_strings(compiled):
     GPU is requested; the accelerator type is registered as a task input (kfp 2.17's
     set_accelerator_type does not do it by itself)."""
     spec, _ = compiled
-    tasks = {name: task for name, (task, _) in all_tasks(spec).items()}
+    nested = all_tasks(spec)
+    tasks = {name: task for name, (task, _) in nested.items()}
     outputs = spec["components"]["comp-check-params"]["outputDefinitions"]["parameters"]
     assert outputs["gpu_limit"]["parameterType"] == "STRING" and outputs["train_image"]["parameterType"] == "STRING"
     for train in TRAINING:
-        assert train in spec["root"]["dag"]["tasks"], "training tasks sit in the root DAG (no condition group)"
+        assert nested[train][1] == training_loop(spec)[0], "training tasks sit in the models-x-folds loop"
         executor = spec["deploymentSpec"]["executors"][tasks[train]["componentRef"]["name"].replace("comp-", "exec-")]
         container = executor["container"]
         accel = container["resources"]["accelerator"]
@@ -139,10 +180,14 @@ def test_gpu_fields_and_image_come_from_check_params_as_strings(compiled):
         assert accel["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}"
         assert container["image"] == "{{$.inputs.parameters['pipelinechannel--check-params-train_image']}}"
         params = tasks[train]["inputs"]["parameters"]
+        loop_inputs = training_loop(spec)[1]["inputs"]["parameters"]  # the loop DAG passes them in
         for key in ("gpu_limit", "train_image"):
-            assert params[f"pipelinechannel--check-params-{key}"]["taskOutputParameter"] == {
+            assert params[f"pipelinechannel--check-params-{key}"]["componentInputParameter"] == \
+                f"pipelinechannel--check-params-{key}"
+            assert loop_inputs[f"pipelinechannel--check-params-{key}"]["taskOutputParameter"] == {
                 "outputParameterKey": key, "producerTask": "check-params"}
-        assert params["pipelinechannel--accelerator_type"]["componentInputParameter"] == "accelerator_type"
+        assert params["pipelinechannel--accelerator_type"]["componentInputParameter"] == \
+            "pipelinechannel--accelerator_type"
         assert container["resources"]["resourceCpuRequest"]
         assert container["resources"]["resourceMemoryRequest"]
 
@@ -201,22 +246,19 @@ def test_images_given_at_compile_time_replace_every_default(tmp_path):
 
 
 def test_multinode_pipeline_trains_with_trainjobs(compiled_multinode):
-    """The multi-node pipeline: both models through train-distributed, no condition on num_nodes and no
+    """The multi-node pipeline: every model x fold through train-distributed, no condition on num_nodes and no
     artifact dsl.OneOf (which the 2.16 backend cannot resolve); num_nodes defaults to 2 there."""
     spec, _ = compiled_multinode
     tasks = spec["root"]["dag"]["tasks"]
-    assert {"train-distributed", "train-distributed-2"} <= set(tasks)
-    assert not {"train-resnet18", "train-se-resnet"} & set(tasks)
-    archs = {tasks[t]["inputs"]["parameters"]["arch"]["runtimeValue"]["constant"]
-             for t in ("train-distributed", "train-distributed-2")}
-    assert archs == {"resnet18", "se_resnet18"}
-    for t in ("train-distributed", "train-distributed-2"):
-        params = tasks[t]["inputs"]["parameters"]
-        assert params["num_nodes"]["componentInputParameter"] == "num_nodes"
-        assert params["gpus_per_node"]["componentInputParameter"] == "gpus"
-        assert params["node_selector"]["componentInputParameter"] == "node_selector"
-        assert params["tolerations"]["componentInputParameter"] == "tolerations"
-        assert t in tasks["compare-plots"]["dependentTasks"] and t in tasks["ensemble"]["dependentTasks"]
+    loop, loop_task = training_loop(spec)
+    body = spec["components"][loop_task["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(body) == ["train-distributed"] and "train" not in all_tasks(spec)
+    params = body["train-distributed"]["inputs"]["parameters"]
+    for key, run_param in (("num_nodes", "num_nodes"), ("gpus_per_node", "gpus"), ("node_selector", "node_selector"),
+                           ("tolerations", "tolerations")):
+        assert params[key]["componentInputParameter"] == f"pipelinechannel--{run_param}"
+        assert loop_task["inputs"]["parameters"][f"pipelinechannel--{run_param}"]["componentInputParameter"] == run_param
+    assert loop in tasks["compare-plots"]["dependentTasks"] and loop in tasks["ensemble"]["dependentTasks"]
     assert spec["root"]["inputDefinitions"]["parameters"]["num_nodes"]["defaultValue"] == 2
     for comp in spec["components"].values():
         for out in comp.get("dag", {}).get("outputs", {}).get("artifacts", {}).values():
@@ -232,8 +274,7 @@ def test_kubernetes_settings(compiled):
                 for e in s["keyToEnv"]}
 
     s3 = {(S3_SECRET_NAME, key, env) for key, env in S3_SECRET_KEYS.items()}
-    for name in ["exec-download", "exec-montage", "exec-split", "exec-pack", "exec-train-resnet18", "exec-train-se-resnet",
-                 "exec-submit"]:
+    for name in ["exec-download", "exec-montage", "exec-split", "exec-pack", "exec-train", "exec-submit"]:
         assert s3 <= secret_env(k8s[name]), f"{name} lacks the S3 secret env"
     kaggle = {(KAGGLE_SECRET_NAME, key, env) for key, env in KAGGLE_SECRET_KEYS.items()}
     assert kaggle <= secret_env(k8s["exec-submit"])
@@ -249,7 +290,7 @@ def test_kubernetes_settings(compiled):
     tasks = {name: task for name, (task, _) in all_tasks(spec).items()}
     assert tasks["download"]["retryPolicy"]["maxRetryCount"] >= 1
     assert tasks["submit"]["cachingOptions"].get("enableCache", False) is False
-    for stage in ["download", "split", "pack", "train-resnet18", "train-se-resnet", "ensemble", "compare-plots"]:
+    for stage in ["download", "split", "pack", "train", "ensemble", "compare-plots"]:
         assert tasks[stage]["cachingOptions"]["enableCache"] is True
 
 
@@ -291,14 +332,14 @@ def test_cluster_doc_lists_every_parameter_and_the_graph(compiled):
 
 
 def test_weights_reach_every_training_pod(compiled, compiled_multinode):
-    """The `weights` run parameter goes to both training tasks, Katib trials (katib-tune) and the TrainJobs'
+    """The `weights` run parameter goes to the training task, Katib trials (katib-tune) and the TrainJobs'
     `python -m hpa train` args, and is validated by check-params."""
     from hpa import distributed, katib
 
     for spec, _ in (compiled, compiled_multinode):
         tasks = {name: task for name, (task, _) in all_tasks(spec).items()}
-        users = [n for n in tasks if n.startswith(("train-", "katib-tune", "check-params"))]
-        assert len(users) == 4, users
+        users = [n for n in tasks if n.startswith(("train", "katib-tune", "check-params"))]
+        assert len(users) == 3, users
         for name in users:
             ref = tasks[name]["inputs"]["parameters"]["weights"]["componentInputParameter"]
             assert ref in ("weights", "pipelinechannel--weights"), (name, ref)

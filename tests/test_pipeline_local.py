@@ -1,7 +1,9 @@
 """The whole pipeline, for real, with kfp.local through the embedded S3 server (SeaweedFS).
 
-Smaller than `python pipeline.py run --local`'s defaults (120 train images at 32 px, 1 epoch) so that it
-stays a few minutes on a shared 2-core machine; the defaults' time is printed by `run --local` itself.
+2 models x 2 folds (the ParallelFor over check-params' training plan, dsl.Collected into ensemble and
+compare-plots), smaller than `python pipeline.py run --local`'s defaults (120 train images at 32 px,
+1 epoch) so that it stays a few minutes on a shared 2-core machine; the defaults' time is printed by
+`run --local` itself.
 """
 
 import csv
@@ -15,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SMALL = {"n_train": 120, "n_test": 40, "image_size": 32, "epochs": 1, "batch_size": 16, "folds": 3, "tta": 1}
+SMALL = {"n_train": 120, "n_test": 40, "image_size": 32, "epochs": 1, "batch_size": 16, "folds": 3, "tta": 1,
+         "train_folds": 2, "threshold_mode": "shrunk"}
 
 
 @pytest.mark.slow
@@ -32,10 +35,9 @@ def test_whole_pipeline_through_embedded_s3(tmp_path, monkeypatch):
     # training pods got the CPU image and no accelerator limit (gpus=0 -> gpu_limit ""), from check-params.
     from hpa.config import DEFAULT_IMAGE
 
-    for train in ("train-resnet18", "train-se-resnet"):
-        pod = result["pods"][train]
-        assert pod["image"] == DEFAULT_IMAGE and pod["limits"] == {}, (train, pod)
-        assert pod["requests"] == {"cpu": pipeline.TRAIN["cpu"], "memory": pipeline.TRAIN["memory"]}, pod
+    pod = result["pods"]["train"]
+    assert pod["image"] == DEFAULT_IMAGE and pod["limits"] == {}, pod
+    assert pod["requests"] == {"cpu": pipeline.TRAIN["cpu"], "memory": pipeline.TRAIN["memory"]}, pod
 
     # submission.csv: Kaggle format, every test Id exactly once, labels 0..27.
     with open(result["submission"], newline="") as f:
@@ -51,20 +53,33 @@ def test_whole_pipeline_through_embedded_s3(tmp_path, monkeypatch):
     assert "<html" in report.lower() and report.count("data:image/png;base64,") >= 3
 
     metrics = json.loads(Path(result["metrics"]).read_text())
-    for key in ("val_macro_f1", "model0_val_macro_f1_fitted", "model1_val_macro_f1_fitted"):
-        assert 0.0 <= metrics["ensemble_val"][key] <= 1.0, key
+    ens = metrics["ensemble_val"]
+    for key in ("val_macro_f1", "val_macro_f1_in_sample", "resnet18_val_macro_f1", "se_resnet18_val_macro_f1",
+                "resnet18_test_macro_f1", "se_resnet18_test_macro_f1", "test_macro_f1_all_classes"):
+        assert 0.0 <= ens[key] <= 1.0, key
+    # out-of-fold: 2 folds of 3 per model, every image of those folds predicted once per model
+    assert ens["n_models"] == 2 and ens["folds_per_model"] == 2 and ens["n_val"] > SMALL["n_train"] / 2
     assert 0.0 <= metrics["submission"]["test_macro_f1"] <= 1.0  # synthetic data has test labels
+    assert metrics["submission"]["test_macro_f1"] == ens["test_macro_f1"]  # the ensemble scores what is submitted
+    assert metrics["submission"]["test_macro_f1_all_classes"] == ens["test_macro_f1_all_classes"]
     assert metrics["submission"]["rows"] == SMALL["n_test"]
     assert list(Path(result["plots"]).glob("*.png")), "comparison PNGs next to the report"
 
     # Every stage ran, the montage too (plot_samples defaults to true), and the training outputs are small.
     run_dir = next(Path(result["pipeline_root"]).iterdir())
-    for stage in ("check-params", "download", "montage", "split", "pack", "train-resnet18", "train-se-resnet",
-                  "compare-plots", "ensemble", "submit"):
+    for stage in ("check-params", "download", "montage", "split", "pack", "compare-plots", "ensemble", "submit"):
         assert (run_dir / stage).is_dir(), stage
     assert "data:image/png;base64," in (run_dir / "montage" / "montage").read_text()
-    run_bytes = sum(p.stat().st_size for p in (run_dir / "train-resnet18" / "run").rglob("*") if p.is_file())
-    assert run_bytes < 5_000_000, "the run artifact must not carry the image cache"
+    trained = sorted(run_dir.glob("for-loop-*-iteration-*/train"))
+    configs = [json.loads((t / "run" / "config.json").read_text()) for t in trained]
+    assert sorted((c["arch"], c["fold"]) for c in configs) == [("resnet18", 0), ("resnet18", 1), ("se_resnet18", 0),
+                                                              ("se_resnet18", 1)]
+    assert all(c["threshold_mode"] == "shrunk" for c in configs)
+    for t in trained:
+        run_bytes = sum(p.stat().st_size for p in (t / "run").rglob("*") if p.is_file())
+        assert run_bytes < 5_000_000, "the run artifact must not carry the image cache"
+    summary = (run_dir / "compare-plots" / "summary").read_text()
+    assert all(f"| {arch}-fold{k} |" in summary for arch in ("resnet18", "se_resnet18") for k in (0, 1))
 
 
 def test_print_is_restored_after_overlapping_kfp_local_tasks():

@@ -29,7 +29,7 @@ def write_run(run_dir, seed, noise, epochs=4, n=400):
     s = 1 + 0.15 * seed
     history = pd.DataFrame({"epoch": e, "train_loss": 0.3 / e / s + 0.05, "val_loss": 0.28 / e / s + 0.08,
                             "val_macro_f1": 0.5 * s - 0.3 / e, "val_macro_f1_at_05": 0.4 * s - 0.3 / e,
-                            "val_macro_f1_fitted": 0.5 * s - 0.3 / e, "lr": 1e-3 / e})
+                            "val_macro_f1_in_sample": 0.55 * s - 0.3 / e, "lr": 1e-3 / e})
     history.to_csv(run_dir / "history.csv", index=False)
     (run_dir / "metrics.json").write_text(json.dumps({"best_val_macro_f1": 0.425, "best_epoch": epochs, "val_loss": 0.15}))
     return run_dir
@@ -63,6 +63,18 @@ def test_compare_runs_report(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| resnet18 |" in summary and "| se_resnet18 |" in summary and "val_f1_fitted" in summary
     assert [r["run"] for r in result["runs"]] == ["resnet18", "se_resnet18"]
+    # out-of-sample beside in-sample, with the gap: fitting and scoring on the same images flatters
+    for row in result["runs"]:
+        assert row["val_f1_fitted"] < row["val_f1_fitted_in_sample"]
+        assert row["in_sample_gap"] == pytest.approx(row["val_f1_fitted_in_sample"] - row["val_f1_fitted"])
+    assert "in_sample_gap" in summary and "out-of-sample" in summary
+
+
+def test_run_names_come_from_each_runs_config(tmp_path):
+    runs = [write_run(tmp_path / "run", 0, 1.0), write_run(tmp_path / "b" / "run", 1, 1.0)]
+    for k, run in enumerate(runs):
+        (run / "config.json").write_text(json.dumps({"arch": "resnet18", "fold": k}))
+    assert plots.run_names([str(r) for r in runs], None) == ["resnet18-fold0", "resnet18-fold1"]
 
 
 def test_compare_cli_names_and_errors(tmp_path, capsys):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from kfp.dsl import ClassificationMetrics, Dataset, Metrics
 
+from hpa import ensemble as ens
 from hpa import evaluate as ev
 from hpa.config import PipelineConfig
 from hpa.errors import ConfigError, DataError
@@ -211,7 +212,7 @@ def write_models(tmp_path, seed=0):
 @pytest.mark.parametrize("mode", ev.THRESHOLD_MODES)
 def test_ensemble_modes_report_the_cardinality(tmp_path, mode):
     val_files, test_files, split, y_train = write_models(tmp_path)
-    m = ev.ensemble(val_files, test_files, out_dir=tmp_path / "e", threshold_mode=mode, prior=split,
+    m = ens.ensemble(val_files, test_files, out_dir=tmp_path / "e", threshold_mode=mode, prior=split,
                     threshold=0.3 if mode in ("global", "shrunk") else None)
     assert m["threshold_mode"] == mode
     saved = json.loads((tmp_path / "e" / "metrics.json").read_text())
@@ -219,7 +220,9 @@ def test_ensemble_modes_report_the_cardinality(tmp_path, mode):
         assert saved[key] == m[key]
     thresholds = ev.load_thresholds(tmp_path / "e" / "thresholds.json")
     test = ev.load_predictions(tmp_path / "e" / "ensemble_test.npz")
-    assert m["test_labels_per_image"] == pytest.approx(ev.label_cardinality(test.probs >= thresholds))
+    from hpa.submit import decide  # the submission's labels: an image with none above its cut gets its top class
+
+    assert m["test_labels_per_image"] == pytest.approx(ev.label_cardinality(decide(test.probs, thresholds)[0]))
     assert m["test_true_labels_per_image"] == pytest.approx(ev.label_cardinality(test.targets))
     assert json.loads((tmp_path / "e" / "thresholds.json").read_text())["mode"] == mode
     if mode == "fitted":
@@ -243,7 +246,7 @@ def test_ensemble_refuses_bad_policy_options(tmp_path):
     ]
     for kwargs, words in cases:
         with pytest.raises(DataError) as exc:
-            ev.ensemble(val_files, test_files, out_dir=tmp_path / "x", **kwargs)
+            ens.ensemble(val_files, test_files, out_dir=tmp_path / "x", **kwargs)
         assert words in str(exc.value) and "\n" not in str(exc.value)
         assert not (tmp_path / "x").exists()
 
@@ -251,24 +254,26 @@ def test_ensemble_refuses_bad_policy_options(tmp_path):
 def test_ensemble_cli_with_a_policy(tmp_path, capsys):
     val_files, test_files, split, _ = write_models(tmp_path)
     out = tmp_path / "cli"
-    rc = ev.ensemble_main(["--val", *val_files, "--test", *test_files, "--out", str(out), "--threshold-mode", "prior",
+    rc = ens.main(["--val", *val_files, "--test", *test_files, "--out", str(out), "--threshold-mode", "prior",
                            "--prior", split])
     printed = capsys.readouterr().out
-    assert rc == 0 and "(prior thresholds); labels per image: " in printed and "true on val" in printed
+    assert rc == 0 and "prior thresholds; labels per image: " in printed and "true on val" in printed
+    assert "out-of-sample" in printed and "all 28 classes" in printed
     assert json.loads((out / "thresholds.json").read_text())["mode"] == "prior"
-    rc = ev.ensemble_main(["--val", *val_files, "--test", *test_files, "--out", str(tmp_path / "s"),
+    rc = ens.main(["--val", *val_files, "--test", *test_files, "--out", str(tmp_path / "s"),
                            "--threshold-mode", "shrunk", "--shrink-strength", "5"])
     assert rc == 0 and json.loads((tmp_path / "s" / "metrics.json").read_text())["shrink_strength"] == 5.0
     with pytest.raises(SystemExit) as exc:
-        ev.ensemble_main(["--val", *val_files, "--test", *test_files, "--out", str(tmp_path / "b"),
+        ens.main(["--val", *val_files, "--test", *test_files, "--out", str(tmp_path / "b"),
                           "--threshold-mode", "best"])
     assert exc.value.code == 2 and "invalid choice: 'best'" in capsys.readouterr().err
 
 
 def component_io(tmp_path, val_files, test_files, prior=None):
     art = lambda name, path: Dataset(name=name, uri=str(path))  # noqa: E731
-    return dict(val_a=art("val_a", val_files[0]), val_b=art("val_b", val_files[1]), test_a=art("test_a", test_files[0]),
-                test_b=art("test_b", test_files[1]), ensemble_test=art("ensemble_test", tmp_path / "out_test"),
+    return dict(val_predictions=[art(f"val_{i}", f) for i, f in enumerate(val_files)],
+                test_predictions=[art(f"test_{i}", f) for i, f in enumerate(test_files)],
+                ensemble_test=art("ensemble_test", tmp_path / "out_test"),
                 thresholds=art("thresholds", tmp_path / "out_thresholds"),
                 metrics=Metrics(name="metrics", uri=str(tmp_path / "m")),
                 roc=ClassificationMetrics(name="roc", uri=str(tmp_path / "roc")),
@@ -310,7 +315,8 @@ def test_ensemble_component_refuses_prior_without_labels_and_unknown_modes(tmp_p
 
 
 def test_ensemble_component_in_kfp_local_with_prior_labels_wired(tmp_path):
-    """The optional `prior_labels` artifact connected in a real kfp.local run (importers bring the files)."""
+    """The optional `prior_labels` artifact connected in a real kfp.local run (an importer brings it; the
+    prediction lists come through a ParallelFor and dsl.Collected, as in the pipeline)."""
     import kfp.local
     from kfp import dsl
 
@@ -318,16 +324,17 @@ def test_ensemble_component_in_kfp_local_with_prior_labels_wired(tmp_path):
 
     val_files, test_files, split, _ = write_models(tmp_path)
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
-    files = dict(val_a=val_files[0], val_b=val_files[1], test_a=test_files[0], test_b=test_files[1], prior_labels=split)
+    from kfp_lists import stage_pairs
 
     @dsl.pipeline(name="ensemble-prior")
     def ensemble_prior():
-        inputs = {k: dsl.importer(artifact_uri=v, artifact_class=dsl.Dataset).output for k, v in files.items()}
-        ensemble(**inputs, method="mean", threshold_mode="prior")
+        val, test = stage_pairs([{"val": v, "test": t} for v, t in zip(val_files, test_files)])
+        prior = dsl.importer(artifact_uri=split, artifact_class=dsl.Dataset).output
+        ensemble(val_predictions=val, test_predictions=test, prior_labels=prior, method="mean", threshold_mode="prior")
 
     ensemble_prior()
     run_dir = next((tmp_path / "kfp").iterdir())
     got = json.loads((run_dir / "ensemble" / "thresholds").read_text())
-    want = ev.ensemble(val_files, test_files, out_dir=tmp_path / "cli", threshold_mode="prior", prior=split)
+    want = ens.ensemble(val_files, test_files, out_dir=tmp_path / "cli", threshold_mode="prior", prior=split)
     assert got["mode"] == "prior" and want["threshold_mode"] == "prior"
     assert got["values"] == json.loads((tmp_path / "cli" / "thresholds.json").read_text())["values"]

@@ -103,13 +103,21 @@ def test_fold_not_in_split(tmp_path):
 
 # --- a short real run ----------------------------------------------------------------------------------
 
-def frequency_baseline_f1(split_csv: Path, fold: int, val_targets: np.ndarray) -> float:
-    """Predict each class with probability = its train-fold frequency, thresholds fitted on val."""
+def honest_f1(ids, probs, targets, mode="fitted", **policy) -> float:
+    """Out-of-sample macro F1 recomputed from saved predictions: each of the 5 stratified parts of the
+    validation fold scored with thresholds fitted on the other 4 (hpa.crossfit)."""
+    from hpa.crossfit import crossfit_binarize, crossfit_groups, policy_fitter
+
+    groups = crossfit_groups(ids, targets)
+    return macro_f1(targets, crossfit_binarize(probs, targets, groups, policy_fitter(mode, **policy)))
+
+
+def frequency_baseline_f1(split_csv: Path, fold: int, ids, val_targets: np.ndarray) -> float:
+    """Predict each class with probability = its train-fold frequency, thresholds fitted out-of-sample."""
     df = pd.read_csv(split_csv, dtype={"Id": str, "Target": str})
     y = to_matrix([parse_target(t, "split") for t in df["Target"]])
     freq = y[(df["fold"] != fold).to_numpy()].mean(0)
-    probs = np.tile(freq, (len(val_targets), 1))
-    return macro_f1(val_targets, probs >= fit_thresholds(probs, val_targets))
+    return honest_f1(ids, np.tile(freq, (len(val_targets), 1)), val_targets)
 
 
 def test_short_run_beats_frequency_baseline(tmp_path):
@@ -127,24 +135,27 @@ def test_short_run_beats_frequency_baseline(tmp_path):
     history = pd.read_csv(out / "history.csv")
     assert list(history["epoch"]) == [1, 2, 3]
     np.testing.assert_allclose(history["val_macro_f1"], [r["val_macro_f1"] for r in rows], atol=6e-5)
-    assert (history["val_macro_f1"] == history["val_macro_f1_fitted"]).all()
+    assert (history["val_macro_f1_in_sample"] >= 0).all() and "val_macro_f1_fitted" not in history
 
     preds = np.load(out / "val_predictions.npz")
     assert preds["probs"].shape == (80, 28) and preds["ids"].shape == (80,) and str(preds["model"]) == "resnet18-fold0"
-    model_f1 = float(macro_f1(preds["targets"], preds["probs"] >= fit_thresholds(preds["probs"], preds["targets"])))
-    baseline = frequency_baseline_f1(split, 0, preds["targets"])
-    # Thresholds fitted on 80 val images flatter any scores that vary (a rare class's one positive can
-    # be cut out by luck), so also show the model's own scores shuffled across images: same fitting,
-    # no information. The model must beat both.
+    # The reported score is the out-of-sample one, recomputed here from the saved predictions alone: no
+    # part of the fold is both fitted and scored. The in-sample figure is recorded beside it.
+    model_f1 = honest_f1(preds["ids"], preds["probs"], preds["targets"])
+    in_sample = float(macro_f1(preds["targets"], preds["probs"] >= fit_thresholds(preds["probs"], preds["targets"])))
+    baseline = frequency_baseline_f1(split, 0, preds["ids"], preds["targets"])
+    # Also the model's own scores shuffled across images: same fitting, no information.
     rng = np.random.default_rng(0)
-    shuffled = np.mean([macro_f1(preds["targets"], q >= fit_thresholds(q, preds["targets"]))
+    shuffled = np.mean([honest_f1(preds["ids"], q, preds["targets"])
                         for q in (preds["probs"][rng.permutation(80)] for _ in range(10))])
-    print(f"\nval macro F1 (fitted thresholds): model {model_f1:.4f} | label-frequency baseline {baseline:.4f} "
-          f"| model scores shuffled across images {shuffled:.4f}")
+    print(f"\nval macro F1 (fitted thresholds, out-of-sample): model {model_f1:.4f} (in-sample {in_sample:.4f}) | "
+          f"label-frequency baseline {baseline:.4f} | model scores shuffled across images {shuffled:.4f}")
     metrics = pd.read_json(out / "metrics.json", typ="series")
     assert abs(metrics["best_val_macro_f1"] - model_f1) < 1e-9
-    assert model_f1 > baseline + 0.05
-    assert model_f1 > shuffled
+    assert abs(metrics["val_macro_f1_in_sample"] - in_sample) < 1e-9
+    # Out-of-sample, 3 epochs on 240 images at 64 px are only a little above chance (measured 0.118 vs
+    # 0.096 and 0.102; in-sample fitting had shown 0.19 and suggested a 0.05 margin that was never there).
+    assert model_f1 > max(baseline, shuffled) + 0.01
 
     # Checkpoints load with weights_only=True, and best.pt rebuilds the model for predict.
     from hpa.models import load_checkpoint
@@ -258,7 +269,7 @@ def test_packed_shards_source_global_threshold_and_early_stopping(tmp_path):
     metrics = pd.read_json(out / "metrics.json", typ="series")
     assert metrics["stopped_early"] and metrics["epochs_run"] == 2 and metrics["best_epoch"] == 1
     history = pd.read_csv(out / "history.csv")
-    assert (history["val_macro_f1_fitted"] > 0).all()  # the fitted-threshold F1 is still recorded
+    assert (history["val_macro_f1_in_sample"] == 0).all() and (history["val_macro_f1_at_05"] >= 0).all()
     preds = np.load(out / "val_predictions.npz")
     df = pd.read_csv(split, dtype=str)
     assert preds["ids"].tolist() == df.loc[df["fold"] == "0", "Id"].tolist()
@@ -268,8 +279,9 @@ def test_packed_shards_source_global_threshold_and_early_stopping(tmp_path):
 
 @pytest.mark.parametrize("mode", ["shrunk", "prior"])
 def test_robust_threshold_modes_score_what_they_save(tmp_path, mode):
-    """--threshold-mode shrunk|prior: the metric line's val_macro_f1 is the F1 of the saved val predictions at
-    the saved thresholds.json of that policy (hpa.evaluate.thresholds_for_mode), recomputed here."""
+    """--threshold-mode shrunk|prior: thresholds.json holds that policy's thresholds fitted on the whole fold
+    (hpa.evaluate.thresholds_for_mode), and the metric line's val_macro_f1 is the policy's out-of-sample score,
+    both recomputed here from the saved val predictions."""
     from hpa.evaluate import macro_f1, thresholds_for_mode
 
     data, split = make_data(tmp_path, n=24, size=32)
@@ -285,7 +297,8 @@ def test_robust_threshold_modes_score_what_they_save(tmp_path, mode):
     expected = thresholds_for_mode(mode, preds["probs"], preds["targets"], threshold=0.3, prior=train_targets)
     values = np.array([saved["thresholds"][name] for name in CLASS_NAMES], dtype=float)
     np.testing.assert_allclose(values, expected, rtol=0, atol=1e-6)
-    assert abs(row["val_macro_f1"] - macro_f1(preds["targets"], preds["probs"] >= expected)) < 1e-4
+    honest = honest_f1(preds["ids"], preds["probs"], preds["targets"], mode, threshold=0.3, prior=train_targets)
+    assert abs(row["val_macro_f1"] - honest) < 1e-4
 
 
 # --- pieces -------------------------------------------------------------------------------------------------

@@ -22,8 +22,11 @@ python pipeline.py run --local epochs=-1      # error: pipeline parameter epochs
 PIPELINE_EXAMPLE = r"""
 checked = check_params(data_source="synthetic", store_uri="s3://mlpipeline/private/{namespace}/hpa-kfp", n_train=600, n_test=200,
                        image_size=64, color_mode="rgby", folds=5, val_fold=0, epochs=2, batch_size=32,
-                       lr_resnet18=1e-3, lr_se_resnet=1e-3, loss="bce", tta=2, threshold_mode="fitted",
-                       threshold=0.3, ensemble_method="mean", gpus=0, accelerator_type="nvidia.com/gpu", seed=0)
+                       models={"resnet18": 1e-3, "se_resnet18": 1e-3}, train_folds=1, loss="bce", tta=2,
+                       threshold_mode="shrunk", threshold=0.3, shrink_strength=10.0, ensemble_method="mean", gpus=0,
+                       accelerator_type="nvidia.com/gpu", seed=0)
+with dsl.ParallelFor(checked.outputs["train_plan"]) as item:   # {"arch", "fold"} per training task
+    ...
 """
 
 @dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
@@ -38,12 +41,13 @@ def check_params(
     val_fold: int,
     epochs: int,
     batch_size: int,
-    lr_resnet18: float,
-    lr_se_resnet: float,
+    models: dict,
+    train_folds: int,
     loss: str,
     tta: int,
     threshold_mode: str,
     threshold: float,
+    shrink_strength: float,
     ensemble_method: str,
     gpus: int,
     accelerator_type: str,
@@ -53,7 +57,8 @@ def check_params(
     multi_node: bool = False,
     cpu_image: str = "",
     cuda_image: str = "",
-) -> NamedTuple("Outputs", [("params", str), ("store_uri", str), ("gpu_limit", str), ("train_image", str)]):
+) -> NamedTuple("Outputs", [("params", str), ("store_uri", str), ("gpu_limit", str), ("train_image", str),
+                            ("train_plan", list)]):
     """Validate the pipeline's run parameters; fail with one clear line on the first bad one.
 
     Args:
@@ -67,12 +72,13 @@ def check_params(
         val_fold: Validation fold, 0 <= val_fold < folds.
         epochs: Training epochs, >= 1.
         batch_size: Batch size per training task, >= 2.
-        lr_resnet18: Learning rate of the resnet18 model, in (0, 1).
-        lr_se_resnet: Learning rate of the SE-ResNet model, in (0, 1).
+        models: Model name (hpa.models create_model name) -> peak learning rate in (0, 1).
+        train_folds: Folds trained per model, 1 <= train_folds <= folds.
         loss: bce or focal.
         tta: Dihedral test-time augmentations: 1, 2, 4 or 8.
         threshold_mode: fitted, global, shrunk or prior (see the pipeline's description).
         threshold: Global decision threshold in (0, 1).
+        shrink_strength: k of the shrunk policy, >= 0.
         ensemble_method: mean, weighted or rank.
         gpus: GPUs per training task, >= 0.
         accelerator_type: Kubernetes resource name of the accelerator.
@@ -88,6 +94,7 @@ def check_params(
         store_uri: The store prefix with {namespace} resolved.
         gpu_limit: The accelerator limit of the training pods as a string ("" = no accelerator).
         train_image: The image of the training pods, Katib trials and TrainJobs (CUDA when gpus > 0).
+        train_plan: The training tasks, one {"arch", "fold"} per model and trained fold (the ParallelFor's items).
     """
     import dataclasses
     import json
@@ -102,9 +109,9 @@ def check_params(
     settings = pod_settings(config, multi_node=multi_node, namespace=k8s.current_namespace(),
                             cpu_image=cpu_image, cuda_image=cuda_image)
     print(json.dumps(settings, sort_keys=True))
-    return namedtuple("Outputs", ["params", "store_uri", "gpu_limit", "train_image"])(
+    return namedtuple("Outputs", ["params", "store_uri", "gpu_limit", "train_image", "train_plan"])(
         json.dumps(dataclasses.asdict(config), sort_keys=True), settings["store_uri"], settings["gpu_limit"],
-        settings["train_image"])
+        settings["train_image"], config.train_plan())
 
 
 if __name__ == "__main__":

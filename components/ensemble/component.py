@@ -1,4 +1,8 @@
-"""KFP component `ensemble`: combine two models' predictions and fit the decision thresholds (fitted, global, shrunk or prior).
+"""KFP component `ensemble`: combine every model and fold, fit the decision thresholds (fitted, global, shrunk or prior), score out-of-sample.
+
+The training tasks' predictions arrive as lists (`dsl.Collected` over the ParallelFor of models x folds).
+Each model's validation folds form its out-of-fold predictions, its test predictions are averaged over
+its folds, then the models are combined; every reported score is cross-fitted (hpa.crossfit).
 
 `python components/ensemble/component.py` rewrites component.yaml.
 """
@@ -6,25 +10,28 @@
 from pathlib import Path
 
 from kfp import compiler, dsl
+from typing import List
+
 from kfp.dsl import ClassificationMetrics, Dataset, Input, Metrics, Output
 
 import hpa.config
 
 
 CLI_EXAMPLE = r"""
-python -m hpa ensemble --val a_val.npz b_val.npz --test a_test.npz b_test.npz --method mean --out ensemble/
+python -m hpa ensemble --val resnet18_f0_val.npz resnet18_f1_val.npz se_f0_val.npz se_f1_val.npz \
+    --test resnet18_f0_test.npz resnet18_f1_test.npz se_f0_test.npz se_f1_test.npz \
+    --method mean --threshold-mode shrunk --threshold 0.3 --out ensemble/
 """
 PIPELINE_EXAMPLE = r"""
-combined = ensemble(val_a=resnet.outputs["val_predictions"], val_b=se_resnet.outputs["val_predictions"],
-                    test_a=resnet.outputs["test_predictions"], test_b=se_resnet.outputs["test_predictions"])
+combined = ensemble(val_predictions=dsl.Collected(trained.outputs["val_predictions"]),
+                    test_predictions=dsl.Collected(trained.outputs["test_predictions"]),
+                    threshold_mode="shrunk", threshold=0.3)
 """
 
 @dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
 def ensemble(
-    val_a: Input[Dataset],
-    val_b: Input[Dataset],
-    test_a: Input[Dataset],
-    test_b: Input[Dataset],
+    val_predictions: Input[List[Dataset]],
+    test_predictions: Input[List[Dataset]],
     ensemble_test: Output[Dataset],
     thresholds: Output[Dataset],
     metrics: Output[Metrics],
@@ -35,19 +42,18 @@ def ensemble(
     shrink_strength: float = 10.0,
     prior_labels: Input[Dataset] = None,
 ):
-    """Average (or rank/weight) the models' probabilities and fit thresholds on the validation fold.
+    """Average (or rank/weight) the models' out-of-fold probabilities and fit thresholds on them.
 
     Args:
-        val_a: Validation predictions of the first model (.npz).
-        val_b: Validation predictions of the second model (.npz).
-        test_a: Test predictions of the first model (.npz).
-        test_b: Test predictions of the second model (.npz).
+        val_predictions: Validation predictions (.npz), one per trained model and fold, grouped by their model name.
+        test_predictions: Test predictions (.npz) of the same tasks, in the same order.
         ensemble_test: Combined test probabilities (.npz: ids, probs, model).
         thresholds: Thresholds JSON ({"thresholds": {class: value}, "values": [...], "mode": ...}).
-        metrics: Validation macro F1 of the ensemble and of each model (model0 = val_a), the weights, and the
-            predicted labels per image beside the true ones (val_labels_per_image, val_true_labels_per_image,
-            test_labels_per_image).
-        roc: Micro-averaged ROC curve of the ensemble on the validation fold.
+        metrics: Out-of-sample validation macro F1 of the ensemble and of each model (<model>_val_macro_f1), the
+            in-sample figure beside it, the weights, the predicted labels per image beside
+            the true ones, and on a labelled test set (synthetic data) the test macro F1 of the ensemble, of each
+            model and of predicting all 28 classes.
+        roc: Micro-averaged ROC curve of the ensemble on the out-of-fold validation predictions.
         method: mean, weighted or rank.
         threshold_mode: fitted (per-class thresholds maximising validation F1), global (threshold for every class),
             shrunk (each fitted threshold pulled toward threshold by n_pos / (n_pos + shrink_strength); a class
@@ -65,8 +71,8 @@ def ensemble(
     from sklearn.metrics import roc_curve
 
     from hpa.errors import DataError
+    from hpa.ensemble import ensemble as combine
     from hpa.evaluate import check_threshold_mode
-    from hpa.evaluate import ensemble as combine
 
     check_threshold_mode(threshold_mode)
     # An unconnected optional artifact input arrives as None: the backend driver resolves only the
@@ -77,7 +83,7 @@ def ensemble(
         raise DataError("threshold_mode 'prior': connect prior_labels (the training labels, e.g. the split CSV)")
     with tempfile.TemporaryDirectory() as out:
         result = combine(
-            [val_a.path, val_b.path], [test_a.path, test_b.path], method=method, out_dir=out,
+            [v.path for v in val_predictions], [t.path for t in test_predictions], method=method, out_dir=out,
             threshold=threshold if threshold_mode in ("global", "shrunk") else None, threshold_mode=threshold_mode,
             shrink_strength=shrink_strength, prior=prior_labels.path if threshold_mode == "prior" else None,
         )
@@ -86,13 +92,16 @@ def ensemble(
         with np.load(os.path.join(out, "ensemble_val.npz")) as val:
             targets, probs = val["targets"], val["probs"]
 
-    for key in ("val_macro_f1", "val_macro_f1_at_05", "best_single_val_macro_f1_fitted", "n_val", "n_test",
-                "val_labels_per_image", "val_true_labels_per_image", "test_labels_per_image", "test_true_labels_per_image"):
-        if key in result:  # test_true_labels_per_image: only when the test predictions carry targets
-            metrics.log_metric(key, float(result[key]))
-    for i, (scores, weight) in enumerate(zip(result["models"], result["weights"])):
-        metrics.log_metric(f"model{i}_val_macro_f1_fitted", float(scores["val_macro_f1_fitted"]))
-        metrics.log_metric(f"model{i}_weight", float(weight))
+    for key, value in result.items():  # the numbers; test_*: only when the test predictions carry targets
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, float(value))
+    for scores, weight in zip(result["models"], result["weights"]):  # e.g. resnet18_val_macro_f1
+        for key in ("val_macro_f1", "val_macro_f1_in_sample", "test_macro_f1"):
+            if key in scores:
+                metrics.log_metric(f"{scores['model']}_{key}", float(scores[key]))
+        metrics.log_metric(f"{scores['model']}_weight", float(weight))
+    ensemble_test.metadata.update({"models": [s["model"] for s in result["models"]],
+                                   "folds_per_model": result["folds_per_model"], "crossfit": result["crossfit"]})
     # The UI's ROC view (all classes pooled); thinned to <= 200 points so the metadata stays small.
     fpr, tpr, cuts = roc_curve(targets.ravel(), probs.ravel())
     keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).astype(int))

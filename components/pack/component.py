@@ -23,7 +23,7 @@ python -m hpa pack --data s3://mlpipeline/hpa-kfp/datasets/synthetic-600x200-64p
 """
 PIPELINE_EXAMPLE = r"""
 shards = pack(data_uri=data.outputs["data_uri"], image_size=64)
-resnet = train_resnet18(data_uri=data.outputs["data_uri"], shards_uri=shards.outputs["shards_uri"], ...)
+trained = train(data_uri=data.outputs["data_uri"], shards_uri=shards.outputs["shards_uri"], arch="resnet18", fold=0, ...)
 """
 
 

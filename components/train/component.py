@@ -1,10 +1,12 @@
-"""KFP component `train-resnet18`: train a 4-channel ResNet-18 on one fold, then predict val and test.
+"""KFP component `train`: train one model on one fold, then predict its validation fold and the test set.
 
-The images are streamed from the store (packed shards, or the PNGs; never copied in as an artifact); the checkpoint, the run
-directory (history, metrics, config) and the TTA predictions on the validation fold and on the test
-set come out as small artifacts for `compare-plots` and `ensemble`. The GPU request, /dev/shm and the
-S3 secret are set on the task in pipeline.py. `python components/train_resnet18/component.py`
-rewrites component.yaml.
+The pipeline runs it once per item of its training plan (a `dsl.ParallelFor` over every model of the
+`models` run parameter x each of `train_folds` folds); `ensemble` and `compare-plots` take the results
+with `dsl.Collected`. Each task's inputs `arch` and `fold` and its artifacts' metadata say what it
+trained. The images are streamed from the store (packed shards, or the PNGs; never copied in as an
+artifact); the checkpoint, the run directory (history, metrics, config) and the TTA predictions on the
+validation fold and on the test set come out as small artifacts. The GPU request, /dev/shm and the S3
+secret are set on the task in pipeline.py. `python components/train/component.py` rewrites component.yaml.
 """
 
 from pathlib import Path
@@ -21,56 +23,62 @@ python -m hpa train --data s3://mlpipeline/hpa-kfp/datasets/synthetic-600x200-64
 python -m hpa predict --checkpoint runs/resnet18/best.pt --data s3://mlpipeline/hpa-kfp/datasets/synthetic-600x200-64px-seed0 --ids test --tta 2 --out test.npz
 """
 PIPELINE_EXAMPLE = r"""
-resnet = train_resnet18(data_uri=data.outputs["data_uri"], split_csv=folds.outputs["split_csv"], lr=1e-3)
-resnet.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+with dsl.ParallelFor(checked.outputs["train_plan"], name="models-x-folds") as item:
+    trained = train(data_uri=data.outputs["data_uri"], split_csv=folds.outputs["split_csv"], arch=item.arch,
+                    fold=item.fold, models={"resnet18": 1e-3, "se_resnet18": 1e-3})
+    trained.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit("1")
+ensemble(val_predictions=dsl.Collected(trained.outputs["val_predictions"]),
+         test_predictions=dsl.Collected(trained.outputs["test_predictions"]))
 """
 
 @dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
-def train_resnet18(
+def train(
     data_uri: str,
     split_csv: Input[Dataset],
+    arch: str,
+    fold: int,
+    models: dict,
     model: Output[Model],
     run: Output[Artifact],
     val_predictions: Output[Dataset],
     test_predictions: Output[Dataset],
     metrics: Output[Metrics],
     shards_uri: str = "",
-    arch: str = "resnet18",
-    val_fold: int = 0,
     image_size: int = 64,
     color_mode: str = "rgby",
     epochs: int = 2,
     batch_size: int = 32,
-    lr: float = 1e-3,
     loss: str = "bce",
     threshold_mode: str = "fitted",
     threshold: float = 0.3,
+    shrink_strength: float = 10.0,
     tta: int = 2,
     seed: int = 0,
     weights: str = "",
     s3_endpoint: str = "",
 ):
-    """Train one model on the training folds, keep the best epoch, predict val and test with TTA.
+    """Train one model with one fold held out, keep the best epoch, predict that fold and the test set with TTA.
 
     Args:
         data_uri: URI of a committed dataset (the download task's data_uri).
         split_csv: Fold assignment (Id,Target,fold) from the split task.
+        arch: Architecture (hpa.models create_model name), an item of the training plan.
+        fold: Fold held out for validation (the other folds train), an item of the training plan.
+        models: Model name -> peak learning rate (the models run parameter, or Katib's best); this task uses models[arch].
         model: Best checkpoint (by validation macro F1), loadable with hpa.models.load_checkpoint.
         run: Training run directory: history.csv, metrics.json, config.json, val_predictions.npz.
         val_predictions: Validation-fold predictions with TTA (.npz: ids, probs, targets, model).
         test_predictions: Test-set predictions with TTA (.npz: ids, probs, model).
-        metrics: Best validation macro F1, its epoch and the losses.
+        metrics: Best validation macro F1 (out-of-sample), its epoch, the in-sample figure, the losses, fold and lr.
         shards_uri: Packed shards of the dataset (the pack task's shards_uri); empty = read the PNGs.
-        arch: Architecture name from hpa.models.MODEL_NAMES.
-        val_fold: Fold held out for validation.
         image_size: Training and inference size in pixels (multiple of 32).
         color_mode: rgby (4 channels) or rgb (3 channels).
         epochs: Training epochs.
         batch_size: Batch size.
-        lr: Peak learning rate.
         loss: bce or focal.
-        threshold_mode: fitted (per class on validation) or global; decides the reported val macro F1.
-        threshold: Global threshold used when threshold_mode is global.
+        threshold_mode: fitted, global, shrunk or prior: the threshold policy whose out-of-sample val macro F1 picks the best epoch.
+        threshold: The global threshold of global, and the value shrunk pulls rare classes toward.
+        shrink_strength: k of shrunk (>= 0).
         tta: Dihedral test-time augmentations for the predictions: 1, 2, 4 or 8.
         seed: Random seed.
         weights: Start from imagenet (timm's pretrained weights; needs the model hub), a 3-channel state dict file or s3:// URI; empty = random init.
@@ -81,22 +89,31 @@ def train_resnet18(
 
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
+    from hpa.errors import ConfigError
     from hpa.train import TrainConfig, train_and_predict
 
+    if arch not in models:
+        raise ConfigError(f"train arch={arch!r}: not in models {sorted(models)} (the learning rates by model)")
+    lr = float(models[arch])
+    fold = int(fold)  # a loop item's field may arrive as a JSON number with a fraction (0.0)
     os.makedirs(run.path, exist_ok=True)
     # DataLoader workers: up to 4, leaving a core for the training loop (a pod sees its node's cores, so cap).
     workers = min(4, max(0, len(os.sched_getaffinity(0)) - 1))
     with tempfile.TemporaryDirectory(prefix="hpa-cache-") as cache:  # image/shard cache: outside the run artifact
         config = TrainConfig(
-            data=shards_uri or data_uri, split=split_csv.path, fold=val_fold, arch=arch, size=image_size,
+            data=shards_uri or data_uri, split=split_csv.path, fold=fold, arch=arch, size=image_size,
             color_mode=color_mode, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
-            threshold_mode=threshold_mode, threshold=threshold, seed=seed, weights=weights, out=run.path, cache_dir=cache, workers=workers,
+            threshold_mode=threshold_mode, threshold=threshold, shrink_strength=shrink_strength, seed=seed,
+            weights=weights, out=run.path, cache_dir=cache, workers=workers,
         )
         summary = train_and_predict(config, model.path, val_predictions.path, test_predictions.path, tta=tta,
                                     shards=shards_uri or None, predict_data=data_uri)
-    model.metadata.update({"arch": arch, "image_size": image_size, "color_mode": color_mode, "framework": "pytorch"})
-    for key, value in summary.items():
+    model.metadata.update({"arch": arch, "fold": fold, "lr": lr, "image_size": image_size, "color_mode": color_mode,
+                           "framework": "pytorch"})
+    for artifact in (run, val_predictions, test_predictions):
+        artifact.metadata.update({"arch": arch, "fold": fold})
+    for key, value in {**summary, "fold": fold, "lr": lr}.items():
         metrics.log_metric(key, value)
 
 if __name__ == "__main__":
-    compiler.Compiler().compile(train_resnet18, str(Path(__file__).with_name("component.yaml")))
+    compiler.Compiler().compile(train, str(Path(__file__).with_name("component.yaml")))

@@ -4,7 +4,7 @@ Used by the multi-node pipeline (compiled/hpa_pipeline_multinode.yaml) instead o
 tasks. It copies the split into the store, creates a Kubeflow Trainer v2 TrainJob on the `torch-distributed` runtime
 (`kind=pytorchjob`: a Training Operator v1 PyTorchJob) running `torchrun -m hpa train`, waits for it,
 then fetches the run's outputs from the store and predicts val and test, so that its outputs are the
-same as `train-resnet18`'s. The pipeline's service account needs create/get/delete on the job kind in
+same as `train`'s. The pipeline's service account needs create/get/delete on the job kind in
 `namespace` (and, for trainer_api=auto, get on customresourcedefinitions; without it the task tries the
 Trainer 2.1 field first). `python components/train_distributed/component.py` rewrites component.yaml.
 
@@ -31,6 +31,7 @@ python -m hpa distributed launch --file trainjob.yaml --timeout 86400
 PIPELINE_EXAMPLE = r"""
 ddp = train_distributed(data_uri=data.outputs["data_uri"], split_csv=folds.outputs["split_csv"],
                         store_uri=checked.outputs["store_uri"], num_nodes=num_nodes, gpus_per_node=gpus, arch="resnet18",
+                        fold=0, models={"resnet18": 1e-3},
                         image=checked.outputs["train_image"],  # the CUDA or CPU image, fixed at compile time
                         node_selector=node_selector, tolerations=tolerations)
 """
@@ -41,6 +42,9 @@ def train_distributed(
     data_uri: str,
     split_csv: Input[Dataset],
     store_uri: str,
+    arch: str,
+    fold: int,
+    models: dict,
     model: Output[Model],
     run: Output[Artifact],
     val_predictions: Output[Dataset],
@@ -56,16 +60,14 @@ def train_distributed(
     node_selector: dict = {},
     tolerations: list = [],
     trainer_api: str = "auto",
-    arch: str = "resnet18",
-    val_fold: int = 0,
     image_size: int = 64,
     color_mode: str = "rgby",
     epochs: int = 2,
     batch_size: int = 32,
-    lr: float = 1e-3,
     loss: str = "bce",
     threshold_mode: str = "fitted",
     threshold: float = 0.3,
+    shrink_strength: float = 10.0,
     tta: int = 2,
     seed: int = 0,
     weights: str = "",
@@ -78,6 +80,9 @@ def train_distributed(
         data_uri: URI of a committed dataset (the download task's data_uri).
         split_csv: Fold assignment (Id,Target,fold) from the split task; copied into the store for the training pods.
         store_uri: Store prefix; the job writes under <store_uri>/runs/<job name>/.
+        arch: Architecture (hpa.models create_model name), an item of the training plan.
+        fold: Fold held out for validation (the other folds train), an item of the training plan.
+        models: Model name -> peak learning rate (the models run parameter, or Katib's best); this task uses models[arch].
         model: Best checkpoint (by validation macro F1), loadable with hpa.models.load_checkpoint.
         run: Training run directory: history.csv, metrics.json, config.json, val_predictions.npz.
         val_predictions: Validation-fold predictions with TTA (.npz: ids, probs, targets, model).
@@ -93,16 +98,14 @@ def train_distributed(
         node_selector: Node labels for the training pods, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = anywhere.
         tolerations: Tolerations for the training pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]; [] = none.
         trainer_api: How the TrainJob patches its pods: podTemplateOverrides (Trainer 2.1, Kubeflow 1.11), runtimePatches (Trainer >= 2.2), or auto (read the installed TrainJob CRD; if this task may not, try 2.1 then 2.2+).
-        arch: Architecture name from hpa.models.MODEL_NAMES.
-        val_fold: Fold held out for validation.
         image_size: Training and inference size in pixels (multiple of 32).
         color_mode: rgby (4 channels) or rgb (3 channels).
         epochs: Training epochs.
         batch_size: Batch size per process.
-        lr: Peak learning rate.
         loss: bce or focal.
-        threshold_mode: fitted (per class on validation) or global; decides the reported val macro F1.
-        threshold: Global threshold used when threshold_mode is global.
+        threshold_mode: fitted, global, shrunk or prior: the threshold policy whose out-of-sample val macro F1 picks the best epoch.
+        threshold: The global threshold of global, and the value shrunk pulls rare classes toward.
+        shrink_strength: k of shrunk (>= 0).
         tta: Dihedral test-time augmentations for the predictions: 1, 2, 4 or 8.
         seed: Random seed.
         weights: Start from imagenet (timm's pretrained weights; needs the model hub), a 3-channel state dict file or s3:// URI; empty = random init.
@@ -122,6 +125,10 @@ def train_distributed(
     if not image.strip():
         raise ConfigError(f"train-distributed image={image!r}: expected the training image fixed at compile time "
                           "(pipeline.py passes the CUDA image when gpus > 0, else the CPU image)")
+    if arch not in models:
+        raise ConfigError(f"train-distributed arch={arch!r}: not in models {sorted(models)} (the learning rates by model)")
+    lr = float(models[arch])
+    fold = int(fold)  # a loop item's field may arrive as a JSON number with a fraction (0.0)
     namespace = namespace or k8s.current_namespace()
     name = f"hpa-{arch.replace('_', '-')}-ddp-{uuid.uuid4().hex[:6]}"
     prefix = f"{config.expand_store_uri(store_uri, namespace).rstrip('/')}/runs/{name}"
@@ -129,8 +136,9 @@ def train_distributed(
     cfg = distributed.DistributedConfig(
         name=name, namespace=namespace, kind=kind, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
         accelerator_type=accelerator_type, data=shards_uri or data_uri, split=f"{prefix}/split.csv", out=f"{prefix}/out",
-        fold=val_fold, arch=arch, size=image_size, color_mode=color_mode, epochs=epochs, batch_size=batch_size,
-        lr=lr, loss=loss, threshold_mode=threshold_mode, threshold=threshold, seed=seed, weights=weights, image=image,
+        fold=fold, arch=arch, size=image_size, color_mode=color_mode, epochs=epochs, batch_size=batch_size,
+        lr=lr, loss=loss, threshold_mode=threshold_mode, threshold=threshold, shrink_strength=shrink_strength, seed=seed,
+        weights=weights, image=image,
         node_selector=node_selector, tolerations=tolerations, trainer_api=trainer_api,
         s3_endpoint=s3_endpoint or config.S3_DEFAULT_ENDPOINT,
     )
@@ -142,15 +150,19 @@ def train_distributed(
         if out.exists(key):
             out.get_file(key, os.path.join(run.path, key))
     out.get_file("best.pt", model.path)
-    model.metadata.update({"arch": arch, "image_size": image_size, "color_mode": color_mode, "framework": "pytorch",
+    model.metadata.update({"arch": arch, "fold": fold, "lr": lr, "image_size": image_size, "color_mode": color_mode, "framework": "pytorch",
                            "job": f"{result['kind']} {namespace}/{result['name']}", "outputs": result["out"]})
 
-    predict_val_and_test(model.path, data_uri, split_csv.path, val_fold, val_predictions.path, test_predictions.path,
+    for artifact in (run, val_predictions, test_predictions):
+        artifact.metadata.update({"arch": arch, "fold": fold})
+    predict_val_and_test(model.path, data_uri, split_csv.path, fold, val_predictions.path, test_predictions.path,
                          tta=tta, shards=shards_uri or None, batch_size=batch_size)
     for key, value in numeric_metrics(run.path).items():
         metrics.log_metric(key, value)
     metrics.log_metric("num_nodes", float(num_nodes))
     metrics.log_metric("gpus_per_node", float(gpus_per_node))
+    metrics.log_metric("fold", float(fold))
+    metrics.log_metric("lr", lr)
 
 
 if __name__ == "__main__":

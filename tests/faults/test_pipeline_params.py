@@ -18,8 +18,14 @@ sys.path.insert(0, str(ROOT))
 BAD = [
     ("epochs=-1", "epochs=-1"),
     ("epochs=0", "epochs=0"),
-    ("lr_resnet18=0", "lr_resnet18=0.0"),
-    ("lr_se_resnet=-0.1", "lr_se_resnet=-0.1"),
+    ('models={"resnet18": 0}', "a learning rate in (0, 1) for each model (resnet18: 0)"),
+    ('models={"se_resnet18": -0.1}', "(se_resnet18: -0.1)"),
+    ('models={"resnet9000": 0.001}', "('resnet9000' is not one)"),
+    ("models={}", "a non-empty JSON object of model name -> learning rate"),
+    ('models=["resnet18"]', "models expects a dict"),
+    ("train_folds=0", "train_folds=0"),
+    ("train_folds=6", "expected an integer in [1, folds=5]"),
+    ("shrink_strength=-1", "shrink_strength=-1.0"),
     ("image_size=100", "multiple of 32"),
     ("image_size=0", "image_size=0"),
     ("val_fold=5", "val_fold=5"),
@@ -82,14 +88,19 @@ def test_check_params_task_fails_first_in_the_pipeline(tmp_path, capfd):
 
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path))
     args = dict(data_source="synthetic", store_uri="s3://b/p", n_train=10, n_test=5, image_size=96, color_mode="rgby",
-                folds=5, val_fold=7, epochs=1, batch_size=8, lr_resnet18=1e-3, lr_se_resnet=1e-3, loss="bce", tta=1,
-                threshold_mode="fitted", threshold=0.3, ensemble_method="mean", gpus=0,
+                folds=5, val_fold=7, epochs=1, batch_size=8, models={"resnet18": 1e-3, "se_resnet18": 1e-3},
+                train_folds=2, loss="bce", tta=1, threshold_mode="fitted", threshold=0.3, shrink_strength=10.0,
+                ensemble_method="mean", gpus=0,
                 accelerator_type="nvidia.com/gpu", seed=0, cpu_image="hpa:cpu", cuda_image="hpa:cuda")
     with pytest.raises(RuntimeError):
         check_params(**args)
     assert "pipeline parameter val_fold=7: expected 0 <= val_fold < folds (5)" in capfd.readouterr().out
-    args["val_fold"] = 0
-    assert '"val_fold": 0' in check_params(**args).outputs["params"]
+    args["val_fold"] = 4
+    outputs = check_params(**args).outputs
+    assert '"val_fold": 4' in outputs["params"]
+    # the training plan: every model on train_folds=2 folds, from val_fold on (wrapping around)
+    assert outputs["train_plan"] == [{"arch": "resnet18", "fold": 4}, {"arch": "resnet18", "fold": 0},
+                                     {"arch": "se_resnet18", "fold": 4}, {"arch": "se_resnet18", "fold": 0}]
 
 
 def test_stage_functions_refuse_the_same_values(tmp_path):
