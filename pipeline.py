@@ -551,6 +551,9 @@ def print_restored():
         builtins.print = saved
 
 
+LOCAL_PARALLEL_TASKS = 2  # kfp.local's ParallelFor concurrency (see run_local)
+
+
 def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> dict:
     """Run the whole pipeline with kfp.local; returns {"submission", "report", "metrics", "elapsed_s", ...}."""
     import kfp.local
@@ -576,6 +579,11 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
             arguments.setdefault("store_uri", "s3://hpa-local/hpa-kfp")
             arguments.setdefault("s3_endpoint", server.endpoint)
         check_arguments(arguments)
+        # kfp.local runs up to 2 ParallelFor iterations at once (kfp 2.17 kfp/local/orchestrator/
+        # enhanced_dag_orchestrator.py ParallelExecutor.conservative_max), so two training tasks share the
+        # cores: give each half of them. Left to torch's default, each task's OpenMP pool takes every core and
+        # the two spin against each other (measured: 8x slower per epoch on 2 cores).
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLEL_TASKS)))
         kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "pipeline_root"),
                        raise_on_error=True)
         with backend_rules.strict_local() as strict, print_restored():  # resolve inputs as the driver does

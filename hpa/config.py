@@ -51,7 +51,7 @@ def expand_store_uri(uri: str, namespace: str) -> str:
     if "{" in expanded or "}" in expanded:
         raise ConfigError(f"store_uri {uri!r}: the only placeholder allowed is {NAMESPACE_FIELD}")
     return expanded
-DEFAULT_MODELS = {"resnet18": 1e-3, "se_resnet18": 1e-3}
+DEFAULT_MODELS = {"resnet18": 2e-3, "se_resnet18": 2e-3}
 
 KAGGLE_SECRET_NAME = "kaggle-credentials"
 KAGGLE_SECRET_KEYS = {"username": "KAGGLE_USERNAME", "key": "KAGGLE_KEY"}
@@ -59,24 +59,28 @@ KAGGLE_SECRET_KEYS = {"username": "KAGGLE_USERNAME", "key": "KAGGLE_KEY"}
 
 @dataclass
 class PipelineConfig:
-    """Defaults of the pipeline's run parameters (the values a user sees in the KFP UI)."""
+    """Defaults of the pipeline's run parameters (the values a user sees in the KFP UI).
+
+    The data, model and training defaults are the embedded local run's (`python pipeline.py run --local`
+    on 2 CPU cores), chosen from the measured learning curve in BENCHMARKS.md; a cluster run sets its
+    own (image_size=512, epochs, train_folds=5, gpus)."""
 
     data_source: str = "synthetic"
     store_uri: str = DEFAULT_STORE_URI
-    n_train: int = 600
+    n_train: int = 2000
     n_test: int = 200
-    image_size: int = 64
+    image_size: int = 32
     color_mode: str = "rgby"
     folds: int = 5
     val_fold: int = 0
-    epochs: int = 2
+    epochs: int = 8
     batch_size: int = 32
     # The models to train, create_model name -> peak learning rate; each trains on `train_folds` folds.
     models: dict = field(default_factory=lambda: dict(DEFAULT_MODELS))
     train_folds: int = 1
     loss: str = "bce"
     tta: int = 2
-    threshold_mode: str = "fitted"
+    threshold_mode: str = "prior"
     threshold: float = 0.3
     shrink_strength: float = 10.0
     ensemble_method: str = "mean"

@@ -802,7 +802,7 @@ class Trainer:
         ckpt["thresholds"] = torch.tensor(val["thresholds"], dtype=torch.float32)  # the policy's, fitted on the fold
         self.save("best.pt", ckpt)
         self.out.write("val_predictions.npz", predictions_bytes(np.array(self.fold.val_ids), val["probs"],
-                                                                self.fold.val_targets, model=f"{self.cfg.arch}-fold{self.cfg.fold}"))
+                                                                self.fold.val_targets, model=self.cfg.arch))
         self.out.write("thresholds.json", json.dumps(thresholds_json(val["thresholds"], self.cfg.threshold_mode),
                                                      indent=2).encode())
 

@@ -35,3 +35,26 @@ def test_gpu_train_throughput_cpu_mode(tmp_path):
                          rf"\(c\) seed loader [\d.]+ img/s$", out, re.M), out
         assert re.search(rf"^{arch}: ratio b/a .*: [\d.]+", out, re.M), out
         assert re.search(rf"^{arch}: ratio b/c .*: [\d.]+", out, re.M), out
+
+
+def test_learning_curve_grid_and_goals():
+    """benchmarks/learning_curve.py: the grid is the product of the axes, and each row is judged by the
+    issue-12 goals (time, 2x the all-classes baseline, ensemble >= best model, 1-3 labels per image)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import learning_curve as lc
+    finally:
+        sys.path.remove(str(BENCH))
+    assert lc.parse_grid(["epochs=4,8", "seed=0,1"]) == [
+        {"epochs": "4", "seed": "0"}, {"epochs": "4", "seed": "1"}, {"epochs": "8", "seed": "0"},
+        {"epochs": "8", "seed": "1"}]
+    assert lc.parse_grid([]) == [{}]
+    row = {"point": {"seed": "0"}, "elapsed_s": 249.2, "load": (1.0, 2.0), "val_f1": 0.215, "val_f1_in_sample": 0.219,
+           "test_f1": 0.237, "all_classes": 0.1005, "members": {"resnet18": 0.202, "se_resnet18": 0.186},
+           "labels_per_image": 1.73, "true_labels_per_image": 1.64}
+    assert lc.goals(row) == "all met"
+    assert lc.goals({**row, "test_f1": 0.19}) == "missed: 2x, ens>=best"
+    assert lc.goals({**row, "elapsed_s": 400.0, "labels_per_image": 13.2}) == "missed: time, card"
+    table = lc.markdown([row, {"point": {"seed": "1"}, "error": "boom"}])
+    assert "| seed=0 | 249 (1.0-2.0) | 0.215 (0.219) | 0.237 | resnet18 0.202, se_resnet18 0.186 |" in table
+    assert "failed: boom" in table

@@ -51,8 +51,14 @@ def test_torchrun_two_processes_cpu(tmp_path):
     preds = np.load(out / "val_predictions.npz")
     val_ids = df.loc[df["fold"] == 0, "Id"].tolist()
     assert preds["ids"].tolist() == val_ids
-    f1 = macro_f1(preds["targets"], preds["probs"] >= fit_thresholds(preds["probs"], preds["targets"]))
+    # (out-of-sample: each of 5 stratified parts scored with thresholds fitted on the other 4, hpa.crossfit)
+    from hpa.crossfit import crossfit_binarize, crossfit_groups, policy_fitter
+
+    groups = crossfit_groups(preds["ids"], preds["targets"])
+    f1 = macro_f1(preds["targets"], crossfit_binarize(preds["probs"], preds["targets"], groups, policy_fitter("fitted")))
     assert abs(float(pd.read_csv(out / "history.csv")["val_macro_f1"][0]) - f1) < 1e-9
+    in_sample = macro_f1(preds["targets"], preds["probs"] >= fit_thresholds(preds["probs"], preds["targets"]))
+    assert abs(float(pd.read_csv(out / "history.csv")["val_macro_f1_in_sample"][0]) - in_sample) < 1e-9
 
     # The gathered probabilities are those of the saved model on each image (ordering is right).
     from hpa.data import HPADataset

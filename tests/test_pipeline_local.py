@@ -8,6 +8,7 @@ compare-plots), smaller than `python pipeline.py run --local`'s defaults (120 tr
 
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -101,3 +102,49 @@ def test_print_is_restored_after_overlapping_kfp_local_tasks():
         second.__exit__(None, None, None)  # B ends: A's indenting print back
         assert builtins.print is not original  # the leak this guards against
     assert builtins.print is original
+
+
+def test_run_local_splits_the_cores_between_parallel_training_tasks(tmp_path, monkeypatch):
+    """kfp.local runs two ParallelFor iterations at once; each training task's OpenMP pool gets half the cores
+    (left alone, both pools take every core and spin against each other: 8x slower per epoch, measured).
+    The environment is restored after the run, and a user's own OMP_NUM_THREADS is kept."""
+    import kfp.local
+
+    import pipeline
+
+    seen = []
+
+    def stop_at_init(**kwargs):
+        seen.append(os.environ.get("OMP_NUM_THREADS"))
+        raise RuntimeError("stop before any task")
+
+    monkeypatch.setattr(kfp.local, "init", stop_at_init)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with pytest.raises(RuntimeError, match="stop before any task"):
+        pipeline.run_local({}, tmp_path / "a", store_dir=tmp_path / "store")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with pytest.raises(RuntimeError, match="stop before any task"):
+        pipeline.run_local({}, tmp_path / "b", store_dir=tmp_path / "store")
+    assert seen == [str(8 // pipeline.LOCAL_PARALLEL_TASKS), "3"] and os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_run_local_prints_the_honest_scores_the_baseline_and_the_cardinality():
+    """What `run --local` prints after a run, from its metrics.json (here a hand-made one)."""
+    import pipeline
+
+    scores = {"ensemble_val": {"val_macro_f1": 0.2151, "val_macro_f1_in_sample": 0.2192, "resnet18_val_macro_f1": 0.2161,
+                               "se_resnet18_val_macro_f1": 0.1932, "resnet18_test_macro_f1": 0.2021,
+                               "se_resnet18_test_macro_f1": 0.1858, "val_true_labels_per_image": 1.6},
+              "submission": {"test_macro_f1": 0.2367, "test_macro_f1_all_classes": 0.1005, "labels_per_image": 1.73,
+                             "true_labels_per_image": 1.64}}
+    lines = pipeline.score_lines(scores, {"resnet18": 0.002, "se_resnet18": 0.002})
+    assert lines == [
+        "val macro F1:  0.2151 ensemble, out-of-sample (0.2192 in-sample); single models: resnet18 0.2161, "
+        "se_resnet18 0.1932",
+        "test macro F1: 0.2367 submission; predicting all 28 classes: 0.1005; single models: resnet18 0.2021, "
+        "se_resnet18 0.1858",
+        "labels/image:  1.73 predicted, 1.64 true (test)"]
+    unlabelled = {"ensemble_val": scores["ensemble_val"], "submission": {"labels_per_image": 1.8}}
+    assert pipeline.score_lines(unlabelled, {"resnet18": 0.002})[-1] == \
+        "labels/image:  1.80 predicted (test), 1.60 true on val"
