@@ -312,13 +312,15 @@ def compile_all(out_dir: Path | None = None) -> list[Path]:
     A component is the object named like its folder in components/<stage>/component.py, the same one
     that `python components/<stage>/component.py` compiles, so both give byte-identical YAML.
     """
+    from cluster import submit as cluster_submit
+
     out_dir = Path(out_dir) if out_dir else ROOT
     written = []
     for func, path, defaults in ((hpa_pipeline, COMPILED, None),
                                  (hpa_pipeline_multinode, COMPILED_MULTINODE, MULTINODE_DEFAULTS)):
         target = out_dir / path.relative_to(ROOT)
         target.parent.mkdir(parents=True, exist_ok=True)
-        compiler.Compiler().compile(func, str(target), pipeline_parameters=defaults)
+        cluster_submit.compile_pipeline(func, target, pipeline_parameters=defaults)  # the same bytes every time
         written.append(target)
     for script in sorted(COMPONENTS.glob("*/component.py")):
         stage = script.parent.name

@@ -299,13 +299,37 @@ class Package:
     parameters: dict  # root input parameter name -> {"type": ParameterType name, "optional": bool}
 
 
+_HEADER_DEFAULT = re.compile(r"^(#\s+\w+: \w+ \[Default: )(\{.*\})(\])$", re.M)
+
+
+def _sorted(value):
+    return {k: _sorted(value[k]) for k in sorted(value)} if isinstance(value, dict) else value
+
+
+def compile_pipeline(pipeline_func, path, pipeline_parameters: dict | None = None) -> Path:
+    """kfp's Compiler, with the same bytes every time. kfp 2.17 writes each default into the YAML's comment
+    header through a protobuf Struct, whose key order varies from process to process (measured: the
+    `models` default came out as {'resnet18': ..} or {'se_resnet18': ..} first, by PYTHONHASHSEED); the
+    spec itself is dumped with sorted keys. The header's dict defaults are put in key order, so the same
+    pipeline always gives the same file (and `submit` the same sha256-named version)."""
+    import ast
+
+    from kfp import compiler
+
+    path = Path(path)
+    compiler.Compiler().compile(pipeline_func, str(path), pipeline_parameters=pipeline_parameters)
+    text = path.read_text()
+    fixed = _HEADER_DEFAULT.sub(lambda m: m.group(1) + repr(_sorted(ast.literal_eval(m.group(2)))) + m.group(3), text)
+    if fixed != text:
+        path.write_text(fixed)
+    return path
+
+
 def compile_package(pipeline_func, directory: Path, pipeline_parameters: dict | None = None) -> Package:
     from google.protobuf import json_format
-    from kfp import compiler
     from kfp.pipeline_spec import pipeline_spec_pb2
 
-    path = Path(directory) / f"{pipeline_func.name}.yaml"
-    compiler.Compiler().compile(pipeline_func, str(path), pipeline_parameters=pipeline_parameters)
+    path = compile_pipeline(pipeline_func, Path(directory) / f"{pipeline_func.name}.yaml", pipeline_parameters)
     data = path.read_bytes()
     spec = json_format.ParseDict(next(yaml.safe_load_all(data)), pipeline_spec_pb2.PipelineSpec())
     types = pipeline_spec_pb2.ParameterType.ParameterTypeEnum

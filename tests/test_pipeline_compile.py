@@ -68,6 +68,20 @@ def test_compiled_files_match_sources(pipeline_module, tmp_path):
     assert not stale, f"out of date, run `python pipeline.py compile` and commit: {stale}"
 
 
+def test_compile_gives_the_same_bytes_in_every_process(tmp_path):
+    """kfp 2.17 writes the `models` default into the YAML's comment header through a protobuf Struct whose key
+    order changes from process to process (seen as a flaky drift test); compile_all puts it in key order."""
+    code = "import sys, pathlib, pipeline; pipeline.compile_all(pathlib.Path(sys.argv[1]))"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HPA_IMAGE"}
+    outputs = []
+    for seed in ("1", "2"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], check=True, cwd=ROOT,
+                       env={**env, "PYTHONHASHSEED": seed})
+        outputs.append((tmp_path / seed / "compiled" / "hpa_pipeline.yaml").read_text())
+    assert outputs[0] == outputs[1]
+    assert "#    models: dict [Default: {'resnet18': 0.002, 'se_resnet18': 0.002}]" in outputs[0]
+
+
 def test_component_script_rewrites_its_yaml(tmp_path):
     """`python components/<stage>/component.py` gives the committed YAML (checked for one stage)."""
     scratch = tmp_path / "components" / "split"
