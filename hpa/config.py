@@ -23,6 +23,33 @@ def cuda_image() -> str:
     return os.environ.get("HPA_CUDA_IMAGE", DEFAULT_CUDA_IMAGE)
 
 
+def env_int(name: str, default: int, minimum: int | None = None) -> int:
+    """Integer environment variable `name` (unset or blank: `default`); a bad value is one ConfigError line."""
+    return _env_number(name, default, minimum, int, "an integer")
+
+
+def env_float(name: str, default: float, minimum: float | None = None) -> float:
+    """Finite float environment variable `name` (unset or blank: `default`); a bad value is one ConfigError line."""
+    return _env_number(name, default, minimum, float, "a number")
+
+
+def _env_number(name, default, minimum, kind, expected):
+    from hpa.errors import ConfigError
+
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or value != value or value in (float("inf"), float("-inf")) or \
+            (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ConfigError(f"environment variable {name}={raw!r}: expected {expected}{bound}")
+    return value
+
+
 # KFP's object store conventions (the secret every Kubeflow install has).
 S3_SECRET_NAME = "mlpipeline-minio-artifact"
 S3_SECRET_KEYS = {"accesskey": "HPA_S3_ACCESS_KEY", "secretkey": "HPA_S3_SECRET_KEY"}
@@ -138,7 +165,26 @@ class PipelineConfig:
         need(self.seed >= 0, "seed", "an integer >= 0")
         need(self.weights == self.weights.strip() and not any(c.isspace() for c in self.weights), "weights",
              "empty (random init), imagenet, or a weights file path / s3:// URI without spaces")
+        self._check_counts(need)
         return self
+
+    def _check_counts(self, need) -> None:
+        """What the images will fail later, computed now: every fold must hold the 2 validation images that
+        cross-fitting needs, and a fold's training images must fill one batch per training process (else
+        the first train task fails after download, split and pack). Known when the source is synthetic or
+        n_train caps a real dataset; a whole real dataset (n_train=0) is checked by split and train."""
+        from hpa.download import SYNTHETIC_DEFAULTS
+
+        n = self.n_train or (SYNTHETIC_DEFAULTS[0] if self.data_source == "synthetic" else 0)
+        if not n:
+            return
+        need(n // self.folds >= 2, "n_train" if self.n_train else "folds",
+             f"at least 2 images per fold: {n} training images in {self.folds} folds leave {n // self.folds}")
+        train = n - -(-n // self.folds)  # the training part of the fold with the most validation images
+        processes = max(1, self.gpus) * self.num_nodes
+        need(train >= self.batch_size * processes, "batch_size",
+             f"at most {train // processes}: n_train={n} in {self.folds} folds leaves {train} training images per "
+             f"fold for {processes} training process(es) (lower batch_size or raise n_train)")
 
     def train_plan(self) -> list[dict]:
         """The training tasks: every model on each of `train_folds` folds, starting at val_fold. One item per

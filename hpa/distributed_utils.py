@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hpa.config import env_int
+from hpa.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -31,10 +34,9 @@ class DistInfo:
 
 def init_distributed(device_kind: str) -> DistInfo:
     """Join the process group when launched by torchrun/PyTorchJob: NCCL on GPU, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    info = dist_info_from_env()
+    if not info.distributed:
+        return info
     backend = "nccl" if device_kind == "cuda" else "gloo"
     if device_kind == "cuda":
         torch.cuda.set_device(info.local_rank)
@@ -42,6 +44,20 @@ def init_distributed(device_kind: str) -> DistInfo:
         dist.init_process_group(backend=backend)
     _tag_logs(info.rank)
     return info
+
+
+def dist_info_from_env() -> DistInfo:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them; a bad or missing one is one ConfigError line."""
+    world_size = env_int("WORLD_SIZE", 1, minimum=1)
+    if world_size == 1:
+        return DistInfo()
+    if not os.environ.get("RANK", "").strip():
+        raise ConfigError(f"environment variable RANK is not set, but WORLD_SIZE={world_size}: expected an integer "
+                          f"in [0, {world_size}) (torchrun, PyTorchJob and TrainJob set both)")
+    rank = env_int("RANK", 0, minimum=0)
+    if rank >= world_size:
+        raise ConfigError(f"environment variable RANK={rank}: expected an integer in [0, WORLD_SIZE={world_size})")
+    return DistInfo(rank, world_size, env_int("LOCAL_RANK", 0, minimum=0))
 
 
 def _tag_logs(rank: int) -> None:

@@ -13,9 +13,13 @@ first, so readers never see a manifest that disagrees with the objects.
 from __future__ import annotations
 
 import argparse
+import base64
+import bz2
+import gzip
 import hashlib
 import ipaddress
 import logging
+import lzma
 import os
 import re
 import stat
@@ -25,9 +29,12 @@ import time
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
-from hpa.errors import ConfigError, DataError, StoreError
+from hpa.config import env_int
+from hpa.errors import ConfigError, DataError, HPAError, StoreError
 from hpa.labels import COLORS
 from hpa.store import MANIFEST, Store, open_store, redact, sha256_file
 
@@ -36,25 +43,72 @@ log = logging.getLogger(__name__)
 KAGGLE_COMPETITION = "human-protein-atlas-image-classification"
 SYNTHETIC_DEFAULTS = (600, 200)
 # The real Kaggle archive is ~17 GB; override with --max-bytes / HPA_DOWNLOAD_MAX_BYTES.
-DEFAULT_MAX_BYTES = int(os.environ.get("HPA_DOWNLOAD_MAX_BYTES", 32 << 30))
+DEFAULT_MAX_BYTES = env_int("HPA_DOWNLOAD_MAX_BYTES", 32 << 30, minimum=1)
 CSV_FILES = ("train.csv", "sample_submission.csv", "test_labels.csv")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SPLIT_CSV = {"train": "train.csv", "test": "sample_submission.csv"}
 
 
 # -- archives -------------------------------------------------------------------------------------
+# Limits on what an archive may unpack to. Bytes are counted as they are written, so lying headers do
+# not help: the real Kaggle archive is ~17 GB of PNGs that barely compress (ratio ~1, its train.zip
+# alone ~14 GB), while zip bombs expand a thousand times and more.
+DEFAULT_MAX_MEMBER_BYTES = env_int("HPA_DOWNLOAD_MAX_MEMBER_BYTES", 20 << 30, minimum=1)
+DEFAULT_MAX_RATIO = 200.0  # uncompressed / compressed: per zip member, over a whole tar archive
+RATIO_FLOOR = 1 << 20  # the ratio is checked past this many bytes only (small CSVs compress well)
+MAX_ARCHIVE_DEPTH = 2  # an archive and archives inside it (Kaggle ships train.zip in its zip); deeper is refused
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, EOFError, NotImplementedError,
+                   RuntimeError, OSError)
+
+
+def _allowed_url(url: str, allow_http: bool) -> bool:
+    """The one rule for every URL fetched, redirects included: https, or http to loopback with allow_http."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return False
+    return parts.scheme == "https" or (allow_http and parts.scheme == "http" and _loopback(host))
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to a URL that fetch_url would accept itself (no downgrade to plain http)."""
+
+    def __init__(self, shown: str, allow_http: bool):
+        self.shown, self.allow_http = shown, allow_http
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not _allowed_url(newurl, self.allow_http):
+            fp.close()
+            raise DataError(f"{self.shown}: refused redirect to {shown_source(newurl)}: only https:// archives "
+                            "(plain http only to 127.0.0.1 with --allow-http, for tests)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _request(url: str) -> urllib.request.Request:
+    """A GET without userinfo in the URL: user:password@ becomes a Basic header that redirects never carry."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host, fragment="")))
+    if userinfo:
+        token = base64.b64encode(urllib.parse.unquote(userinfo).encode()).decode()
+        request.add_unredirected_header("Authorization", f"Basic {token}")
+    return request
+
+
 def fetch_url(url: str, path: Path, max_bytes: int = DEFAULT_MAX_BYTES, sha256: str | None = None,
               allow_http: bool = False, timeout: float = 60.0) -> str:
     """Stream an https:// URL to `path`, refusing more than max_bytes; check sha256 when given."""
-    parts = urllib.parse.urlsplit(url)
     shown = shown_source(url)
-    if parts.scheme != "https" and not (allow_http and parts.scheme == "http" and _loopback(parts.hostname)):
+    if not _allowed_url(url, allow_http):
         raise ConfigError(f"refused source {shown}: only https:// archives (plain http only to 127.0.0.1 "
                           "with --allow-http, for tests)")
+    opener = urllib.request.build_opener(_CheckedRedirects(shown, allow_http))
     digest = hashlib.sha256()
     total = 0
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(path, "wb") as out:
+        with opener.open(_request(url), timeout=timeout) as resp, open(path, "wb") as out:
             declared = int(resp.headers.get("Content-Length") or 0)
             if declared > max_bytes:
                 raise DataError(f"{shown}: archive is {declared} bytes, more than the limit of {max_bytes}")
@@ -64,20 +118,52 @@ def fetch_url(url: str, path: Path, max_bytes: int = DEFAULT_MAX_BYTES, sha256: 
                     raise DataError(f"{shown}: archive exceeds the limit of {max_bytes} bytes")
                 digest.update(block)
                 out.write(block)
-    except OSError as exc:  # URLError, HTTPError, timeouts
-        raise DataError(f"cannot download {shown}: {redact(str(getattr(exc, 'reason', exc)))}") from None
+    except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts, malformed URLs
+        if isinstance(exc, DataError):
+            raise
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise DataError(f"cannot download {shown}: {redact(str(reason), url)}") from None
     if sha256 and digest.hexdigest() != sha256.lower():
         raise DataError(f"{shown}: sha256 {digest.hexdigest()} does not match the expected {sha256}")
     log.info("downloaded %s (%d bytes)", shown, total)
     return digest.hexdigest()
 
 
+def _url_parts(source: str) -> urllib.parse.SplitResult | None:
+    if "://" not in source:
+        return None
+    try:
+        return urllib.parse.urlsplit(source)
+    except ValueError:  # e.g. a broken [IPv6] host
+        return None
+
+
 def shown_source(source: str) -> str:
-    """The source as it may appear in logs and manifests: no credentials, no query string (tokens)."""
-    parts = urllib.parse.urlsplit(source)
-    if parts.scheme in ("http", "https") and parts.query:
-        source = urllib.parse.urlunsplit(parts._replace(query="…"))
-    return redact(source)
+    """The source as it may appear in logs, errors and manifests: no userinfo, query (tokens) or fragment."""
+    parts = _url_parts(source)
+    if parts is None:
+        if "://" in source:  # unparsable URL: cut everything that could hold a credential
+            source = re.sub(r"[?#].*", "?…", re.sub(r"(://)[^/]*@", r"\1", source), flags=re.S)
+        return redact(source)
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2], query="…" if parts.query else "", fragment="")
+    return redact(urllib.parse.urlunsplit(shown))
+
+
+def dataset_name(source: str, n_train: int | None, n_test: int | None, image_size: int, seed: int) -> str:
+    """The store name of a dataset (`<store>/datasets/<name>`): one per distinct source and counts.
+
+    Built from the source's host and path only: userinfo, query string and fragment (where signed URLs
+    carry their credentials) never become part of an object key, an output or a log line.
+    """
+    if source == "synthetic":
+        return f"synthetic-{n_train}x{n_test}-{image_size}px-seed{seed}"
+    parts = _url_parts(source)
+    if parts is not None:
+        where = parts.netloc.rpartition("@")[2] + parts.path
+    else:
+        where = shown_source(source).split("://")[-1]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", where).strip("-.")[-60:] or "source"
+    return f"{name}-{n_train or 'all'}x{n_test or 'all'}-seed{seed}"
 
 
 def _loopback(host: str | None) -> bool:
@@ -87,64 +173,208 @@ def _loopback(host: str | None) -> bool:
         return False
 
 
-def _safe_member(name: str, target: Path, archive: Path) -> Path:
+def _safe_member(member: str, target: Path, name: str) -> Path:
     """The extraction path of an archive member; refuse names that escape `target` (zip-slip)."""
-    clean = name.replace("\\", "/")
+    clean = member.replace("\\", "/")
     out = (target / clean).resolve()
     if clean.startswith("/") or re.match(r"^[A-Za-z]:", clean) or not out.is_relative_to(target.resolve()):
-        raise DataError(f"{archive.name}: refused archive entry {name!r}: it escapes the extraction directory")
+        raise DataError(f"{name}: refused archive entry {member!r}: it escapes the extraction directory")
     return out
 
 
-def extract_archive(archive: Path, target: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Path:
-    """Extract a zip or tar archive into `target` safely: no escaping paths, links or devices, no bombs."""
-    archive, target = Path(archive), Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(archive):
-        _extract_zip(archive, target, max_bytes)
-    elif tarfile.is_tarfile(archive):
-        _extract_tar(archive, target, max_bytes)
-    else:
-        raise DataError(f"{archive.name}: not a zip or tar archive")
-    return target
+@dataclass
+class ArchiveLimits:
+    """What extraction may write: in all (shared by an archive and the archives inside it), per file, and
+    per compressed byte."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    max_ratio: float = DEFAULT_MAX_RATIO
+    written: int = 0  # bytes on disk now: inner archives are subtracted once unpacked and deleted
+
+    def take(self, n: int, name: str) -> None:
+        self.written += n
+        if self.written > self.max_bytes:
+            raise DataError(f"{name}: unpacks to more than the limit of {self.max_bytes} bytes")
 
 
-def _extract_zip(archive: Path, target: Path, max_bytes: int) -> None:
+def _copy_capped(src, out: Path, member: str, name: str, limits: ArchiveLimits, ratio_base: int,
+                 compressed: int) -> int:
+    """Stream one member to `out`, stopping at the first cap crossed; returns the bytes written.
+
+    The ratio compares ratio_base + this member's bytes with `compressed` (the zip member's compressed
+    size, or a whole tar archive's size with ratio_base its bytes so far)."""
+    n = 0
+    with open(out, "wb") as f:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            n += len(block)
+            if n > limits.max_member_bytes:
+                raise DataError(f"{name}: archive entry {member!r} unpacks to more than the per-file limit of "
+                                f"{limits.max_member_bytes} bytes")
+            limits.take(len(block), name)
+            done = ratio_base + n
+            if done > RATIO_FLOOR and done > limits.max_ratio * max(compressed, 1):
+                raise DataError(f"{name}: archive entry {member!r} expands more than {limits.max_ratio:g} times "
+                                f"its compressed size: refused as a compression bomb")
+            f.write(block)
+    return n
+
+
+def _extract_zip(archive: Path, target: Path, name: str, limits: ArchiveLimits) -> list[Path]:
+    written = []
     with zipfile.ZipFile(archive) as zf:
         members = zf.infolist()
         for m in members:
-            _safe_member(m.filename, target, archive)
+            _safe_member(m.filename, target, name)
             if stat.S_ISLNK(m.external_attr >> 16):
-                raise DataError(f"{archive.name}: refused archive entry {m.filename!r}: symbolic link")
-        if sum(m.file_size for m in members) > max_bytes:
-            raise DataError(f"{archive.name}: unpacks to more than the limit of {max_bytes} bytes")
-        zf.extractall(target)
-
-
-def _extract_tar(archive: Path, target: Path, max_bytes: int) -> None:
-    with tarfile.open(archive) as tf:
-        members = tf.getmembers()
+                raise DataError(f"{name}: refused archive entry {m.filename!r}: symbolic link")
+        if limits.written + sum(m.file_size for m in members) > limits.max_bytes:  # early, on the headers
+            raise DataError(f"{name}: unpacks to more than the limit of {limits.max_bytes} bytes")
+        size = archive.stat().st_size
         for m in members:
-            _safe_member(m.name, target, archive)
-            if not (m.isfile() or m.isdir()):
-                raise DataError(f"{archive.name}: refused archive entry {m.name!r}: not a regular file or directory")
-        if sum(m.size for m in members) > max_bytes:
-            raise DataError(f"{archive.name}: unpacks to more than the limit of {max_bytes} bytes")
-        tf.extractall(target, filter="data")
+            out = _safe_member(m.filename, target, name)
+            if m.is_dir():
+                out.mkdir(parents=True, exist_ok=True)
+                continue
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(m) as src:
+                _copy_capped(src, out, m.filename, name, limits, 0, min(m.compress_size, size))
+            written.append(out)
+    return written
+
+
+def _decompressed(archive: Path):
+    """The archive's bytes as a stream, decompressed by its magic number; gzip/bz2/xz verify their
+    checksums at the end of the stream (tarfile's own stream reader does not)."""
+    with open(archive, "rb") as f:
+        head = f.read(6)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.open(archive, "rb")
+    if head.startswith(b"BZh"):
+        return bz2.open(archive, "rb")
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.open(archive, "rb")
+    return open(archive, "rb")
+
+
+class _Counted:
+    """A read-only stream that counts the bytes read through it."""
+
+    def __init__(self, stream):
+        self.stream, self.n = stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.n += len(data)
+        return data
+
+
+def _extract_tar(archive: Path, target: Path, name: str, limits: ArchiveLimits) -> list[Path]:
+    """One pass over the stream: check each entry, then write it counting bytes; the ratio is on the total."""
+    written, total, size = [], 0, archive.stat().st_size
+    with _decompressed(archive) as raw:
+        stream = _Counted(raw)
+        with tarfile.open(fileobj=stream, mode="r|") as tf:
+            for m in tf:
+                out = _safe_member(m.name, target, name)
+                if m.isdir():
+                    out.mkdir(parents=True, exist_ok=True)
+                    continue
+                if not m.isfile():
+                    raise DataError(f"{name}: refused archive entry {m.name!r}: not a regular file or directory")
+                if limits.written + m.size > limits.max_bytes:
+                    raise DataError(f"{name}: unpacks to more than the limit of {limits.max_bytes} bytes")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                total += _copy_capped(tf.extractfile(m), out, m.name, name, limits, total, size)
+                written.append(out)
+            end = tf.offset  # where the end-of-archive marker must be
+        while stream.read(1 << 20):  # to the end, so that gzip/bz2/xz verify their checksum
+            if stream.n > RATIO_FLOOR and stream.n > limits.max_ratio * size:
+                raise DataError(f"{name}: expands more than {limits.max_ratio:g} times its compressed size: "
+                                "refused as a compression bomb")
+    if stream.n < end + tarfile.BLOCKSIZE:  # tarfile takes a missing marker for the end: truncation
+        raise DataError(f"{name}: truncated tar archive (it ends without an end-of-archive marker)")
+    return written
+
+
+def _archive_kind(archive: Path) -> str | None:
+    with open(archive, "rb") as f:
+        head = f.read(6)
+    if zipfile.is_zipfile(archive) or head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")):
+        return "tar"
+    try:
+        return "tar" if tarfile.is_tarfile(archive) else None
+    except _ARCHIVE_ERRORS:
+        return None
+
+
+def _archive_stem(filename: str) -> str:
+    lower = filename.lower()
+    suffix = next(s for s in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True) if lower.endswith(s))
+    return filename[: -len(suffix)]
+
+
+def _unpack(archive: Path, target: Path, name: str, limits: ArchiveLimits, depth: int = 1) -> None:
+    """Extract one archive, then the archives found in it (same limits, depth-limited)."""
+    target.mkdir(parents=True, exist_ok=True)
+    kind = _archive_kind(archive)
+    if kind is None:
+        raise DataError(f"{name}: not a zip or tar archive")
+    try:
+        written = (_extract_zip if kind == "zip" else _extract_tar)(archive, target, name, limits)
+    except DataError:
+        raise
+    except _ARCHIVE_ERRORS as exc:
+        detail = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
+        detail = redact(detail.splitlines()[0])
+        raise DataError(f"{name}: corrupt or unreadable {kind} archive ({detail})") from None
+    for path in dict.fromkeys(written):  # a name may repeat in an archive
+        if not path.name.lower().endswith(ARCHIVE_SUFFIXES) or not path.is_file():
+            continue
+        inner = f"{name} (inner {path.relative_to(target.resolve()).as_posix()})"
+        if depth >= MAX_ARCHIVE_DEPTH:
+            raise DataError(f"{inner}: refused: archives nested more than {MAX_ARCHIVE_DEPTH} levels deep")
+        folder = path.with_name(_archive_stem(path.name))
+        _unpack(path, folder, inner, limits, depth + 1)
+        limits.written -= path.stat().st_size
+        path.unlink()
+        _hoist(folder)
+
+
+def _hoist(folder: Path) -> None:
+    """train.zip holding a single train/ folder: lift its contents, so the result is train/<files>."""
+    entries = list(folder.iterdir())
+    if len(entries) == 1 and entries[0].is_dir() and entries[0].name == folder.name:
+        inner = entries[0].rename(folder.with_name(folder.name + ".hoist"))
+        folder.rmdir()
+        inner.rename(folder)
+
+
+def extract_archive(archive: Path, target: Path, max_bytes: int = DEFAULT_MAX_BYTES, *,
+                    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, max_ratio: float = DEFAULT_MAX_RATIO,
+                    name: str | None = None) -> Path:
+    """Extract a zip or tar(.gz/.bz2/.xz) archive into `target` safely, archives inside it included.
+
+    Refused, as one DataError line naming `name` (what the user gave; default the archive's path):
+    entries that escape `target`, links and devices, more than max_bytes in all (counted as written,
+    across nesting levels), more than max_member_bytes in one file, a zip member (or a whole tar) that
+    expands more than max_ratio times, archives nested deeper than MAX_ARCHIVE_DEPTH, corrupt data.
+    """
+    archive, target = Path(archive), Path(target)
+    limits = ArchiveLimits(max_bytes, max_member_bytes, max_ratio)
+    _unpack(archive, target, name or str(archive), limits)
+    return target
 
 
 def find_layout_root(top: Path) -> Path:
-    """The directory holding train.csv: `top` itself or one below it (archives often add a folder)."""
+    """The directory holding train.csv: `top` itself or one or two below it (archives often add a folder)."""
     for candidate in [top, *sorted(p for p in top.glob("*") if p.is_dir()),
                       *sorted(p for p in top.glob("*/*") if p.is_dir())]:
-        for split in ("train", "test"):  # Kaggle ships train.zip / test.zip inside the archive
-            inner = candidate / f"{split}.zip"
-            if (candidate / "train.csv").is_file() and inner.is_file() and not (candidate / split).is_dir():
-                extract_archive(inner, candidate / split)
-                inner.unlink()
         if (candidate / "train.csv").is_file():
             return candidate
-    raise DataError(f"no train.csv found in the downloaded data (looked in {top.name} and two levels below)")
+    raise DataError(f"{top}: no train.csv found (looked at the top and two folders below)")
 
 
 # -- sources --------------------------------------------------------------------------------------
@@ -155,7 +385,7 @@ def _kaggle_credentials_present() -> bool:
     return (config_dir / "kaggle.json").is_file()
 
 
-def fetch_kaggle(competition: str, raw: Path) -> Path:
+def fetch_kaggle(competition: str, raw: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Path:
     """Download a Kaggle competition's files with the `kaggle` package; returns the layout root."""
     if not _kaggle_credentials_present():
         raise ConfigError("kaggle source needs KAGGLE_USERNAME and KAGGLE_KEY in the environment "
@@ -172,8 +402,9 @@ def fetch_kaggle(competition: str, raw: Path) -> Path:
     except Exception as exc:  # noqa: BLE001 - the kaggle package raises many types
         raise DataError(f"kaggle download of {competition!r} failed: "
                         f"{redact(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    limits = ArchiveLimits(max_bytes)  # one budget for every downloaded file and what is inside them
     for archive in sorted(raw.glob("*.zip")):
-        extract_archive(archive, raw)
+        _unpack(archive, raw, f"kaggle:{competition} ({archive.name})", limits)
         archive.unlink()
     return find_layout_root(raw)
 
@@ -185,7 +416,7 @@ def fetch_s3(source: str, raw: Path, workers: int = 8) -> Path:
     if store.exists(MANIFEST):
         expected = {o["key"]: o["sha256"] for o in store.read_manifest()["objects"]}
     else:
-        log.warning("%s has no %s: copying it unverified", source, MANIFEST)
+        log.warning("%s has no %s: copying it unverified", shown_source(source), MANIFEST)
     store.download_tree("", raw, workers=workers, expected=expected)
     (raw / MANIFEST).unlink(missing_ok=True)
     return find_layout_root(raw)
@@ -202,13 +433,13 @@ def acquire(source: str, work: Path, *, n_train: int, n_test: int, size: int, se
         generate(raw, n_train, n_test, size=size, seed=seed)
         return raw
     if source.startswith("kaggle:"):
-        return fetch_kaggle(source.split(":", 1)[1] or KAGGLE_COMPETITION, raw)
+        return fetch_kaggle(source.split(":", 1)[1] or KAGGLE_COMPETITION, raw, max_bytes)
     if source.startswith("s3://"):
         return fetch_s3(source, raw, workers)
     if source.startswith(("https://", "http://")):
         archive = work / "archive"
         fetch_url(source, archive, max_bytes, sha256, allow_http)
-        extract_archive(archive, raw, max_bytes)
+        extract_archive(archive, raw, max_bytes, name=shown_source(source))
         archive.unlink()
         return find_layout_root(raw)
     if "://" in source:
@@ -221,19 +452,29 @@ def acquire(source: str, work: Path, *, n_train: int, n_test: int, size: int, se
 
 
 # -- staging: exactly the files that form the dataset ---------------------------------------------
-def _read_ids(csv_path: Path, split: str):
-    import pandas as pd
+def _read_table(csv_path: Path, kind: str):
+    """A Kaggle CSV through the one real CSV parser (hpa.data): quoting, BOM, CRLF, embedded newlines."""
+    from hpa.data import read_labels, read_sample_submission
 
-    try:
-        from hpa.data import read_labels, read_sample_submission
+    if kind == "Predicted":
+        return read_sample_submission(csv_path)
+    return read_labels(csv_path).drop(columns="labels")
 
-        return read_labels(csv_path) if split == "train" else read_sample_submission(csv_path)
-    except ImportError:  # pragma: no cover - hpa.data is part of the package
-        return pd.read_csv(csv_path, dtype=str)
+
+def _write_table(df, dst: Path, kind: str) -> None:
+    """Write a CSV in the one stored dialect: UTF-8 without BOM, LF, minimal quoting; Id, `kind` first, then
+    any extra columns in their original order."""
+    import csv
+
+    columns = ["Id", kind] + [c for c in df.columns if c not in ("Id", kind)]
+    df[columns].to_csv(dst, index=False, encoding="utf-8", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
 
 
 def stage(root: Path, staging: Path, n_train: int | None, n_test: int | None, seed: int) -> dict[str, int]:
-    """Build `staging`: the CSVs (a seeded subset when n_* is smaller) and links to the chosen images."""
+    """Build `staging`: the CSVs (a seeded subset when n_* is smaller) and links to the chosen images.
+
+    The CSVs are parsed and written back canonically (_write_table), rows in their original order.
+    """
     staging.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split, limit in (("train", n_train), ("test", n_test)):
@@ -242,23 +483,18 @@ def stage(root: Path, staging: Path, n_train: int | None, n_test: int | None, se
             if split == "train":
                 raise DataError(f"{csv}: missing (a Kaggle layout needs train.csv)")
             continue
-        df = _read_ids(csv, split)
+        kind = "Target" if split == "train" else "Predicted"
+        df = _read_table(csv, kind)
         if limit and limit < len(df):
-            df = df.sample(n=limit, random_state=seed).sort_values("Id")
+            chosen = set(df["Id"].sample(n=limit, random_state=seed))
+            df = df[df["Id"].isin(chosen)]
         counts[f"n_{split}"] = len(df)
-        _write_subset(csv, staging / csv.name, set(df["Id"]))
+        _write_table(df, staging / csv.name, kind)
         if split == "test" and (root / "test_labels.csv").is_file():
-            _write_subset(root / "test_labels.csv", staging / "test_labels.csv", set(df["Id"]))
+            labels = _read_table(root / "test_labels.csv", "Target")
+            _write_table(labels[labels["Id"].isin(set(df["Id"]))], staging / "test_labels.csv", "Target")
         _link_images(root / split, staging / split, df["Id"])
     return counts
-
-
-def _write_subset(src: Path, dst: Path, ids: set[str]) -> None:
-    """Copy a CSV keeping only rows whose first field is in ids (bytes of kept rows unchanged)."""
-    with open(src, encoding="utf-8-sig", newline="") as f:
-        lines = f.read().splitlines(keepends=True)
-    kept = [lines[0]] + [ln for ln in lines[1:] if ln.split(",", 1)[0].strip() in ids]
-    dst.write_text("".join(kept), encoding="utf-8", newline="")
 
 
 def _link_images(src: Path, dst: Path, ids) -> None:
@@ -311,6 +547,30 @@ def publish_dataset(store: Store, staging: Path, meta: dict, workers: int = 8) -
     return entries
 
 
+def _user_paths(message: str, source: str, work: Path, root: Path | None) -> str:
+    """`message` with download()'s temporary paths (gone when the user reads it) replaced by what the
+    user gave: their directory, or the shown source; a file inside an archive reads `<url>!/hpa/train.csv`."""
+    shown = shown_source(source)
+    raw = work / "raw"
+    raw_shown, raw_join = (shown.rstrip("/"), "/") if source.startswith("s3://") else (shown, "!/")
+    if "://" not in source and source != "synthetic" and not source.startswith("kaggle:"):
+        staged = (source.rstrip("/") or "/", "/")  # a directory: staging mirrors it
+    elif root is not None and root.is_relative_to(raw) and root != raw:
+        staged = (raw_shown + raw_join + root.relative_to(raw).as_posix(), "/")
+    else:
+        staged = (raw_shown, raw_join)
+    pairs = [(work / "dataset", *staged), (raw, raw_shown, raw_join), (work / "archive", shown, ""),
+             (work, shown, "")]
+    for path, shown_path, join in pairs:
+        for variant in dict.fromkeys((str(path), str(path.resolve()))):
+            if join:
+                message = message.replace(variant + "/", shown_path + join)
+            message = message.replace(variant, shown_path)
+    if source != shown:
+        message = message.replace(source, shown)
+    return redact(message)
+
+
 def download(source: str, dest: str, *, n_train: int | None = None, n_test: int | None = None, size: int = 64,
              seed: int = 0, montage: str | None = None, sha256: str | None = None,
              max_bytes: int = DEFAULT_MAX_BYTES, allow_http: bool = False, workers: int = 8) -> dict:
@@ -324,20 +584,24 @@ def download(source: str, dest: str, *, n_train: int | None = None, n_test: int 
             raise ConfigError(f"download: {name} must be >= 0, got {value}")
     start = time.monotonic()
     store = open_store(dest, create_bucket=True)
+    synthetic = source == "synthetic"
+    if synthetic:
+        n_train = n_train or SYNTHETIC_DEFAULTS[0]
+        n_test = SYNTHETIC_DEFAULTS[1] if n_test is None else n_test
     with tempfile.TemporaryDirectory(prefix="hpa-download-") as tmp:
         work = Path(tmp)
-        synthetic = source == "synthetic"
-        if synthetic:
-            n_train = n_train or SYNTHETIC_DEFAULTS[0]
-            n_test = SYNTHETIC_DEFAULTS[1] if n_test is None else n_test
-        root = acquire(source, work, n_train=n_train, n_test=n_test, size=size, seed=seed, sha256=sha256,
-                       max_bytes=max_bytes, allow_http=allow_http, workers=workers)
-        staging = work / "dataset"
-        counts = stage(root, staging, None if synthetic else n_train, None if synthetic else n_test, seed)
-        validate(staging)
-        meta = {"source": shown_source(source), **counts, "n_test": counts.get("n_test", 0),
-                "size": size if synthetic else _image_size(staging), "seed": seed}
-        entries = publish_dataset(store, staging, meta, workers)
+        staging, root = work / "dataset", None
+        try:
+            root = acquire(source, work, n_train=n_train, n_test=n_test, size=size, seed=seed, sha256=sha256,
+                           max_bytes=max_bytes, allow_http=allow_http, workers=workers)
+            counts = stage(root, staging, None if synthetic else n_train, None if synthetic else n_test, seed)
+            validate(staging)
+            meta = {"source": shown_source(source), **counts, "n_test": counts.get("n_test", 0),
+                    "size": size if synthetic else _image_size(staging), "seed": seed}
+            entries = publish_dataset(store, staging, meta, workers)
+        except HPAError as exc:
+            # The temporary directory is gone when the user reads this: name their file or URL instead.
+            raise type(exc)(_user_paths(str(exc), source, work, root)) from None
     uploaded = sum(e["uploaded"] for e in entries)
     result = {"uri": store.uri, "data_uri": store.uri, **{k: meta[k] for k in ("n_train", "n_test", "size")},
               "objects": len(entries), "uploaded": uploaded, "skipped": len(entries) - uploaded,

@@ -170,6 +170,9 @@ def resolve_policy(thresholds=None, threshold=None, threshold_mode: str | None =
         raise DataError("give either a thresholds file or a global threshold, not both")
     if thresholds is not None and threshold_mode is not None:
         raise DataError(f"give either a thresholds file or threshold_mode {threshold_mode!r}, not both")
+    if threshold is not None and not 0 < threshold < 1:
+        raise DataError(f"--threshold {threshold}: expected a decision threshold in (0, 1) "
+                        "(0 predicts every class, 1 none)")
     if thresholds is not None:
         return "given"
     if threshold_mode is None:

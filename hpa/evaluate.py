@@ -81,7 +81,7 @@ def fit_thresholds(probs: np.ndarray, targets: np.ndarray, fallback: float | Non
     if np.isnan(cuts).any():
         fill = fit_global_threshold(probs, targets) if fallback is None else fallback
         cuts = np.where(np.isnan(cuts), fill, cuts)
-    return cuts
+    return np.clip(cuts, THRESHOLD_MIN, THRESHOLD_MAX)  # a cut below the lowest score of 0.0 stays a threshold
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,17 +330,20 @@ def thresholds_json(values, mode: str = "fitted") -> dict:
 
 
 def check_thresholds(values, where: str) -> np.ndarray:
-    """(28,) float array in [0, 1], or a one-line DataError naming `where`."""
+    """(28,) float array in (0, 1), or a one-line DataError naming `where`. 0 and 1 are refused as the pipeline
+    refuses them (PipelineConfig.threshold): 0 predicts every class, 1 no class; fitted thresholds are kept
+    inside [THRESHOLD_MIN, THRESHOLD_MAX]."""
     try:
         arr = np.asarray(values, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
         raise DataError(f"{where}: thresholds must be numbers, got {values!r:.80}") from None
     if arr.shape != (NUM_CLASSES,):
         raise DataError(f"{where}: expected {NUM_CLASSES} thresholds (one per class), got {arr.size}")
-    bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0) | (arr > 1))
+    bad = np.flatnonzero(~np.isfinite(arr) | (arr <= 0) | (arr >= 1))
     if bad.size:
         c = int(bad[0])
-        raise DataError(f"{where}: threshold for class {c} ({CLASS_NAMES[c]}) is {arr[c]}, expected a value in [0, 1]")
+        raise DataError(f"{where}: threshold for class {c} ({CLASS_NAMES[c]}) is {arr[c]}, expected a value in (0, 1) "
+                        "(0 predicts the class for every image, 1 for none)")
     return arr
 
 

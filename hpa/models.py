@@ -364,41 +364,86 @@ def _log_weights(arch: str, source: str, body: dict, stem_key: str, in_chans: in
              f"{stem_key} (3 -> {in_chans} channels: RGB kept, yellow = mean of RGB)" if adapted else "none", skipped)
 
 
+# Keys every hpa checkpoint (last.pt, best.pt) has; resuming needs more (hpa.train.RESUME_KEYS).
+CHECKPOINT_KEYS = ("model", "arch", "in_chans", "num_classes")
+
+
 def load_checkpoint(path_or_uri: str | Path, map_location: str | torch.device = "cpu") -> tuple[HPAModel, dict]:
     """Load a training checkpoint (`last.pt`/`best.pt`, local path or s3:// URI) into a fresh model in
     eval mode. Returns (model, meta) where meta is the checkpoint without the tensors of model,
-    optimizer and scheduler state (arch, in_chans, num_classes, color_mode, size, epoch, config, ...)."""
+    optimizer and scheduler state (arch, in_chans, num_classes, color_mode, size, epoch, config, ...).
+    Any problem with the file is one ConfigError line naming it."""
     path = str(path_or_uri)
     if path.startswith("s3://"):
-        import tempfile
-
         from hpa import store
 
         with tempfile.TemporaryDirectory() as tmp:
             local = str(Path(tmp) / "checkpoint.pt")
             store.fetch(path, local)
-            ckpt = _torch_load(local, map_location)
+            ckpt = read_checkpoint(local, map_location, name=path)
     else:
-        ckpt = _torch_load(path, map_location)
-    for key in ("model", "arch", "in_chans", "num_classes"):
-        if key not in ckpt:
-            raise ConfigError(f"checkpoint {path}: missing key {key!r} (not an hpa training checkpoint)")
-    drop_rate = float(ckpt.get("config", {}).get("drop_rate", 0.0))
-    model = create_model(ckpt["arch"], ckpt["in_chans"], ckpt["num_classes"], drop_rate=drop_rate)
-    model.load_state_dict(ckpt["model"])
+        ckpt = read_checkpoint(path, map_location)
+    model = model_for_checkpoint(ckpt, path)
+    load_model_state(model, ckpt["model"], path)
     model.to(map_location).eval()
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng", "rank_loss")}
     return model, meta
 
 
-def _torch_load(path: str, map_location) -> dict:
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", name: str | None = None,
+                    required: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
+    """The checkpoint dict in the local file `path`, loaded as data; a missing, truncated or corrupt file, or
+    one without the `required` keys, is one ConfigError line naming `name` (default: `path`)."""
+    name = name or str(path)
     try:
         # weights_only=True: a checkpoint is data, never code (issue 8, security).
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise ConfigError(f"checkpoint {path} does not exist") from None
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"checkpoint {path} is not loadable ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"checkpoint {name} does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - EOFError, UnpicklingError, zip reader RuntimeError, BadZipFile, ...
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ConfigError(f"checkpoint {name}: not a readable checkpoint, truncated or corrupt "
+                          f"({type(exc).__name__}: {first})") from None
     if not isinstance(ckpt, dict):
-        raise ConfigError(f"checkpoint {path} does not hold a dict")
+        raise ConfigError(f"checkpoint {name}: holds a {type(ckpt).__name__}, not an hpa training checkpoint (a dict)")
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise ConfigError(f"checkpoint {name}: missing key {missing[0]!r}"
+                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                          + " (not an hpa training checkpoint of this kind)")
     return ckpt
+
+
+def model_for_checkpoint(ckpt: dict, name: str) -> HPAModel:
+    """A fresh model of the checkpoint's recorded arch, channels, classes and drop rate (not yet loaded)."""
+    arch, in_chans, num_classes = ckpt["arch"], ckpt["in_chans"], ckpt["num_classes"]
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    drop_rate = config.get("drop_rate", 0.0)
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise ConfigError(f"checkpoint {name}: arch {arch!r} is not a known model ({', '.join(MODEL_NAMES)})")
+    if isinstance(in_chans, bool) or in_chans not in (3, 4):
+        raise ConfigError(f"checkpoint {name}: in_chans {in_chans!r}, expected 3 or 4")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ConfigError(f"checkpoint {name}: num_classes {num_classes!r}, expected a positive integer")
+    if not isinstance(drop_rate, (int, float)) or isinstance(drop_rate, bool) or not 0 <= drop_rate < 1:
+        raise ConfigError(f"checkpoint {name}: config.drop_rate {drop_rate!r}, expected a number in [0, 1)")
+    return create_model(arch, in_chans, num_classes, drop_rate=float(drop_rate))
+
+
+def load_model_state(model: HPAModel, state, name: str) -> None:
+    """model.load_state_dict(state), or one ConfigError line naming `name` when the weights are not this
+    model's (another arch, channel count or head): a few missing/unexpected/reshaped keys, not torch's list."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ConfigError(f"checkpoint {name}: 'model' is not a state dict (name -> tensor)")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        what = f"{model.arch} with {model.in_chans} input channels and {model.num_classes} classes"
+        detail = (f"{len(missing)} missing keys {missing[:2]}, {len(unexpected)} unexpected keys {unexpected[:2]}"
+                  if missing or unexpected else
+                  f"{len(wrong)} keys of another shape, e.g. {wrong[0]!r} is {tuple(state[wrong[0]].shape)}, "
+                  f"expected {tuple(own[wrong[0]].shape)}")
+        raise ConfigError(f"checkpoint {name}: its weights do not match its recorded arch ({what}): {detail}")
+    model.load_state_dict(state)

@@ -18,7 +18,7 @@ import numpy as np
 from hpa.data import EXTENSIONS, decode_channel, load_image, read_labels
 from hpa.errors import DataError
 from hpa.labels import CLASS_NAMES, COLORS
-from hpa.store import open_store, write_bytes
+from hpa.store import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +34,27 @@ def _is_uri(path) -> bool:
     return str(path).startswith("s3://")
 
 
-def _load_from_store(store, image_id: str, split: str = "train") -> np.ndarray:
+def _load_from_store(ds, image_id: str, split: str = "train") -> np.ndarray:
+    """One image of a committed dataset (hpa.committed), every channel verified against its manifest."""
     planes = []
     for color in COLORS:
-        keys = [f"{split}/{image_id}_{color}{ext}" for ext in EXTENSIONS]
-        key = next((k for k in keys if store.exists(k)), None)
+        key = ds.find(f"{split}/{image_id}_{color}", EXTENSIONS)
         if key is None:
-            raise DataError(f"{store.join(split)}: missing {color} channel for Id {image_id}")
-        planes.append(decode_channel(store.get_bytes(key), color, store.join(key)))
+            raise DataError(f"{ds.store.join(split)}: missing {color} channel for Id {image_id}")
+        planes.append(decode_channel(ds.read_bytes(key), color, ds.store.join(key)))
     if len({p.shape for p in planes}) > 1:
-        raise DataError(f"{store.join(split)}: channels of Id {image_id} have different sizes")
+        raise DataError(f"{ds.store.join(split)}: channels of Id {image_id} have different sizes")
     return np.stack(planes)
 
 
 def _sample(data, n: int, seed: int):
     """(ids, label lists, image loader) for n images chosen deterministically by seed."""
     if _is_uri(data):
-        store = open_store(str(data))
-        df = read_labels(store.join("train.csv"))
-        loader = lambda image_id: _load_from_store(store, image_id)  # noqa: E731
+        from hpa.committed import open_dataset
+
+        ds = open_dataset(str(data))
+        df = read_labels(io.BytesIO(ds.read_bytes("train.csv")), where=ds.store.join("train.csv"))
+        loader = lambda image_id: _load_from_store(ds, image_id)  # noqa: E731
     else:
         df = read_labels(Path(data) / "train.csv")
         loader = lambda image_id: load_image(data, image_id)  # noqa: E731

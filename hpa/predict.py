@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -107,29 +105,16 @@ def select_ids(data: str, ids: str, split_csv, fold: int | None) -> tuple[list[s
     split = read_csv(split_csv)
     if "fold" not in split.columns:
         raise DataError(f"{split_csv}: missing column 'fold'")
-    rows = split[split["fold"].astype(int) == int(fold)]
+    from hpa.train import split_folds
+
+    folds = split_folds(split["fold"].tolist(), str(split_csv))  # a bad fold value: one line naming the row
+    rows = split[folds == int(fold)]
     if rows.empty:
-        raise DataError(f"{split_csv}: fold {fold} does not exist (folds: {sorted(split['fold'].astype(int).unique())})")
+        raise DataError(f"{split_csv}: fold {fold} does not exist (folds: {sorted(set(folds.tolist()))})")
     return rows["Id"].tolist(), to_matrix(rows["labels"].tolist()), "train"
 
 
 # --- loaders -------------------------------------------------------------------------------------
-
-def local_png_root(data: str, split: str, ids: list[str], cache_dir: str | None) -> str:
-    """A local dataset root holding the images of `ids`: `data` itself, or an s3 download cache."""
-    if not data.startswith("s3://"):
-        return data
-    from hpa.store import open_store
-
-    store = open_store(data)
-    root = Path(cache_dir or tempfile.mkdtemp(prefix="hpa-predict-"))
-    keys = [f"{split}/{i}_{c}.png" for i in ids for c in COLORS]
-    todo = [k for k in keys if not (root / k).exists()]
-    log.info("downloading %d of %d images from %s to %s", len(todo), len(keys), data, root)
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda k: store.get_file(k, str(root / k)), todo))
-    return str(root)
-
 
 class _WithIds(torch.utils.data.Dataset):
     """HPADataset items plus their id, so both sources yield (image, target, id)."""
@@ -154,10 +139,12 @@ def make_loader(data, split, ids, meta, batch_size, workers, cache_dir, shards=N
         dataset = ShardDataset(str(shards), ids=ids, shuffle=False, cache_dir=cache_dir, split=split, rank=0, world_size=1)
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                            collate_fn=_ShardCollate(size, color_mode)), "shards"
+    from hpa.committed import image_view
     from hpa.data import HPADataset
 
-    root = local_png_root(data, split, ids, cache_dir)
-    dataset = _WithIds(HPADataset(root, ids, None, split=split, size=size, color_mode=color_mode), ids)
+    view = image_view(data, split, ids, cache_dir)
+    dataset = _WithIds(HPADataset(view.root, ids, None, split=split, size=size, color_mode=color_mode), ids)
+    dataset.view = view  # the local copy lives as long as the loader's dataset
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers), "png"
 
 

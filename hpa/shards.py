@@ -472,6 +472,9 @@ def _retry(call, what: str, retries: int = FETCH_RETRIES, backoff: float = FETCH
             time.sleep(backoff * 2 ** attempt)
 
 
+_VERIFIED: set[str] = set()  # cached shard files this process has hashed (or written) itself
+
+
 class ShardCache:
     """Local copies of shards, named by sha256, verified on fetch, evicted least-recently-used by bytes.
 
@@ -488,8 +491,15 @@ class ShardCache:
     def path(self, shard: dict) -> str:
         final = os.path.join(self.dir, f"{shard['sha256']}.tar")
         try:
-            os.utime(final)                     # LRU: mtime is the last use
-            return final
+            if final not in _VERIFIED and _sha256_file(final) != shard["sha256"]:
+                # a cached copy is never trusted unverified (once per process): replace a stale or tampered one
+                log.warning("cache: %s does not hash to its name; fetching %s again", final,
+                            self.store.join(shard["name"]))
+                os.remove(final)
+            else:
+                _VERIFIED.add(final)
+                os.utime(final)                 # LRU: mtime is the last use
+                return final
         except FileNotFoundError:
             pass
         if shard["size"] > self.max_bytes:
@@ -503,6 +513,7 @@ class ShardCache:
             got = _sha256_file(tmp)
             if got == shard["sha256"]:
                 os.replace(tmp, final)
+                _VERIFIED.add(final)
                 return final
             os.remove(tmp)
             log.warning("%s: sha256 mismatch (attempt %d)", self.store.join(key), attempt + 1)
@@ -534,6 +545,7 @@ class ShardCache:
                 break
             try:
                 os.remove(os.path.join(self.dir, name))
+                _VERIFIED.discard(os.path.join(self.dir, name))
             except FileNotFoundError:
                 pass
             total -= nbytes

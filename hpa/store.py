@@ -100,6 +100,8 @@ def _join(*parts: str) -> str:
 # -- environment, redaction, retries --------------------------------------------------------------
 def s3_settings() -> dict:
     """Connection settings from the environment (see the module docstring)."""
+    from hpa.config import env_float, env_int
+
     env = os.environ
     endpoint = (env.get("HPA_S3_ENDPOINT") or S3_DEFAULT_ENDPOINT).strip().rstrip("/")
     scheme, _, rest = endpoint.rpartition("://")  # tolerate "http://host:port" as KFP configs often write it
@@ -110,8 +112,8 @@ def s3_settings() -> dict:
         "secret_key": env.get("HPA_S3_SECRET_KEY") or env.get("AWS_SECRET_ACCESS_KEY") or "",
         "secure": secure,
         "region": env.get("HPA_S3_REGION") or "us-east-1",
-        "retries": max(1, int(env.get("HPA_S3_RETRIES", "5"))),
-        "retry_delay": float(env.get("HPA_S3_RETRY_DELAY", "0.5")),
+        "retries": env_int("HPA_S3_RETRIES", 5, minimum=1),
+        "retry_delay": env_float("HPA_S3_RETRY_DELAY", 0.5, minimum=0.0),
     }
 
 
@@ -683,7 +685,13 @@ def split_uri(uri: str | os.PathLike, create_bucket: bool = False) -> tuple[Stor
 
 
 def read_bytes(uri: str | os.PathLike, sha256: str | None = None) -> bytes:
+    """The object's bytes; verified against `sha256`, or, when it belongs to a committed dataset, against the
+    dataset's manifest (hpa.committed.expected_sha256)."""
     store, key = split_uri(uri)
+    if sha256 is None:
+        from hpa.committed import expected_sha256
+
+        sha256 = expected_sha256(store, key)
     return store.get_bytes(key, sha256)
 
 
@@ -693,7 +701,12 @@ def write_bytes(uri: str | os.PathLike, data: bytes, create_bucket: bool = False
 
 
 def fetch(uri: str | os.PathLike, local_path: str | os.PathLike, sha256: str | None = None) -> None:
+    """Copy the object to local_path atomically, verified as read_bytes verifies."""
     store, key = split_uri(uri)
+    if sha256 is None:
+        from hpa.committed import expected_sha256
+
+        sha256 = expected_sha256(store, key)
     store.get_file(key, local_path, sha256)
 
 

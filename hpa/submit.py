@@ -39,7 +39,7 @@ def read_test_labels(uri):
 
 
 def as_thresholds(thresholds) -> np.ndarray:
-    """A thresholds JSON path/URI, a single float, or 28 values -> (28,) array in [0, 1]."""
+    """A thresholds JSON path/URI, a single float, or 28 values -> (28,) array in (0, 1)."""
     if isinstance(thresholds, (str, os.PathLike)):
         return load_thresholds(thresholds)
     if np.ndim(thresholds) == 0:

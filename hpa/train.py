@@ -12,7 +12,8 @@ Contracts kept here:
   history.csv, val_predictions.npz, thresholds.json, config.json, metrics.json.
 - `last.pt` is written each epoch and every --checkpoint-every-steps steps, with everything needed to
   continue mid-epoch exactly (model, optimizer, scheduler, scaler, loop counters, every rank's RNG
-  states); `--resume` continues from it. SIGTERM saves it and exits 143.
+  states); `--resume` continues from it, only when the run identity it records (data, split, fold, arch and
+  every option that changes results: IDENTITY_FIELDS) is this run's. SIGTERM saves it and exits 143.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -44,13 +47,15 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from hpa import distributed_utils as du
+from hpa.config import env_float
 from hpa.errors import ConfigError, DataError, HPAError, StoreError
 from hpa.crossfit import crossfit_groups, policy_fitter, score_policy
 from hpa.evaluate import (
     DEFAULT_SHRINK_STRENGTH, THRESHOLD_MODES, macro_f1, predictions_bytes, thresholds_json,
 )
 from hpa.labels import COLORS, NUM_CLASSES, parse_target, to_matrix
-from hpa.models import MODEL_NAMES, create_model, weights_source
+from hpa.models import (CHECKPOINT_KEYS, MODEL_NAMES, create_model, load_model_state, read_checkpoint,
+                        weights_source)
 
 log = logging.getLogger("hpa.train")
 
@@ -130,7 +135,7 @@ class TrainConfig:
             (0 <= self.drop_rate < 1, f"drop_rate: {self.drop_rate} must be in [0, 1)"),
             (0 < self.min_crop <= 1, f"min_crop: {self.min_crop} must be in (0, 1]"),
             (self.threshold_mode in THRESHOLD_MODES, f"threshold_mode: {self.threshold_mode!r}, expected one of {', '.join(THRESHOLD_MODES)}"),
-            (0 <= self.threshold <= 1, f"threshold: {self.threshold} must be in [0, 1]"),
+            (0 < self.threshold < 1, f"threshold: {self.threshold} must be in (0, 1)"),
             (math.isfinite(self.shrink_strength) and self.shrink_strength >= 0,
              f"shrink_strength: {self.shrink_strength} must be a finite number >= 0"),
             (self.patience >= 0, f"patience: {self.patience} must be >= 0"),
@@ -251,27 +256,43 @@ class FoldData:
     val_targets: np.ndarray
 
 
-def read_split(uri: str, fold: int) -> FoldData:
+def read_split(uri: str, fold: int, raw: bytes | None = None) -> FoldData:
+    """Fold `fold` of the split CSV at `uri` (`raw`: its bytes, when already read) as train/val ids and targets."""
     import pandas as pd
 
     from hpa.evaluate import read_uri
 
     try:
-        df = pd.read_csv(io.BytesIO(read_uri(uri)), dtype={"Id": str, "Target": str}, encoding="utf-8-sig")
+        df = pd.read_csv(io.BytesIO(read_uri(uri) if raw is None else raw), dtype={"Id": str, "Target": str, "fold": str},
+                         encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{uri}: not a readable split CSV ({type(exc).__name__})") from None
     missing = [c for c in ("Id", "Target", "fold") if c not in df.columns]
     if missing:
         raise DataError(f"{uri}: missing column {missing[0]!r}, expected Id,Target,fold")
-    folds = sorted(int(f) for f in df["fold"].unique())
+    fold_of = split_folds(df["fold"], uri)
+    folds = sorted(set(fold_of.tolist()))
     if fold not in folds:
         raise ConfigError(f"fold: {fold} is not in {uri} (folds present: {folds})")
     targets = to_matrix([parse_target(t, f"{uri} row {i + 2}") for i, t in enumerate(df["Target"])])
-    is_val = (df["fold"] == fold).to_numpy()
+    is_val = fold_of == fold
     if is_val.all():
         raise ConfigError(f"fold: {fold} is the only fold in {uri}; nothing is left to train on")
     ids = df["Id"].astype(str).to_numpy()
     return FoldData(list(ids[~is_val]), targets[~is_val], list(ids[is_val]), targets[is_val])
+
+
+def split_folds(values, uri: str) -> np.ndarray:
+    """A split CSV's fold column (read as strings) as ints. A value that is not a non-negative integer is one
+    DataError line naming the file, row (header = row 1) and value; "2.0" is read as 2 (a tool that wrote the
+    column as floats meant an integer), "1.5", "-1", "x" and "" are errors."""
+    out = np.empty(len(values), dtype=np.int64)
+    for i, value in enumerate(values):
+        text = "" if value is None or (isinstance(value, float) and value != value) else str(value).strip()
+        if not re.fullmatch(r"\d+(\.0*)?", text):
+            raise DataError(f"{uri} row {i + 2}: fold {text!r} is not a non-negative integer")
+        out[i] = int(text.split(".")[0])
+    return out
 
 
 def shards_uri(data: str) -> str | None:
@@ -282,28 +303,17 @@ def shards_uri(data: str) -> str | None:
     return data if store.exists("train/shards.json") or store.exists("shards.json") else None
 
 
-def local_png_root(cfg: TrainConfig, ids: list[str], dist: du.DistInfo) -> str:
-    """A local directory holding train/<id>_<color>.png for `ids`: --data itself when local; for s3://
-    the needed objects are fetched (in parallel, skipping files already cached) by one process per node."""
-    if not cfg.data.startswith("s3://"):
-        return cfg.data
-    from concurrent.futures import ThreadPoolExecutor
+def local_png_root(cfg: TrainConfig, ids: list[str], dist: du.DistInfo):
+    """A DatasetView (hpa.committed) holding train/<id>_<color>.<ext> for `ids`: --data itself when local
+    (verified in place when committed); for s3:// a verified copy fetched by one process per node into a
+    private directory (content cache: --cache-dir), which the other ranks of the node read."""
+    from hpa.committed import DatasetView, image_view
 
-    from hpa.store import open_store
-
-    # Default: one cache per dataset URI in the node's temp dir, shared by the node's ranks (their work
-    # dirs differ) and reused by later runs on the same node.
-    default = Path(tempfile.gettempdir()) / f"hpa-png-{hashlib.sha256(cfg.data.encode()).hexdigest()[:12]}"
-    root = Path(cfg.cache_dir or default)
-    if dist.local_rank == 0:
-        store = open_store(cfg.data)
-        keys = [f"train/{i}_{c}.png" for i in ids for c in COLORS]
-        todo = [k for k in keys if not (root / k).exists()]
-        log.info("fetching %d of %d images from %s to %s", len(todo), len(keys), cfg.data, root)
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda k: store.get_file(k, str(root / k)), todo))  # get_file is atomic locally
+    view = image_view(cfg.data, "train", ids, cfg.cache_dir) if dist.local_rank == 0 else None
+    # every rank learns its node's directory: ranks of a node are numbered consecutively (torchrun)
+    roots = du.all_gather_objects(view.root if view is not None else None)
     du.barrier()
-    return str(root)
+    return view if view is not None else DatasetView(roots[dist.rank - dist.local_rank], owned=False)
 
 
 class ResumableSampler(Sampler[int]):
@@ -329,7 +339,8 @@ class DataSource:
         if self.shards is None:
             from hpa.data import HPADataset
 
-            root = local_png_root(cfg, fold.train_ids + fold.val_ids, dist)
+            self.view = local_png_root(cfg, fold.train_ids + fold.val_ids, dist)  # kept: owns the local copy
+            root = self.view.root
             self.train_ds = HPADataset(root, fold.train_ids, fold.train_targets.astype(np.float32), split="train",
                                        size=cfg.size, color_mode=cfg.color_mode)
             self.val_ds = HPADataset(root, fold.val_ids, fold.val_targets.astype(np.float32), split="train",
@@ -523,6 +534,8 @@ class Outputs:
         self.remote = cfg.out.startswith("s3://")
         if self.remote:
             self.dir = Path(cfg.work_dir or tempfile.mkdtemp(prefix="hpa-train-"))
+            if not cfg.work_dir:  # a private staging copy of what is published: gone with this object
+                weakref.finalize(self, _remove_if_creator, str(self.dir), os.getpid())
         else:
             self.dir = Path(cfg.out)
         if enabled and self.dir.is_dir():
@@ -564,12 +577,85 @@ class Outputs:
         return path if path.exists() else None
 
 
+def _remove_if_creator(path: str, pid: int) -> None:
+    if os.getpid() == pid:  # not in a DataLoader worker that holds a copy
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def history_csv(rows: list[dict]) -> bytes:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue().encode()
+
+
+# --- run identity (what --resume checks) ---------------------------------------------------------
+
+# The options that decide what a run computes; with its data, split and world size they are the run's
+# identity, recorded in every checkpoint, and --resume continues only a checkpoint of the same identity.
+# Left out on purpose, as how a run executes rather than what it computes: out, device, amp, channels_last,
+# compile, deterministic, workers, threads, val_batch_size, checkpoint_every_steps, metric_timestamps,
+# cache_dir, work_dir, tensorboard (and resume). The threshold options are in: they choose the best epoch and
+# the reported score. epochs is in: the LR schedule is a function of it (cosine decay over epochs x steps;
+# OneCycle even saves its total_steps), so a run resumed with more epochs would be neither the old run nor a
+# fresh run of that length, while config.json and metrics.json would describe the latter. Train longer with
+# a new run.
+IDENTITY_FIELDS = ("fold", "arch", "weights", "color_mode", "size", "epochs", "batch_size", "lr", "optimizer",
+                   "weight_decay", "momentum", "scheduler", "warmup_epochs", "loss", "focal_gamma", "pos_weight",
+                   "drop_rate", "augment", "min_crop", "threshold_mode", "threshold", "shrink_strength", "patience",
+                   "seed")
+# What last.pt must hold for a resume (best.pt, an inference checkpoint, has no optimizer state).
+RESUME_KEYS = CHECKPOINT_KEYS + ("optimizer", "scheduler", "scaler", "epoch", "step", "rng", "rank_loss", "loop",
+                                 "world_size", "config")
+RESUME_HINT = "start without --resume or use a fresh --out"
+
+
+def data_identity(data: str, shards: str | None) -> str:
+    """What the run reads: the sha256 of a packed-shards manifest, or of a committed dataset's object list
+    (key, size, sha256 of each object in manifest.json, without its commit time: the same images recommitted or
+    at another URI are the same data); a dataset without a manifest is known only by its URI (absolute path)."""
+    from hpa.store import MANIFEST, StoreNotFoundError, open_store
+
+    store = open_store(data)
+    for key in (["train/shards.json", "shards.json"] if shards else []) + [MANIFEST]:
+        try:
+            raw = store.get_bytes(key)
+        except StoreNotFoundError:
+            continue
+        if key == MANIFEST:
+            try:
+                raw = json.dumps(json.loads(raw)["objects"], sort_keys=True).encode()
+            except (ValueError, KeyError, TypeError):
+                pass  # not a manifest this version reads: its bytes, then
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+    return data if data.startswith("s3://") else str(Path(data).resolve())
+
+
+def run_identity(cfg: TrainConfig, shards: str | None, split_bytes: bytes, world_size: int,
+                 steps_per_epoch: int) -> dict:
+    """The identity recorded in checkpoints. steps_per_epoch covers what shapes the loop beyond the options
+    (dataset size, and for shards the per-worker batching)."""
+    return {"data": data_identity(cfg.data, shards), "split": "sha256:" + hashlib.sha256(split_bytes).hexdigest(),
+            **{k: getattr(cfg, k) for k in IDENTITY_FIELDS}, "world_size": world_size,
+            "steps_per_epoch": steps_per_epoch}
+
+
+def identity_mismatch(name: str, recorded: dict, current: dict, recorded_cfg: dict, cfg: TrainConfig) -> str | None:
+    """None when `recorded` (a checkpoint's identity) is `current`'s, else the one-line refusal naming the
+    checkpoint and every differing field with both values."""
+    def shown(key: str, value, uri) -> str:
+        if key in ("data", "split") and str(value).startswith("sha256:"):
+            return f"{uri} ({str(value)[:19]})"  # the URI to recognise, the content hash that differs
+        return str(value)
+
+    differ = [k for k in current if k not in recorded or recorded[k] != current[k]]
+    if not differ:
+        return None
+    was = ", ".join(f"{k}={shown(k, recorded[k], recorded_cfg.get(k)) if k in recorded else '(not recorded)'}"
+                    for k in differ)
+    now = ", ".join(f"{k}={shown(k, current[k], getattr(cfg, k, None))}" for k in differ)
+    return f"resume: {name}: was trained with {was}; this run has {now}; {RESUME_HINT}"
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -626,7 +712,7 @@ class Trainer:
         self.device = torch.device(device_kind, self.dist.local_rank) if device_kind == "cuda" else torch.device("cpu")
         self.out = Outputs(cfg, enabled=self.dist.is_main)
         self.work = self.out.dir
-        self.fault_write_delay = float(os.environ.get("HPA_TRAIN_FAULT_CKPT_DELAY", "0"))
+        self.fault_write_delay = env_float("HPA_TRAIN_FAULT_CKPT_DELAY", 0.0, minimum=0.0)
 
     # --- setup
     def setup(self) -> None:
@@ -643,10 +729,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + self.dist.rank)
 
-        self.fold = read_split(cfg.split, cfg.fold)
+        from hpa.evaluate import read_uri
+
+        split_bytes = read_uri(cfg.split)
+        self.fold = read_split(cfg.split, cfg.fold, split_bytes)
         # Fixed parts of the validation fold for out-of-sample scores (hpa.crossfit), the same every epoch.
         self.val_groups = crossfit_groups(self.fold.val_ids, self.fold.val_targets)
         self.data = DataSource(cfg, self.fold, self.dist)
+        self.identity = run_identity(cfg, self.data.shards, split_bytes, self.dist.world_size, self.data.steps_per_epoch)
         self.model = create_model(cfg.arch, cfg.in_chans, NUM_CLASSES, weights=cfg.weights, drop_rate=cfg.drop_rate)
         self.model.to(self.device)
         self.channels_last = cfg.channels_last and self.device.type == "cuda"
@@ -695,7 +785,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": s.epoch, "step": s.step,
                 "rng": [r["rng"] for r in per_rank], "rank_loss": [list(r["loss"]) for r in per_rank],
-                "loop": asdict(s), "world_size": self.dist.world_size, "config": asdict(cfg)}
+                "loop": asdict(s), "world_size": self.dist.world_size, "config": asdict(cfg),
+                "identity": self.identity}
 
     def save(self, name: str, ckpt: dict) -> None:
         if not self.dist.is_main:
@@ -718,20 +809,38 @@ class Trainer:
         if path is None:
             log.warning("--resume: no last.pt under %s, starting from scratch", self.cfg.out)
             return
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-        for key in ("arch", "color_mode", "size"):
-            if ckpt[key] != getattr(self.cfg, key):
-                raise ConfigError(f"resume: {path} was trained with {key}={ckpt[key]!r}, not {getattr(self.cfg, key)!r}")
-        if ckpt["config"]["batch_size"] != self.cfg.batch_size or ckpt["world_size"] != self.dist.world_size:
-            raise ConfigError(f"resume: {path} used batch_size {ckpt['config']['batch_size']} x {ckpt['world_size']} "
-                              f"process(es); resuming needs the same")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = LoopState(**ckpt["loop"])
-        self.state.loss_sum, self.state.loss_count = ckpt["rank_loss"][self.dist.rank]
-        set_rng_state(ckpt["rng"][self.dist.rank], self.aug_gen)
+        name = f"{self.cfg.out.rstrip('/')}/last.pt"
+        try:
+            ckpt = read_checkpoint(path, "cpu", name=name, required=RESUME_KEYS)
+        except ConfigError as exc:
+            raise ConfigError(f"resume: {exc}; {RESUME_HINT}") from None
+        # A last.pt without a recorded identity (hpa before issue 13) is refused, not trusted: resuming
+        # serves a restart within one run, which runs one version, so such a file means a reused --out;
+        # whether it holds this fold and this data cannot be told, and reporting its score as this run's
+        # is the failure the identity prevents.
+        if not isinstance(ckpt.get("identity"), dict):
+            raise ConfigError(f"resume: {name}: records no run identity (written by an older hpa), so it cannot "
+                              f"be matched to this run; {RESUME_HINT}")
+        config = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
+        mismatch = identity_mismatch(name, ckpt["identity"], self.identity, config, self.cfg)
+        if mismatch:
+            raise ConfigError(mismatch)
+        try:
+            load_model_state(self.model, ckpt["model"], name)
+        except ConfigError as exc:
+            raise ConfigError(f"resume: {exc}; {RESUME_HINT}") from None
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            state = LoopState(**ckpt["loop"])
+            state.loss_sum, state.loss_count = ckpt["rank_loss"][self.dist.rank]
+            set_rng_state(ckpt["rng"][self.dist.rank], self.aug_gen)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise ConfigError(f"resume: checkpoint {name}: its training state does not fit this run "
+                              f"({type(exc).__name__}: {first}); {RESUME_HINT}") from None
+        self.state = state
         log.info("resumed from %s: epoch %d, step %d (%d into the epoch)", path, self.state.epoch,
                  self.state.step, self.state.step_in_epoch)
 

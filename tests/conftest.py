@@ -8,11 +8,71 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from hpa.s3server import LocalS3Server
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every live descendant of `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # zombies are gone, only not yet reaped
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        try:
+            cmd = open(f"/proc/{p}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        out.append((p, cmd))
+        todo.extend(children.get(p, []))
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_leaves_nothing_behind(tmp_path_factory):
+    """The suite runs with its own temp dir (TMPDIR, so subprocesses use it too). After the last test, and after
+    every other session fixture has stopped (the S3 server): no process started by the suite is alive and the
+    temp dir holds no hpa-* entry (issue 13). A leftover fails the run at teardown, naming what was left."""
+    tmp_path_factory.getbasetemp()  # pytest's own tmp_path root stays where it was (kept for debugging)
+    suite_tmp = Path(tempfile.mkdtemp(prefix="suite-tmp-"))
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(suite_tmp), str(suite_tmp)
+    try:
+        yield suite_tmp
+    finally:
+        tempfile.tempdir = saved_tempdir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+    def alive_now():  # Python's own multiprocessing resource tracker lives exactly as long as pytest: not a leak
+        return [(p, c) for p, c in _descendants(os.getpid()) if "multiprocessing.resource_tracker" not in c]
+
+    deadline, alive = time.monotonic() + 10, alive_now()
+    while alive and time.monotonic() < deadline:  # a process stopped by the last test may still be exiting
+        time.sleep(0.2)
+        alive = alive_now()
+    left = sorted(p.name for p in suite_tmp.iterdir() if p.name.startswith("hpa-"))
+    shutil.rmtree(suite_tmp, ignore_errors=True)
+    problems = [f"process {pid} still running: {cmd[:200]}" for pid, cmd in alive]
+    problems += [f"temp dir entry left by the suite: {name}" for name in left]
+    assert not problems, "; ".join(problems)
 
 
 @pytest.fixture(scope="session")

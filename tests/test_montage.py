@@ -47,7 +47,7 @@ def test_montage_from_s3_downloads_only_what_it_shows(synth, s3_bucket, tmp_path
     from hpa.store import open_store, read_bytes
 
     store = open_store(s3_bucket + "data")
-    store.upload_tree(synth)
+    store.commit_manifest(store.upload_tree(synth), {})  # s3 data is read only when committed
     fetched = []
     original = type(store).get_bytes
 

@@ -155,7 +155,8 @@ def test_predict_from_s3_layout(layout, s3_bucket):
 
     tmp, rows, current = layout
     current["name"] = "positional"
-    open_store(s3_bucket + "data").upload_tree(tmp / "data")
+    store = open_store(s3_bucket + "data")
+    store.commit_manifest(store.upload_tree(tmp / "data"), {})  # s3 data is read only when committed
     local = pr.predict("ckpt.pt", tmp / "data", tta=2, out=tmp / "local.npz")
     remote = pr.predict("ckpt.pt", s3_bucket + "data", tta=2, out=s3_bucket + "preds/test.npz",
                         cache_dir=tmp / "cache")
@@ -163,4 +164,5 @@ def test_predict_from_s3_layout(layout, s3_bucket):
     a, b = load_predictions(tmp / "local.npz"), load_predictions(s3_bucket + "preds/test.npz")
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
-    assert len(list((tmp / "cache" / "test").iterdir())) == 12 * 4  # only the needed images were fetched
+    cached = [p for p in (tmp / "cache" / "objects").rglob("*") if p.is_file()]  # content cache (hpa.committed)
+    assert len(cached) == 12 * 4  # only the needed images were fetched

@@ -71,7 +71,8 @@ def check_katib_stdout(stdout: str, epochs: int) -> list[dict]:
     ("size", 100, "size: 100 must be a positive multiple of 32"),
     ("arch", "vgg16", "arch: unknown model 'vgg16'"),
     ("batch_size", 1, "batch_size: 1 must be >= 2"),
-    ("threshold", 1.5, "threshold: 1.5 must be in [0, 1]"),
+    ("threshold", 1.5, "threshold: 1.5 must be in (0, 1)"),
+    ("threshold", 0.0, "threshold: 0.0 must be in (0, 1)"),
     ("loss", "mse", "loss: 'mse', expected bce or focal"),
 ])
 def test_bad_config_is_one_clear_line(field, value, message):

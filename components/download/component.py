@@ -51,21 +51,17 @@ def download(
     """
     import json
     import os
-    import re
     from collections import namedtuple
 
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
+    from hpa.download import dataset_name
     from hpa.download import download as fetch_dataset
     from hpa.store import open_store
 
-    # One prefix per distinct dataset, so changing a parameter never overwrites another run's data.
-    if source == "synthetic":
-        name = f"synthetic-{n_train}x{n_test}-{image_size}px-seed{seed}"
-    else:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "-", source.split("://")[-1]).strip("-.")[-60:]
-        name += f"-{n_train or 'all'}x{n_test or 'all'}-seed{seed}"
-    data_uri = store_uri.rstrip("/") + "/datasets/" + name
+    # One prefix per distinct dataset, so changing a parameter never overwrites another run's data; the name
+    # never holds a URL's credentials (userinfo, query string).
+    data_uri = store_uri.rstrip("/") + "/datasets/" + dataset_name(source, n_train, n_test, image_size, seed)
     info = fetch_dataset(source, data_uri, n_train=n_train or None, n_test=n_test or None, size=image_size, seed=seed)
     with open(manifest.path, "w") as f:
         json.dump(open_store(data_uri).read_manifest(), f, indent=1)

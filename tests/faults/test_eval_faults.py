@@ -120,6 +120,9 @@ CASES = [
     ("negative threshold", "thr", thresholds_json([-0.1] + [0.5] * 27), "class 0 (Nucleoplasm) is -0.1"),
     ("27 thresholds", "thr", thresholds_json([0.5] * 27), "expected 28 thresholds"),
     ("NaN threshold", "thr", thresholds_json([0.5] * 27 + [float("nan")]), "class 27"),
+    # issue 13: the pipeline refuses 0 and 1 (threshold in (0, 1)); the stages accepted them
+    ("threshold exactly 0", "thr", thresholds_json([0.0] + [0.5] * 27), "class 0 (Nucleoplasm) is 0.0, expected a value in (0, 1)"),
+    ("threshold exactly 1", "thr", thresholds_json([0.5] * 27 + [1.0]), "class 27 (Rods & rings) is 1.0, expected a value in (0, 1)"),
 ]
 
 
@@ -162,6 +165,22 @@ def test_submit_refuses_ids_that_do_not_match_the_sample(tmp_path, capsys):
     assert not (tmp_path / "submission.csv").exists()
 
 
+@pytest.mark.parametrize("stage,value", [("ensemble", "0"), ("ensemble", "1"), ("ensemble", "1.0"),
+                                         ("submit", "0"), ("submit", "1"), ("submit", "0.0")])
+def test_global_threshold_of_0_or_1_is_refused(tmp_path, capsys, stage, value):
+    """One number for every class (`ensemble --threshold`, `submit --thresholds`): 0 and 1 are refused as the
+    pipeline's threshold parameter is (issue 13 item 8)."""
+    p = write_inputs(tmp_path / "in")
+    if stage == "ensemble":
+        argv = ensemble_argv(p, tmp_path / "out", ["--threshold", value])
+    else:
+        argv = submit_argv(p, p["test"][0], tmp_path / "submission.csv", thr=value)
+    rc, err = run_cli(argv, capsys)
+    assert rc == 2 and err[-1].startswith("error: ") and "(0, 1)" in err[-1] and value in err[-1], err
+    assert not (tmp_path / "submission.csv").exists()
+    assert not any((tmp_path / "out" / f).exists() for f in ENSEMBLE_OUTPUTS)
+
+
 def test_count_of_cases():
     total = len(CASES) * 2  # each through ensemble and submit (the mismatch case via its own submit test)
     print(f"\nevaluation bad inputs tried: {total} (all refused with one clear line, nothing written)")
@@ -189,6 +208,7 @@ def final_files(out: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
+@pytest.mark.fault_class("process")
 @pytest.mark.parametrize("stage", ["ensemble", "submit"])
 def test_killed_and_rerun_gives_the_same_outputs(tmp_path, stage):
     """SIGKILL at spread-out points of a run: every file under a final name is complete (equal to the

@@ -46,6 +46,14 @@ BAD = [
     ("no_such_param=1", "no_such_param=1"),
     ("epochs", "expected key=value"),
 ]
+# issue 13 item 8: counts that only failed in the first train task (~50 s later, a kfp traceback)
+BAD_COUNTS = [
+    (("n_train=20",), "pipeline parameter batch_size=32: expected at most 16: n_train=20 in 5 folds leaves 16"),
+    (("n_train=9",), "pipeline parameter n_train=9: expected at least 2 images per fold"),
+    (("n_train=100", "batch_size=32", "gpus=2", "num_nodes=2"), "at most 20: n_train=100 in 5 folds leaves 80 "
+                                                                 "training images per fold for 4 training process"),
+    (("data_source=/data/hpa", "n_train=15", "folds=10"), "n_train=15: expected at least 2 images per fold"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +75,24 @@ def test_run_local_refuses_before_any_work(pipeline, override, words, tmp_path, 
     assert not out.exists() and not started, "nothing may start or be written for a bad parameter"
 
 
+@pytest.mark.parametrize("overrides,words", BAD_COUNTS, ids=[" ".join(b[0]) for b in BAD_COUNTS])
+def test_counts_that_would_fail_later_are_refused_up_front(pipeline, overrides, words, tmp_path, capsys, monkeypatch):
+    started = []
+    monkeypatch.setattr("hpa.s3server.LocalS3Server.start", lambda self: started.append(self))
+    out = tmp_path / "run"
+    code = pipeline.main(["run", "--local", "--out", str(out), *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and words in err, err
+    assert not out.exists() and not started
+
+
+def test_counts_that_fit_pass():
+    from hpa.config import PipelineConfig
+
+    PipelineConfig(n_train=40, batch_size=32).validate()  # 32 training images per fold: one batch
+    PipelineConfig(data_source="/data/hpa", n_train=0, batch_size=64).validate()  # a whole real dataset: later
+
+
 def test_submit_refuses_before_contacting_the_cluster(pipeline, capsys, monkeypatch):
     import kfp
 
@@ -77,7 +103,7 @@ def test_submit_refuses_before_contacting_the_cluster(pipeline, capsys, monkeypa
 
 def test_bad_parameters_counted(capsys):
     with capsys.disabled():
-        print(f"\npipeline parameter faults tried: {len(BAD)} client side, + check-params task, + stage functions")
+        print(f"\npipeline parameter faults tried: {len(BAD) + len(BAD_COUNTS)} client side, + check-params task, + stage functions")
 
 
 def test_check_params_task_fails_first_in_the_pipeline(tmp_path, capfd):

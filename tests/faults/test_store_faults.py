@@ -158,6 +158,7 @@ CASES = {
 }
 
 
+@pytest.mark.fault_class("secrets")
 @pytest.mark.parametrize("case", CASES)
 def test_credential_errors_are_one_clean_line(case, s3_server, s3_bucket, monkeypatch, caplog, capsys, tmp_path):
     caplog.set_level(logging.DEBUG)
@@ -177,6 +178,7 @@ def test_credential_errors_are_one_clean_line(case, s3_server, s3_bucket, monkey
         _scan(exc_info, caplog, capsys, *secrets)
 
 
+@pytest.mark.fault_class("secrets")
 @pytest.mark.parametrize("case", ["wrong secret", "no permission"])
 def test_cli_prints_one_line_without_secret(case, s3_server, s3_bucket, tmp_path):
     env = {**os.environ, **s3_server.env(), **CASES[case][0](s3_server)}

@@ -1,0 +1,69 @@
+"""Counts of the fault cases tried, by class, printed at the end of every run that includes tests/faults.
+
+A case is one test item (each parametrized case counts once) that ran; the `test_count_of_cases`-style
+summary tests are not cases. A module's class comes from FAULT_CLASS; a test can override it with
+`@pytest.mark.fault_class("process")` (e.g. the kill tests of an otherwise bad-input module).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+CLASSES = ("data", "archives", "store", "process", "secrets", "resume")
+FAULT_CLASS = {
+    "test_bad_input_data": "data",
+    "test_eval_faults": "data",
+    "test_pipeline_params": "data",
+    "test_archive_faults": "archives",
+    "test_download_faults": "process",
+    "test_shard_faults": "store",
+    "test_store_faults": "store",
+    "test_verified_reads": "store",
+    "test_train_faults": "process",
+    "test_signal_faults": "process",
+    "test_manifest_secrets": "secrets",
+    "test_secrets_scan": "secrets",
+    "test_secret_names": "secrets",
+    "test_resume_faults": "resume",
+}
+_HERE = Path(__file__).parent
+_tried: Counter = Counter()
+_classes: dict[str, str] = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fault_class(name): the fault class of a test in tests/faults "
+                                       f"({', '.join(CLASSES)})")
+
+
+def fault_class(item) -> str | None:
+    path = Path(str(item.fspath))
+    if path.parent != _HERE or "count" in item.name:
+        return None
+    marker = item.get_closest_marker("fault_class")
+    name = marker.args[0] if marker else FAULT_CLASS.get(path.stem)
+    if name not in CLASSES:
+        raise pytest.UsageError(f"{path.name}::{item.name}: no fault class (add it to FAULT_CLASS in {__file__})")
+    return name
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        name = fault_class(item)
+        if name:
+            _classes[item.nodeid] = name
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.nodeid in _classes:
+        _tried[_classes[report.nodeid]] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _tried:
+        return
+    counts = ", ".join(f"{c} {_tried[c]}" for c in CLASSES)
+    terminalreporter.write_line(f"fault cases tried: {sum(_tried.values())} ({counts})")
