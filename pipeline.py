@@ -557,10 +557,18 @@ LOCAL_PARALLEL_TASKS = 2  # kfp.local's ParallelFor concurrency (see run_local)
 
 
 def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> dict:
-    """Run the whole pipeline with kfp.local; returns {"submission", "report", "metrics", "elapsed_s", ...}."""
-    import kfp.local
+    """Run the whole pipeline with kfp.local; returns {"submission", "report", "metrics", "elapsed_s", ...}.
 
-    from hpa.s3server import LocalS3Server
+    SIGTERM, SIGINT or SIGHUP stops every process the run started (the tasks with their children, then the
+    embedded S3 server), by pid, removes the run's temporary files and keys, and raises
+    hpa.s3server.Interrupted (`stopped`: how many processes)."""
+    import subprocess
+    import tempfile
+
+    import kfp.local
+    from kfp.local import subprocess_task_handler
+
+    from hpa.s3server import Interrupted, LocalS3Server, RunProcesses, signals_interrupt
 
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -568,47 +576,91 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
     server = None
     saved_env = dict(os.environ)
     start = time.monotonic()
-    try:
-        if store_dir is not None:
-            arguments.setdefault("store_uri", str(Path(store_dir).resolve()))
-            arguments.setdefault("s3_endpoint", "")
-        else:
-            server = LocalS3Server()
-            server.start()
-            # The tasks are subprocesses of this one: they inherit the keys from the environment,
-            # exactly as pods get them from the secret; no key is ever a run parameter.
-            os.environ.update(server.env())
-            arguments.setdefault("store_uri", "s3://hpa-local/hpa-kfp")
-            arguments.setdefault("s3_endpoint", server.endpoint)
-        check_arguments(arguments)
-        # kfp.local runs up to 2 ParallelFor iterations at once (kfp 2.17 kfp/local/orchestrator/
-        # enhanced_dag_orchestrator.py ParallelExecutor.conservative_max), so two training tasks share the
-        # cores: give each half of them. Left to torch's default, each task's OpenMP pool takes every core and
-        # the two spin against each other (measured: 8x slower per epoch on 2 cores).
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLEL_TASKS)))
-        kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(out_dir / "pipeline_root"),
-                       raise_on_error=True)
-        with backend_rules.strict_local() as strict, print_restored():  # resolve inputs as the driver does
-            task = pipeline_for(arguments)(**arguments)
-        result = {
-            "submission": _keep(task.outputs["submission"].path, out_dir / "submission.csv"),
-            "report": _keep(task.outputs["report"].path, out_dir / "report.html"),
-            "plots": str(shutil.copytree(Path(task.outputs["report"].path).parent / "plots", out_dir / "plots",
-                                         dirs_exist_ok=True)),
-            "metrics": _keep_metrics({"ensemble_val": task.outputs["metrics"].metadata,
-                                      "submission": task.outputs["test_metrics"].metadata}, out_dir / "metrics.json"),
-            "pipeline_root": str(out_dir / "pipeline_root"),
-            # what the backend driver would put in each pod (image, limits, requests), resolved strictly
-            "pods": {pod.task: {"image": pod.image, "limits": pod.limits, "requests": pod.requests}
-                     for pod in strict.pods},
-            "store_uri": arguments["store_uri"] + ("" if server is None else f" (embedded S3 at {server.endpoint}, "
-                                                                             "removed after the run)"),
-        }
-    finally:
+    processes = RunProcesses()  # every process this run starts, found by pid (descendants, the tasks' sessions)
+    run_local_subprocess = subprocess_task_handler.run_local_subprocess
+    run_tmp = tempfile.mkdtemp(prefix="hpa-run-")
+
+    def run_task(full_command: list[str], env_vars: dict | None = None) -> int:
+        # kfp.local's own run_local_subprocess (kfp 2.17 subprocess_task_handler.py), except that the task gets a
+        # session of its own (its children are found even after it died) and that none starts once the run is
+        # stopping: kfp's ParallelFor executor would otherwise start the queued iterations while it unwinds.
+        proc = processes.popen(full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                               env={**os.environ, **env_vars} if env_vars else None)
+        if proc is None:
+            return 1
+        with proc:
+            for line in iter(proc.stdout.readline, ""):
+                print(line, end="")
+            print("\n")
+            return proc.wait()
+
+    def weed() -> set[int]:
+        return {server.proc.pid} if server is not None and server.proc is not None else set()
+
+    def shut_down() -> int:
+        """The tasks first (they may still write to the store), then the server, then anything left; how many
+        processes were stopped. Safe to call twice; no signal cuts it short."""
+        guard.shield()
+        subprocess_task_handler.run_local_subprocess = run_local_subprocess
+        stopped = processes.stop(spare=weed())
         if server is not None:
+            stopped += int(server.running)
             server.close()
+        stopped += processes.stop()
+        shutil.rmtree(run_tmp, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved_env)
+        return stopped
+
+    # The signal handler stops the tasks at once: kfp.local's executor waits for its running tasks while the
+    # exception unwinds it (measured: SIGINT left the main process waiting ~40 s for a training task).
+    with signals_interrupt(lambda signum: processes.stop(spare=weed())) as guard:
+        try:
+            # The tasks' temporary files (kfp's `mktemp -d` per task, multiprocessing's) go to the run's own
+            # directory, removed with it; kfp.local leaves one directory per task behind otherwise.
+            os.environ["TMPDIR"] = run_tmp
+            subprocess_task_handler.run_local_subprocess = run_task
+            if store_dir is not None:
+                arguments.setdefault("store_uri", str(Path(store_dir).resolve()))
+                arguments.setdefault("s3_endpoint", "")
+            else:
+                server = LocalS3Server()
+                server.start()
+                # The tasks are subprocesses of this one: they inherit the keys from the environment,
+                # exactly as pods get them from the secret; no key is ever a run parameter.
+                os.environ.update(server.env())
+                arguments.setdefault("store_uri", "s3://hpa-local/hpa-kfp")
+                arguments.setdefault("s3_endpoint", server.endpoint)
+            check_arguments(arguments)
+            # kfp.local runs up to 2 ParallelFor iterations at once (kfp 2.17 kfp/local/orchestrator/
+            # enhanced_dag_orchestrator.py ParallelExecutor.conservative_max), so two training tasks share the
+            # cores: give each half of them. Left to torch's default, each task's OpenMP pool takes every core and
+            # the two spin against each other (measured: 8x slower per epoch on 2 cores).
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLEL_TASKS)))
+            kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
+                           pipeline_root=str(out_dir / "pipeline_root"), raise_on_error=True)
+            with backend_rules.strict_local() as strict, print_restored():  # resolve inputs as the driver does
+                task = pipeline_for(arguments)(**arguments)
+            result = {
+                "submission": _keep(task.outputs["submission"].path, out_dir / "submission.csv"),
+                "report": _keep(task.outputs["report"].path, out_dir / "report.html"),
+                "plots": str(shutil.copytree(Path(task.outputs["report"].path).parent / "plots", out_dir / "plots",
+                                             dirs_exist_ok=True)),
+                "metrics": _keep_metrics({"ensemble_val": task.outputs["metrics"].metadata,
+                                          "submission": task.outputs["test_metrics"].metadata},
+                                         out_dir / "metrics.json"),
+                "pipeline_root": str(out_dir / "pipeline_root"),
+                # what the backend driver would put in each pod (image, limits, requests), resolved strictly
+                "pods": {pod.task: {"image": pod.image, "limits": pod.limits, "requests": pod.requests}
+                         for pod in strict.pods},
+                "store_uri": arguments["store_uri"] + ("" if server is None else f" (embedded S3 at {server.endpoint}"
+                                                                                 ", removed after the run)"),
+            }
+        except Interrupted as exc:
+            exc.stopped += shut_down()
+            raise
+        finally:
+            shut_down()
     result["elapsed_s"] = round(time.monotonic() - start, 1)
     return result
 
@@ -663,6 +715,8 @@ def submit_run(host: str | None, overrides: dict, experiment: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hpa.s3server import Interrupted
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="run parameters: " + ", ".join(parameter_names()))
     sub = parser.add_subparsers(dest="command", required=True)
@@ -721,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # run_local stopped its processes and removed its temporary files
+        print(f"error: interrupted by {exc.name}; stopped {exc.stopped} processes", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 
