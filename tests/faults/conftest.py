@@ -57,6 +57,12 @@ def pytest_collection_modifyitems(items):
             _classes[item.nodeid] = name
 
 
+def pytest_collection_finish(session):
+    if session.config.option.collectonly and _classes:
+        counts = Counter(_classes.values())
+        print(f"fault cases collected: {len(_classes)} ({', '.join(f'{c} {counts[c]}' for c in CLASSES)})")
+
+
 def pytest_runtest_logreport(report):
     if report.when == "call" and report.nodeid in _classes:
         _tried[_classes[report.nodeid]] += 1
