@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from components.check_params.component import check_params  # noqa: E402
 from components.compare_plots.component import compare_plots  # noqa: E402
+from components.dataset_state.component import dataset_state  # noqa: E402
 from components.download.component import download  # noqa: E402
 from components.katib_tune.component import katib_defaults, katib_tune  # noqa: E402
 from components.ensemble.component import ensemble  # noqa: E402
@@ -51,6 +52,7 @@ from components.split.component import split  # noqa: E402
 from components.submit.component import submit  # noqa: E402
 from components.train.component import train  # noqa: E402
 from components.train_distributed.component import train_distributed  # noqa: E402
+from components.use_dataset.component import use_dataset  # noqa: E402
 from hpa.config import (  # noqa: E402
     KAGGLE_SECRET_KEYS, KAGGLE_SECRET_NAME, S3_DEFAULT_ENDPOINT, S3_SECRET_KEYS, S3_SECRET_NAME, PipelineConfig,
     cuda_image, image,
@@ -90,6 +92,19 @@ def _with_requests(task: dsl.PipelineTask, requests: dict) -> dsl.PipelineTask:
 def _with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """S3 keys from KFP's object store secret (keys accesskey/secretkey) as HPA_S3_ACCESS_KEY/SECRET_KEY."""
     return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET_NAME, secret_key_to_env=S3_SECRET_KEYS)
+
+
+def _name_branches(display_name: str) -> None:
+    """Give the If/Else group just closed a display name. kfp 2.17 wraps an If followed by Else in a
+    ConditionBranches group it makes itself (kfp/dsl/tasks_group.py maybe_make_and_insert_conditional_branches_group)
+    and names its task `display_name or name` (kfp/compiler/pipeline_spec_builder.py, task_info.name), but offers no
+    argument for it: without this the UI shows "condition-branches-2"."""
+    from kfp.dsl import pipeline_context, tasks_group
+
+    group = pipeline_context.Pipeline.get_default_pipeline().groups[-1].groups[-1]
+    if not isinstance(group, tasks_group.ConditionBranches):
+        raise TypeError(f"_name_branches: the last group is {type(group).__name__}, not an If/Else's ConditionBranches")
+    group.display_name = display_name
 
 
 def _as_training(task: dsl.PipelineTask, pod: dsl.PipelineTask, accelerator_type, node_selector,
@@ -203,27 +218,49 @@ def make_pipeline(multi_node: bool):
             seed=seed, num_nodes=num_nodes, weights=weights, multi_node=multi_node, cpu_image=image(),
             cuda_image=cuda_image(),
         )
-        _with_requests(checked, LIGHT).set_caching_options(True)
+        _with_requests(checked, LIGHT).set_caching_options(True).set_display_name("check parameters")
         store = checked.outputs["store_uri"]  # {namespace} resolved
 
-        data = download(
-            source=data_source, store_uri=store, n_train=n_train, n_test=n_test, image_size=image_size,
-            seed=seed, s3_endpoint=s3_endpoint,
-        )
-        _with_s3(_with_requests(data, DOWNLOAD)).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2)
-        data.set_caching_options(True)
-        data_uri = data.outputs["data_uri"]
+        # What the store holds now (never cached): its hashes are inputs of download, split and pack, so the
+        # backend's cache key (input values: backend/src/v2/cacheutils/cache.go GenerateCacheKey) changes when
+        # the dataset or its shards are deleted or changed, and those tasks run again instead of being reused.
+        state = dataset_state(source=data_source, store_uri=store, n_train=n_train, n_test=n_test,
+                              image_size=image_size, seed=seed, s3_endpoint=s3_endpoint)
+        _with_s3(_with_requests(state, LIGHT)).set_caching_options(False).set_display_name("dataset in store")
 
-        with dsl.If(plot_samples == True, name="plot-samples"):  # noqa: E712 - a pipeline condition, not Python
+        # A committed s3:// dataset is imported (dsl.importer: a Dataset node in the lineage graph), not copied.
+        # The importer's URI is a pipeline parameter, which the backend resolves from the enclosing DAG's inputs
+        # (2.16.0 backend/src/v2/component/importer_launcher.go: GetRuntimeParameter -> GetComponentInputParameter).
+        with dsl.If(state.outputs["existing"] == True, name="existing dataset"):  # noqa: E712 - a pipeline condition
+            imported = dsl.importer(artifact_uri=data_source, artifact_class=Dataset, reimport=False,
+                                    metadata={"source": "data_source run parameter"})
+            imported.set_display_name("import dataset")
+            used = use_dataset(dataset=imported.output, expected_manifest=state.outputs["manifest_sha256"],
+                               s3_endpoint=s3_endpoint)
+            _with_s3(_with_requests(used, LIGHT)).set_caching_options(True).set_display_name("check dataset")
+        with dsl.Else(name="download dataset"):
+            data = download(
+                source=data_source, store_uri=store, n_train=n_train, n_test=n_test, image_size=image_size,
+                seed=seed, s3_endpoint=s3_endpoint, expected_manifest=state.outputs["manifest_sha256"],
+            )
+            _with_s3(_with_requests(data, DOWNLOAD)).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2)
+            data.set_caching_options(True).set_display_name("fetch and commit")
+        _name_branches("dataset source")
+        data_uri = dsl.OneOf(used.outputs["data_uri"], data.outputs["data_uri"])
+        data_manifest = dsl.OneOf(used.outputs["manifest_sha256"], data.outputs["manifest_sha256"])
+
+        with dsl.If(plot_samples == True, name="plot samples"):  # noqa: E712 - a pipeline condition, not Python
             samples = montage(data_uri=data_uri, seed=seed, s3_endpoint=s3_endpoint)
-            _with_s3(_with_requests(samples, LIGHT)).set_caching_options(True)
+            _with_s3(_with_requests(samples, LIGHT)).set_caching_options(True).set_display_name("sample montage")
 
-        folds_task = split(data_uri=data_uri, folds=folds, seed=seed, s3_endpoint=s3_endpoint)
-        _with_s3(_with_requests(folds_task, LIGHT)).set_caching_options(True)
+        folds_task = split(data_uri=data_uri, folds=folds, seed=seed, s3_endpoint=s3_endpoint,
+                           data_manifest=data_manifest)
+        _with_s3(_with_requests(folds_task, LIGHT)).set_caching_options(True).set_display_name("stratified folds")
 
-        shards = pack(data_uri=data_uri, image_size=image_size, s3_endpoint=s3_endpoint)
+        shards = pack(data_uri=data_uri, image_size=image_size, s3_endpoint=s3_endpoint, data_manifest=data_manifest,
+                      expected_shards=state.outputs["shards_sha256"])
         _with_s3(_with_requests(shards, DOWNLOAD)).set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
-        shards.set_caching_options(True)
+        shards.set_caching_options(True).set_display_name("pack shards")
 
         common = dict(
             data_uri=data_uri, shards_uri=shards.outputs["shards_uri"], split_csv=folds_task.outputs["split_csv"],
@@ -234,16 +271,17 @@ def make_pipeline(multi_node: bool):
         # Optional Katib tuning: its best lr per model and threshold policy, or the run parameters unchanged
         # (katib_defaults). Parameter dsl.OneOf resolves on the backend since before 2.16 (2.16.0
         # backend/src/v2/driver/resolve.go GetProducerTask, ValueFromOneof: the first successful branch).
-        with dsl.If(tune == True, name="katib-tune"):  # noqa: E712 - a pipeline condition, not Python
+        with dsl.If(tune == True, name="tune with Katib"):  # noqa: E712 - a pipeline condition, not Python
             tuned = katib_tune(store_uri=store, models=models, val_fold=val_fold, gpus=gpus,
                                accelerator_type=accelerator_type, trial_image=checked.outputs["train_image"],
                                node_selector=node_selector, tolerations=tolerations,
                                **{k: v for k, v in common.items() if k in katib_tune.component_spec.inputs})
-            _with_s3(_with_requests(tuned, LIGHT)).set_caching_options(False)
-        with dsl.Else(name="fixed-hparams"):
+            _with_s3(_with_requests(tuned, LIGHT)).set_caching_options(False).set_display_name("Katib: tune lr and thresholds")
+        with dsl.Else(name="no tuning"):
             fixed = katib_defaults(models=models, threshold=threshold, threshold_mode=threshold_mode,
                                    shrink_strength=shrink_strength)
-            _with_requests(fixed, LIGHT).set_caching_options(True)
+            _with_requests(fixed, LIGHT).set_caching_options(True).set_display_name("fixed hyperparameters")
+        _name_branches("tune or fixed hyperparameters")
         hp = {k: dsl.OneOf(tuned.outputs[k], fixed.outputs[k])
               for k in ("models", "threshold", "threshold_mode", "shrink_strength")}
         common.update(threshold_mode=hp["threshold_mode"], threshold=hp["threshold"],
@@ -269,7 +307,7 @@ def make_pipeline(multi_node: bool):
                 trained.set_display_name("train (model x fold)")
 
         compare = compare_plots(runs=dsl.Collected(trained.outputs["run"]))
-        _with_requests(compare, LIGHT).set_caching_options(True)
+        _with_requests(compare, LIGHT).set_caching_options(True).set_display_name("compare models")
 
         combined = ensemble(
             val_predictions=dsl.Collected(trained.outputs["val_predictions"]),
@@ -278,13 +316,14 @@ def make_pipeline(multi_node: bool):
             shrink_strength=hp["shrink_strength"],
             prior_labels=folds_task.outputs["split_csv"],  # the training folds' label frequencies, for prior
         )
-        _with_requests(combined, LIGHT).set_caching_options(True)
+        _with_requests(combined, LIGHT).set_caching_options(True).set_display_name("ensemble and thresholds")
 
         submission = submit(
             data_uri=data_uri, predictions=combined.outputs["ensemble_test"], thresholds=combined.outputs["thresholds"],
             kaggle_submit=kaggle_submit, s3_endpoint=s3_endpoint,
         )
         _with_s3(_with_requests(submission, LIGHT)).set_caching_options(False)  # an upload is a side effect
+        submission.set_display_name("submission")
         kubernetes.use_secret_as_env(submission, secret_name=KAGGLE_SECRET_NAME, secret_key_to_env=KAGGLE_SECRET_KEYS,
                                      optional=True)  # only needed with kaggle_submit; absent secret = no upload
 
@@ -346,8 +385,12 @@ def component_readme(stage: str, module) -> str:
 
     component = getattr(module, stage)
     spec = component.component_spec
-    described = {p.arg_name: " ".join(p.description.split()) for p in
-                 docstring_parser.parse(component.python_func.__doc__).params}
+    parsed = docstring_parser.parse(component.python_func.__doc__)
+    described = {p.arg_name: " ".join(p.description.split()) for p in parsed.params}
+    for r in parsed.many_returns:  # Returns: (output parameters); Google style puts the name in type_name
+        name = r.return_name or r.type_name
+        if name and name not in described:
+            described[name] = " ".join((r.description or "").split())
     kind = {"String": "str", "Integer": "int", "Float": "float", "Boolean": "bool", "Dict": "dict", "List": "list"}
 
     def type_name(t: str) -> str:
@@ -377,7 +420,11 @@ GPU_NOTE = "gpus x accelerator_type"
 def condition_text(condition: str) -> str:
     """A compiled trigger condition in run-parameter terms: "!(int(...['pipelinechannel--num_nodes']) > 1)"
     -> "not num_nodes > 1"."""
-    text = re.sub(r"(?:int\()?inputs\.parameter_values\['pipelinechannel--(\w+)'\]\)?", r"\1", condition)
+    def name(match: re.Match) -> str:  # a run parameter, or a task's output (<task>-<output>: "dataset-state.existing")
+        task, _, output = match.group(1).rpartition("-")
+        return f"{task}.{output}" if task else output
+
+    text = re.sub(r"(?:int\()?inputs\.parameter_values\['pipelinechannel--([\w-]+)'\]\)?", name, condition)
     text = text.replace(" == true", "")
     return re.sub(r"^!\((.*)\)$", r"not \1", text)
 
@@ -408,7 +455,7 @@ def pipeline_graph(compiled: Path = COMPILED) -> tuple[dict, dict]:
             deps[name] = upstream
             executor = spec["deploymentSpec"]["executors"][task["componentRef"]["name"].replace("comp-", "exec-", 1)]
             task_notes = ([f"if {where}"] if where else []) + ([f"for each of {loop}"] if loop else [])
-            if "accelerator" in executor["container"].get("resources", {}):
+            if "accelerator" in executor.get("container", {}).get("resources", {}):  # an importer has no container
                 task_notes.append(GPU_NOTE)
             if task_notes:
                 notes[name] = task_notes

@@ -141,18 +141,23 @@ def _remove_if_creator(path: str | None, pid: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def private_dir(directory: str | os.PathLike) -> Path:
+    """`directory`, created if needed, owned by this user and mode 0700 (a cache others cannot read or poison)."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise StoreError(f"cache dir {path} belongs to another user (uid {st.st_uid}); use a directory of your own")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
 class ContentCache:
     """Objects by sha256 under `<dir>/objects/`, private to this user, verified on every use."""
 
     def __init__(self, directory: str | os.PathLike):
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        st = self.dir.stat()
-        if st.st_uid != os.getuid():
-            raise StoreError(f"cache dir {self.dir} belongs to another user (uid {st.st_uid}); "
-                             "use a directory of your own")
-        if stat.S_IMODE(st.st_mode) != 0o700:
-            os.chmod(self.dir, 0o700)
+        self.dir = private_dir(directory)
 
     def path(self, sha256: str) -> Path:
         return self.dir / "objects" / sha256[:2] / sha256
@@ -283,3 +288,85 @@ def image_view(data: str, split: str, ids: Iterable[str], cache_dir: str | os.Pa
                                 f"(not in {ds.store.join(MANIFEST)})")
             keys.append(key)
     return ds.materialize(keys, cache_dir)
+
+
+# -- what the store holds before a pipeline run (the cache keys of download and pack) ---------------
+ABSENT = "absent-"
+
+
+def absent_token() -> str:
+    """What dataset_state reports for a missing manifest: unique per call, so that a task keyed on it is never a
+    cache hit (a constant "" would match the cached first run that made the dataset, and "succeed" again)."""
+    import uuid
+
+    return ABSENT + uuid.uuid4().hex
+
+
+def manifest_sha256(uri: str, name: str = MANIFEST) -> str:
+    """sha256 of the dataset's manifest as stored now, or "" when there is none (nor its bucket)."""
+    store = open_store(uri)
+    if isinstance(store, S3Store) and not store._call("read", None, lambda: store.client.bucket_exists(store.bucket),
+                                                      ensure_bucket=False):
+        return ""
+    try:
+        return sha256_bytes(store.get_bytes(name))
+    except StoreNotFoundError:
+        return ""
+
+
+def shards_sha256(shards_uri: str) -> str:
+    """One sha256 over the train and test `shards.json` under `shards_uri`, or "" when either is missing."""
+    parts = [manifest_sha256(f"{shards_uri.rstrip('/')}/{split}", "shards.json") for split in ("train", "test")]
+    return sha256_bytes("".join(parts).encode()) if all(parts) else ""
+
+
+def dataset_state(source: str, store_uri: str, n_train: int, n_test: int, image_size: int, seed: int) -> dict:
+    """Where this run's dataset is and what the store holds for it now:
+
+    - existing: True when `source` is itself a committed s3:// dataset (the pipeline imports it, dsl.importer,
+      instead of copying it);
+    - data_uri: that dataset, or the prefix `download` commits to (<store_uri>/datasets/<name>);
+    - manifest_sha256 / shards_sha256: the dataset's manifest and its shards' manifests as stored now; when
+      absent, a token unique to this call (absent_token), so the next task can never be a cache hit.
+
+    The KFP backend keys its cache on a task's input values (backend/src/v2/cacheutils/cache.go
+    GenerateCacheKey: InputParameterValues, input artifact names, outputs' specs, image and command), not on
+    what the store holds: passing these hashes to download, split and pack as inputs makes a deleted or
+    changed dataset a cache miss instead of a cached task that "succeeds" over missing data."""
+    from hpa.download import dataset_name
+
+    existing = False
+    if source.startswith("s3://"):
+        existing = bool(manifest_sha256(source))
+    data_uri = source.rstrip("/") if existing else (
+        store_uri.rstrip("/") + "/datasets/" + dataset_name(source, n_train, n_test, image_size, seed))
+    state = {"existing": existing, "data_uri": data_uri,
+             "manifest_sha256": manifest_sha256(data_uri) or absent_token(),
+             "shards_sha256": shards_sha256(shards_prefix(data_uri, image_size)) or absent_token()}
+    log.info("dataset state: %s", state)
+    return state
+
+
+def shards_prefix(data_uri: str, image_size: int) -> str:
+    """Where `pack` writes a dataset's shards at `image_size`."""
+    return f"{data_uri.rstrip('/')}/shards-{image_size}px"
+
+
+def intact(uri: str, expected_manifest: str) -> bool:
+    """True when the dataset at `uri` is committed with exactly `expected_manifest` (sha256) and every object it
+    lists is stored with its size: a re-run of download can skip the fetch (each read still verifies bytes)."""
+    if not expected_manifest or expected_manifest.startswith(ABSENT) or manifest_sha256(uri) != expected_manifest:
+        return False
+    ds = open_dataset(uri, required=True)
+    stored = ds.store.list_sizes()
+    return all(stored.get(k) == o["size"] for k, o in ds.objects.items())
+
+
+def use_dataset(uri: str, expected_manifest: str = "") -> dict:
+    """An existing committed dataset for a run: its manifest is read and, when `expected_manifest` is given,
+    must still be the one seen when the run started. Returns {"data_uri", "manifest_sha256", "objects"}."""
+    ds = open_dataset(uri, required=True)
+    if expected_manifest and not expected_manifest.startswith(ABSENT) and ds.manifest_sha256 != expected_manifest:
+        raise StoreError(f"{ds.store.join(MANIFEST)} changed during the run (sha256 {ds.manifest_sha256[:12]}…, "
+                         f"expected {expected_manifest[:12]}…); run again")
+    return {"data_uri": str(uri).rstrip("/"), "manifest_sha256": ds.manifest_sha256, "objects": len(ds.objects)}

@@ -1,8 +1,10 @@
 """`python -m hpa download`: fetch a dataset in the Kaggle layout, validate it, commit it to the store.
 
 Sources: `synthetic` (hpa.synthetic), a local directory in Kaggle layout, an `s3://` prefix, an
-`https://` zip/tar archive (size limit, optional sha256, safe extraction), and
-`kaggle:<competition>` (needs the optional `kaggle` package and KAGGLE_USERNAME / KAGGLE_KEY).
+`https://` zip/tar archive (size limit, optional sha256, safe extraction),
+`kaggle:<competition>` (needs the optional `kaggle` package and KAGGLE_USERNAME / KAGGLE_KEY), and
+`hpav18:<csv>` (the HPA v18 external images, resumable, optionally merged with a Kaggle-layout dataset,
+with perceptual hashes in phash.csv: hpa.hpav18).
 
 The dataset lands exactly under `dest` (`<dest>/train.csv`, `train/<Id>_<color>.png`, ...) and is
 committed by `<dest>/manifest.json`, written last. A re-run uploads only objects whose sha256 is not
@@ -423,10 +425,19 @@ def fetch_s3(source: str, raw: Path, workers: int = 8) -> Path:
 
 
 def acquire(source: str, work: Path, *, n_train: int, n_test: int, size: int, seed: int, sha256: str | None,
-            max_bytes: int, allow_http: bool, workers: int) -> Path:
+            max_bytes: int, allow_http: bool, workers: int, max_images: int | None = None,
+            merge_with: str | None = None, skip_broken: bool = False) -> Path:
     """Bring `source` to a local directory in Kaggle layout; returns its root."""
     raw = work / "raw"
     raw.mkdir()
+    if (merge_with or max_images or skip_broken) and not source.startswith("hpav18:"):
+        raise ConfigError("--merge-with, --max-images and --skip-broken apply to the hpav18:<csv> source only")
+    if source.startswith("hpav18:"):
+        from hpa.hpav18 import V18Options, acquire_hpav18
+
+        opts = V18Options(size=size, max_images=max_images, seed=seed, allow_http=allow_http,
+                          skip_broken=skip_broken, workers=workers)
+        return acquire_hpav18(source, raw, work, opts, merge_with)
     if source == "synthetic":
         from hpa.synthetic import generate
 
@@ -444,7 +455,7 @@ def acquire(source: str, work: Path, *, n_train: int, n_test: int, size: int, se
         return find_layout_root(raw)
     if "://" in source:
         raise ConfigError(f"unsupported source {shown_source(source)!r}: expected synthetic, a directory, s3://..., "
-                          f"https://... or kaggle:{KAGGLE_COMPETITION}")
+                          f"https://..., kaggle:{KAGGLE_COMPETITION} or hpav18:<csv>")
     path = Path(source).expanduser()
     if not path.is_dir():
         raise DataError(f"source directory {path} does not exist")
@@ -494,6 +505,12 @@ def stage(root: Path, staging: Path, n_train: int | None, n_test: int | None, se
             labels = _read_table(root / "test_labels.csv", "Target")
             _write_table(labels[labels["Id"].isin(set(df["Id"]))], staging / "test_labels.csv", "Target")
         _link_images(root / split, staging / split, df["Id"])
+    if (root / "phash.csv").is_file():  # perceptual hashes (hpa.phash) of the train images that were kept
+        from hpa.phash import read_phash, write_phash
+
+        hashes = read_phash(root / "phash.csv")
+        kept = set(_read_table(staging / "train.csv", "Target")["Id"])
+        write_phash(hashes[hashes["Id"].isin(kept)], staging / "phash.csv")
     return counts
 
 
@@ -553,7 +570,7 @@ def _user_paths(message: str, source: str, work: Path, root: Path | None) -> str
     shown = shown_source(source)
     raw = work / "raw"
     raw_shown, raw_join = (shown.rstrip("/"), "/") if source.startswith("s3://") else (shown, "!/")
-    if "://" not in source and source != "synthetic" and not source.startswith("kaggle:"):
+    if "://" not in source and source != "synthetic" and not source.startswith(("kaggle:", "hpav18:")):
         staged = (source.rstrip("/") or "/", "/")  # a directory: staging mirrors it
     elif root is not None and root.is_relative_to(raw) and root != raw:
         staged = (raw_shown + raw_join + root.relative_to(raw).as_posix(), "/")
@@ -573,11 +590,14 @@ def _user_paths(message: str, source: str, work: Path, root: Path | None) -> str
 
 def download(source: str, dest: str, *, n_train: int | None = None, n_test: int | None = None, size: int = 64,
              seed: int = 0, montage: str | None = None, sha256: str | None = None,
-             max_bytes: int = DEFAULT_MAX_BYTES, allow_http: bool = False, workers: int = 8) -> dict:
+             max_bytes: int = DEFAULT_MAX_BYTES, allow_http: bool = False, workers: int = 8,
+             max_images: int | None = None, merge_with: str | None = None, skip_broken: bool = False) -> dict:
     """Fetch `source`, validate it and commit it under `dest`; returns uri, counts, uploaded, skipped.
 
     n_train / n_test: images to generate (synthetic; default 600 / 200) or, for other sources, a seeded
-    random subset of at most that many (None or 0 = all).
+    random subset of at most that many (None or 0 = all). hpav18:<csv> only: max_images (fetch at most
+    that many v18 images), merge_with (a Kaggle-layout dataset to merge with), skip_broken (leave out
+    images that fail after retries instead of failing): hpa.hpav18.
     """
     for name, value in (("n_train", n_train), ("n_test", n_test)):
         if value is not None and value < 0:
@@ -593,7 +613,8 @@ def download(source: str, dest: str, *, n_train: int | None = None, n_test: int 
         staging, root = work / "dataset", None
         try:
             root = acquire(source, work, n_train=n_train, n_test=n_test, size=size, seed=seed, sha256=sha256,
-                           max_bytes=max_bytes, allow_http=allow_http, workers=workers)
+                           max_bytes=max_bytes, allow_http=allow_http, workers=workers, max_images=max_images,
+                           merge_with=merge_with, skip_broken=skip_broken)
             counts = stage(root, staging, None if synthetic else n_train, None if synthetic else n_test, seed)
             validate(staging)
             meta = {"source": shown_source(source), **counts, "n_test": counts.get("n_test", 0),
@@ -620,19 +641,28 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                  "to the store (idempotent).")
     parser.add_argument("--source", required=True,
                         help=f"synthetic | DIR | s3://bucket/prefix | https://.../archive.zip | "
-                             f"kaggle:{KAGGLE_COMPETITION}")
+                             f"kaggle:{KAGGLE_COMPETITION} | hpav18:HPAv18RBGY_wodpl.csv (HPA v18 images from "
+                             "HPA_V18_BASE_URL, default https://v18.proteinatlas.org/images/; cached for resume "
+                             "in HPA_V18_CACHE, default ~/.cache/hpa/hpav18)")
     parser.add_argument("--dest", required=True, help="dataset URI: s3://bucket/prefix or a directory")
     parser.add_argument("--n-train", type=int, default=None,
                         help="synthetic: images to generate (600); other sources: random subset (default all)")
     parser.add_argument("--n-test", type=int, default=None, help="as --n-train, for the test split (200)")
-    parser.add_argument("--size", type=int, default=64, help="synthetic image side in pixels")
+    parser.add_argument("--size", type=int, default=64, help="synthetic and hpav18: image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--montage", default=None, help="also render a sample montage to this PNG (path or URI)")
     parser.add_argument("--sha256", default=None, help="expected sha256 of an https:// archive")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="size limit of an archive")
     parser.add_argument("--allow-http", action="store_true",
                         help="accept plain http:// from 127.0.0.1 (tests only)")
-    parser.add_argument("--workers", type=int, default=8, help="parallel uploads")
+    parser.add_argument("--workers", type=int, default=8, help="parallel uploads (and hpav18 downloads)")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="hpav18: fetch at most N v18 images (a seeded random subset; default all)")
+    parser.add_argument("--merge-with", default=None,
+                        help="hpav18: a Kaggle-layout dataset (DIR or s3://...) whose train/test images join the "
+                             "v18 ones; train.csv then holds both")
+    parser.add_argument("--skip-broken", action="store_true",
+                        help="hpav18: leave out images that still fail after retries (default: fail, re-run resumes)")
     return parser
 
 
@@ -640,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     result = download(args.source, args.dest, n_train=args.n_train, n_test=args.n_test, size=args.size,
                       seed=args.seed, montage=args.montage, sha256=args.sha256, max_bytes=args.max_bytes,
-                      allow_http=args.allow_http, workers=args.workers)
+                      allow_http=args.allow_http, workers=args.workers, max_images=args.max_images,
+                      merge_with=args.merge_with, skip_broken=args.skip_broken)
     print(f"committed {result['uri']}: {result['n_train']} train + {result['n_test']} test images, "
           f"{result['objects']} objects ({result['uploaded']} uploaded, {result['skipped']} already there)")
     return 0

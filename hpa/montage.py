@@ -8,6 +8,7 @@ the channel files of the n chosen images are downloaded.
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import logging
 import textwrap
@@ -97,6 +98,38 @@ def render_montage(data_root_or_uri, png_path, n: int = 16, seed: int = 0) -> st
     write_bytes(str(png_path), buffer.getvalue())  # atomic, local path or s3:// URI
     log.info("montage: wrote %d images to %s", len(ids), png_path)
     return str(png_path)
+
+
+# The KFP UI cuts Markdown after this many characters ("This markdown is too large to render completely"):
+# kubeflow/pipelines 2.17.0 frontend/src/components/viewers/MarkdownViewer.tsx, MAX_MARKDOWN_STR_LENGTH = 50 * 1000 * 8.
+KFP_MARKDOWN_LIMIT = 400_000
+MARKDOWN_BUDGET = 300_000  # what montage_markdown aims for: a margin for the text around the image
+
+
+def montage_markdown(png: bytes, title: str, full_image: str | None = None, budget: int = MARKDOWN_BUDGET) -> str:
+    """Markdown with the montage embedded as a data URI, always under `budget` characters: the PNG itself when
+    it fits, else a JPEG thumbnail shrunk until it does (each try 0.8x the width), with a line naming the
+    full-size image (`full_image`, e.g. the artifact's s3:// URI)."""
+    from PIL import Image
+
+    head = f"### {title}\n\n"
+    text = head + f"![montage](data:image/png;base64,{base64.b64encode(png).decode('ascii')})\n"
+    if len(text) <= budget:
+        return text
+    with Image.open(io.BytesIO(png)) as im:
+        image = im.convert("RGB")
+    width = image.width
+    while width >= 64:
+        height = max(1, round(image.height * width / image.width))
+        buffer = io.BytesIO()
+        image.resize((width, height), Image.LANCZOS).save(buffer, format="JPEG", quality=85, optimize=True)
+        note = (f"Thumbnail, {width}x{height} px JPEG, of the {image.width}x{image.height} px montage"
+                + (f"; full size: `{full_image}`" if full_image else "") + ".\n\n")
+        text = head + note + f"![montage](data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')})\n"
+        if len(text) <= budget:
+            return text
+        width = int(width * 0.8)
+    raise DataError(f"montage: no thumbnail of {title!r} fits in {budget} characters of Markdown")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

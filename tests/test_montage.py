@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -63,3 +65,45 @@ def test_montage_from_s3_downloads_only_what_it_shows(synth, s3_bucket, tmp_path
     assert read_bytes(s3_bucket + "plots/montage.png")[:4] == b"\x89PNG"
     images = [k for k in fetched if k.endswith(".png") and "/" in k]
     assert "train.csv" in fetched and len(images) == 3 * 4
+
+
+@pytest.fixture(scope="module")
+def synth512(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth512")
+    generate(root, 16, 0, size=512, seed=2)
+    return root
+
+
+def test_markdown_stays_under_the_kfp_ui_limit_at_512_px(synth512, tmp_path):
+    """The KFP UI cuts Markdown at 400,000 characters (MarkdownViewer.tsx); a 512 px montage's PNG alone is
+    over it, so the Markdown embeds a JPEG thumbnail and names the full image (issue 16)."""
+    import base64
+    import io
+    import re
+    from types import SimpleNamespace
+
+    from components.montage.component import montage
+    from hpa.montage import KFP_MARKDOWN_LIMIT
+
+    md, full = SimpleNamespace(path=str(tmp_path / "montage.md")), SimpleNamespace(
+        path=str(tmp_path / "full.png"), uri="s3://mlpipeline/v2/artifacts/run/montage/full_image")
+    montage.python_func(data_uri=str(synth512), montage=md, full_image=full, n=16, seed=0)
+    text = Path(md.path).read_text()
+    full_png = Path(full.path).read_bytes()
+    print(f"\n512 px montage: PNG {len(full_png):,} bytes ({len(base64.b64encode(full_png)):,} base64 characters); "
+          f"Markdown {len(text):,} characters")
+    assert len(base64.b64encode(full_png)) > KFP_MARKDOWN_LIMIT  # embedding it whole would be cut off
+    assert len(text) < KFP_MARKDOWN_LIMIT
+    assert "full size: `s3://mlpipeline/v2/artifacts/run/montage/full_image`" in text
+    payload = re.search(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)\)", text).group(1)
+    with Image.open(io.BytesIO(base64.b64decode(payload))) as im:
+        assert im.format == "JPEG" and im.width >= 400  # still a readable thumbnail
+        assert np.asarray(im.convert("RGB")).std() > 20
+
+
+def test_small_montage_is_embedded_as_png(synth, tmp_path):
+    from hpa.montage import montage_markdown
+
+    png = Path(render_montage(synth, tmp_path / "m.png", n=4)).read_bytes()
+    text = montage_markdown(png, "t")
+    assert "data:image/png;base64," in text and "Thumbnail" not in text

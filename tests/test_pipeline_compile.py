@@ -116,11 +116,14 @@ def test_stages_and_order(compiled):
     holder = {stage: nested[stage][1] for stage in STAGES}  # the root-level task that runs each stage
     deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
     assert deps["check-params"] == set()
-    assert "check-params" in deps["download"]
-    assert "download" in deps["split"] and "download" in deps["pack"]
+    assert "check-params" in deps["dataset-state"]
+    # download runs in the "download dataset" branch of an If/Else whose other branch imports an existing dataset
+    fetch = holder["download"]
+    assert fetch == nested["importer"][1] == nested["use-dataset"][1] and "dataset-state" in deps[fetch]
+    assert fetch in deps["split"] and fetch in deps["pack"]
     loop, _ = training_loop(spec)
     assert holder["train"] == loop
-    assert {"download", "split", "pack", "check-params"} <= deps[loop]
+    assert {fetch, "split", "pack", "check-params"} <= deps[loop]
     assert loop in deps["compare-plots"] and loop in deps["ensemble"]
     assert "ensemble" in deps["submit"]
 
@@ -167,7 +170,7 @@ def test_montage_only_when_plot_samples(compiled):
     assert len(conditions) == 1
     (name, cond), = conditions.items()
     assert cond["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--plot_samples'] == true"
-    assert "download" in cond["dependentTasks"]
+    assert all_tasks(spec)["download"][1] in cond["dependentTasks"]  # after the dataset is there
     inner = spec["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
     assert list(inner) == ["montage"]
     assert "montage" not in tasks

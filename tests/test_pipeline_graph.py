@@ -17,6 +17,7 @@ import pipeline  # noqa: E402
     ("!(inputs.parameter_values['pipelinechannel--tune'] == true)", "not tune"),
     ("int(inputs.parameter_values['pipelinechannel--num_nodes']) > 1", "num_nodes > 1"),
     ("!(int(inputs.parameter_values['pipelinechannel--num_nodes']) > 1)", "not num_nodes > 1"),
+    ("!(inputs.parameter_values['pipelinechannel--dataset-state-existing'] == true)", "not dataset-state.existing"),
 ])
 def test_condition_text(compiled, expected):
     assert pipeline.condition_text(compiled) == expected
@@ -30,12 +31,16 @@ def test_graph_expands_nested_condition_groups():
     assert notes["katib-tune"] == ["if tune"] and notes["katib-defaults"] == ["if not tune"]
     assert notes["train"] == ["for each of models x folds", pipeline.GPU_NOTE]
     assert "train-distributed" not in deps  # the multi-node pipeline is compiled/hpa_pipeline_multinode.yaml
-    for unconditional in ("check-params", "download", "split", "pack", "compare-plots", "ensemble", "submit"):
+    # an existing committed s3:// dataset is imported, anything else downloaded (issue 16)
+    assert notes["importer"] == notes["use-dataset"] == ["if dataset-state.existing"]
+    assert notes["download"] == ["if not dataset-state.existing"]
+    for unconditional in ("check-params", "dataset-state", "split", "pack", "compare-plots", "ensemble", "submit"):
         assert unconditional not in notes, unconditional
     # Edges into and out of the groups and the loop reach the tasks inside them.
     assert {"katib-tune", "katib-defaults", "check-params", "pack", "split"} <= set(deps["train"])
     assert "train" in deps["ensemble"] and "train" in deps["compare-plots"]
-    assert set(deps["submit"]) == {"download", "ensemble"}  # data_uri for the sample submission
+    assert set(deps["submit"]) == {"importer", "use-dataset", "download", "ensemble"}  # data_uri: the sample submission
+    assert "dataset-state" in deps["pack"] and "dataset-state" in deps["download"]  # their cache keys follow the store
     multi, multi_notes = pipeline.pipeline_graph(pipeline.COMPILED_MULTINODE)
     assert "train-distributed" in multi and "train" not in multi
     # its pods (not the task) get the GPUs

@@ -32,7 +32,8 @@ def download(
     image_size: int = 64,
     seed: int = 0,
     s3_endpoint: str = "",
-) -> NamedTuple("Outputs", [("data_uri", str)]):
+    expected_manifest: str = "",
+) -> NamedTuple("Outputs", [("data_uri", str), ("manifest_sha256", str)]):
     """Fetch a dataset in the Kaggle HPA layout into the store (idempotent) and commit its manifest.
 
     Args:
@@ -45,10 +46,15 @@ def download(
         image_size: Side in pixels of generated synthetic images.
         seed: Seed of the synthetic generator.
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
+        expected_manifest: sha256 of the dataset's manifest.json in the store when the run started (the dataset_state
+            task; a unique "absent-..." token when there was none). Part of the cache key, so a deleted or changed
+            dataset is never served from cache; when the dataset is still committed with it, the fetch is skipped.
 
     Returns:
         data_uri: URI of the committed dataset in the store.
+        manifest_sha256: sha256 of its manifest.json as committed.
     """
+    import hashlib
     import json
     import os
     from collections import namedtuple
@@ -62,11 +68,18 @@ def download(
     # One prefix per distinct dataset, so changing a parameter never overwrites another run's data; the name
     # never holds a URL's credentials (userinfo, query string).
     data_uri = store_uri.rstrip("/") + "/datasets/" + dataset_name(source, n_train, n_test, image_size, seed)
-    info = fetch_dataset(source, data_uri, n_train=n_train or None, n_test=n_test or None, size=image_size, seed=seed)
+    from hpa.committed import intact
+
+    if intact(data_uri, expected_manifest):  # committed as this run found it: nothing to fetch again
+        info = {"data_uri": data_uri, "skipped_fetch": 1}
+    else:
+        info = fetch_dataset(source, data_uri, n_train=n_train or None, n_test=n_test or None, size=image_size,
+                             seed=seed)
+    raw = open_store(data_uri).get_bytes("manifest.json")
     with open(manifest.path, "w") as f:
-        json.dump(open_store(data_uri).read_manifest(), f, indent=1)
+        json.dump(json.loads(raw), f, indent=1)
     manifest.metadata.update({k: v for k, v in info.items() if isinstance(v, (int, float, str))})
-    return namedtuple("Outputs", ["data_uri"])(data_uri)
+    return namedtuple("Outputs", ["data_uri", "manifest_sha256"])(data_uri, hashlib.sha256(raw).hexdigest())
 
 if __name__ == "__main__":
     compiler.Compiler().compile(download, str(Path(__file__).with_name("component.yaml")))

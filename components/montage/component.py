@@ -7,7 +7,7 @@ rewrites component.yaml.
 from pathlib import Path
 
 from kfp import compiler, dsl
-from kfp.dsl import Markdown, Output
+from kfp.dsl import Artifact, Markdown, Output
 
 import hpa.config
 
@@ -24,6 +24,7 @@ with dsl.If(plot_samples == True):
 def montage(
     data_uri: str,
     montage: Output[Markdown],
+    full_image: Output[Artifact],
     n: int = 16,
     seed: int = 0,
     s3_endpoint: str = "",
@@ -32,26 +33,29 @@ def montage(
 
     Args:
         data_uri: URI of a committed dataset (the download task's data_uri).
-        montage: Markdown with the montage PNG embedded as a base64 data URI.
+        montage: Markdown with the montage embedded as a data URI, under the KFP UI's 400,000-character limit at
+            any image size (a JPEG thumbnail when the PNG is too large).
+        full_image: The full-size montage PNG.
         n: Number of images in the grid.
         seed: Seed that picks the images.
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
     """
-    import base64
     import os
+    import shutil
     import tempfile
 
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
-    from hpa.montage import render_montage
+    from hpa.montage import montage_markdown, render_montage
 
     with tempfile.TemporaryDirectory() as tmp:
         png = os.path.join(tmp, "montage.png")
         render_montage(data_uri, png, n=n, seed=seed)
         with open(png, "rb") as f:
-            encoded = base64.b64encode(f.read()).decode("ascii")
+            text = montage_markdown(f.read(), f"Sample images from `{data_uri}`", full_image.uri)
+        shutil.copyfile(png, full_image.path)
     with open(montage.path, "w") as f:
-        f.write(f"### Sample images from `{data_uri}`\n\n![montage](data:image/png;base64,{encoded})\n")
+        f.write(text)
 
 
 if __name__ == "__main__":

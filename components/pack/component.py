@@ -33,6 +33,8 @@ def pack(
     manifests: Output[Dataset],
     image_size: int = 64,
     s3_endpoint: str = "",
+    data_manifest: str = "",
+    expected_shards: str = "",
 ) -> NamedTuple("Outputs", [("shards_uri", str)]):
     """Pack the train and test images of a committed dataset into tar shards at image_size.
 
@@ -41,6 +43,10 @@ def pack(
         manifests: The two shards.json manifests (train, test) as one JSON file; metadata has the counts.
         image_size: Side in pixels the images are packed at (the training size).
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
+        data_manifest: sha256 of the dataset's manifest.json (download's manifest_sha256). Only part of the cache key.
+        expected_shards: sha256 over the shards' shards.json files when the run started (the dataset_state task; a
+            unique "absent-..." token when there were none). Only part of the cache key: deleted or changed shards
+            are never served from cache.
 
     Returns:
         shards_uri: Root of the shards (<data_uri>/shards-<size>px), with train/ and test/ below it.
@@ -51,9 +57,10 @@ def pack(
 
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
+    from hpa.committed import shards_prefix
     from hpa.shards import pack as pack_shards
 
-    shards_uri = f"{data_uri.rstrip('/')}/shards-{image_size}px"
+    shards_uri = shards_prefix(data_uri, image_size)
     workers = min(8, len(os.sched_getaffinity(0)))
     summaries = {split: pack_shards(data_uri, shards_uri, image_size, split=split, workers=workers)
                  for split in ("train", "test")}

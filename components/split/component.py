@@ -27,6 +27,7 @@ def split(
     folds: int = 5,
     seed: int = 0,
     s3_endpoint: str = "",
+    data_manifest: str = "",
 ):
     """Assign every training image to a fold (Id,Target,fold), stratified over the 28 labels.
 
@@ -37,6 +38,8 @@ def split(
         folds: Number of folds, >= 2.
         seed: Seed of the stratified split.
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
+        data_manifest: sha256 of the dataset's manifest.json (download's manifest_sha256). Only part of the cache key:
+            a changed dataset is split again.
     """
     import base64
     import os
