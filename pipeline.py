@@ -51,6 +51,7 @@ from components.pack.component import pack  # noqa: E402
 from components.split.component import split  # noqa: E402
 from components.submit.component import submit  # noqa: E402
 from components.train.component import train  # noqa: E402
+from components.tensorboard.component import tensorboard as tensorboard_for_run  # noqa: E402
 from components.train_distributed.component import train_distributed  # noqa: E402
 from components.use_dataset.component import use_dataset  # noqa: E402
 from hpa.config import (  # noqa: E402
@@ -67,7 +68,8 @@ COMPILED_MULTINODE = ROOT / "compiled" / "hpa_pipeline_multinode.yaml"
 COMPONENTS = ROOT / "components"
 DEFAULTS = PipelineConfig()
 # Run parameters that are not PipelineConfig fields (cluster plumbing), with their defaults.
-EXTRA_PARAMS = {"s3_endpoint": S3_DEFAULT_ENDPOINT, "node_selector": {}, "tolerations": [], "tune": False}
+EXTRA_PARAMS = {"s3_endpoint": S3_DEFAULT_ENDPOINT, "node_selector": {}, "tolerations": [], "tune": False,
+                "tensorboard": True}
 # PipelineConfig fields that the pipeline does not take.
 NOT_PARAMS: set[str] = set()
 # The multi-node pipeline's own defaults (compile-time `pipeline_parameters`).
@@ -168,6 +170,7 @@ def make_pipeline(multi_node: bool):
         accelerator_type: str = DEFAULTS.accelerator_type,
         num_nodes: int = DEFAULTS.num_nodes,
         tune: bool = EXTRA_PARAMS["tune"],
+        tensorboard: bool = EXTRA_PARAMS["tensorboard"],
         node_selector: dict = EXTRA_PARAMS["node_selector"],
         tolerations: list = EXTRA_PARAMS["tolerations"],
         kaggle_submit: bool = DEFAULTS.kaggle_submit,
@@ -201,6 +204,7 @@ def make_pipeline(multi_node: bool):
             gpus: GPUs per training pod (0 = CPU only: no accelerator limit and the CPU image; > 0: the CUDA image).
             accelerator_type: Kubernetes resource name of the accelerator, e.g. nvidia.com/gpu or amd.com/gpu.
             num_nodes: Training nodes per model. The single-pod pipeline (hpa-pipeline) takes 1 only; the multi-node pipeline (hpa-pipeline-multinode) trains each model as a DDP TrainJob (Kubeflow Trainer, torch-distributed runtime) on num_nodes pods with `gpus` GPUs each.
+            tensorboard: Live training curves: a Kubeflow Tensorboard for this run (Central Dashboard > Tensorboards) reading the event files every training task streams to <store_uri>/tensorboard/<run id> (loss, lr, throughput every 10 steps; val loss, out-of-sample macro F1 and per-class F1 every epoch). A per-run logs prefix is a new input of every training task, so with true they are not cached across runs; false keeps the event files in each task's run artifact only.
             tune: Run Katib first (needs Katib in the cluster): one Experiment per model tunes its learning rate and the threshold policy (threshold_mode, threshold, shrink_strength), each trial scored out-of-sample; training and the ensemble then use the best values.
             node_selector: Node labels for the training pods as JSON, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; {} = anywhere.
             tolerations: Tolerations for the training pods as a JSON list, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]; [] = none.
@@ -262,11 +266,17 @@ def make_pipeline(multi_node: bool):
         _with_s3(_with_requests(shards, DOWNLOAD)).set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
         shards.set_caching_options(True).set_display_name("pack shards")
 
+        # Live curves: the Tensorboard reads <store>/tensorboard/<run id>, which the training tasks write during training.
+        # The run id placeholder is passed as a whole value, the only form the driver substitutes (2.16.0
+        # backend/src/v2/driver/resolve.go).
+        board = tensorboard_for_run(store_uri=store, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, enabled=tensorboard)
+        _with_requests(board, LIGHT).set_caching_options(False).set_display_name("TensorBoard for the run")
+
         common = dict(
             data_uri=data_uri, shards_uri=shards.outputs["shards_uri"], split_csv=folds_task.outputs["split_csv"],
             image_size=image_size, color_mode=color_mode, epochs=epochs, batch_size=batch_size, loss=loss,
             threshold_mode=threshold_mode, threshold=threshold, shrink_strength=shrink_strength, tta=tta, seed=seed,
-            s3_endpoint=s3_endpoint, weights=weights,
+            s3_endpoint=s3_endpoint, weights=weights, tensorboard_uri=board.outputs["logs_uri"],
         )
         # Optional Katib tuning: its best lr per model and threshold policy, or the run parameters unchanged
         # (katib_defaults). Parameter dsl.OneOf resolves on the backend since before 2.16 (2.16.0
@@ -678,6 +688,9 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
                 os.environ.update(server.env())
                 arguments.setdefault("store_uri", "s3://hpa-local/hpa-kfp")
                 arguments.setdefault("s3_endpoint", server.endpoint)
+            # No Tensorboard server here: the curves stay in each training task's run artifact under pipeline_root
+            # (main prints the `tensorboard --logdir` command), not in the embedded store removed after the run.
+            arguments.setdefault("tensorboard", False)
             check_arguments(arguments)
             # kfp.local runs up to 2 ParallelFor iterations at once (kfp 2.17 kfp/local/orchestrator/
             # enhanced_dag_orchestrator.py ParallelExecutor.conservative_max), so two training tasks share the
@@ -801,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
                                     overrides.get("models", DEFAULTS.models)):
                 print(line)
             print(f"all artifacts: {result['pipeline_root']}")
+            print(f"curves:        tensorboard --logdir {result['pipeline_root']}   (every training task's event files)")
             print(f"store:         {result['store_uri']}")
             print(f"elapsed:       {result['elapsed_s']:.1f} s")
         else:

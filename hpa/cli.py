@@ -26,6 +26,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "katib": ("hpa.katib:main", "render, validate or launch the Katib Experiment"),
     "sweep": ("hpa.sweep:main", "run a Katib Experiment's search space locally with Optuna"),
     "distributed": ("hpa.distributed:main", "render or launch a TrainJob / PyTorchJob for multi-node DDP"),
+    "tensorboard": ("hpa.tensorboard:main", "create or print a Kubeflow Tensorboard for a run's s3:// event files"),
 }
 
 

@@ -9,7 +9,8 @@ Contracts kept here:
   (Katib's StdOut collector parses every `name=number` on stdout), led by an RFC3339 UTC time with
   --metric-timestamps (Katib trials use it); everything else goes to stderr.
 - Outputs under --out (local dir or s3://), written by rank 0 only, each atomically: last.pt, best.pt,
-  history.csv, val_predictions.npz, thresholds.json, config.json, metrics.json.
+  history.csv, val_predictions.npz, thresholds.json, config.json, metrics.json, and TensorBoard event files
+  under tensorboard/ (or --tensorboard-dir; on by default, uploaded during training when it is s3://).
 - `last.pt` is written each epoch and every --checkpoint-every-steps steps, with everything needed to
   continue mid-epoch exactly (model, optimizer, scheduler, scaler, loop counters, every rank's RNG
   states); `--resume` continues from it, only when the run identity it records (data, split, fold, arch and
@@ -49,9 +50,9 @@ from tqdm import tqdm
 from hpa import distributed_utils as du
 from hpa.config import env_float
 from hpa.errors import ConfigError, DataError, HPAError, StoreError
-from hpa.crossfit import crossfit_groups, policy_fitter, score_policy
+from hpa.crossfit import crossfit_binarize, crossfit_groups, policy_fitter, score_policy
 from hpa.evaluate import (
-    DEFAULT_SHRINK_STRENGTH, THRESHOLD_MODES, macro_f1, predictions_bytes, thresholds_json,
+    DEFAULT_SHRINK_STRENGTH, THRESHOLD_MODES, f1_per_class, macro_f1, predictions_bytes, thresholds_json,
 )
 from hpa.labels import COLORS, NUM_CLASSES, parse_target, to_matrix
 from hpa.models import (CHECKPOINT_KEYS, MODEL_NAMES, create_model, load_model_state, read_checkpoint,
@@ -111,7 +112,9 @@ class TrainConfig:
     val_batch_size: int = 0         # 0 = 2 x batch_size
     cache_dir: str | None = None    # local copy of PNGs / shard cache for s3:// data (default: under the temp dir)
     work_dir: str | None = None     # local staging of outputs when --out is s3:// (default: a temp dir)
-    tensorboard: bool = False       # scalars under <out>/tensorboard when tensorboard is installed
+    tensorboard: bool = True        # TensorBoard event files (rank 0): per-step loss/lr/throughput, per-epoch metrics
+    tensorboard_dir: str = ""       # local or s3:// (default <out>/tensorboard); s3:// gets them during training
+    tensorboard_every_steps: int = 10  # per-step scalars every N optimizer steps
 
     def validate(self) -> "TrainConfig":
         """One clear ConfigError line for the first bad option."""
@@ -143,6 +146,7 @@ class TrainConfig:
             (self.threads >= 0, f"threads: {self.threads} must be >= 0"),
             (self.device in ("auto", "cpu", "cuda"), f"device: {self.device!r}, expected auto, cpu or cuda"),
             (self.checkpoint_every_steps >= 0, f"checkpoint_every_steps: {self.checkpoint_every_steps} must be >= 0"),
+            (self.tensorboard_every_steps >= 1, f"tensorboard_every_steps: {self.tensorboard_every_steps} must be >= 1"),
             (self.val_batch_size >= 0, f"val_batch_size: {self.val_batch_size} must be >= 0"),
         ]
         for ok, message in checks:
@@ -242,7 +246,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-batch-size", type=int, default=defaults.val_batch_size)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--work-dir", default=None)
-    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=defaults.tensorboard)
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=defaults.tensorboard,
+                   help="TensorBoard event files (rank 0): train/loss, lr, images/s every --tensorboard-every-steps "
+                        "steps; every epoch the history.csv columns and val_f1_per_class/<class>")
+    p.add_argument("--tensorboard-dir", default=defaults.tensorboard_dir,
+                   help="where the event files go, local or s3:// (default <out>/tensorboard); an s3:// target gets "
+                        "them during training: every epoch, at most every minute within one, and at the end")
+    p.add_argument("--tensorboard-every-steps", type=int, default=defaults.tensorboard_every_steps)
     return p
 
 
@@ -596,7 +606,7 @@ def history_csv(rows: list[dict]) -> bytes:
 # identity, recorded in every checkpoint, and --resume continues only a checkpoint of the same identity.
 # Left out on purpose, as how a run executes rather than what it computes: out, device, amp, channels_last,
 # compile, deterministic, workers, threads, val_batch_size, checkpoint_every_steps, metric_timestamps,
-# cache_dir, work_dir, tensorboard (and resume). The threshold options are in: they choose the best epoch and
+# cache_dir, work_dir, tensorboard* (and resume). The threshold options are in: they choose the best epoch and
 # the reported score. epochs is in: the LR schedule is a function of it (cosine decay over epochs x steps;
 # OneCycle even saves its total_steps), so a run resumed with more epochs would be neither the old run nor a
 # fresh run of that length, while config.json and metrics.json would describe the latter. Train longer with
@@ -764,14 +774,24 @@ class Trainer:
         self.tb = self._tensorboard()
 
     def _tensorboard(self):
-        if not (self.cfg.tensorboard and self.dist.is_main):
+        """Rank 0's EventLog (hpa.tensorboard): written locally (<out>/tensorboard, or the s3:// staging dir),
+        uploaded as it grows when the target is s3://. After --resume a new event file continues the curves."""
+        cfg = self.cfg
+        if not (cfg.tensorboard and self.dist.is_main):
             return None
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from hpa.tensorboard import EventLog
+            import torch.utils.tensorboard  # noqa: F401 - needs the tensorboard package
         except ImportError:
             log.warning("tensorboard is not installed; --tensorboard ignored")
             return None
-        return SummaryWriter(str(self.work / "tensorboard"))
+        target = cfg.tensorboard_dir or f"{cfg.out.rstrip('/')}/tensorboard"
+        remote = target.startswith("s3://")
+        local = self.work / "tensorboard" if remote else Path(target)
+        log.info("tensorboard: event files in %s%s", target, " (uploaded during training)" if remote else "")
+        resumed = self.state.step + 1 if self.state.step else None  # hide what the interrupted run logged after it
+        return EventLog(local, target if remote else None, every_steps=cfg.tensorboard_every_steps,
+                        world_size=self.dist.world_size, purge_step=resumed)
 
     # --- checkpoints
     def checkpoint(self) -> dict:
@@ -853,17 +873,19 @@ class Trainer:
     def run(self) -> dict:
         cfg, s = self.cfg, self.state
         self.out.write("config.json", json.dumps(asdict(cfg), indent=2).encode())
-        while s.epoch < cfg.epochs and not s.stopped_early:
-            t0 = time.time()
-            try:
-                train_loss = train_one_epoch(self)
-                val = evaluate(self)
-            except (StoreError, DataError):
-                self.save_on_data_failure()
-                raise
-            self.end_epoch(train_loss, val, time.time() - t0)
-        if self.tb is not None:
-            self.tb.close()
+        try:
+            while s.epoch < cfg.epochs and not s.stopped_early:
+                t0 = time.time()
+                try:
+                    train_loss = train_one_epoch(self)
+                    val = evaluate(self)
+                except (StoreError, DataError):
+                    self.save_on_data_failure()
+                    raise
+                self.end_epoch(train_loss, val, time.time() - t0)
+        finally:  # also after SIGTERM or a failure: what was logged reaches the store
+            if self.tb is not None:
+                self.tb.close()
         return self.metrics()
 
     def save_on_data_failure(self) -> None:
@@ -887,9 +909,8 @@ class Trainer:
         if self.dist.is_main:
             # The only stdout line: Katib's StdOut collector reads it.
             print(metric_line(epoch, train_loss, val["loss"], val["f1"], self.cfg.metric_timestamps), flush=True)
-            if self.tb is not None:
-                for k in HISTORY_FIELDS[1:]:
-                    self.tb.add_scalar(k, row[k], epoch)
+            if self.tb is not None:  # at the global step that ends the epoch, as the per-step scalars
+                self.tb.epoch_end(s.step, row, val["f1_per_class"])
         s.history.append(row)
         if val["f1"] > s.best_f1:
             s.best_f1, s.best_epoch, s.bad_epochs = val["f1"], epoch, 0
@@ -934,6 +955,8 @@ def train_one_epoch(t: Trainer) -> float:
     bar = tqdm(total=t.data.steps_per_epoch, initial=s.step_in_epoch, desc=f"epoch {s.epoch + 1}", file=sys.stderr,
                disable=not (t.dist.is_main and sys.stderr.isatty()), leave=False)
     t.check_stop()
+    if t.tb is not None:
+        t.tb.start_window()
     for x, y in batches:
         x = prepare(x.to(device, non_blocking=True), cfg)
         y = y.to(device, non_blocking=True).float()
@@ -951,6 +974,8 @@ def train_one_epoch(t: Trainer) -> float:
         t.epoch_loss += loss.detach().double() * len(x)
         s.loss_count += len(x)
         s.step, s.step_in_epoch = s.step + 1, s.step_in_epoch + 1
+        if t.tb is not None:
+            t.tb.train_step(s.step, loss, len(x), t.optimizer.param_groups[0]["lr"])
         bar.update(1)
         # A step checkpoint on the epoch's last step would be overwritten right after validation.
         if cfg.checkpoint_every_steps and s.step % cfg.checkpoint_every_steps == 0 \
@@ -994,9 +1019,12 @@ def evaluate(t: Trainer) -> dict:
     fit = policy_fitter(cfg.threshold_mode, cfg.threshold if cfg.threshold_mode in ("global", "shrunk") else None,
                         cfg.shrink_strength, prior=t.fold.train_targets)
     policy = score_policy(probs.astype(np.float32), targets, t.val_groups, fit)
+    # TensorBoard's per-class curves: the same out-of-sample predictions as policy["macro_f1"] (their mean).
+    per_class = (f1_per_class(targets, crossfit_binarize(probs.astype(np.float32), targets, t.val_groups, fit))
+                 if t.tb is not None else None)
     return {"loss": loss, "f1_at_05": macro_f1(targets, probs >= 0.5), "f1": policy["macro_f1"],
             "f1_in_sample": policy["macro_f1_in_sample"], "probs": probs.astype(np.float32),
-            "thresholds": policy["thresholds"]}
+            "thresholds": policy["thresholds"], "f1_per_class": per_class}
 
 
 def train(cfg: TrainConfig) -> dict:

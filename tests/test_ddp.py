@@ -43,8 +43,9 @@ def test_torchrun_two_processes_cpu(tmp_path):
     assert "world size 2" in proc.stderr
 
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["best.pt", "config.json", "history.csv", "last.pt", "metrics.json", "thresholds.json",
-                     "val_predictions.npz"]
+    assert names == ["best.pt", "config.json", "history.csv", "last.pt", "metrics.json", "tensorboard",
+                     "thresholds.json", "val_predictions.npz"]
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 only
     assert len(pd.read_csv(out / "history.csv")) == 1
 
     # Every val image exactly once, in split order, and the logged F1 is the F1 of these predictions.

@@ -243,9 +243,12 @@ def test_png_layout_on_s3_with_outputs_on_s3(tmp_path, s3_bucket):
                                "--batch-size", 6, "--cache-dir", tmp_path / "cache", "--work-dir", tmp_path / "work"))
     check_katib_stdout(proc.stdout, 1)
     assert "data: png" in proc.stderr
-    assert len(list((tmp_path / "cache" / "train").glob("*.png"))) == 24 * 4
-    assert sorted(open_store(out).list()) == ["best.pt", "config.json", "history.csv", "last.pt", "metrics.json",
-                                              "thresholds.json", "val_predictions.npz"]
+    cached = [p for p in (tmp_path / "cache" / "objects").rglob("*") if p.is_file()]  # by sha256 (hpa.committed)
+    assert len(cached) == 24 * 4
+    listed = open_store(out).list()
+    assert sorted(k for k in listed if not k.startswith("tensorboard/")) == [
+        "best.pt", "config.json", "history.csv", "last.pt", "metrics.json", "thresholds.json", "val_predictions.npz"]
+    assert [k for k in listed if k.startswith("tensorboard/events.out.tfevents.")]  # curves, uploaded as it trained
     from hpa.models import load_checkpoint
 
     _, meta = load_checkpoint(out + "/best.pt")

@@ -5,7 +5,9 @@ The pipeline runs it once per item of its training plan (a `dsl.ParallelFor` ove
 with `dsl.Collected`. Each task's inputs `arch` and `fold` and its artifacts' metadata say what it
 trained. The images are streamed from the store (packed shards, or the PNGs; never copied in as an
 artifact); the checkpoint, the run directory (history, metrics, config) and the TTA predictions on the
-validation fold and on the test set come out as small artifacts. The GPU request, /dev/shm and the S3
+validation fold and on the test set come out as small artifacts. TensorBoard event files (per-step loss,
+lr, images/s; per-epoch metrics and per-class F1) are in the run artifact's tensorboard/ and, with
+`tensorboard_uri`, reach the store during training. The GPU request, /dev/shm and the S3
 secret are set on the task in pipeline.py. `python components/train/component.py` rewrites component.yaml.
 """
 
@@ -56,6 +58,7 @@ def train(
     seed: int = 0,
     weights: str = "",
     s3_endpoint: str = "",
+    tensorboard_uri: str = "",
 ):
     """Train one model with one fold held out, keep the best epoch, predict that fold and the test set with TTA.
 
@@ -83,6 +86,7 @@ def train(
         seed: Random seed.
         weights: Start from imagenet (timm's pretrained weights; needs the model hub), a 3-channel state dict file or s3:// URI; empty = random init.
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
+        tensorboard_uri: The run's TensorBoard logs prefix (the tensorboard task's logs_uri): the event files also go to <tensorboard_uri>/<arch>-fold<fold>/ while training runs; empty = only in the run artifact (run/tensorboard/).
     """
     import os
     import tempfile
@@ -90,6 +94,7 @@ def train(
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
     from hpa.errors import ConfigError
+    from hpa.tensorboard import run_logs_uri
     from hpa.train import TrainConfig, train_and_predict
 
     if arch not in models:
@@ -99,12 +104,13 @@ def train(
     os.makedirs(run.path, exist_ok=True)
     # DataLoader workers: up to 4, leaving a core for the training loop (a pod sees its node's cores, so cap).
     workers = min(4, max(0, len(os.sched_getaffinity(0)) - 1))
+    tensorboard_dir = run_logs_uri(tensorboard_uri, arch, fold) if tensorboard_uri else ""
     with tempfile.TemporaryDirectory(prefix="hpa-cache-") as cache:  # image/shard cache: outside the run artifact
         config = TrainConfig(
             data=shards_uri or data_uri, split=split_csv.path, fold=fold, arch=arch, size=image_size,
             color_mode=color_mode, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
             threshold_mode=threshold_mode, threshold=threshold, shrink_strength=shrink_strength, seed=seed,
-            weights=weights, out=run.path, cache_dir=cache, workers=workers,
+            weights=weights, out=run.path, cache_dir=cache, workers=workers, tensorboard_dir=tensorboard_dir,
         )
         summary = train_and_predict(config, model.path, val_predictions.path, test_predictions.path, tta=tta,
                                     shards=shards_uri or None, predict_data=data_uri)
@@ -112,6 +118,7 @@ def train(
                            "framework": "pytorch"})
     for artifact in (run, val_predictions, test_predictions):
         artifact.metadata.update({"arch": arch, "fold": fold})
+    run.metadata["tensorboard"] = tensorboard_dir or "tensorboard/ in this artifact"
     for key, value in {**summary, "fold": fold, "lr": lr}.items():
         metrics.log_metric(key, value)
 

@@ -73,6 +73,7 @@ def train_distributed(
     weights: str = "",
     s3_endpoint: str = "",
     timeout_s: float = 86400.0,
+    tensorboard_uri: str = "",
 ):
     """Train with DDP on num_nodes pods x gpus_per_node GPUs, then predict val and test.
 
@@ -111,6 +112,7 @@ def train_distributed(
         weights: Start from imagenet (timm's pretrained weights; needs the model hub), a 3-channel state dict file or s3:// URI; empty = random init.
         s3_endpoint: S3 endpoint host:port for this task and the training pods; empty = hpa.config.S3_DEFAULT_ENDPOINT (KFP's SeaweedFS).
         timeout_s: Seconds to wait for the job before failing.
+        tensorboard_uri: The run's TensorBoard logs prefix (the tensorboard task's logs_uri): when the job ends, its event files are copied to <tensorboard_uri>/<arch>-fold<fold>/; while it runs they are live under <store_uri>/runs/<job name>/out/tensorboard/ (this task logs the path).
     """
     import os
     import uuid
@@ -120,6 +122,7 @@ def train_distributed(
     from hpa import config, distributed, k8s, store
     from hpa.errors import ConfigError
     from hpa.predict import predict_val_and_test
+    from hpa.tensorboard import copy_event_files, run_logs_uri
     from hpa.train import numeric_metrics
 
     if not image.strip():
@@ -142,7 +145,12 @@ def train_distributed(
         node_selector=node_selector, tolerations=tolerations, trainer_api=trainer_api,
         s3_endpoint=s3_endpoint or config.S3_DEFAULT_ENDPOINT,
     )
+    # The pods write TensorBoard event files to <out>/tensorboard during training (hpa.train's default).
+    print(f"TensorBoard event files (live): {prefix}/out/tensorboard/", flush=True)
     result = distributed.launch_config(cfg, timeout=timeout_s)
+    if tensorboard_uri:
+        copied = copy_event_files(f"{result['out'].rstrip('/')}/tensorboard", run_logs_uri(tensorboard_uri, arch, fold))
+        print(f"TensorBoard: {copied} event file(s) copied to {run_logs_uri(tensorboard_uri, arch, fold)}", flush=True)
 
     out = store.open_store(result["out"])
     os.makedirs(run.path, exist_ok=True)
@@ -151,7 +159,8 @@ def train_distributed(
             out.get_file(key, os.path.join(run.path, key))
     out.get_file("best.pt", model.path)
     model.metadata.update({"arch": arch, "fold": fold, "lr": lr, "image_size": image_size, "color_mode": color_mode, "framework": "pytorch",
-                           "job": f"{result['kind']} {namespace}/{result['name']}", "outputs": result["out"]})
+                           "job": f"{result['kind']} {namespace}/{result['name']}", "outputs": result["out"],
+                           "tensorboard": f"{result['out'].rstrip('/')}/tensorboard"})
 
     for artifact in (run, val_predictions, test_predictions):
         artifact.metadata.update({"arch": arch, "fold": fold})
