@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,23 @@ def suite_leaves_nothing_behind(tmp_path_factory):
     problems = [f"process {pid} still running: {cmd[:200]}" for pid, cmd in alive]
     problems += [f"temp dir entry left by the suite: {name}" for name in left]
     assert not problems, "; ".join(problems)
+
+
+# -- fault case counts (issue 13): tests/faults/conftest.py marks each case's class on its report -----------
+FAULT_CLASSES = ("data", "archives", "store", "process", "secrets", "resume")
+_fault_cases: Counter = Counter()
+
+
+def pytest_runtest_logreport(report):
+    name = dict(report.user_properties).get("fault_class")
+    if report.when == "call" and name:
+        _fault_cases[name] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _fault_cases:
+        counts = ", ".join(f"{c} {_fault_cases[c]}" for c in FAULT_CLASSES)
+        terminalreporter.write_line(f"fault cases tried: {sum(_fault_cases.values())} ({counts})")
 
 
 @pytest.fixture(scope="session")

@@ -257,7 +257,8 @@ def test_png_layout_on_s3_with_outputs_on_s3(tmp_path, s3_bucket):
 
 def test_packed_shards_source_global_threshold_and_early_stopping(tmp_path):
     """Shards as the data source (3-channel rgb mode), and in the same tiny run: --threshold-mode global
-    at 1.0 makes the reported F1 exactly 0 every epoch, so --patience 1 must stop after epoch 2 of 4."""
+    at 0.9999 (no probability of a tiny run reaches it; 1.0 is refused like the pipeline refuses it) makes the
+    reported F1 exactly 0 every epoch, so --patience 1 must stop after epoch 2 of 4."""
     from hpa.shards import pack
 
     data, split = make_data(tmp_path, n=24, size=32)
@@ -265,7 +266,7 @@ def test_packed_shards_source_global_threshold_and_early_stopping(tmp_path):
     pack(str(tmp_path / "committed"), str(tmp_path / "shards"), size=32, samples_per_shard=8)
     out = tmp_path / "out"
     proc = run_train(train_cmd(tmp_path / "shards", split, out, "--size", 32, "--epochs", 4, "--batch-size", 6,
-                               "--color-mode", "rgb", "--threshold-mode", "global", "--threshold", 1.0,
+                               "--color-mode", "rgb", "--threshold-mode", "global", "--threshold", 0.9999,
                                "--patience", 1))
     rows = check_katib_stdout(proc.stdout, 2)
     assert [r["val_macro_f1"] for r in rows] == [0.0, 0.0]

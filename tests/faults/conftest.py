@@ -1,7 +1,8 @@
-"""Counts of the fault cases tried, by class, printed at the end of every run that includes tests/faults.
+"""Fault classes of the cases in tests/faults, counted by tests/conftest.py (which prints them at the end of a
+run, also under pytest-xdist: the class travels with each report as a user property).
 
-A case is one test item (each parametrized case counts once) that ran; the `test_count_of_cases`-style
-summary tests are not cases. A module's class comes from FAULT_CLASS; a test can override it with
+A case is one test item (each parametrized case counts once) that ran; the `test_count_of_cases`-style summary
+tests are not cases. A module's class comes from FAULT_CLASS; a test can override it with
 `@pytest.mark.fault_class("process")` (e.g. the kill tests of an otherwise bad-input module).
 """
 
@@ -12,16 +13,15 @@ from pathlib import Path
 
 import pytest
 
-CLASSES = ("data", "archives", "store", "process", "secrets", "resume")
-FAULT_CLASS = {
+FAULT_CLASS = {  # module -> class; the classes in the order they are printed (tests/conftest.py FAULT_CLASSES)
     "test_bad_input_data": "data",
     "test_eval_faults": "data",
     "test_pipeline_params": "data",
     "test_archive_faults": "archives",
-    "test_download_faults": "process",
     "test_shard_faults": "store",
     "test_store_faults": "store",
     "test_verified_reads": "store",
+    "test_download_faults": "process",
     "test_train_faults": "process",
     "test_signal_faults": "process",
     "test_manifest_secrets": "secrets",
@@ -29,8 +29,8 @@ FAULT_CLASS = {
     "test_secret_names": "secrets",
     "test_resume_faults": "resume",
 }
+CLASSES = tuple(dict.fromkeys(FAULT_CLASS.values()))
 _HERE = Path(__file__).parent
-_tried: Counter = Counter()
 _classes: dict[str, str] = {}
 
 
@@ -55,21 +55,10 @@ def pytest_collection_modifyitems(items):
         name = fault_class(item)
         if name:
             _classes[item.nodeid] = name
+            item.user_properties.append(("fault_class", name))  # travels with the report (pytest-xdist workers)
 
 
 def pytest_collection_finish(session):
     if session.config.option.collectonly and _classes:
         counts = Counter(_classes.values())
         print(f"fault cases collected: {len(_classes)} ({', '.join(f'{c} {counts[c]}' for c in CLASSES)})")
-
-
-def pytest_runtest_logreport(report):
-    if report.when == "call" and report.nodeid in _classes:
-        _tried[_classes[report.nodeid]] += 1
-
-
-def pytest_terminal_summary(terminalreporter):
-    if not _tried:
-        return
-    counts = ", ".join(f"{c} {_tried[c]}" for c in CLASSES)
-    terminalreporter.write_line(f"fault cases tried: {sum(_tried.values())} ({counts})")

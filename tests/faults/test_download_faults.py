@@ -35,11 +35,12 @@ def _cli(source, dest, env, workers=1) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigkill_mid_upload_then_rerun(source_dir, s3_bucket, s3_env):
+def test_sigkill_mid_upload_then_rerun(source_dir, s3_bucket, s3_env, tmp_path):
     reference = download(str(source_dir), s3_bucket + "ref")
     dest = s3_bucket + "killed"
     store = open_store(dest)
-    proc = _cli(source_dir, dest, s3_env)
+    # its own TMPDIR: nothing can remove the staging dir of a SIGKILLed process
+    proc = _cli(source_dir, dest, {**s3_env, "TMPDIR": str(tmp_path)})
     try:
         deadline = time.monotonic() + 60
         while len(store.list()) < 25 and proc.poll() is None and time.monotonic() < deadline:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import signal
 import subprocess
@@ -53,7 +54,9 @@ def test_pack_killed_midway_then_rerun_gives_the_same_shards(raw, s3_bucket, tmp
     data_uri = commit(raw, s3_bucket + "data")
     out = s3_bucket + "shards"
     split_store = store.open_store(out + "/train")
-    proc = subprocess.Popen(pack_cmd(data_uri, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # its own TMPDIR: nothing can remove the staging dir of a SIGKILLed process
+    proc = subprocess.Popen(pack_cmd(data_uri, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:

@@ -72,8 +72,12 @@ def _of_run(marker: Path, procs: dict | None = None) -> dict[int, str]:
             if needle in b"\0".join(p["argv"]) or needle in p["environ"]}
 
 
-def _kill_leftovers(marker: Path) -> None:
-    """Whatever the code under test failed to stop must not outlive the test (a shared machine)."""
+def _kill_leftovers(marker: Path, proc: subprocess.Popen | None = None) -> None:
+    """Whatever the code under test failed to stop must not outlive the test (a shared machine): `proc` itself
+    and every process of the run marked by `marker`."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
     for pid in _of_run(marker):
         try:
             os.kill(pid, signal.SIGKILL)
@@ -161,10 +165,7 @@ def test_signal_to_local_run_stops_every_process_and_removes_its_temp_dirs(sig, 
         assert set(os.listdir(tmp)) <= TORCH_CACHE, "the run's temporary files must be removed"
         assert not _files_containing(tmp_path, secret), "an S3 key was left on disk"
     finally:
-        if main.poll() is None:
-            main.kill()
-            main.wait()
-        _kill_leftovers(tmp)
+        _kill_leftovers(tmp, main)
         log.close()
 
 
@@ -198,10 +199,7 @@ def test_signal_to_s3_helper_stops_weed_and_removes_its_keys(sig, tmp_path):
         assert sorted(os.listdir(tmp)) == [], "the temporary data directory (with the keys) must be removed"
         assert not _files_containing(tmp_path, secret)
     finally:
-        if helper.poll() is None:
-            helper.kill()
-            helper.wait()
-        _kill_leftovers(tmp)
+        _kill_leftovers(tmp, helper)
 
 
 def test_sigterm_to_s3_helper_with_its_own_dir_keeps_the_data_not_the_keys(tmp_path):
@@ -218,10 +216,7 @@ def test_sigterm_to_s3_helper_with_its_own_dir_keeps_the_data_not_the_keys(tmp_p
         assert (kept / "data").is_dir()  # kept, as --dir promises
         assert not _files_containing(tmp_path, secret), "the keys die with the server: no key file may stay"
     finally:
-        if helper.poll() is None:
-            helper.kill()
-            helper.wait()
-        _kill_leftovers(tmp)
+        _kill_leftovers(tmp, helper)
 
 
 def test_weed_dies_with_its_parent_even_on_sigkill(tmp_path):
@@ -243,7 +238,4 @@ def test_weed_dies_with_its_parent_even_on_sigkill(tmp_path):
         assert not _of_run(tmp), "weed outlived its SIGKILLed parent"
         assert not _files_containing(tmp_path, secret), "an S3 key was left on disk"
     finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-        _kill_leftovers(tmp)
+        _kill_leftovers(tmp, parent)
