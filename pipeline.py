@@ -725,6 +725,16 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
     return result
 
 
+def run_lines(result: dict, models) -> list[str]:
+    """What `run --local` prints when it ends: where everything is, what it scored, how to see the curves."""
+    return [f"submission:    {result['submission']}", f"report:        {result['report']}",
+            f"plots:         {result['plots']}", f"metrics:       {result['metrics']}",
+            *score_lines(json.loads(Path(result["metrics"]).read_text()), models),
+            f"all artifacts: {result['pipeline_root']}",
+            f"curves:        tensorboard --logdir {result['pipeline_root']}   (every training task's event files)",
+            f"store:         {result['store_uri']}", f"elapsed:       {result['elapsed_s']:.1f} s"]
+
+
 def score_lines(scores: dict, models) -> list[str]:
     """What a local run scored: the ensemble's out-of-sample val macro F1 (with the in-sample figure and each
     model's), and on a labelled test set the submission's test macro F1 beside the all-classes baseline and the
@@ -806,17 +816,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides = check_arguments(parse_overrides(args.overrides))
             out = args.out or ROOT / "local_runs" / time.strftime("%Y%m%d-%H%M%S")
             result = run_local(overrides, out, args.store)
-            print(f"submission:    {result['submission']}")
-            print(f"report:        {result['report']}")
-            print(f"plots:         {result['plots']}")
-            print(f"metrics:       {result['metrics']}")
-            for line in score_lines(json.loads(Path(result["metrics"]).read_text()),
-                                    overrides.get("models", DEFAULTS.models)):
+            for line in run_lines(result, overrides.get("models", DEFAULTS.models)):
                 print(line)
-            print(f"all artifacts: {result['pipeline_root']}")
-            print(f"curves:        tensorboard --logdir {result['pipeline_root']}   (every training task's event files)")
-            print(f"store:         {result['store_uri']}")
-            print(f"elapsed:       {result['elapsed_s']:.1f} s")
         else:
             overrides = check_arguments(parse_overrides(args.overrides))
             try:

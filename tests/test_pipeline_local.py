@@ -82,6 +82,19 @@ def test_whole_pipeline_through_embedded_s3(tmp_path, monkeypatch):
     summary = (run_dir / "compare-plots" / "summary").read_text()
     assert all(f"| {arch}-fold{k} |" in summary for arch in ("resnet18", "se_resnet18") for k in (0, 1))
 
+    # What `run --local` prints ends with the TensorBoard command; its logdir holds every training task's event
+    # files, each readable by TensorBoard's own reader (issue 16; per-step scalars: tests/test_tensorboard.py, this
+    # run has 5 steps, fewer than the 10 between two of them).
+    lines = pipeline.run_lines(result, ["resnet18", "se_resnet18"])
+    curves = next(line for line in lines if line.startswith("curves:"))
+    assert curves.split()[1:4] == ["tensorboard", "--logdir", result["pipeline_root"]]
+    events = sorted(Path(result["pipeline_root"]).rglob("events.out.tfevents.*"))
+    assert len(events) == 4, events  # 2 models x 2 folds
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(events[0].parent)).Reload()
+    assert len(board.Scalars("epoch/val_macro_f1")) == SMALL["epochs"]
+
 
 def test_print_is_restored_after_overlapping_kfp_local_tasks():
     """Two parallel tasks of one DAG interleave kfp.local's per-task print indentation
