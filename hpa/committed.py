@@ -121,7 +121,7 @@ class DatasetView:
         self.root, self.owned = root, owned
         pid = os.getpid()
         # DataLoader workers hold copies of the view: only the creating process removes the directory.
-        self._finalizer = weakref.finalize(self, _remove_if_creator, root if owned else None, pid)
+        self._finalizer = weakref.finalize(self, remove_if_creator, root if owned else None, pid)
 
     def close(self) -> None:
         self._finalizer()
@@ -136,7 +136,9 @@ class DatasetView:
         return self.root
 
 
-def _remove_if_creator(path: str | None, pid: int) -> None:
+def remove_if_creator(path: str | None, pid: int) -> None:
+    """Remove the directory `path` in the process `pid` that made it only: DataLoader workers (forked) hold
+    copies of its owner, and their exit must not remove what the parent still reads."""
     if path and os.getpid() == pid:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -333,13 +335,12 @@ def dataset_state(source: str, store_uri: str, n_train: int, n_test: int, image_
     GenerateCacheKey: InputParameterValues, input artifact names, outputs' specs, image and command), not on
     what the store holds: passing these hashes to download, split and pack as inputs makes a deleted or
     changed dataset a cache miss instead of a cached task that "succeeds" over missing data."""
-    from hpa.download import dataset_name
+    from hpa.download import dataset_uri
 
     existing = False
     if source.startswith("s3://"):
         existing = bool(manifest_sha256(source))
-    data_uri = source.rstrip("/") if existing else (
-        store_uri.rstrip("/") + "/datasets/" + dataset_name(source, n_train, n_test, image_size, seed))
+    data_uri = source.rstrip("/") if existing else dataset_uri(store_uri, source, n_train, n_test, image_size, seed)
     state = {"existing": existing, "data_uri": data_uri,
              "manifest_sha256": manifest_sha256(data_uri) or absent_token(),
              "shards_sha256": shards_sha256(shards_prefix(data_uri, image_size)) or absent_token()}

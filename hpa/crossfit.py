@@ -22,7 +22,7 @@ import numpy as np
 
 from hpa.errors import DataError
 from hpa.evaluate import (
-    DEFAULT_SHRINK_STRENGTH, binarize, label_cardinality, macro_f1, thresholds_for_mode,
+    DEFAULT_SHRINK_STRENGTH, binarize, f1_per_class, label_cardinality, macro_f1, thresholds_for_mode,
 )
 
 CROSSFIT_PARTS = 5  # stratified parts of a single validation fold
@@ -92,12 +92,14 @@ def crossfit_binarize(probs: np.ndarray, targets: np.ndarray, groups: np.ndarray
 def score_policy(probs: np.ndarray, targets: np.ndarray, groups: np.ndarray,
                  fit: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> dict:
     """A threshold policy `fit` (policy_fitter) on validation predictions: its thresholds fitted on all
-    rows, the honest (cross-fitted) macro F1 and labels per image, and the in-sample figures beside them."""
+    rows, the honest (cross-fitted) macro F1, its per-class F1 and labels per image, and the in-sample figures
+    beside them."""
     probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets)
     thresholds = fit(probs, targets)
     honest = crossfit_binarize(probs, targets, groups, fit)
     in_sample = binarize(probs, thresholds)
-    return {"thresholds": thresholds, "macro_f1": macro_f1(targets, honest),
+    per_class = f1_per_class(targets, honest)
+    return {"thresholds": thresholds, "macro_f1": float(per_class.mean()), "f1_per_class": per_class,
             "macro_f1_in_sample": macro_f1(targets, in_sample),
             "labels_per_image": label_cardinality(honest),
             "labels_per_image_in_sample": label_cardinality(in_sample)}

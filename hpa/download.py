@@ -168,6 +168,12 @@ def dataset_name(source: str, n_train: int | None, n_test: int | None, image_siz
     return f"{name}-{n_train or 'all'}x{n_test or 'all'}-seed{seed}"
 
 
+def dataset_uri(store_uri: str, source: str, n_train: int | None, n_test: int | None, image_size: int,
+                seed: int) -> str:
+    """Where `download` commits a source's dataset: `<store_uri>/datasets/<dataset_name>`."""
+    return store_uri.rstrip("/") + "/datasets/" + dataset_name(source, n_train, n_test, image_size, seed)
+
+
 def _loopback(host: str | None) -> bool:
     try:
         return host == "localhost" or ipaddress.ip_address(host or "").is_loopback

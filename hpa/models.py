@@ -27,7 +27,7 @@ import torch
 import torchvision
 from torch import nn
 
-from hpa.errors import ConfigError, StoreError
+from hpa.errors import ConfigError, StoreError, first_line
 from hpa.labels import NUM_CLASSES
 
 log = logging.getLogger(__name__)
@@ -401,9 +401,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     except FileNotFoundError:
         raise ConfigError(f"checkpoint {name} does not exist") from None
     except Exception as exc:  # noqa: BLE001 - EOFError, UnpicklingError, zip reader RuntimeError, BadZipFile, ...
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise ConfigError(f"checkpoint {name}: not a readable checkpoint, truncated or corrupt "
-                          f"({type(exc).__name__}: {first})") from None
+                          f"({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(ckpt, dict):
         raise ConfigError(f"checkpoint {name}: holds a {type(ckpt).__name__}, not an hpa training checkpoint (a dict)")
     missing = [k for k in required if k not in ckpt]

@@ -26,7 +26,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import sys
 import tarfile
 import tempfile
@@ -555,10 +554,10 @@ def _owned_cache_dir(cache_dir: str | None, owner) -> str:
     """A given cache dir, or a temporary one removed when `owner` is collected in the creating process."""
     if cache_dir is not None:
         return cache_dir
+    from hpa.committed import remove_if_creator
+
     path = tempfile.mkdtemp(prefix="hpa-shard-cache-")
-    pid = os.getpid()
-    # DataLoader workers hold copies of the owner; only the process that made the dir removes it.
-    weakref.finalize(owner, lambda: os.getpid() == pid and shutil.rmtree(path, ignore_errors=True))
+    weakref.finalize(owner, remove_if_creator, path, os.getpid())  # not by the DataLoader workers holding copies
     return path
 
 

@@ -49,10 +49,10 @@ from tqdm import tqdm
 
 from hpa import distributed_utils as du
 from hpa.config import env_float
-from hpa.errors import ConfigError, DataError, HPAError, StoreError
-from hpa.crossfit import crossfit_binarize, crossfit_groups, policy_fitter, score_policy
+from hpa.errors import ConfigError, DataError, HPAError, StoreError, first_line
+from hpa.crossfit import crossfit_groups, policy_fitter, score_policy
 from hpa.evaluate import (
-    DEFAULT_SHRINK_STRENGTH, THRESHOLD_MODES, f1_per_class, macro_f1, predictions_bytes, thresholds_json,
+    DEFAULT_SHRINK_STRENGTH, THRESHOLD_MODES, macro_f1, predictions_bytes, thresholds_json,
 )
 from hpa.labels import COLORS, NUM_CLASSES, parse_target, to_matrix
 from hpa.models import (CHECKPOINT_KEYS, MODEL_NAMES, create_model, load_model_state, read_checkpoint,
@@ -545,7 +545,9 @@ class Outputs:
         if self.remote:
             self.dir = Path(cfg.work_dir or tempfile.mkdtemp(prefix="hpa-train-"))
             if not cfg.work_dir:  # a private staging copy of what is published: gone with this object
-                weakref.finalize(self, _remove_if_creator, str(self.dir), os.getpid())
+                from hpa.committed import remove_if_creator
+
+                weakref.finalize(self, remove_if_creator, str(self.dir), os.getpid())
         else:
             self.dir = Path(cfg.out)
         if enabled and self.dir.is_dir():
@@ -585,11 +587,6 @@ class Outputs:
             self.dir.mkdir(parents=True, exist_ok=True)
             store.get_file(name, str(path))
         return path if path.exists() else None
-
-
-def _remove_if_creator(path: str, pid: int) -> None:
-    if os.getpid() == pid:  # not in a DataLoader worker that holds a copy
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def history_csv(rows: list[dict]) -> bytes:
@@ -857,9 +854,8 @@ class Trainer:
             state.loss_sum, state.loss_count = ckpt["rank_loss"][self.dist.rank]
             set_rng_state(ckpt["rng"][self.dist.rank], self.aug_gen)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise ConfigError(f"resume: checkpoint {name}: its training state does not fit this run "
-                              f"({type(exc).__name__}: {first}); {RESUME_HINT}") from None
+                              f"({type(exc).__name__}: {first_line(exc)}); {RESUME_HINT}") from None
         self.state = state
         log.info("resumed from %s: epoch %d, step %d (%d into the epoch)", path, self.state.epoch,
                  self.state.step, self.state.step_in_epoch)
@@ -1019,12 +1015,9 @@ def evaluate(t: Trainer) -> dict:
     fit = policy_fitter(cfg.threshold_mode, cfg.threshold if cfg.threshold_mode in ("global", "shrunk") else None,
                         cfg.shrink_strength, prior=t.fold.train_targets)
     policy = score_policy(probs.astype(np.float32), targets, t.val_groups, fit)
-    # TensorBoard's per-class curves: the same out-of-sample predictions as policy["macro_f1"] (their mean).
-    per_class = (f1_per_class(targets, crossfit_binarize(probs.astype(np.float32), targets, t.val_groups, fit))
-                 if t.tb is not None else None)
     return {"loss": loss, "f1_at_05": macro_f1(targets, probs >= 0.5), "f1": policy["macro_f1"],
             "f1_in_sample": policy["macro_f1_in_sample"], "probs": probs.astype(np.float32),
-            "thresholds": policy["thresholds"], "f1_per_class": per_class}
+            "thresholds": policy["thresholds"], "f1_per_class": policy["f1_per_class"]}
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -61,13 +61,13 @@ def download(
 
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
-    from hpa.download import dataset_name
+    from hpa.download import dataset_uri
     from hpa.download import download as fetch_dataset
     from hpa.store import open_store
 
     # One prefix per distinct dataset, so changing a parameter never overwrites another run's data; the name
     # never holds a URL's credentials (userinfo, query string).
-    data_uri = store_uri.rstrip("/") + "/datasets/" + dataset_name(source, n_train, n_test, image_size, seed)
+    data_uri = dataset_uri(store_uri, source, n_train, n_test, image_size, seed)
     from hpa.committed import intact
 
     if intact(data_uri, expected_manifest):  # committed as this run found it: nothing to fetch again
