@@ -161,6 +161,7 @@ def sync(device: torch.device) -> None:
 
 def run_arch(arch: str, args, device, data_uri: str, shard_root: str, ids, targets, compile_model: bool) -> dict:
     from hpa import train as hpa_train
+    from hpa import inputs as hpa_inputs
     from hpa.shards import ShardDataset, ShardSet
 
     bs, rates = args.batch_size, {}
@@ -176,7 +177,7 @@ def run_arch(arch: str, args, device, data_uri: str, shard_root: str, ids, targe
         y = (torch.rand(bs, 28, device=device) < 0.1).float()
 
         def bare(x, y):
-            return step(hpa_train.prepare(x, aug_cfg), y)
+            return step(hpa_inputs.prepare(x, aug_cfg.in_chans, aug_cfg.size), y)
 
         rates["a"] = timed(bare, iter(lambda: (x, y), None), args.steps, args.warmup, device, bs)
         del x, y
@@ -186,7 +187,7 @@ def run_arch(arch: str, args, device, data_uri: str, shard_root: str, ids, targe
                           cache_bytes=max(total + (64 << 20), 512 << 20))   # the whole set, like a real run
 
         def full(x, y, _ids):
-            x = hpa_train.prepare(x.to(device, non_blocking=True), aug_cfg)
+            x = hpa_inputs.prepare(x.to(device, non_blocking=True), aug_cfg.in_chans, aug_cfg.size)
             x = hpa_train.augment(x, gen, aug_cfg.min_crop)
             return step(x, y.to(device, non_blocking=True))
 

@@ -62,6 +62,7 @@ import numpy as np
 from hpa.config import env_float
 from hpa.errors import ConfigError, DataError
 from hpa.labels import COLORS
+from hpa.store import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ class Cache:
             buffer = io.BytesIO()
             Image.fromarray(planes[color]).save(buffer, format="PNG", compress_level=1)
             data = buffer.getvalue()
-            _write_atomic(self.path(image_id, color), data)
+            atomic_write(self.path(image_id, color), data)
             digests[color] = _sha256(data)
         line = json.dumps({"id": image_id, "sha256": digests, "phash": phash}, sort_keys=True) + "\n"
         with self._lock, open(self.journal, "a", encoding="utf-8") as f:
@@ -283,12 +284,6 @@ class Cache:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    from hpa.store import _write_local
-
-    _write_local(path, data)
 
 
 # -- the source -------------------------------------------------------------------------------------

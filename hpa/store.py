@@ -373,7 +373,7 @@ class LocalStore(Store):
         return data
 
     def get_file(self, key: str, path: str | os.PathLike, sha256: str | None = None) -> None:
-        _write_local(Path(path), self.get_bytes(key, sha256))
+        atomic_write(path, self.get_bytes(key, sha256))
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -403,8 +403,10 @@ class LocalStore(Store):
         return sha256_file(path) if path.is_file() else None
 
 
-def _write_local(path: Path, data: bytes) -> None:
-    """Write a local file atomically (temporary file in the same directory, then os.replace)."""
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write a local file atomically: a temporary file in the same directory (TMP_PREFIX), then os.replace. The
+    one atomic local write of the package; a reader never sees a partial file under the final name."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
     try:

@@ -54,6 +54,7 @@ from hpa.crossfit import crossfit_groups, policy_fitter, score_policy
 from hpa.evaluate import (
     DEFAULT_SHRINK_STRENGTH, THRESHOLD_MODES, macro_f1, predictions_bytes, thresholds_json,
 )
+from hpa.inputs import prepare
 from hpa.labels import COLORS, NUM_CLASSES, parse_target, to_matrix
 from hpa.models import (CHECKPOINT_KEYS, MODEL_NAMES, create_model, load_model_state, read_checkpoint,
                         weights_source)
@@ -413,23 +414,6 @@ class DataSource:
 
 
 # --- augmentation and input preparation, on the training device ----------------------------------
-
-def to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """R,G,B,Y float batch -> the classic 3-channel mapping G, (R+Y)/2, (B+Y)/2 (as hpa.data.to_rgb)."""
-    r, g, b, y = x.unbind(1)
-    return torch.stack([g, (r + y) / 2, (b + y) / 2], dim=1)
-
-
-def prepare(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Loader batch (uint8 0..255 or float 0..1, any size, 4 or in_chans channels) -> float [0, 1]."""
-    if x.dtype == torch.uint8:
-        x = x.float().div_(255)
-    if x.shape[1] == 4 and cfg.in_chans == 3:
-        x = to_rgb(x)
-    if x.shape[-1] != cfg.size or x.shape[-2] != cfg.size:
-        x = F.interpolate(x, size=(cfg.size, cfg.size), mode="bilinear", antialias=True, align_corners=False)
-    return x
-
 
 def augment(x: torch.Tensor, gen: torch.Generator, min_crop: float) -> torch.Tensor:
     """Per-sample random dihedral transform (flips + transpose = the 8 rotations/flips of a square),
@@ -954,7 +938,7 @@ def train_one_epoch(t: Trainer) -> float:
     if t.tb is not None:
         t.tb.start_window()
     for x, y in batches:
-        x = prepare(x.to(device, non_blocking=True), cfg)
+        x = prepare(x.to(device, non_blocking=True), cfg.in_chans, cfg.size)
         y = y.to(device, non_blocking=True).float()
         if cfg.augment:
             x = augment(x, t.aug_gen, cfg.min_crop)
@@ -995,7 +979,7 @@ def evaluate(t: Trainer) -> dict:
     t.model.eval()
     parts = []
     for index, x, y in t.data.val_batches(device):
-        x = prepare(x.to(device, non_blocking=True), cfg)
+        x = prepare(x.to(device, non_blocking=True), cfg.in_chans, cfg.size)
         if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.autocast):
