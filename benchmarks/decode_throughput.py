@@ -4,11 +4,11 @@
     python benchmarks/decode_throughput.py --n 4 --size 64 --repeat 1   # smoke test (tests/test_benchmarks.py)
 
 Data: `hpa.synthetic.generate` at --size (PNG layout, 8-bit grayscale per channel), packed with
-`hpa.shards.write_shards`. One process, one thread (torch.set_num_threads(1)), files in the page cache,
+`hpa.pack.write_shards`. One process, one thread (torch.set_num_threads(1)), files in the page cache,
 so this measures decode cost per core, not storage. Each format decodes every image to a uint8
 (4, H, W) array, the way the training loaders do:
 
-    png      hpa.data.load_image: PIL decode of the 4 channel PNGs (what HPADataset does per sample)
+    png      hpa.data.load_image: PIL decode of the 4 channel PNGs (what PNGDataset does per sample)
     shards   hpa.shards.ShardDataset, one process: seek to the sample's offset, zstd decode, tensor
     raw      the same arrays stored uncompressed (the `.npy` alternative): read only, no decode
     webdataset / litdata (--formats, when installed): the same shards read by the webdataset library,
@@ -65,7 +65,7 @@ def best_rate(fn, n: int, repeat: int) -> tuple[float, float]:
 
 
 def make_data(workdir: str, n: int, size: int, seed: int) -> dict:
-    from hpa import data, shards, synthetic
+    from hpa import data, pack, synthetic
 
     raw_dir = os.path.join(workdir, "png")
     if not os.path.exists(os.path.join(raw_dir, "train.csv")):
@@ -74,14 +74,16 @@ def make_data(workdir: str, n: int, size: int, seed: int) -> dict:
     ids = list(labels["Id"])
     images = [data.load_image(raw_dir, i) for i in ids]
     shard_dir = os.path.join(workdir, "shards")
-    shards.write_shards(shard_dir, ((i, list(map(int, t)), im) for i, t, im in zip(ids, labels["labels"], images)),
+    pack.write_shards(shard_dir, ((i, list(map(int, t)), im) for i, t, im in zip(ids, labels["labels"], images)),
                         samples_per_shard=max(1, n // 2))
     raw_path = os.path.join(workdir, "raw.bin")
     with open(raw_path, "wb") as f:
         for im in images:
             f.write(im.tobytes())
-    png_bytes = sum(os.path.getsize(os.path.join(raw_dir, "train", name)) for name in os.listdir(os.path.join(raw_dir, "train")))
-    shard_bytes = sum(os.path.getsize(os.path.join(shard_dir, name)) for name in os.listdir(shard_dir) if name.endswith(".tar"))
+    png_dir = os.path.join(raw_dir, "train")
+    png_bytes = sum(os.path.getsize(os.path.join(png_dir, name)) for name in os.listdir(png_dir))
+    shard_bytes = sum(os.path.getsize(os.path.join(shard_dir, name)) for name in os.listdir(shard_dir)
+                      if name.endswith(".tar"))
     return {"raw_dir": raw_dir, "ids": ids, "shard_dir": shard_dir, "raw_path": raw_path, "shape": images[0].shape,
             "images": images, "bytes": {"png": png_bytes, "shards": shard_bytes, "raw": os.path.getsize(raw_path)}}
 

@@ -10,7 +10,7 @@ For each architecture (resnet18 and se_resnet18 from hpa.models.create_model, 4 
   (a) bare     the train step alone on uint8 batches already on the device: bf16 autocast (GPU),
                channels_last, torch.compile (GPU), AdamW, BCE — the ceiling for (b)
   (b) shards   the full loop as hpa.train runs it: ShardDataset streaming the packed shards through a
-               local cache + DataLoader workers (pinned memory) -> device -> hpa.train.prepare/augment
+               local cache + DataLoader workers (pinned memory) -> device -> hpa.inputs.prepare, hpa.train.augment
                on the device -> the same compiled bf16 step
   (c) seed     a seed-style baseline: a Dataset that PIL-decodes the 4 channel PNGs of every sample every
                epoch, float32 tensors from the workers, fp32, no channels_last, no compile
@@ -19,7 +19,7 @@ Prints img/s for each and the ratios b/a (goal >= 0.9) and b/c (goal >= 4). On C
 is no bf16 autocast and no compile; the numbers only show that the benchmark runs.
 Data: `hpa.synthetic` at --size (--images distinct images, each stored under --copies ids so that
 every loader worker gets >= 2 batches per epoch), committed to a local store, packed with
-`hpa.shards.pack`. GPU defaults: batch 128, 10 warm-up + 50 timed steps, workers = cores - 2.
+`hpa.pack.pack`. GPU defaults: batch 128, 10 warm-up + 50 timed steps, workers = cores - 2.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def make_data(workdir: str, n: int, copies: int, size: int) -> tuple[str, str]:
     """Synthetic PNG layout (committed local store) and its packed shards; reused when present."""
-    from hpa import data, shards, store, synthetic
+    from hpa import data, pack, store, synthetic
 
     src, raw, data_uri, shard_root = (os.path.join(workdir, d) for d in ("distinct", "png", "data", "shards"))
     if not os.path.exists(os.path.join(raw, "train.csv")):
@@ -81,7 +81,7 @@ def make_data(workdir: str, n: int, copies: int, size: int) -> tuple[str, str]:
     st = store.open_store(data_uri)
     if not st.exists("manifest.json"):
         st.commit_manifest(st.upload_tree(raw), {"source": "synthetic"})
-    shards.pack(data_uri, shard_root, size, samples_per_shard=64, workers=max(1, min(8, (os.cpu_count() or 2) - 1)))
+    pack.pack(data_uri, shard_root, size, samples_per_shard=64, workers=max(1, min(8, (os.cpu_count() or 2) - 1)))
     return data_uri, shard_root
 
 

@@ -285,7 +285,8 @@ def add_arguments(parser) -> None:
                          "a version of the same package is reused")
     up.add_argument("--no-upload", action="store_true",
                     help="send the package inline with the run instead (no pipeline or version is created)")
-    parser.add_argument("--experiment", default=None, help=f"experiment (default {DEFAULT_EXPERIMENT!r}; created if absent)")
+    parser.add_argument("--experiment", default=None,
+                        help=f"experiment (default {DEFAULT_EXPERIMENT!r}; created if absent)")
     parser.add_argument("--run-name", default=None, help="run name (default: pipeline name and version)")
 
 
@@ -474,7 +475,8 @@ def _check_backend(healthz: dict, request: SubmitRequest) -> str:
         if not found:
             log.warning("KFP backend version %r unknown; this pipeline needs >= %s", tag, request.min_backend)
         elif tuple(map(int, found.groups())) < tuple(map(int, wanted.groups())):
-            raise SubmitError(f"the KFP backend at {request.host} is {tag}; this pipeline needs >= {request.min_backend}")
+            raise SubmitError(f"the KFP backend at {request.host} is {tag}; this pipeline needs >= "
+                              f"{request.min_backend}")
     return tag
 
 
@@ -565,7 +567,8 @@ def _upload(client, request: SubmitRequest, package: Package, namespace: str | N
             "version_reused": reused}
 
 
-def submit(request: SubmitRequest, pipeline_func, arguments: dict, pipeline_parameters: dict | None = None) -> SubmitResult:
+def submit(request: SubmitRequest, pipeline_func, arguments: dict,
+           pipeline_parameters: dict | None = None) -> SubmitResult:
     """Compile `pipeline_func`, check `arguments` against it, then (first request) healthz and the rest."""
     import kfp
 

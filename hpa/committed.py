@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import Iterable
 
 from hpa.errors import StoreError
-from hpa.store import (MANIFEST, MANIFEST_FORMAT, LocalStore, S3Store, Store, StoreNotFoundError, open_store,
-                       sha256_bytes, sha256_file)
+from hpa.localstore import LocalStore
+from hpa.s3store import S3Store
+from hpa.store import MANIFEST, MANIFEST_FORMAT, Store, StoreNotFoundError, open_store, sha256_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
+
+from hpa.options import opt, require, spoken
 
 # Image reference for every component; override at compile time with HPA_IMAGE (see images/README.md).
 DEFAULT_IMAGE = "ghcr.io/hpa-kfp/hpa-kfp:0.1.0"
@@ -92,32 +94,57 @@ class PipelineConfig:
     on 2 CPU cores), chosen from the measured learning curve in BENCHMARKS.md; a cluster run sets its
     own (image_size=512, epochs, train_folds=5, gpus)."""
 
-    data_source: str = "synthetic"
-    store_uri: str = DEFAULT_STORE_URI
-    n_train: int = 2000
-    n_test: int = 200
-    image_size: int = 32
-    color_mode: str = "rgby"
-    folds: int = 5
-    val_fold: int = 0
-    epochs: int = 8
-    batch_size: int = 32
-    # The models to train, create_model name -> peak learning rate; each trains on `train_folds` folds.
-    models: dict = field(default_factory=lambda: dict(DEFAULT_MODELS))
-    train_folds: int = 1
-    loss: str = "bce"
-    tta: int = 2
-    threshold_mode: str = "prior"
-    threshold: float = 0.3
-    shrink_strength: float = 10.0
-    ensemble_method: str = "mean"
-    gpus: int = 0
-    accelerator_type: str = "nvidia.com/gpu"
-    num_nodes: int = 1
-    kaggle_submit: bool = False
-    plot_samples: bool = True
-    seed: int = 0
-    weights: str = ""  # "" = random init | imagenet | a 3-channel state dict file or s3:// URI
+    data_source: str = opt("synthetic", "Where the images come from: synthetic (HPA-like generated data), a "
+        "directory in Kaggle layout, an s3:// prefix, an https:// zip/tar archive, or "
+        "kaggle:human-protein-atlas-image-classification.")
+    store_uri: str = opt(DEFAULT_STORE_URI, "Object store prefix that holds the datasets (s3://bucket/prefix, or a "
+        "directory for local runs); {namespace} is replaced by the run's namespace (multi-user profiles may only "
+        "write under mlpipeline/private/<namespace>/ and mlpipeline/shared/).")
+    n_train: int = opt(2000, "Training images: how many to generate for synthetic data; for other sources a seeded "
+        "random subset of at most this many (0 = all).")
+    n_test: int = opt(200, "Test images, as n_train (the Kaggle test set has 11,702; 0 = all).")
+    image_size: int = opt(32, "Image side in pixels for training and inference; a positive multiple of 32 (512 = "
+        "full resolution).")
+    color_mode: str = opt("rgby", choices=("rgby", "rgb"), help="rgby (4 channels, red/green/blue/yellow) or rgb "
+        "(3 channels: G, (R+Y)/2, (B+Y)/2).")
+    folds: int = opt(5, "Number of iterative-stratified folds (>= 2).")
+    val_fold: int = opt(0, "The first fold held out for validation (0 <= val_fold < folds); with train_folds = k, "
+        "folds val_fold .. val_fold + k - 1 (mod folds) are each held out once.")
+    epochs: int = opt(8, "Training epochs per model (>= 1).")
+    batch_size: int = opt(32, "Batch size per training task (>= 2).")
+    models: dict = opt(default_factory=lambda: dict(DEFAULT_MODELS), help="The models to train as JSON, model name "
+        "-> peak learning rate in (0, 1); any hpa.models create_model name, e.g. {\"resnet18\": 0.001, "
+        "\"se_resnet18\": 0.001, \"densenet121\": 0.0003}.")
+    train_folds: int = opt(1, "Folds trained per model (1 = one model per entry of models, the laptop default; 5 = a "
+        "full 5-fold cross-validation). Their out-of-fold predictions are what the thresholds are fitted on; test "
+        "predictions are averaged over the folds, then over the models.")
+    loss: str = opt("bce", choices=("bce", "focal"), help="Training loss: bce or focal.")
+    tta: int = opt(2, "Dihedral test-time augmentations at prediction: 1, 2, 4 or 8.")
+    threshold_mode: str = opt("prior", choices=("fitted", "global", "shrunk", "prior"), help=(
+        "fitted = per-class thresholds that maximise validation F1; global = the threshold value for every class;"
+        " shrunk = fitted thresholds pulled toward the global one by the evidence (n_pos / (n_pos + "
+        "shrink_strength)), so rare classes do not get degenerate cuts; prior = each class predicted as often as "
+        "in the training labels. Every reported validation score is out-of-sample (each fold, or each of 5 parts "
+        "of a single fold, scored with thresholds fitted on the others)."))
+    threshold: float = opt(0.3, "Global decision threshold in (0, 1), used when threshold_mode is global (and the "
+        "target of shrunk).")
+    shrink_strength: float = opt(10.0, "k of shrunk (>= 0): a class with k validation positives keeps half of its "
+        "fitted threshold.")
+    ensemble_method: str = opt("mean", choices=("mean", "weighted", "rank"), help="How the models are combined "
+        "(after averaging each model's folds): mean, weighted (by out-of-sample val macro F1) or rank.")
+    gpus: int = opt(0, "GPUs per training pod (0 = CPU only: no accelerator limit and the CPU image; > 0: the CUDA "
+        "image).")
+    accelerator_type: str = opt("nvidia.com/gpu", "Kubernetes resource name of the accelerator, e.g. nvidia.com/gpu "
+        "or amd.com/gpu.")
+    num_nodes: int = opt(1, "Training nodes per model. The single-pod pipeline (hpa-pipeline) takes 1 only; the "
+        "multi-node pipeline (hpa-pipeline-multinode) trains each model as a DDP TrainJob (Kubeflow Trainer, "
+        "torch-distributed runtime) on num_nodes pods with `gpus` GPUs each.")
+    kaggle_submit: bool = opt(False, "Upload submission.csv to Kaggle (needs the kaggle-credentials secret).")
+    plot_samples: bool = opt(True, "Render a montage of sample images with their labels after download.")
+    seed: int = opt(0, "Random seed for data generation, split and training.")
+    weights: str = opt("", "Initial weights of every model: empty = random init; imagenet = timm's ImageNet weights "
+        "(the pods need the model hub, e.g. huggingface.co); or a 3-channel state dict file / s3:// URI (readable "
+        "with the run's store keys); the stem becomes 4 channels (yellow = mean of RGB).")
 
     def validate(self) -> "PipelineConfig":
         """Raise ConfigError (one line naming the parameter) for a value out of range; return self.
@@ -125,20 +152,19 @@ class PipelineConfig:
         Called client side by `pipeline.py run --local|submit` and, in a cluster, by the pipeline's
         first task, so that a bad run parameter fails before any data is downloaded or any GPU used.
         """
-        from hpa.errors import ConfigError
-
         def need(ok: bool, name: str, expected: str) -> None:
-            if not ok:
-                raise ConfigError(f"pipeline parameter {name}={getattr(self, name)!r}: expected {expected}")
+            require(ok, f"pipeline parameter {name}={getattr(self, name)!r}: expected {expected}")
 
-        need(bool(self.data_source.strip()), "data_source", "synthetic, a directory, s3://..., https://... or kaggle:<competition>")
+        need(bool(self.data_source.strip()), "data_source",
+             "synthetic, a directory, s3://..., https://... or kaggle:<competition>")
         need(bool(self.store_uri.strip()), "store_uri", "a store URI such as s3://bucket/prefix or a local directory")
-        need("{" not in self.store_uri.replace(NAMESPACE_FIELD, "") and "}" not in self.store_uri.replace(NAMESPACE_FIELD, ""),
-             "store_uri", f"a store URI whose only placeholder is {NAMESPACE_FIELD}")
+        unplaced = self.store_uri.replace(NAMESPACE_FIELD, "")
+        need("{" not in unplaced and "}" not in unplaced, "store_uri",
+             f"a store URI whose only placeholder is {NAMESPACE_FIELD}")
         need(self.n_train >= 0, "n_train", "an integer >= 0 (0 = all images of a real dataset)")
         need(self.n_test >= 0, "n_test", "an integer >= 0 (0 = all images of a real dataset)")
-        need(self.image_size >= 32 and self.image_size % 32 == 0, "image_size", "a positive multiple of 32 (32, 64, ..., 512)")
-        need(self.color_mode in ("rgby", "rgb"), "color_mode", "'rgby' or 'rgb'")
+        need(self.image_size >= 32 and self.image_size % 32 == 0, "image_size",
+             "a positive multiple of 32 (32, 64, ..., 512)")
         need(self.folds >= 2, "folds", "an integer >= 2")
         need(0 <= self.val_fold < self.folds, "val_fold", f"0 <= val_fold < folds ({self.folds})")
         need(self.epochs >= 1, "epochs", "an integer >= 1")
@@ -152,19 +178,20 @@ class PipelineConfig:
             need(isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < 1, "models",
                  f"a learning rate in (0, 1) for each model ({arch}: {lr!r})")
         need(1 <= self.train_folds <= self.folds, "train_folds", f"an integer in [1, folds={self.folds}]")
-        need(self.loss in ("bce", "focal"), "loss", "'bce' or 'focal'")
         need(self.tta in (1, 2, 4, 8), "tta", "1, 2, 4 or 8 dihedral transforms")
-        need(self.threshold_mode in ("fitted", "global", "shrunk", "prior"), "threshold_mode", "'fitted', 'global', 'shrunk' or 'prior'")
         need(0.0 < self.threshold < 1.0, "threshold", "a decision threshold in (0, 1)")
         need(self.shrink_strength >= 0 and self.shrink_strength == self.shrink_strength, "shrink_strength",
              "a number >= 0 (k of shrunk: a class with k validation positives keeps half its fitted threshold)")
-        need(self.ensemble_method in ("mean", "weighted", "rank"), "ensemble_method", "'mean', 'weighted' or 'rank'")
         need(self.gpus >= 0, "gpus", "an integer >= 0")
-        need(bool(self.accelerator_type.strip()), "accelerator_type", "a Kubernetes resource name such as nvidia.com/gpu")
+        need(bool(self.accelerator_type.strip()), "accelerator_type",
+             "a Kubernetes resource name such as nvidia.com/gpu")
         need(self.num_nodes >= 1, "num_nodes", "an integer >= 1")
         need(self.seed >= 0, "seed", "an integer >= 0")
         need(self.weights == self.weights.strip() and not any(c.isspace() for c in self.weights), "weights",
              "empty (random init), imagenet, or a weights file path / s3:// URI without spaces")
+        for f in fields(self):  # the parameters that declare their values (opt(..., choices=...))
+            choices = f.metadata.get("choices")
+            need(choices is None or getattr(self, f.name) in choices, f.name, spoken([repr(c) for c in choices or ()]))
         self._check_counts(need)
         return self
 
@@ -196,27 +223,73 @@ class PipelineConfig:
 
 
 @dataclass
+class ClusterParameters:
+    """The run parameters that are not PipelineConfig fields: how the run reaches the cluster's services (the
+    store's endpoint, Katib, Kubeflow Tensorboards) and where its training pods go. Declared here, beside
+    PipelineConfig, so that pipeline.py builds the pipeline's signature and its UI descriptions from both."""
+
+    s3_endpoint: str = opt(S3_DEFAULT_ENDPOINT, "S3 endpoint host:port of the store (KFP's SeaweedFS by default); keys "
+        "come from the mlpipeline-minio-artifact secret.")
+    tune: bool = opt(False, "Run Katib first (needs Katib in the cluster): one Experiment per model tunes its learning "
+        "rate and the threshold policy (threshold_mode, threshold, shrink_strength), each trial scored "
+        "out-of-sample; training and the ensemble then use the best values.")
+    tensorboard: bool = opt(True, "Live training curves: a Kubeflow Tensorboard for this run (Central Dashboard > "
+        "Tensorboards) reading the event files every training task streams to <store_uri>/tensorboard/<run id> "
+        "(loss, lr, throughput every 10 steps; val loss, out-of-sample macro F1 and per-class F1 every epoch). A "
+        "per-run logs prefix is a new input of every training task, so with true they are not cached across runs; "
+        "false keeps the event files in each task's run artifact only.")
+    node_selector: dict = opt(default_factory=dict, help="Node labels for the training pods as JSON, e.g. "
+        "{\"nvidia.com/gpu.product\": \"NVIDIA-H100-80GB-HBM3\"}; {} = anywhere.")
+    tolerations: list = opt(default_factory=list, help="Tolerations for the training pods as a JSON list, e.g. "
+        "[{\"key\": \"nvidia.com/gpu\", \"operator\": \"Exists\", \"effect\": \"NoSchedule\"}]; [] = none.")
+
+
+def train_options(cfg: PipelineConfig) -> dict:
+    """The run parameters declared `opt(..., train_option=True)`: options of `python -m hpa train` (TrainConfig
+    fields of the same name) that check-params hands every training task, Katib trial and TrainJob as one
+    `train_options` object, so that a new one needs no new input on those components."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("train_option")}
+
+
+def _run(name: str):
+    return lambda: getattr(PipelineConfig(), name)
+
+
+@dataclass
 class TrainJobArgs:
     """The `python -m hpa train` arguments that the in-cluster launchers (Katib trials, multi-node
     jobs) fix for every pod; defaults follow PipelineConfig so that every rendered manifest agrees."""
 
-    data: str = field(default_factory=lambda: f"{PipelineConfig().store_uri}/data")
-    split: str = field(default_factory=lambda: f"{PipelineConfig().store_uri}/split/split.csv")
-    fold: int = field(default_factory=lambda: PipelineConfig().val_fold)
-    arch: str = "resnet18"
-    size: int = field(default_factory=lambda: PipelineConfig().image_size)
-    epochs: int = field(default_factory=lambda: PipelineConfig().epochs)
-    batch_size: int = field(default_factory=lambda: PipelineConfig().batch_size)
-    color_mode: str = field(default_factory=lambda: PipelineConfig().color_mode)
-    loss: str = field(default_factory=lambda: PipelineConfig().loss)
-    seed: int = field(default_factory=lambda: PipelineConfig().seed)
-    weights: str = field(default_factory=lambda: PipelineConfig().weights)
+    data: str = opt(default_factory=lambda: f"{PipelineConfig().store_uri}/data",
+                    help="dataset root or packed shards root of the trials / job pods (--data of hpa train)")
+    split: str = opt(default_factory=lambda: f"{PipelineConfig().store_uri}/split/split.csv",
+                     help="split CSV (Id,Target,fold) the pods read (--split of hpa train)")
+    fold: int = opt(default_factory=_run("val_fold"), help="validation fold (--fold of hpa train)")
+    arch: str = opt("resnet18", "model architecture, an hpa.models name (--arch of hpa train)")
+    size: int = opt(default_factory=_run("image_size"), help="image side in pixels (--size of hpa train)")
+    epochs: int = opt(default_factory=_run("epochs"), help="training epochs (--epochs of hpa train)")
+    batch_size: int = opt(default_factory=_run("batch_size"), help="batch size per process (--batch-size)")
+    color_mode: str = opt(default_factory=_run("color_mode"), help="rgby or rgb (--color-mode of hpa train)")
+    loss: str = opt(default_factory=_run("loss"), help="bce or focal (--loss of hpa train)")
+    seed: int = opt(default_factory=_run("seed"), help="random seed (--seed of hpa train)")
+    weights: str = opt(default_factory=_run("weights"), help="initial weights: empty, imagenet, a file or s3:// URI")
+    train_options: dict = opt(default_factory=dict, help="further hpa train options, option name -> value (the "
+                              "pipeline's train_options: run parameters declared train_option=True)")
 
     def fixed_train_args(self) -> list[str]:
         return ["--data", self.data, "--split", self.split, "--fold", str(self.fold), "--arch", self.arch,
                 "--size", str(self.size), "--epochs", str(self.epochs), "--batch-size", str(self.batch_size),
                 "--color-mode", self.color_mode, "--loss", self.loss, "--seed", str(self.seed),
-                *(["--weights", self.weights] if self.weights else [])]
+                *(["--weights", self.weights] if self.weights else []), *option_args(self.train_options)]
+
+
+def option_args(options: dict) -> list[str]:
+    """{"pos_weight": "sqrt", "amp": False} -> ["--pos-weight", "sqrt", "--no-amp"] (hpa train's flags)."""
+    args: list[str] = []
+    for name, value in sorted(options.items()):
+        flag = name.replace("_", "-")
+        args += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+    return args
 
 
 def pod_settings(cfg: PipelineConfig, multi_node: bool, namespace: str, cpu_image: str, cuda_image: str) -> dict:

@@ -1,4 +1,4 @@
-"""Kaggle-layout reader: label CSVs, RGBY image loading, layout validation, the torch Dataset.
+"""Kaggle-layout reader: label CSVs, RGBY image loading, layout validation, the torch Datasets.
 
 Layout: `<root>/train.csv` (Id,Target), `<root>/train/<Id>_<color>.png` for color in red, green,
 blue, yellow; `<root>/sample_submission.csv` (Id,Predicted) and `<root>/test/<Id>_<color>.png`.
@@ -17,8 +17,11 @@ everywhere; anything else is a DataError naming the file):
 - The decoder is chosen by content, not by extension: a JPEG renamed `.png` loads as a JPEG.
 - Images with a side below MIN_SIDE pixels (a 1-pixel image is a placeholder, not a micrograph) and
   images that declare more than MAX_PIXELS pixels (decompression bombs) are refused.
-- The four channels of one image must have the same size; `size=` then resizes (bilinear,
-  antialiased) when the stored size differs from the requested one.
+- The four channels of one image must have the same size; `size=` then resizes them with
+  `hpa.inputs.resize_image` (bilinear, antialiased) when the stored size differs from the requested one.
+
+`PNGDataset` yields what every source yields (uint8 R,G,B,Y at the requested size, see hpa.inputs);
+`HPADataset` finishes its items for a model on the CPU (float, colour mode) and has a transform hook.
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ log = logging.getLogger(__name__)
 MAX_PIXELS = 40_000_000      # per channel; real HPA images are at most 3072 x 3072 (9.4 M)
 MIN_SIDE = 8
 EXTENSIONS = (".png", ".jpg", ".jpeg")
-COLOR_MODES = ("rgby", "rgb")
 SPLITS = ("train", "test")
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 _PLANE = {"red": (0,), "green": (1,), "blue": (2,), "yellow": (0, 1)}
@@ -109,7 +111,8 @@ def read_labels(csv_path, where: str | None = None) -> pd.DataFrame:
     (for example its s3:// URI).
     """
     df, name = _read_csv(csv_path, where, ("Id", "Target"))
-    labels = [parse_target(t, f"{name} row {row} (Id {i})") for row, (i, t) in enumerate(zip(df["Id"], df["Target"]), 2)]
+    labels = [parse_target(t, f"{name} row {row} (Id {i})")
+              for row, (i, t) in enumerate(zip(df["Id"], df["Target"]), 2)]
     df["labels"] = labels
     df["Target"] = [" ".join(map(str, x)) for x in labels]
     return df.reset_index(drop=True)
@@ -196,21 +199,12 @@ def _to_plane(im: Image.Image, color: str, name: str) -> np.ndarray:
     raise DataError(f"{name}: unsupported pixel mode {mode!r}; expected 8-bit grayscale (or 16-bit gray / RGB)")
 
 
-def _resize(plane: np.ndarray, size: int) -> np.ndarray:
-    if plane.shape == (size, size):
-        return plane
-    return np.asarray(Image.fromarray(plane).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
-
-
-def to_rgb(image: np.ndarray) -> np.ndarray:
-    """RGBY uint8 (4, H, W) -> the classic 3-channel mapping (G, (R+Y)/2, (B+Y)/2), uint8."""
-    r, g, b, y = image.astype(np.uint16)
-    return np.stack([g, (r + y + 1) // 2, (b + y + 1) // 2]).astype(np.uint8)
-
-
 def load_image(root, image_id: str, split: str = "train", size: int | None = None,
                color_mode: str = "rgby") -> np.ndarray:
-    """Load one image -> uint8 (C, H, W): channels R, G, B, Y for rgby, or the to_rgb() mapping."""
+    """Load one image -> uint8 (C, H, W) at `size` (or as stored): channels R, G, B, Y for rgby, or a picture in
+    the to_rgb() mapping (rounded to uint8) for rgb; models get `hpa.inputs.prepare`'s float mapping instead."""
+    from hpa.inputs import COLOR_MODES, resize_image, to_rgb
+
     if color_mode not in COLOR_MODES:
         raise DataError(f"color_mode {color_mode!r} is not one of {', '.join(COLOR_MODES)}")
     if size is not None and not (isinstance(size, int) and size >= MIN_SIDE):
@@ -223,9 +217,9 @@ def load_image(root, image_id: str, split: str = "train", size: int | None = Non
     if len(set(shapes.values())) > 1:
         sizes = ", ".join(f"{c} {s[1]}x{s[0]}" for c, s in shapes.items())
         raise DataError(f"{Path(root) / split}: channels of Id {image_id} have different sizes ({sizes})")
-    if size is not None:
-        planes = [_resize(p, size) for p in planes]
     image = np.stack(planes)
+    if size is not None:
+        image = resize_image(image, size)
     return to_rgb(image) if color_mode == "rgb" else image
 
 
@@ -269,18 +263,19 @@ def validate_layout(root, split: str = "train", check_images: bool = True) -> pd
 
 
 # ---------------------------------------------------------------------------------------------
-# Torch dataset
+# Torch datasets
 
 
-class HPADataset:
-    """Map-style torch Dataset over a Kaggle-layout directory.
+class PNGDataset:
+    """Map-style torch Dataset over a Kaggle-layout directory (local; an s3:// dataset through a
+    `hpa.committed.image_view`).
 
-    Items are (float32 tensor (C, H, W) in [0, 1], float32 target (28,)); `transform` (the
-    augmentation hook) receives and returns the float tensor. Without targets the target is zeros.
+    Items are (uint8 tensor (4, H, W) R,G,B,Y at `size` (None: as stored), float32 target (28,), id): the
+    items of `hpa.shards.ShardDataset`, finished on the device by `hpa.inputs.prepare`. Without targets
+    the target is zeros.
     """
 
-    def __init__(self, root, ids, targets=None, split: str = "train", size: int | None = None,
-                 color_mode: str = "rgby", transform=None):
+    def __init__(self, root, ids, targets=None, split: str = "train", size: int | None = None):
         self.root = Path(root)
         self.ids = [check_id(i, f"{root}/{split}") for i in ids]
         if targets is None:
@@ -288,10 +283,8 @@ class HPADataset:
         targets = np.asarray(targets, dtype=np.float32)
         if targets.shape != (len(self.ids), NUM_CLASSES):
             raise DataError(f"targets must have shape ({len(self.ids)}, {NUM_CLASSES}), got {targets.shape}")
-        if color_mode not in COLOR_MODES:
-            raise DataError(f"color_mode {color_mode!r} is not one of {', '.join(COLOR_MODES)}")
         self.targets = targets
-        self.split, self.size, self.color_mode, self.transform = split, size, color_mode, transform
+        self.split, self.size = split, size
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -299,30 +292,30 @@ class HPADataset:
     def __getitem__(self, index: int):
         import torch
 
-        image = load_image(self.root, self.ids[index], self.split, self.size, self.color_mode)
-        x = torch.from_numpy(image).float().div_(255.0)
+        image = load_image(self.root, self.ids[index], self.split, self.size)
+        return torch.from_numpy(image), torch.from_numpy(self.targets[index].copy()), self.ids[index]
+
+
+class HPADataset(PNGDataset):
+    """PNGDataset items finished for a model on the CPU: (float32 tensor (C, H, W) in [0, 1], float32
+    target (28,)), through `hpa.inputs.prepare` in `color_mode`; `transform` (the augmentation hook, e.g.
+    `hpa.inputs.RandomDihedral`) receives and returns the float tensor.
+    """
+
+    def __init__(self, root, ids, targets=None, split: str = "train", size: int | None = None,
+                 color_mode: str = "rgby", transform=None):
+        from hpa.inputs import COLOR_MODES
+
+        super().__init__(root, ids, targets, split, size)
+        if color_mode not in COLOR_MODES:
+            raise DataError(f"color_mode {color_mode!r} is not one of {', '.join(COLOR_MODES)}")
+        self.color_mode, self.transform = color_mode, transform
+
+    def __getitem__(self, index: int):
+        from hpa.inputs import CHANNELS, prepare
+
+        image, target, _ = super().__getitem__(index)
+        x = prepare(image[None], CHANNELS[self.color_mode])[0]
         if self.transform is not None:
             x = self.transform(x)
-        return x, torch.from_numpy(self.targets[index].copy())
-
-
-def dihedral(x, k: int):
-    """The k-th (0..7) of the 8 flips/rotations of a (..., H, W) tensor; k = 0 is the identity."""
-    import torch
-
-    if k & 4:
-        x = torch.flip(x, dims=(-1,))
-    return torch.rot90(x, k & 3, dims=(-2, -1))
-
-
-class RandomDihedral:
-    """Augmentation: a random flip/rotation (microscopy has no preferred orientation)."""
-
-    def __init__(self, generator=None):
-        self.generator = generator
-
-    def __call__(self, x):
-        import torch
-
-        k = int(torch.randint(0, 8, (1,), generator=self.generator))
-        return dihedral(x, k)
+        return x, target

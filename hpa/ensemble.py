@@ -31,10 +31,11 @@ import numpy as np
 from hpa.crossfit import CROSSFIT_PARTS, crossfit_groups, crossfit_predict, policy_fitter, score_policy
 from hpa.errors import DataError
 from hpa.evaluate import (
-    DEFAULT_SHRINK_STRENGTH, DEFAULT_THRESHOLD, THRESHOLD_MODES, Predictions, binarize, check_shrink_strength,
-    check_threshold_mode, check_thresholds, class_report_of, join_uri, label_cardinality, label_prior,
-    load_predictions, load_thresholds, macro_f1, save_predictions, save_thresholds, write_uri,
+    DEFAULT_SHRINK_STRENGTH, DEFAULT_THRESHOLD, THRESHOLD_MODES, binarize, check_shrink_strength, check_threshold_mode,
+    check_thresholds, class_report_of, label_cardinality, label_prior, load_thresholds, macro_f1, save_thresholds,
 )
+from hpa.predictions import Predictions, load_predictions, save_predictions
+from hpa.store import join_uri, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,8 @@ def ensemble(val_files, test_files, method: str = "mean", out_dir=".", threshold
     if first.folds > 1:
         groups, crossfit = first.fold_of_row, f"{first.folds} trained folds (out-of-fold predictions)"
     else:
-        groups, crossfit = crossfit_groups(first.val.ids, targets), f"{CROSSFIT_PARTS} stratified parts of the validation fold"
+        groups = crossfit_groups(first.val.ids, targets)
+        crossfit = f"{CROSSFIT_PARTS} stratified parts of the validation fold"
     if mode == "prior" and isinstance(prior, (str, os.PathLike)):
         prior = label_prior(prior, exclude_ids=first.val.ids, where=str(prior))
     if mode == "given":
@@ -273,7 +275,7 @@ def ensemble(val_files, test_files, method: str = "mean", out_dir=".", threshold
     save_predictions(outputs["ensemble_val.npz"], first.val.ids, val_probs, targets, name)
     save_predictions(outputs["ensemble_test.npz"], first.test.ids, test_probs, test_targets, name)
     save_thresholds(outputs["thresholds.json"], values, mode)
-    write_uri(outputs["metrics.json"], json.dumps(metrics, indent=2).encode())  # last: marks completion
+    write_bytes(outputs["metrics.json"], json.dumps(metrics, indent=2).encode())  # last: marks completion
     metrics["outputs"] = outputs  # not in the file: the same inputs give the same bytes wherever written
     log.info("ensemble (%s, %d models x %d folds, %s thresholds): val macro F1 %.4f out-of-sample (%.4f in-sample; "
              "best single %.4f), labels per image %.2f predicted vs %.2f true on val, %.2f predicted on test",
@@ -281,6 +283,51 @@ def ensemble(val_files, test_files, method: str = "mean", out_dir=".", threshold
              metrics["best_single_val_macro_f1"], metrics["val_labels_per_image"],
              metrics["val_true_labels_per_image"], metrics["test_labels_per_image"])
     return metrics
+
+
+def ensemble_task(val_files, test_files, ensemble_test_out, thresholds_out, method: str = "mean",
+                  threshold_mode: str = "fitted", threshold: float = DEFAULT_THRESHOLD,
+                  shrink_strength: float = DEFAULT_SHRINK_STRENGTH, prior=None) -> dict:
+    """The ensemble pipeline task: `ensemble` with ensemble_test.npz and thresholds.json copied to the given paths.
+    `threshold` counts for global and shrunk only; `prior` (the training labels' CSV) is needed by prior. Returns
+    "metrics" (every number, each model's as <model>_<key>, as floats), "roc" (fpr, tpr, thresholds of the pooled
+    out-of-fold ROC, thinned to <= 200 points so that the metadata stays small) and the metadata of the two files
+    ("ensemble_test", "thresholds")."""
+    import shutil
+    import tempfile
+
+    from sklearn.metrics import roc_curve
+
+    check_threshold_mode(threshold_mode)
+    if threshold_mode == "prior" and prior is None:
+        raise DataError("threshold_mode 'prior': connect prior_labels (the training labels, e.g. the split CSV)")
+    with tempfile.TemporaryDirectory() as out:
+        result = ensemble(val_files, test_files, method=method, out_dir=out,
+                          threshold=threshold if threshold_mode in ("global", "shrunk") else None,
+                          threshold_mode=threshold_mode, shrink_strength=shrink_strength,
+                          prior=prior if threshold_mode == "prior" else None)
+        shutil.copyfile(os.path.join(out, "ensemble_test.npz"), ensemble_test_out)
+        shutil.copyfile(os.path.join(out, "thresholds.json"), thresholds_out)
+        with np.load(os.path.join(out, "ensemble_val.npz")) as val:
+            targets, probs = val["targets"], val["probs"]
+    # the numbers; test_*: only when the test predictions carry targets
+    metrics = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for scores, weight in zip(result["models"], result["weights"]):  # e.g. resnet18_val_macro_f1
+        for key in ("val_macro_f1", "val_macro_f1_in_sample", "test_macro_f1"):
+            if key in scores:
+                metrics[f"{scores['model']}_{key}"] = float(scores[key])
+        metrics[f"{scores['model']}_weight"] = float(weight)
+    fpr, tpr, cuts = roc_curve(targets.ravel(), probs.ravel())
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).astype(int))
+    thresholds = {"mode": result["threshold_mode"]}
+    if result["threshold_mode"] == "shrunk":
+        thresholds.update({"shrink_strength": float(shrink_strength), "shrink_toward": float(threshold)})
+    return {"metrics": metrics,
+            "roc": (fpr[keep].tolist(), tpr[keep].tolist(), np.clip(cuts[keep], 0.0, 1.0).tolist()),
+            "ensemble_test": {"models": [s["model"] for s in result["models"]],
+                              "folds_per_model": result["folds_per_model"], "crossfit": result["crossfit"],
+                              "method": method, "threshold_mode": result["threshold_mode"]},
+            "thresholds": thresholds}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -311,7 +358,8 @@ def main(argv: list[str]) -> int:
           f"image: {metrics['val_labels_per_image']:.2f} predicted vs {metrics['val_true_labels_per_image']:.2f} true "
           f"on val, {metrics['test_labels_per_image']:.2f} predicted on test")
     if "test_macro_f1" in metrics:
-        print(f"test macro F1: {metrics['test_macro_f1']:.4f} (best single model {metrics['best_single_test_macro_f1']:.4f}, "
+        print(f"test macro F1: {metrics['test_macro_f1']:.4f} "
+              f"(best single model {metrics['best_single_test_macro_f1']:.4f}, "
               f"all 28 classes {metrics['test_macro_f1_all_classes']:.4f})")
     for path in metrics["outputs"].values():
         print(path)

@@ -1,21 +1,19 @@
-"""Metrics as Kaggle scored HPA, exact per-class threshold fitting, robust threshold policies, thresholds and
-predictions files. Ensembling: hpa.ensemble; out-of-sample (cross-fitted) scores: hpa.crossfit."""
+"""Metrics as Kaggle scored HPA, exact per-class threshold fitting, robust threshold policies, class reports and the
+thresholds file (thresholds.json). Predictions files: hpa.predictions; ensembling: hpa.ensemble; out-of-sample
+(cross-fitted) scores: hpa.crossfit."""
 
 from __future__ import annotations
 
 import io
 import json
-import logging
 import os
-import zipfile
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hpa.errors import DataError
 from hpa.labels import CLASS_NAMES, NUM_CLASSES
+from hpa.store import read_bytes, write_bytes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -147,7 +145,7 @@ def label_prior(labels, exclude_ids=None, where: str = "prior") -> np.ndarray:
     if isinstance(labels, (str, os.PathLike)):
         from hpa.data import read_labels, targets_matrix
 
-        df = read_labels(io.BytesIO(read_uri(labels)), where=str(labels))
+        df = read_labels(io.BytesIO(read_bytes(labels)), where=str(labels))
         if exclude_ids is not None:
             keep = ~df["Id"].astype(str).isin(set(np.asarray(exclude_ids).astype(str).tolist()))
             df = df[keep] if keep.any() else df
@@ -248,10 +246,8 @@ def _check_global(threshold) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reports, thresholds files, prediction files, ensembling
+# Reports and the thresholds file
 # ---------------------------------------------------------------------------------------------
-
-log = logging.getLogger(__name__)
 
 def binarize(probs: np.ndarray, thresholds) -> np.ndarray:
     """`probs >= threshold` per class (the convention `best_cut` fits for)."""
@@ -289,38 +285,6 @@ def class_report_of(targets: np.ndarray, preds: np.ndarray) -> "pd.DataFrame":
     })
 
 
-# --- bytes in and out: local paths or s3:// URIs (through hpa.store, whose writes are atomic) ---------
-
-def exists_uri(uri: str | os.PathLike) -> bool:
-    from hpa.store import split_uri
-
-    store, key = split_uri(uri)
-    return store.exists(key)
-
-
-def read_uri(uri: str | os.PathLike) -> bytes:
-    """Bytes of a local file or an s3:// object; a missing one is a one-line DataError naming it."""
-    from hpa.store import StoreNotFoundError, read_bytes
-
-    try:
-        return read_bytes(uri)
-    except StoreNotFoundError:
-        raise DataError(f"{uri}: file not found") from None
-
-
-def write_uri(uri: str | os.PathLike, data: bytes) -> str:
-    """Atomic write (temporary name, then the final one): readers never see a half-written file."""
-    from hpa.store import write_bytes
-
-    write_bytes(uri, data)
-    return str(uri)
-
-
-def join_uri(base: str | os.PathLike, name: str) -> str:
-    base = str(base)
-    return f"{base.rstrip('/')}/{name}" if base.startswith("s3://") else str(Path(base) / name)
-
-
 # --- thresholds JSON ---------------------------------------------------------------------------
 
 def thresholds_json(values, mode: str = "fitted") -> dict:
@@ -348,15 +312,16 @@ def check_thresholds(values, where: str) -> np.ndarray:
 
 
 def save_thresholds(path_or_uri, values, mode: str = "fitted") -> str:
-    data = json.dumps(thresholds_json(values, mode), indent=2).encode()
-    return write_uri(path_or_uri, data)
+    """Atomically write a thresholds JSON (hpa.store.write_bytes); returns where."""
+    write_bytes(path_or_uri, json.dumps(thresholds_json(values, mode), indent=2).encode())
+    return str(path_or_uri)
 
 
 def load_thresholds(path_or_uri) -> np.ndarray:
     """Read a thresholds JSON (`values`, or the `thresholds` by class name, or a bare list of 28)."""
     where = str(path_or_uri)
     try:
-        doc = json.loads(read_uri(path_or_uri))
+        doc = json.loads(read_bytes(path_or_uri))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{where}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
     if isinstance(doc, dict) and "values" in doc:
@@ -372,95 +337,3 @@ def load_thresholds(path_or_uri) -> np.ndarray:
     else:
         raise DataError(f"{where}: expected an object with 'values' (28 floats) or 'thresholds' (by class name)")
     return check_thresholds(values, where)
-
-
-# --- prediction files (.npz) ---------------------------------------------------------------------
-
-@dataclass
-class Predictions:
-    """One model's predictions: `ids` (N,) str, `probs` (N, 28) float32, `targets` (N, 28) uint8 or None."""
-
-    ids: np.ndarray
-    probs: np.ndarray
-    targets: np.ndarray | None = None
-    model: str = ""
-    source: str = ""
-
-    def reindex(self, ids: np.ndarray) -> "Predictions":
-        """The same predictions in the order of `ids` (which must be a permutation of self.ids)."""
-        pos = {i: k for k, i in enumerate(self.ids)}
-        order = np.array([pos[i] for i in ids], dtype=np.int64)
-        targets = None if self.targets is None else self.targets[order]
-        return Predictions(self.ids[order], self.probs[order], targets, self.model, self.source)
-
-
-def validate_predictions(ids, probs, targets, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Check and normalise arrays; every problem is one DataError line naming `where` and the field."""
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or ids.dtype.kind not in "U":
-        raise DataError(f"{where}: 'ids' must be a 1-d array of str, got dtype {ids.dtype} shape {ids.shape}")
-    if ids.size == 0:
-        raise DataError(f"{where}: no predictions (0 ids)")
-    uniq, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        raise DataError(f"{where}: 'ids' has duplicates, e.g. {str(uniq[counts > 1][0])!r} ({int((counts > 1).sum())} repeated)")
-    probs = np.asarray(probs)
-    if probs.shape != (ids.size, NUM_CLASSES) or probs.dtype.kind != "f":
-        raise DataError(f"{where}: 'probs' must be float ({ids.size}, {NUM_CLASSES}), got {probs.dtype} {probs.shape}")
-    finite = np.isfinite(probs)
-    if not finite.all():
-        r, c = np.argwhere(~finite)[0]
-        raise DataError(f"{where}: 'probs' has {int((~finite).sum())} NaN/inf values, first at id {str(ids[r])!r} class {c}")
-    if probs.min() < 0 or probs.max() > 1:
-        raise DataError(f"{where}: 'probs' must be probabilities in [0, 1], found range [{probs.min():.4g}, {probs.max():.4g}]")
-    if targets is not None:
-        targets = np.asarray(targets)
-        if targets.shape != probs.shape or not np.isin(targets, (0, 1)).all():
-            raise DataError(f"{where}: 'targets' must be 0/1 of shape {probs.shape}, got {targets.dtype} {targets.shape}")
-        targets = targets.astype(np.uint8)
-    return ids, probs.astype(np.float32), targets
-
-
-def predictions_bytes(ids, probs, targets=None, model: str = "", where: str = "predictions") -> bytes:
-    ids, probs, targets = validate_predictions(np.asarray(ids).astype(str), probs, targets, where)
-    arrays = {"ids": ids, "probs": probs, "model": np.array(str(model))}
-    if targets is not None:
-        arrays["targets"] = targets
-    return npz_bytes(arrays)
-
-
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """`np.savez_compressed` with fixed zip timestamps: the same arrays give the same bytes (and sha256),
-    so a re-run after a crash reproduces its outputs exactly."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, array in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def save_predictions(path_or_uri, ids, probs, targets=None, model: str = "") -> str:
-    """Validate and atomically write a predictions .npz (keys ids, probs, model, targets if known)."""
-    return write_uri(path_or_uri, predictions_bytes(ids, probs, targets, model, where=str(path_or_uri)))
-
-
-def load_predictions(path_or_uri) -> Predictions:
-    """Read and validate a predictions .npz; a bad file is one DataError line naming it."""
-    where = str(path_or_uri)
-    data = read_uri(path_or_uri)
-    if not data:
-        raise DataError(f"{where}: empty file (0 bytes), expected a predictions .npz")
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{where}: not a readable .npz ({exc.__class__.__name__}: {exc})") from None
-    for key in ("ids", "probs"):
-        if key not in arrays:
-            raise DataError(f"{where}: missing key {key!r} (has {sorted(arrays)})")
-    ids, probs, targets = validate_predictions(arrays["ids"], arrays["probs"], arrays.get("targets"), where)
-    model = str(arrays["model"]) if "model" in arrays else Path(where).stem
-    return Predictions(ids, probs, targets, model, where)

@@ -25,10 +25,10 @@ blue -> B, yellow -> (R + G) / 2; large JPEGs at a reduced DCT scale, see decode
 size x size like hpa.data.load_image does, and stored as an 8-bit grayscale PNG, the Kaggle layout:
 `train/<Id>_<color>.png` plus `train.csv`.
 
-Resume: converted PNGs live in a cache directory (`HPA_V18_CACHE`, default ~/.cache/hpa/hpav18), one
-folder per size, written atomically; an Id counts as fetched once all four PNGs are written and its
-line (sha256 of each PNG and the pHash) is appended to `journal.jsonl`. A re-run skips Ids whose
-journal line matches the files on disk; a killed run loses at most the Ids in flight. A download that
+Resume: converted PNGs live in a cache directory (hpa.hpav18_cache: `HPA_V18_CACHE`, default
+~/.cache/hpa/hpav18), one folder per size, written atomically; an Id counts as fetched once all four PNGs
+are written and its line (sha256 of each PNG and the pHash) is appended to `journal.jsonl`. A re-run skips
+Ids whose journal line matches the files on disk; a killed run loses at most the Ids in flight. A download that
 fails (HTTP error, truncated body, undecodable JPG) is retried `tries` times with backoff; 4xx answers
 other than 408/429 are not retried. Failures are reported one line each, naming the Id and URL; then
 the download stops with a DataError (re-run to retry only those), or, with skip_broken, the failed Ids
@@ -43,13 +43,9 @@ sources in one fold.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
-import json
 import logging
 import os
-import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -59,10 +55,12 @@ from pathlib import Path
 
 import numpy as np
 
+from hpa import fetch
 from hpa.config import env_float
 from hpa.errors import ConfigError, DataError
+from hpa.hpav18_cache import Cache
 from hpa.labels import COLORS
-from hpa.store import atomic_write
+from hpa.store import retry
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +70,6 @@ DEFAULT_BASE_URL = f"https://{V18_HOST}/images/"
 BASE_URL_ENV = "HPA_V18_BASE_URL"
 CACHE_ENV = "HPA_V18_CACHE"
 BACKOFF_ENV = "HPA_V18_RETRY_DELAY"
-JOURNAL = "journal.jsonl"
 MAX_JPG_BYTES = 64 << 20  # a v18 channel JPG is 0.1-3 MB (2048 or 3072 px); far more is not an image
 MAX_CSV_BYTES = 64 << 20
 PERMANENT_HTTP = frozenset(range(400, 500)) - {408, 429}
@@ -100,14 +97,12 @@ def image_url(base: str, image_id: str, color: str) -> str:
 def allowed_url(url: str, allow_http: bool) -> bool:
     """https anywhere; plain http to v18.proteinatlas.org (public images, see the module docstring) or to
     loopback with allow_http."""
-    from hpa.download import _allowed_url
-
     try:
         parts = urllib.parse.urlsplit(url)
         host = parts.hostname
     except ValueError:
         return False
-    return _allowed_url(url, allow_http) or (parts.scheme == "http" and host == V18_HOST)
+    return fetch.allowed_url(url, allow_http) or (parts.scheme == "http" and host == V18_HOST)
 
 
 @dataclass
@@ -136,24 +131,13 @@ class _Failed(Exception):
     """A channel that could not be fetched; the message names Id, colour, URL and reason."""
 
 
-class _Redirects(urllib.request.HTTPRedirectHandler):
-    def __init__(self, allow_http: bool):
-        self.allow_http = allow_http
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if not allowed_url(newurl, self.allow_http):
-            fp.close()
-            raise DataError(f"refused redirect to {newurl} (not https, nor http://{V18_HOST})")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
 def _get(url: str, opts: V18Options) -> bytes:
     """One GET of a JPG, the whole body or an exception (_Retry for what another try may fix)."""
-    from hpa.download import _request
-
-    opener = urllib.request.build_opener(_Redirects(opts.allow_http))
+    opener = urllib.request.build_opener(fetch.CheckedRedirects(
+        lambda new: allowed_url(new, opts.allow_http),
+        lambda new: f"refused redirect to {new} (not https, nor http://{V18_HOST})"))
     try:
-        with opener.open(_request(url), timeout=opts.timeout) as resp:
+        with opener.open(fetch.request(url), timeout=opts.timeout) as resp:
             declared = int(resp.headers.get("Content-Length") or 0)
             if declared > MAX_JPG_BYTES:
                 raise DataError(f"{url}: {declared} bytes, more than the limit of {MAX_JPG_BYTES} for one channel")
@@ -191,7 +175,8 @@ def decode_resized(data: bytes, color: str, name: str, size: int) -> np.ndarray:
 
     from PIL import Image
 
-    from hpa.data import MAX_PIXELS, _resize, _to_plane, decode_channel
+    from hpa.data import MAX_PIXELS, _to_plane, decode_channel
+    from hpa.inputs import resize_image
 
     try:
         with warnings.catch_warnings():
@@ -201,101 +186,38 @@ def decode_resized(data: bytes, color: str, name: str, size: int) -> np.ndarray:
                 if im.format == "JPEG" and min(width, height) >= 2 * size and width * height <= MAX_PIXELS:
                     im.draft(im.mode, (size, size))
                     im.load()
-                    return _resize(_to_plane(im, color, name), size)
+                    return resize_image(_to_plane(im, color, name), size)
     except Exception:  # noqa: BLE001 - decode_channel below names the problem
         pass
-    return _resize(decode_channel(data, color, name), size)
+    return resize_image(decode_channel(data, color, name), size)
+
+
+def _transient(exc: BaseException) -> bool:
+    """What another try may fix: network, 5xx, truncated body, undecodable data (not HTTP 404, too big, a refused
+    redirect)."""
+    return isinstance(exc, _Retry) or (isinstance(exc, DataError) and "corrupt or truncated" in str(exc))
 
 
 def fetch_plane(image_id: str, color: str, opts: V18Options) -> np.ndarray:
-    """One channel as a uint8 (size, size) plane, retried; _Failed names Id, colour and URL."""
+    """One channel as a uint8 (size, size) plane, retried (hpa.store.retry); _Failed names Id, colour and URL."""
     url = image_url(opts.base_url, image_id, color)
-    reason = ""
-    for attempt in range(1, opts.tries + 1):
-        try:
-            return decode_resized(_get(url, opts), color, url, opts.size)
-        except _Retry as exc:
-            reason = str(exc)
-        except DataError as exc:
-            if "corrupt or truncated" not in str(exc):  # permanent: HTTP 404, too big, refused redirect
-                raise _Failed(f"Id {image_id} {color}: {exc}") from None
-            reason = str(exc)
-        if attempt < opts.tries:
-            time.sleep(opts.backoff * 2 ** (attempt - 1))
-    raise _Failed(f"Id {image_id} {color}: {reason} ({opts.tries} tries)")
-
-
-# -- the cache --------------------------------------------------------------------------------------
-class Cache:
-    """Converted PNGs of one size and the journal of the Ids whose four channels are complete."""
-
-    def __init__(self, root: Path, size: int):
-        from hpa.committed import private_dir
-
-        private_dir(root)  # 0700 and ours; a journalled PNG is also checked against its recorded sha256
-        self.dir = private_dir(Path(root) / f"{size}px")
-        self.journal = self.dir / JOURNAL
-        self._lock = threading.Lock()
-
-    def path(self, image_id: str, color: str) -> Path:
-        return self.dir / f"{image_id}_{color}.png"
-
-    def entries(self) -> dict[str, dict]:
-        """The journal, later lines winning; a torn last line (a killed run) is ignored."""
-        out = {}
-        if self.journal.is_file():
-            for line in self.journal.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    entry = json.loads(line)
-                    out[entry["id"]] = entry
-                except (ValueError, KeyError, TypeError):
-                    continue
-        return out
-
-    def verified(self, image_id: str, entry: dict | None) -> bool:
-        """All four PNGs exist with the sha256 the journal recorded."""
-        if not entry or set(entry.get("sha256", {})) != set(COLORS):
-            return False
-        for color in COLORS:
-            path = self.path(image_id, color)
-            if not path.is_file() or _sha256(path.read_bytes()) != entry["sha256"][color]:
-                return False
-        return True
-
-    def store(self, image_id: str, planes: dict[str, np.ndarray], phash: str) -> None:
-        """Write the PNGs atomically, then append the journal line that makes the Id count."""
-        import io
-
-        from PIL import Image
-
-        digests = {}
-        for color in COLORS:
-            buffer = io.BytesIO()
-            Image.fromarray(planes[color]).save(buffer, format="PNG", compress_level=1)
-            data = buffer.getvalue()
-            atomic_write(self.path(image_id, color), data)
-            digests[color] = _sha256(data)
-        line = json.dumps({"id": image_id, "sha256": digests, "phash": phash}, sort_keys=True) + "\n"
-        with self._lock, open(self.journal, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    try:
+        return retry(lambda: decode_resized(_get(url, opts), color, url, opts.size), f"hpav18: Id {image_id} {color}",
+                     opts.tries, opts.backoff, _transient)
+    except (_Retry, DataError) as exc:
+        tries = f" ({opts.tries} tries)" if _transient(exc) else ""
+        raise _Failed(f"Id {image_id} {color}: {exc}{tries}") from None
 
 
 # -- the source -------------------------------------------------------------------------------------
 def read_v18_csv(csv: str, work: Path, allow_http: bool):
     """The v18 labels (read_labels frame) from a local path, an s3:// URI or an https:// URL."""
     from hpa.data import read_labels
-    from hpa.download import fetch_url, shown_source
 
     if csv.startswith(("https://", "http://")):
         local = work / "hpav18.csv"
-        fetch_url(csv, local, MAX_CSV_BYTES, allow_http=allow_http)
-        return read_labels(local, where=shown_source(csv))
+        fetch.fetch_url(csv, local, MAX_CSV_BYTES, allow_http=allow_http)
+        return read_labels(local, where=fetch.shown_source(csv))
     if not csv:
         raise ConfigError("hpav18 source needs the CSV: --source hpav18:<path/to/HPAv18RBGY_wodpl.csv>")
     return read_labels(csv)
@@ -347,16 +269,14 @@ def fetch_images(ids: list[str], opts: V18Options) -> tuple[dict[str, str], list
 
 
 def _kaggle_root(merge_with: str, work: Path) -> Path:
-    from hpa.download import fetch_s3, find_layout_root
-
     if merge_with.startswith("s3://"):
         target = work / "merge"
         target.mkdir()
-        return fetch_s3(merge_with, target)
+        return fetch.fetch_s3(merge_with, target)
     path = Path(merge_with).expanduser()
     if not path.is_dir():
         raise DataError(f"--merge-with {path}: no such directory (expected a Kaggle-layout dataset or s3://...)")
-    return find_layout_root(path).resolve()
+    return fetch.find_layout_root(path).resolve()
 
 
 def _first_image_size(folder: Path) -> int | None:
@@ -396,13 +316,13 @@ def acquire_hpav18(source: str, raw: Path, work: Path, opts: V18Options, merge_w
     """Build `raw` in Kaggle layout from the v18 CSV (+ the merged dataset); returns it."""
     import pandas as pd
 
-    from hpa.download import _write_table, shown_source
+    from hpa.download import write_table
     from hpa.phash import write_phash
 
     if not isinstance(opts.size, int) or not 8 <= opts.size <= 4096:
         raise ConfigError(f"hpav18: --size must be 8..4096 pixels, got {opts.size!r}")
     if not allowed_url(opts.base_url, opts.allow_http):
-        raise ConfigError(f"hpav18: refused base URL {shown_source(opts.base_url)}: https://, http://{V18_HOST}, "
+        raise ConfigError(f"hpav18: refused base URL {fetch.shown_source(opts.base_url)}: https://, http://{V18_HOST}, "
                           "or plain http to 127.0.0.1 with --allow-http (tests)")
     v18 = choose(read_v18_csv(source[len(PREFIX):], work, opts.allow_http), opts.max_images, opts.seed)
     for image_id in v18["Id"]:
@@ -411,7 +331,7 @@ def acquire_hpav18(source: str, raw: Path, work: Path, opts: V18Options, merge_w
     if merge_with:
         from hpa.data import read_labels
 
-        shown = shown_source(merge_with)
+        shown = fetch.shown_source(merge_with)
         kaggle_root = _kaggle_root(merge_with, work)
         kaggle = read_labels(kaggle_root / "train.csv")[["Id", "Target"]]
         clash = sorted(set(kaggle["Id"]) & set(v18["Id"]))
@@ -451,8 +371,8 @@ def acquire_hpav18(source: str, raw: Path, work: Path, opts: V18Options, merge_w
         table = pd.concat([kaggle, table], ignore_index=True)
         phash = pd.concat([pd.DataFrame({"Id": kaggle["Id"], "phash": [kaggle_hashes[i] for i in kaggle["Id"]]}),
                            phash], ignore_index=True)
-    _write_table(table, raw / "train.csv", "Target")
+    write_table(table, raw / "train.csv", "Target")
     write_phash(phash, raw / "phash.csv")
     log.info("hpav18: %d v18 images%s in Kaggle layout at %d px", len(v18),
-             f" + {len(kaggle)} from {shown_source(merge_with)}" if kaggle is not None else "", opts.size)
+             f" + {len(kaggle)} from {fetch.shown_source(merge_with)}" if kaggle is not None else "", opts.size)
     return raw

@@ -39,7 +39,8 @@ def parse_target(text: object, where: str) -> list[int]:
         try:
             value = int(token)
         except ValueError:
-            raise DataError(f"{where}: Target token {token!r} is not an integer (expected 0..{NUM_CLASSES - 1})") from None
+            raise DataError(
+                f"{where}: Target token {token!r} is not an integer (expected 0..{NUM_CLASSES - 1})") from None
         if not 0 <= value < NUM_CLASSES:
             raise DataError(f"{where}: label {value} is outside 0..{NUM_CLASSES - 1}")
         if value in labels:

@@ -11,6 +11,9 @@ import argparse
 import base64
 import io
 import logging
+import os
+import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -125,11 +128,24 @@ def montage_markdown(png: bytes, title: str, full_image: str | None = None, budg
         image.resize((width, height), Image.LANCZOS).save(buffer, format="JPEG", quality=85, optimize=True)
         note = (f"Thumbnail, {width}x{height} px JPEG, of the {image.width}x{image.height} px montage"
                 + (f"; full size: `{full_image}`" if full_image else "") + ".\n\n")
-        text = head + note + f"![montage](data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')})\n"
+        encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+        text = head + note + f"![montage](data:image/jpeg;base64,{encoded})\n"
         if len(text) <= budget:
             return text
         width = int(width * 0.8)
     raise DataError(f"montage: no thumbnail of {title!r} fits in {budget} characters of Markdown")
+
+
+def montage_task(data_uri: str, png_out, image_uri: str | None = None, n: int = 16, seed: int = 0) -> str:
+    """The montage pipeline task: render_montage of n images, the full-size PNG copied to `png_out`; returns the
+    Markdown that shows it in the KFP UI (montage_markdown; `image_uri` is where png_out is stored)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, "montage.png")
+        render_montage(data_uri, png, n=n, seed=seed)
+        with open(png, "rb") as f:
+            text = montage_markdown(f.read(), f"Sample images from `{data_uri}`", image_uri)
+        shutil.copyfile(png, png_out)
+    return text
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -66,7 +66,7 @@ def require(ok: bool, message: str) -> None:
 def spoken(values) -> str:
     """('a', 'b', 'c') -> 'a, b or c'."""
     values = [str(v) for v in values]
-    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
+    return "" if not values else values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
 
 
 def check_choices(obj, prefix: str = "") -> None:

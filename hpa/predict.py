@@ -8,8 +8,10 @@ Probabilities are averaged after the sigmoid.
 
 Data: `--data` is a dataset root in the Kaggle PNG layout (local or s3://; for s3 the needed images are
 downloaded to a cache first). With `--shards URI` (what `hpa pack` wrote) the images come from the shards
-instead, streamed in order (shuffle off); the CSVs still come from `--data`. `--ids test` predicts `sample_submission.csv`'s ids (targets from `test_labels.csv` when it
-exists); `--ids val` predicts fold `--fold` of `--split split.csv` (targets from the split's `Target`).
+instead, streamed in order (shuffle off); the CSVs still come from `--data`. `--ids test` predicts
+`sample_submission.csv`'s ids (targets from `test_labels.csv` when it exists); `--ids val` predicts fold `--fold` of
+`--split split.csv` (targets from the split's `Target`). Both sources yield uint8 R,G,B,Y at the checkpoint's size,
+finished by `hpa.inputs.prepare` (colour mode) on the device, as in training; the transforms are `hpa.inputs.dihedral`.
 """
 
 from __future__ import annotations
@@ -18,35 +20,20 @@ import argparse
 import io
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from hpa.errors import ConfigError, DataError
-from hpa.evaluate import (DEFAULT_THRESHOLD, binarize, exists_uri, fit_thresholds, join_uri, macro_f1, read_uri,
-                          save_predictions)
-from hpa.labels import COLORS, NUM_CLASSES, to_matrix
+from hpa.evaluate import DEFAULT_THRESHOLD, binarize, fit_thresholds, macro_f1
+from hpa.inputs import CHANNELS, dihedral, prepare
+from hpa.labels import NUM_CLASSES, to_matrix
+from hpa.predictions import save_predictions
+from hpa.store import exists_uri, join_uri, read_bytes
 
 log = logging.getLogger(__name__)
 
-TTA_NAMES = ("identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "antitranspose")
 TTA_CHOICES = (1, 2, 4, 8)
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th dihedral transform (TTA_NAMES order) of a (..., H, W) batch."""
-    h, w = -2, -1
-    return [
-        lambda t: t,
-        lambda t: t.flip(w),
-        lambda t: t.flip(h),
-        lambda t: t.flip(h, w),
-        lambda t: t.rot90(1, (h, w)),
-        lambda t: t.rot90(3, (h, w)),
-        lambda t: t.transpose(h, w),
-        lambda t: t.transpose(h, w).flip(h, w),
-    ][k](x)
 
 
 @torch.no_grad()
@@ -63,12 +50,11 @@ def predict_batch(model: torch.nn.Module, x: torch.Tensor, tta: int = 1) -> torc
     return total / tta
 
 
-def predict_loader(model, loader, device, tta: int) -> tuple[list[str], np.ndarray]:
-    """Run a loader of (image, target, id) or (image, target) batches; returns ids and (N, 28) probs."""
+def predict_loader(model, loader, device, tta: int, in_chans: int, size: int | None) -> tuple[list[str], np.ndarray]:
+    """Run a loader of (uint8 R,G,B,Y image, target, id) batches; returns ids and (N, 28) probs."""
     ids, probs = [], []
-    for batch in loader:
-        x, batch_ids = batch[0], batch[2]
-        x = x.to(device, non_blocking=True)
+    for x, _, batch_ids in loader:
+        x = prepare(x.to(device, non_blocking=True), in_chans, size)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         probs.append(predict_batch(model, x, tta).cpu().numpy())
@@ -83,7 +69,7 @@ def read_csv(uri, kind: str = "labels"):
     from hpa.data import read_labels, read_sample_submission
 
     reader = read_labels if kind == "labels" else read_sample_submission
-    return reader(io.BytesIO(read_uri(uri)), where=str(uri))
+    return reader(io.BytesIO(read_bytes(uri)), where=str(uri))
 
 
 def select_ids(data: str, ids: str, split_csv, fold: int | None) -> tuple[list[str], np.ndarray | None, str]:
@@ -116,52 +102,24 @@ def select_ids(data: str, ids: str, split_csv, fold: int | None) -> tuple[list[s
 
 # --- loaders -------------------------------------------------------------------------------------
 
-class _WithIds(torch.utils.data.Dataset):
-    """HPADataset items plus their id, so both sources yield (image, target, id)."""
-
-    def __init__(self, dataset, ids):
-        self.dataset, self.ids = dataset, ids
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        x, y = self.dataset[i][:2]
-        return x, y, self.ids[i]
-
-
-def make_loader(data, split, ids, meta, batch_size, workers, cache_dir, shards=None):
-    size, color_mode = meta.get("size"), meta.get("color_mode", "rgby")
+def make_loader(data, split, ids, size, batch_size, workers, cache_dir, shards=None):
+    """(DataLoader of (uint8 R,G,B,Y at `size`, target, id) batches, "shards" or "png")."""
     if shards:
         from hpa.shards import ShardDataset
 
         log.info("reading %s images from shards %s", split, shards)
-        dataset = ShardDataset(str(shards), ids=ids, shuffle=False, cache_dir=cache_dir, split=split, rank=0, world_size=1)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                           collate_fn=_ShardCollate(size, color_mode)), "shards"
-    from hpa.committed import image_view
-    from hpa.data import HPADataset
+        dataset = ShardDataset(str(shards), ids=ids, shuffle=False, cache_dir=cache_dir, split=split, rank=0,
+                               world_size=1, size=size)
+        source = "shards"
+    else:
+        from hpa.committed import image_view
+        from hpa.data import PNGDataset
 
-    view = image_view(data, split, ids, cache_dir)
-    dataset = _WithIds(HPADataset(view.root, ids, None, split=split, size=size, color_mode=color_mode), ids)
-    dataset.view = view  # the local copy lives as long as the loader's dataset
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers), "png"
-
-
-class _ShardCollate:
-    """Batch shard samples (uint8 RGBY at the packed size) into the model's color mode and size."""
-
-    def __init__(self, size, color_mode):
-        self.size, self.color_mode = size, color_mode
-
-    def __call__(self, samples):
-        from hpa.data import to_rgb
-
-        images = [s[0] if self.color_mode == "rgby" else torch.from_numpy(to_rgb(s[0].numpy())) for s in samples]
-        x = torch.stack(images).float().div_(255)
-        if self.size and x.shape[-1] != self.size:
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
-        return x, torch.stack([torch.as_tensor(s[1]) for s in samples]), [str(s[2]) for s in samples]
+        view = image_view(data, split, ids, cache_dir)
+        dataset = PNGDataset(view.root, ids, None, split=split, size=size)
+        dataset.view = view  # the local copy lives as long as the loader's dataset
+        source = "png"
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers), source
 
 
 # --- entry points ----------------------------------------------------------------------------------
@@ -183,9 +141,10 @@ def predict(checkpoint, data, ids: str = "test", split_csv=None, fold=None, tta:
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     wanted, targets, split = select_ids(str(data), ids, split_csv, fold)
-    loader, source = make_loader(str(data), split, wanted, meta, batch_size, workers, cache_dir, shards)
+    size = meta.get("size")
+    loader, source = make_loader(str(data), split, wanted, size, batch_size, workers, cache_dir, shards)
     t0 = time.perf_counter()
-    got_ids, probs = predict_loader(model, loader, dev, tta)
+    got_ids, probs = predict_loader(model, loader, dev, tta, CHANNELS[meta.get("color_mode", "rgby")], size)
     seconds = time.perf_counter() - t0
     if sorted(got_ids) != sorted(wanted):
         missing = sorted(set(wanted) - set(got_ids))
@@ -196,11 +155,13 @@ def predict(checkpoint, data, ids: str = "test", split_csv=None, fold=None, tta:
     model_name = name or meta.get("arch", "model")
     save_predictions(out, got_ids, probs, targets, model=model_name)
     result = {"out": str(out), "n": len(got_ids), "tta": tta, "model": model_name, "source": source,
-              "device": str(dev), "seconds": round(seconds, 3), "images_per_s": round(len(got_ids) / max(seconds, 1e-9), 1)}
+              "device": str(dev), "seconds": round(seconds, 3),
+              "images_per_s": round(len(got_ids) / max(seconds, 1e-9), 1)}
     if targets is not None:
         result["macro_f1_at_05"] = macro_f1(targets, probs >= DEFAULT_THRESHOLD)
         result["macro_f1_fitted"] = macro_f1(targets, binarize(probs, fit_thresholds(probs, targets)))
-    log.info("predicted %d %s images with %s (tta=%d) in %.1f s -> %s", len(got_ids), ids, model_name, tta, seconds, out)
+    log.info("predicted %d %s images with %s (tta=%d) in %.1f s -> %s", len(got_ids), ids, model_name, tta, seconds,
+             out)
     return result
 
 

@@ -9,16 +9,12 @@ Every port the server opens (S3, master, volume, filer, admin and their gRPC por
 server and live on disk only until weed has read them. `stop()` / `start()` restart it on the same data directory and
 ports (fault tests). weed dies with the thread that started it (Linux PR_SET_PDEATHSIG), even on SIGKILL.
 
-A local run's other processes are looked after here too: `RunProcesses` finds every process a run started (by
-/proc, by pid) and stops them; `signals_interrupt` turns SIGTERM, SIGINT and SIGHUP into an `Interrupted`
-exception in the main thread, so that `finally` blocks stop the processes and remove the temporary files.
+A local run's other processes, and the signals that stop them, are looked after by hpa.processes.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -29,13 +25,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 from hpa.errors import StoreError
+from hpa.processes import Interrupted, die_with_parent_hook, signal_group, signals_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +153,11 @@ class LocalS3Server:
         atexit.unregister(self.close)
         try:
             if proc.poll() is None:  # not reaped: the pid (and group id) is still weed's
-                _signal_group(proc, signal.SIGKILL if kill else signal.SIGTERM)
+                signal_group(proc, signal.SIGKILL if kill else signal.SIGTERM)
                 try:
                     proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    _signal_group(proc, signal.SIGKILL)
+                    signal_group(proc, signal.SIGKILL)
                     proc.wait(timeout=5)
         finally:
             if proc.stdout:
@@ -214,7 +208,7 @@ class LocalS3Server:
         try:
             self.proc = subprocess.Popen(self._command(), stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_die_with_parent_hook())
+                                         preexec_fn=die_with_parent_hook())
         finally:
             out.close()
         atexit.register(self.close)  # a server someone forgot to stop still dies with this interpreter
@@ -244,212 +238,6 @@ class LocalS3Server:
             return False
         finally:
             http.clear()
-
-
-# -- processes ------------------------------------------------------------------------------------
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    """`sig` to the process group that `proc` leads (started with start_new_session), else to `proc` alone."""
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        proc.send_signal(sig)
-
-
-def _die_with_parent_hook() -> Callable[[], None] | None:
-    """A Popen preexec_fn (Linux) asking the kernel to SIGKILL the child when the thread that started it ends,
-    which covers this process being killed with SIGKILL. Only from the main thread: the signal follows the
-    thread, and a worker thread may end long before the process."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def hook() -> None:
-        prctl(ctypes.c_int(1), ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0),
-              ctypes.c_ulong(0))  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return hook
-
-
-class _Proc(NamedTuple):
-    ppid: int
-    session: int
-    start: int  # clock ticks after boot: a pid with another start time is another process
-    state: str
-
-
-def _process_table() -> dict[int, _Proc]:
-    """Every process now, from /proc/<pid>/stat (empty without /proc: RunProcesses then signals its sessions)."""
-    table = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc/self") else ():
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:  # gone meanwhile
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session ...
-        table[int(entry)] = _Proc(int(fields[1]), int(fields[3]), int(fields[19]), fields[0].decode())
-    return table
-
-
-def _alive(pid: int, start: int, table: dict[int, _Proc]) -> bool:
-    proc = table.get(pid)
-    return proc is not None and proc.start == start and proc.state not in "ZX"  # a zombie has ended
-
-
-class RunProcesses:
-    """The processes a run starts, found by pid in /proc and stopped by pid.
-
-    Members: every descendant of this process that was not running already when this object was made (a caller's
-    own children, a test session's S3 server say, are left alone), and every process of the sessions `popen`
-    started (children that were re-parented after their parent died keep its session). Processes that leave
-    the session themselves (torchrun's workers) are found as descendants while their parent lives.
-    """
-
-    def __init__(self, grace: float = 5.0):
-        self.pid = os.getpid()
-        self.grace = grace
-        self._before = {(pid, p.start) for pid, p in _process_table().items() if p.ppid == self.pid}
-        self._sessions: set[int] = set()
-        self._lock = threading.RLock()  # re-entrant: a signal handler may run while this thread holds it
-        self.stopping = False
-        self.stopped: set[tuple[int, int]] = set()  # (pid, start) of every process `stop` signalled
-
-    def popen(self, args, **kwargs) -> subprocess.Popen | None:
-        """subprocess.Popen in a session of its own; None once `stop` has begun: nothing new starts then."""
-        with self._lock:
-            if self.stopping:
-                return None
-            proc = subprocess.Popen(args, start_new_session=True, **kwargs)
-            self._sessions.add(proc.pid)
-            return proc
-
-    def members(self, spare: set[int] = frozenset(), table: dict[int, _Proc] | None = None) -> dict[int, int]:
-        """{pid: start} of the live members, without the processes in `spare` and their descendants."""
-        table = _process_table() if table is None else table
-        children: dict[int, list[int]] = {}
-        for pid, proc in table.items():
-            children.setdefault(proc.ppid, []).append(pid)
-        todo = [pid for pid in children.get(self.pid, []) if (pid, table[pid].start) not in self._before]
-        todo += [pid for pid, proc in table.items() if proc.session in self._sessions]
-        found = {}
-        while todo:
-            pid = todo.pop()
-            if pid in found or pid in spare or pid == self.pid or not _alive(pid, table[pid].start, table):
-                continue
-            found[pid] = table[pid].start
-            todo.extend(children.get(pid, []))
-        return found
-
-    def stop(self, spare: set[int] = frozenset()) -> int:
-        """Start nothing new; SIGTERM every member (but `spare`), SIGKILL what is left after `grace` seconds.
-        Returns how many processes were signalled."""
-        with self._lock:
-            self.stopping = True
-        targets = self.members(spare)
-        self._send(targets, signal.SIGTERM)
-        if not os.path.isdir("/proc/self"):  # no process table (macOS): the sessions' process groups, by id
-            for session in self._sessions:
-                with contextlib.suppress(OSError):
-                    os.killpg(session, signal.SIGTERM)
-        deadline = time.monotonic() + self.grace
-        while time.monotonic() < deadline and self._living(targets):
-            time.sleep(0.05)
-        left = {**self._living(targets), **self.members(spare)}  # and whatever was forked meanwhile
-        if left:
-            log.warning("%d processes still running %.0f s after SIGTERM: SIGKILL", len(left), self.grace)
-            self._send(left, signal.SIGKILL)
-            deadline = time.monotonic() + 2
-            while time.monotonic() < deadline and self._living(left):
-                time.sleep(0.05)
-        new = {*targets.items(), *left.items()} - self.stopped
-        self.stopped |= new
-        return len(new)
-
-    @staticmethod
-    def _living(procs: dict[int, int]) -> dict[int, int]:
-        table = _process_table()
-        return {pid: start for pid, start in procs.items() if _alive(pid, start, table)}
-
-    @staticmethod
-    def _send(procs: dict[int, int], sig: int) -> None:
-        table = _process_table()
-        for pid, start in procs.items():
-            if _alive(pid, start, table):  # the same process, not a reused pid
-                try:
-                    os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM, SIGINT or SIGHUP arrived (see `signals_interrupt`); `stopped`: processes stopped because of it."""
-
-    def __init__(self, signum: int, stopped: int = 0):
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.stopped = signum, stopped
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # what a shell reports for a process ended by the signal
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-class _SignalGuard:
-    def __init__(self, on_signal: Callable[[int], int] | None):
-        self.on_signal, self.signum, self.shielded = on_signal, None, False
-
-    def handle(self, signum, frame) -> None:
-        if self.signum is not None or self.shielded:
-            return
-        self.signum = signum
-        raise Interrupted(signum, self.on_signal(signum) if self.on_signal else 0)
-
-    def shield(self) -> None:
-        """From now on the signals are ignored: the clean-up has begun and must not be cut short."""
-        self.shielded = True
-
-
-@contextlib.contextmanager
-def signals_interrupt(on_signal: Callable[[int], int] | None = None):
-    """While active: SIGTERM, SIGINT or SIGHUP calls `on_signal(signum)` (returns how many processes it stopped)
-    and raises Interrupted in the main thread, so that `finally` blocks run; left at their defaults, SIGTERM and
-    SIGHUP end the process on the spot and leave its children and temporary files behind. Later signals, and
-    all after `guard.shield()`, are ignored while the clean-up runs. A signal that was ignored before (nohup, a
-    background job) stays ignored. Previous handlers come back on exit. Yields the guard; in another thread
-    than the main one it installs nothing.
-
-        with signals_interrupt(stop_children) as guard:
-            try:
-                work()
-            finally:
-                guard.shield()
-                clean_up()
-    """
-    guard = _SignalGuard(on_signal)
-    previous = {}
-    try:
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                if signal.getsignal(sig) is not signal.SIG_IGN:
-                    previous[sig] = signal.signal(sig, guard.handle)
-        yield guard
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
 
 def main(argv: list[str] | None = None) -> int:

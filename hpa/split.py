@@ -15,8 +15,11 @@ the fold it joins (`_grouped_folds`). Without duplicate groups the split is exac
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import logging
+import os
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -156,8 +159,8 @@ def _with_labels(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_fold_distribution(split_df: pd.DataFrame, png_path) -> str:
-    """PNG (local path or s3:// URI, written atomically): images per class per fold (log scale), and each fold's deviation from the ideal
-    count in units of the tolerance max(2 % of ideal, 2 images) (|value| <= 1 is within it)."""
+    """PNG (local path or s3:// URI, written atomically): images per class per fold (log scale), and each fold's
+    deviation from the ideal count in units of the tolerance max(2 % of ideal, 2 images) (|value| <= 1 is within it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,6 +252,19 @@ def split_dataset(data_uri, folds: int = 5, seed: int = 0, out=None, plot=None, 
         except StoreNotFoundError:
             phash = None
     return split_labels(f"{base}/train.csv", out or f"{base}/split.csv", folds, seed, plot, phash, dup_threshold)
+
+
+def split_task(data_uri, out, folds: int = 5, seed: int = 0) -> tuple[dict, str]:
+    """The split pipeline task: split_dataset into `out`; returns the summary's numbers (the CSV artifact's
+    metadata) and Markdown with the per-fold label plot embedded as a data URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, "folds.png")
+        summary = split_dataset(data_uri, folds=folds, seed=seed, out=out, plot=png)
+        with open(png, "rb") as f:
+            encoded = base64.b64encode(f.read()).decode("ascii")
+    numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and k != "out"}
+    return numbers, (f"### Label counts per fold ({folds} folds, seed {seed})\n\n"
+                     f"![folds](data:image/png;base64,{encoded})\n")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,13 +1,8 @@
-"""Object store: `s3://bucket/prefix` (minio SDK) and local directories behind one small interface.
-
-Environment (KFP's MinIO conventions; secret `mlpipeline-minio-artifact`, keys accesskey/secretkey):
-    HPA_S3_ENDPOINT    host:port                     default seaweedfs.kubeflow:9000
-    HPA_S3_ACCESS_KEY  (fallback AWS_ACCESS_KEY_ID)
-    HPA_S3_SECRET_KEY  (fallback AWS_SECRET_ACCESS_KEY)
-    HPA_S3_SECURE      "1" for TLS                   default "0"
-    HPA_S3_REGION                                    default us-east-1
-    HPA_S3_RETRIES     tries per request on connection/5xx errors   default 5
-    HPA_S3_RETRY_DELAY first back-off in seconds, doubled each try  default 0.5
+"""Object store: `s3://bucket/prefix` and local directories behind one small interface (Store), opened by URI
+(open_store, split_uri), with the URI-level reads and writes every stage uses (read_bytes, write_bytes, fetch,
+publish, exists_uri, join_uri), and the package's one hash (sha256_bytes/sha256_file), one atomic local write
+(atomic_write) and one retry (retry). Backends: hpa.localstore.LocalStore, hpa.s3store.S3Store (the minio SDK;
+endpoint and credentials from HPA_S3_*, listed in its docstring).
 
 Writes are atomic. Local: temporary file in the same directory, then os.replace. S3: one PUT per
 object, which S3 (and SeaweedFS) apply all-or-nothing — a reader sees the old object, the new one
@@ -27,7 +22,6 @@ import logging
 import os
 import re
 import sys
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -37,8 +31,7 @@ from typing import Callable, Iterable, TypeVar
 
 from tqdm import tqdm
 
-from hpa.config import S3_DEFAULT_ENDPOINT
-from hpa.errors import StoreError
+from hpa.errors import DataError, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,7 +40,6 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "hpa-dataset/1"
 TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 class StoreUnreachableError(StoreError):
@@ -56,6 +48,10 @@ class StoreUnreachableError(StoreError):
 
 class StoreNotFoundError(StoreError):
     """The object does not exist (callers that treat "missing" specially catch this, without asking first)."""
+
+
+class MissingFileError(StoreNotFoundError, DataError):
+    """read_bytes of a URI that names no object: "<uri>: file not found", a DataError too (a missing input file)."""
 
 
 # -- hashing and keys ------------------------------------------------------------------------------
@@ -97,26 +93,7 @@ def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
-# -- environment, redaction, retries --------------------------------------------------------------
-def s3_settings() -> dict:
-    """Connection settings from the environment (see the module docstring)."""
-    from hpa.config import env_float, env_int
-
-    env = os.environ
-    endpoint = (env.get("HPA_S3_ENDPOINT") or S3_DEFAULT_ENDPOINT).strip().rstrip("/")
-    scheme, _, rest = endpoint.rpartition("://")  # tolerate "http://host:port" as KFP configs often write it
-    secure = env.get("HPA_S3_SECURE", "1" if scheme == "https" else "0").strip().lower() in ("1", "true", "yes")
-    return {
-        "endpoint": rest,
-        "access_key": env.get("HPA_S3_ACCESS_KEY") or env.get("AWS_ACCESS_KEY_ID") or "",
-        "secret_key": env.get("HPA_S3_SECRET_KEY") or env.get("AWS_SECRET_ACCESS_KEY") or "",
-        "secure": secure,
-        "region": env.get("HPA_S3_REGION") or "us-east-1",
-        "retries": env_int("HPA_S3_RETRIES", 5, minimum=1),
-        "retry_delay": env_float("HPA_S3_RETRY_DELAY", 0.5, minimum=0.0),
-    }
-
-
+# -- redaction, retries, atomic local writes -------------------------------------------------------
 def redact(text: str, *secrets: str) -> str:
     """Remove credentials (given ones, the environment's, and any in URLs) from a message."""
     env = os.environ
@@ -128,48 +105,51 @@ def redact(text: str, *secrets: str) -> str:
     return re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
 
 
-_RETRY_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "ServiceUnavailableError"}
-# A restarting server answers "no such bucket" for a moment before its metadata is loaded, and a
-# bucket we just created may take a moment to be seen by every gateway: for this long after either
-# event on an endpoint, NoSuchBucket is retried like a connection error.
-SETTLE_S = 30.0
-_unsettled_at: dict[str, float] = {}
+def _unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, StoreUnreachableError)
 
 
-def _connection_error(exc: BaseException) -> bool:
-    import urllib3
-
-    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
-
-
-def _transient(exc: BaseException, endpoint: str | None = None) -> bool:
-    from minio.error import S3Error, ServerError
-
-    if isinstance(exc, S3Error):
-        # (a PUT may get a bare 404, which minio calls NoSuchKey)
-        bare_404 = exc.code == "NoSuchKey" and not getattr(exc.response, "data", b"")
-        if (exc.code == "NoSuchBucket" or bare_404) and endpoint in _unsettled_at:
-            return time.monotonic() - _unsettled_at[endpoint] < SETTLE_S
-        return exc.code in _RETRY_CODES
-    if isinstance(exc, ServerError):
-        return exc.status_code >= 500
-    return _connection_error(exc)
-
-
-def retry(fn: Callable[[], T], what: str, tries: int, delay: float, endpoint: str | None = None) -> T:
-    """Call `fn`; on connection errors and 5xx answers try again after delay, 2*delay, ... (bounded)."""
+def retry(fn: Callable[[], T], what: str, tries: int, delay: float,
+          transient: Callable[[BaseException], bool] = _unreachable) -> T:
+    """Call `fn`; when it raises an exception `transient` accepts, try again after delay, 2*delay, ... (at most
+    `tries` calls; then the exception). The default retries StoreUnreachableError (a server away for longer than
+    one request's retries, e.g. restarting); S3Store retries each request's connection errors and 5xx answers."""
     for attempt in range(1, tries + 1):
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - filtered by _transient
-            if endpoint and _connection_error(exc):
-                _unsettled_at[endpoint] = time.monotonic()
-            if not _transient(exc, endpoint) or attempt == tries:
+        except Exception as exc:  # noqa: BLE001 - filtered by transient
+            if not transient(exc) or attempt == tries:
                 raise
             log.warning("%s failed (%s), try %d/%d in %.1fs", what, type(exc).__name__, attempt, tries, delay)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[Path], object], fsync: bool = False) -> None:
+    """Write a local file atomically: a temporary file in the same directory (TMP_PREFIX), then os.replace. The
+    one atomic local write of the package; a reader never sees a partial file under the final name. `data`: the
+    bytes, or a function that fills the temporary file given its path (a copy, a download); when it raises, the
+    final name is left as it was. `fsync`: the data reaches the disk before the rename (checkpoints), so a crash
+    of the machine cannot leave a short file under the final name either."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data)
+        if fsync:
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _progress(total: int, desc: str) -> tqdm:
@@ -329,348 +309,20 @@ class Store:
         return len(entries)
 
 
-class LocalStore(Store):
-    """A local directory. Temporary files are `.tmp-<uuid>-<name>` next to their final name."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).expanduser().absolute()
-        self.uri = str(self.root)
-
-    def child(self, prefix: str) -> "LocalStore":
-        return LocalStore(self.root / check_key(prefix, allow_empty=True))
-
-    def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
-
-    def _write_atomic(self, key: str, write: Callable[[Path], None]) -> None:
-        final = self._path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{final.name}")
-        try:
-            write(tmp)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    def put_bytes(self, key: str, data: bytes, sha256: str | None = None) -> str:
-        self._write_atomic(key, lambda tmp: tmp.write_bytes(data))
-        return sha256 or sha256_bytes(data)
-
-    def put_file(self, key: str, path: str | os.PathLike, sha256: str | None = None) -> str:
-        import shutil
-
-        self._write_atomic(key, lambda tmp: shutil.copyfile(path, tmp))
-        return sha256 or sha256_file(path)
-
-    def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
-        path = self._path(key)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise StoreNotFoundError(f"no such object: {path}") from None
-        self._check_sha(key, sha256_bytes(data), sha256)
-        return data
-
-    def get_file(self, key: str, path: str | os.PathLike, sha256: str | None = None) -> None:
-        atomic_write(path, self.get_bytes(key, sha256))
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def size(self, key: str) -> int:
-        try:
-            return self._path(key).stat().st_size
-        except FileNotFoundError:
-            raise StoreNotFoundError(f"no such object: {self._path(key)}") from None
-
-    def list_sizes(self, prefix: str = "") -> dict[str, int]:
-        prefix = _clean_prefix(prefix)
-        if not self.root.is_dir():
-            return {}
-        out = {}
-        for p in self.root.rglob("*"):
-            key = p.relative_to(self.root).as_posix()
-            if p.is_file() and not p.name.startswith(TMP_PREFIX) and key.startswith(prefix):
-                out[key] = p.stat().st_size
-        return out
-
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
-
-    def stored_sha256(self, key: str) -> str | None:
-        path = self._path(key)
-        return sha256_file(path) if path.is_file() else None
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write a local file atomically: a temporary file in the same directory (TMP_PREFIX), then os.replace. The
-    one atomic local write of the package; a reader never sees a partial file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-_clients: dict[tuple, object] = {}
-_clients_lock = threading.Lock()
-
-
-def _forget_clients_after_fork() -> None:
-    """A forked child (a DataLoader worker) must not share the parent's pooled keep-alive sockets: two
-    processes writing on one socket corrupt each other's responses. The child builds its own clients;
-    the lock is replaced too, since another thread may have held it at the fork."""
-    global _clients_lock
-    _clients.clear()
-    _clients_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_clients_after_fork)
-
-
-def s3_client(settings: dict):
-    """One minio client per (endpoint, keys, TLS, region); thread-safe. Our `retry` does the retrying."""
-    import urllib3
-    from minio import Minio
-
-    ident = (settings["endpoint"], settings["access_key"], settings["secret_key"], settings["secure"],
-             settings["region"])
-    with _clients_lock:
-        if ident not in _clients:
-            http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5, read=60), maxsize=32, retries=False)
-            _clients[ident] = Minio(settings["endpoint"], access_key=settings["access_key"] or None,
-                                    secret_key=settings["secret_key"] or None, secure=settings["secure"],
-                                    region=settings["region"], http_client=http)
-        return _clients[ident]
-
-
-class S3Store(Store):
-    """`s3://bucket/prefix` through the minio SDK; endpoint and credentials from HPA_S3_* (see module doc)."""
-
-    def __init__(self, bucket: str, prefix: str = "", create_bucket: bool = False, settings: dict | None = None):
-        if not _BUCKET_RE.match(bucket):
-            raise StoreError(f"invalid S3 bucket name {bucket!r}: expected 3-63 lowercase letters, digits, '.', '-'")
-        self.bucket, self.prefix = bucket, check_key(prefix, allow_empty=True)
-        self.create_bucket = create_bucket
-        self.settings = settings or s3_settings()
-        self.uri = f"s3://{bucket}/{self.prefix + '/' if self.prefix else ''}"
-        self._bucket_ready = False  # created (or found) by _ensure_bucket
-        self._bucket_seen = False  # a listing of the bucket succeeded
-        self._bucket_lock = threading.Lock()
-
-    @property
-    def client(self):
-        return s3_client(self.settings)
-
-    def child(self, prefix: str) -> "S3Store":
-        return S3Store(self.bucket, _join(self.prefix, check_key(prefix, allow_empty=True)), self.create_bucket,
-                       self.settings)
-
-    def _name(self, key: str) -> str:
-        return _join(self.prefix, check_key(key))
-
-    def _call(self, what: str, key: str | None, fn: Callable[[], T], ensure_bucket: bool = True) -> T:
-        """Run one request with retries; turn every failure into one clear, redacted StoreError line.
-
-        With create_bucket, the first request creates the bucket when it is missing."""
-        if ensure_bucket and self.create_bucket and not self._bucket_ready:
-            self._ensure_bucket()
-        s = self.settings
-        try:
-            return retry(fn, f"{what} {self.join(key) if key else self.uri}", s["retries"], s["retry_delay"],
-                         s["endpoint"])
-        except StoreError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - translated below
-            raise self._translate(exc, what, key) from None
-
-    def _translate(self, exc: BaseException, what: str, key: str | None) -> StoreError:
-        from minio.error import S3Error
-
-        s = self.settings
-        target = self.join(key) if key else self.uri
-        where = f"{'https' if s['secure'] else 'http'}://{s['endpoint']}"
-        code = exc.code if isinstance(exc, S3Error) else None
-        log.debug("%s %s failed: %s %s (status %s)", what, target, type(exc).__name__, code,
-                  getattr(getattr(exc, "response", None), "status", None))
-        if code in ("AccessDenied", "NoSuchKey") and not getattr(exc.response, "data", b""):
-            diagnosed = self._diagnose()  # a HEAD answer has no body: ask again with a GET
-            code = code if diagnosed in (None, "?") else diagnosed
-        messages = {
-            "InvalidAccessKeyId": f"S3 access key not recognised by {where} (check HPA_S3_ACCESS_KEY)",
-            "SignatureDoesNotMatch": f"S3 secret key rejected by {where} (check HPA_S3_SECRET_KEY)",
-            "NoSuchBucket": f"S3 bucket '{self.bucket}' does not exist at {where}",
-            "NoSuchKey": f"no such object: {target}",
-            "AccessDenied": f"access denied: the S3 credentials may not {what} {target}",
-        }
-        if code in messages:
-            msg = messages[code]
-        elif code in _RETRY_CODES:  # a 5xx answer, still failing after the retries
-            msg = f"S3 server {where} failed to {what} {target} after {s['retries']} tries ({code}: {exc.message})"
-        elif _transient(exc, s["endpoint"]):
-            msg = f"S3 server {where} unreachable during {what} {target} after {s['retries']} tries ({type(exc).__name__})"
-        else:
-            detail = f"{code}: {exc.message}" if code else f"{type(exc).__name__}: {exc}"
-            msg = f"S3 {what} {target} failed: {detail}"
-        kind = (StoreUnreachableError if code is None and _connection_error(exc)
-                else StoreNotFoundError if code == "NoSuchKey" else StoreError)
-        return kind(redact(msg, s["access_key"], s["secret_key"]).splitlines()[0])
-
-    def _diagnose(self) -> str | None:
-        """The precise error code of a bucket-level GET (HEAD errors carry no code)."""
-        from minio.error import S3Error
-
-        try:
-            next(iter(self.client.list_objects(self.bucket, prefix=self.prefix or None,
-                                               extra_query_params={"max-keys": "1"})), None)
-        except S3Error as exc:
-            return exc.code
-        except Exception:  # noqa: BLE001 - unknown: the caller keeps the original error
-            return "?"
-        return None
-
-    def _ensure_bucket(self) -> None:
-        """Create the bucket unless it exists. No HEAD first: SeaweedFS caches a "missing" answer."""
-        from minio.error import S3Error
-
-        def make() -> None:
-            try:
-                self.client.make_bucket(self.bucket)
-                _unsettled_at[self.settings["endpoint"]] = time.monotonic()
-                log.info("created bucket %s", self.bucket)
-            except S3Error as exc:
-                # exists already, or we may not create buckets: the real request will tell
-                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists", "AccessDenied"):
-                    raise
-
-        with self._bucket_lock:  # every worker thread waits until the bucket exists
-            if not self._bucket_ready:
-                self._call("create bucket", None, make, ensure_bucket=False)
-                self._bucket_ready = True
-
-    # primitives
-    def put_bytes(self, key: str, data: bytes, sha256: str | None = None) -> str:
-        import io
-
-        digest = sha256 or sha256_bytes(data)
-        self._call("write", key, lambda: self.client.put_object(
-            self.bucket, self._name(key), io.BytesIO(data), len(data), metadata={"sha256": digest}))
-        return digest
-
-    def put_file(self, key: str, path: str | os.PathLike, sha256: str | None = None) -> str:
-        digest = sha256 or sha256_file(path)
-        size = os.path.getsize(path)
-
-        def put() -> None:
-            with open(path, "rb") as f:  # reopened per try: a retry starts from byte 0
-                self.client.put_object(self.bucket, self._name(key), f, size, metadata={"sha256": digest})
-
-        self._call("write", key, put)
-        return digest
-
-    def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
-        def get() -> bytes:
-            resp = self.client.get_object(self.bucket, self._name(key))
-            try:
-                return resp.read()
-            finally:
-                resp.close()
-                resp.release_conn()
-
-        data = self._call("read", key, get)
-        self._check_sha(key, sha256_bytes(data), sha256)
-        return data
-
-    def get_file(self, key: str, path: str | os.PathLike, sha256: str | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-
-        def get() -> str:  # streams to the temporary file, rewritten from byte 0 on each try
-            digest = hashlib.sha256()
-            resp = self.client.get_object(self.bucket, self._name(key))
-            try:
-                with open(tmp, "wb") as f:
-                    for block in resp.stream(_CHUNK):
-                        digest.update(block)
-                        f.write(block)
-            finally:
-                resp.close()
-                resp.release_conn()
-            return digest.hexdigest()
-
-        try:
-            self._check_sha(key, self._call("read", key, get), sha256)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _stat(self, key: str):
-        from minio.error import S3Error
-
-        def stat():
-            try:
-                return self.client.stat_object(self.bucket, self._name(key))
-            except S3Error as exc:
-                if exc.code in ("NoSuchKey", "ResourceNotFound") and self._bucket_ok():
-                    return None
-                raise
-
-        return self._call("read", key, stat)
-
-    def _bucket_ok(self) -> bool:
-        """True when the bucket is there and readable (cached); else the caller reports the real error."""
-        if not self._bucket_seen:
-            self._bucket_seen = self._diagnose() is None
-        return self._bucket_seen
-
-    def exists(self, key: str) -> bool:
-        return self._stat(key) is not None
-
-    def size(self, key: str) -> int:
-        st = self._stat(key)
-        if st is None:
-            raise StoreNotFoundError(f"no such object: {self.join(key)}")
-        return int(st.size)
-
-    def stored_sha256(self, key: str) -> str | None:
-        st = self._stat(key)
-        if st is None:
-            return None
-        meta = {k.lower(): v for k, v in (st.metadata or {}).items()}
-        return meta.get("x-amz-meta-sha256")
-
-    def list_sizes(self, prefix: str = "") -> dict[str, int]:
-        prefix = _clean_prefix(prefix)
-        full = (self.prefix + "/" if self.prefix else "") + prefix
-        cut = len(self.prefix) + 1 if self.prefix else 0
-
-        def listing() -> dict[str, int]:
-            objs = self.client.list_objects(self.bucket, prefix=full or None, recursive=True)
-            return {o.object_name[cut:]: int(o.size) for o in objs
-                    if not o.is_dir and not o.object_name.rsplit("/", 1)[-1].startswith(TMP_PREFIX)}
-
-        return self._call("list", prefix or None, listing)
-
-    def delete(self, key: str) -> None:
-        self._call("delete", key, lambda: self.client.remove_object(self.bucket, self._name(key)))
-
-
 # -- URIs -----------------------------------------------------------------------------------------
 def open_store(uri: str | os.PathLike, create_bucket: bool = False) -> Store:
     """"s3://bucket/prefix" -> S3Store; anything else -> LocalStore (a directory, created on write)."""
     uri = str(uri)
     if uri.startswith("s3://"):
+        from hpa.s3store import S3Store
+
         bucket, _, prefix = uri[5:].partition("/")
         prefix = re.sub(r"/+", "/", prefix).strip("/")
         return S3Store(bucket, prefix, create_bucket=create_bucket)
     if re.match(r"^[a-z][a-z0-9+.-]*://", uri):
         raise StoreError(f"unsupported store URI {redact(uri)!r}: expected s3://bucket/prefix or a local path")
+    from hpa.localstore import LocalStore
+
     return LocalStore(uri)
 
 
@@ -683,21 +335,36 @@ def split_uri(uri: str | os.PathLike, create_bucket: bool = False) -> tuple[Stor
             raise StoreError(f"{uri!r} names a bucket, not an object")
         return open_store(parent, create_bucket), key
     path = Path(uri).expanduser().absolute()
-    return LocalStore(path.parent), path.name
+    return open_store(path.parent), path.name
+
+
+def join_uri(base: str | os.PathLike, name: str) -> str:
+    """`name` inside the folder `base` (an s3:// URI or a local path)."""
+    base = str(base)
+    return f"{base.rstrip('/')}/{name}" if base.startswith("s3://") else str(Path(base) / name)
+
+
+def exists_uri(uri: str | os.PathLike) -> bool:
+    store, key = split_uri(uri)
+    return store.exists(key)
 
 
 def read_bytes(uri: str | os.PathLike, sha256: str | None = None) -> bytes:
     """The object's bytes; verified against `sha256`, or, when it belongs to a committed dataset, against the
-    dataset's manifest (hpa.committed.expected_sha256)."""
+    dataset's manifest (hpa.committed.expected_sha256). A missing object is a MissingFileError naming `uri`."""
     store, key = split_uri(uri)
     if sha256 is None:
         from hpa.committed import expected_sha256
 
         sha256 = expected_sha256(store, key)
-    return store.get_bytes(key, sha256)
+    try:
+        return store.get_bytes(key, sha256)
+    except StoreNotFoundError:
+        raise MissingFileError(f"{uri}: file not found") from None
 
 
 def write_bytes(uri: str | os.PathLike, data: bytes, create_bucket: bool = False) -> str:
+    """Write atomically (readers never see a half-written object); returns the sha256."""
     store, key = split_uri(uri, create_bucket)
     return store.put_bytes(key, data)
 
@@ -715,3 +382,10 @@ def fetch(uri: str | os.PathLike, local_path: str | os.PathLike, sha256: str | N
 def publish(local_path: str | os.PathLike, uri: str | os.PathLike, create_bucket: bool = False) -> str:
     store, key = split_uri(uri, create_bucket)
     return store.put_file(key, local_path)
+
+
+def use_endpoint(s3_endpoint: str) -> None:
+    """A component's `s3_endpoint` parameter: a non-empty value becomes HPA_S3_ENDPOINT for this process (read by
+    s3_settings at each connection); empty keeps the environment's (the pod's, or the default)."""
+    if s3_endpoint:
+        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from hpa.errors import ConfigError, DataError
-from hpa.evaluate import (check_thresholds, exists_uri, load_predictions, load_thresholds, macro_f1, read_uri,
-                          write_uri)
+from hpa.evaluate import check_thresholds, load_thresholds, macro_f1
 from hpa.labels import NUM_CLASSES, to_matrix
+from hpa.predictions import load_predictions
+from hpa.store import exists_uri, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,13 @@ HEADER = "Id,Predicted"
 def read_sample(uri):
     from hpa.data import read_sample_submission
 
-    return read_sample_submission(io.BytesIO(read_uri(uri)), where=str(uri))
+    return read_sample_submission(io.BytesIO(read_bytes(uri)), where=str(uri))
 
 
 def read_test_labels(uri):
     from hpa.data import read_labels
 
-    return read_labels(io.BytesIO(read_uri(uri)), where=str(uri))
+    return read_labels(io.BytesIO(read_bytes(uri)), where=str(uri))
 
 
 def as_thresholds(thresholds) -> np.ndarray:
@@ -120,7 +121,8 @@ def kaggle_upload(path: str, competition: str, message: str) -> None:
     try:
         from kaggle.api.kaggle_api_extended import KaggleApi
     except ImportError:
-        raise ConfigError("--kaggle-submit: the kaggle package is not installed (pip install 'hpa-kfp[kaggle]')") from None
+        raise ConfigError("--kaggle-submit: the kaggle package is not installed "
+                          "(pip install 'hpa-kfp[kaggle]')") from None
     try:
         api = KaggleApi()
         api.authenticate()
@@ -146,8 +148,8 @@ def make_submission(predictions, thresholds, sample_submission, out, fill_empty:
     labels, filled = decide(preds.probs, values, fill_empty)
     data = submission_csv(ids, labels)
     rows = validate_submission(data, ids, str(out))
-    write_uri(out, data)
-    if read_uri(out) != data:  # what landed is what we validated
+    write_bytes(out, data)
+    if read_bytes(out) != data:  # what landed is what we validated
         raise DataError(f"{out}: the file read back differs from the one written")
     result = {"out": str(out), "rows": rows, "filled_empty": filled, "empty_rows": int((~labels.any(1)).sum()),
               "labels_per_image": round(float(labels.sum(1).mean()), 4), "kaggle_submitted": False}
@@ -170,6 +172,21 @@ def make_submission(predictions, thresholds, sample_submission, out, fill_empty:
         result["kaggle_submitted"] = True
     log.info("wrote %s: %d rows, %d filled with their top class", out, rows, filled)
     return result
+
+
+def submit_task(predictions, thresholds, data_uri: str, out, kaggle_submit: bool = False) -> tuple[dict, str]:
+    """The submit pipeline task: make_submission in the order of the dataset's sample_submission.csv, an image
+    without a class given its top one (a test_labels.csv beside the sample is scored); returns the numeric
+    fields (the task's Metrics, in key order) and a Markdown table of every scalar field."""
+    result = make_submission(predictions, thresholds, data_uri.rstrip("/") + "/sample_submission.csv", out,
+                             fill_empty=True, kaggle_submit=kaggle_submit)
+    lines, numbers = ["### Submission", "", "| field | value |", "|---|---|"], {}
+    for key, value in sorted(result.items()):
+        if isinstance(value, (int, float, str, bool)):
+            lines.append(f"| {key} | {value} |")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers[key] = float(value)
+    return numbers, "\n".join(lines) + "\n"
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """Live training curves: TensorBoard event files while training, and the Kubeflow Tensorboard that shows them.
 
-    python -m hpa tensorboard --logs s3://mlpipeline/private/team-a/hpa-kfp/tensorboard/RUN --name hpa-run1 --namespace team-a
+    python -m hpa tensorboard --logs s3://mlpipeline/private/team-a/hpa-kfp/tensorboard/RUN \
+        --name hpa-run1 --namespace team-a
     python -m hpa tensorboard --logs s3://... --name hpa-run1 --namespace team-a --dry-run   # print the manifest
     python -m hpa tensorboard --poddefault --namespace team-a                                  # the S3-keys PodDefault
 
@@ -52,7 +53,7 @@ import sys
 import time
 from pathlib import Path
 
-from hpa import config, k8s
+from hpa import config, k8s, k8s_manifests
 from hpa.errors import ConfigError, StoreError
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,8 @@ def render_tensorboard(name: str, namespace: str, logs_uri: str, s3_label: bool 
     metadata = {"name": check_name(name), "namespace": namespace}
     if s3_label:
         metadata["labels"] = {S3_LABEL: "true"}
-    obj = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": {"logspath": check_logs_uri(logs_uri)}}
+    obj = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata,
+           "spec": {"logspath": check_logs_uri(logs_uri)}}
     validate(obj)
     return obj
 
@@ -237,21 +239,21 @@ def render_poddefault(namespace: str, s3_endpoint: str = config.S3_DEFAULT_ENDPO
         "spec": {
             "desc": "S3 keys for TensorBoard (hpa-kfp): the KFP object store secret",
             "selector": {"matchLabels": {S3_LABEL: "true"}},
-            "env": [*k8s.secret_env(config.S3_SECRET_NAME, keys),
+            "env": [*k8s_manifests.secret_env(config.S3_SECRET_NAME, keys),
                     {"name": "S3_ENDPOINT", "value": endpoint},
                     {"name": "S3_USE_HTTPS", "value": "1" if secure else "0"},
                     {"name": "S3_VERIFY_SSL", "value": "1" if secure else "0"},
                     {"name": "AWS_REGION", "value": S3_REGION}],
         },
     }
-    k8s.validate_crd(obj, PODDEFAULT_CRD, "PodDefault")
+    k8s_manifests.validate_crd(obj, PODDEFAULT_CRD, "PodDefault")
     return obj
 
 
 def validate(obj: dict, what: str = "Tensorboard") -> None:
     if obj.get("apiVersion") != API_VERSION or obj.get("kind") != KIND:
         raise ConfigError(f"{what}: expected apiVersion {API_VERSION} and kind {KIND}")
-    k8s.validate_crd(obj, TENSORBOARD_CRD, what)
+    k8s_manifests.validate_crd(obj, TENSORBOARD_CRD, what)
 
 
 def ui_path(namespace: str, name: str) -> str:
@@ -318,6 +320,18 @@ def create_for_run(logs_uri: str, name: str = "", namespace: str = "", api_clien
     return {**result, "namespace": namespace, "path": ui_path(namespace, name), "created": True}
 
 
+def tensorboard_task(store_uri: str, run_id: str, name: str = "", namespace: str = "", required: bool = False,
+                     enabled: bool = True) -> tuple[str, str]:
+    """The tensorboard pipeline task: the run's logs prefix (pipeline_logs_uri) and a Tensorboard for it named
+    `name` or hpa-<run_id> (create_for_run). Returns (logs_uri, the Tensorboard's UI path: "" when none was
+    created); not `enabled`: nothing is created and both are empty."""
+    if not enabled:
+        return "", ""
+    result = create_for_run(pipeline_logs_uri(store_uri, run_id), name=name or resource_name(f"hpa-{run_id}"),
+                            namespace=namespace, required=required)
+    return result["logs_uri"], result["path"]
+
+
 # ---------------------------------------------------------------- CLI
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -341,7 +355,7 @@ def main(argv: list[str]) -> int:
     args = get_args_parser().parse_args(argv)
     namespace = args.namespace or k8s.current_namespace()
     if args.poddefault:
-        sys.stdout.write(k8s.dump_yaml(render_poddefault(namespace, args.s3_endpoint)))
+        sys.stdout.write(k8s_manifests.dump_yaml(render_poddefault(namespace, args.s3_endpoint)))
         return 0
     if not args.logs:
         raise ConfigError("tensorboard: --logs s3://... is required (or --poddefault)")
@@ -349,7 +363,7 @@ def main(argv: list[str]) -> int:
     name = check_name(args.name) if args.name else resource_name(f"hpa-{logs.rsplit('/', 1)[-1]}")
     obj = render_tensorboard(name, namespace, logs, s3_label=not args.no_s3_label)
     if args.dry_run:
-        sys.stdout.write(k8s.dump_yaml(obj))
+        sys.stdout.write(k8s_manifests.dump_yaml(obj))
         return 0
     create(obj)
     print(json.dumps({"name": name, "namespace": namespace, "logspath": logs, "path": ui_path(namespace, name)}))

@@ -159,7 +159,8 @@ def host_pip_config() -> tuple[str, list[Path]]:
             elif len(parts) == 1 and value.startswith("/") and Path(value).is_file():
                 files.append(Path(value))
     if dropped:
-        log(f"host pip settings left out of the stand-in (host directories / file:// indexes): {', '.join(sorted(set(dropped)))}")
+        log("host pip settings left out of the stand-in (host directories / file:// indexes): "
+            f"{', '.join(sorted(set(dropped)))}")
     text = "".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in kv.items()) for s, kv in sections.items() if kv)
     return text, files
 
@@ -200,7 +201,8 @@ def stand_in_recipe(base: str, work: Path) -> dict:
                 "hooks": ['chroot "$1" groupadd --gid 1000 ubuntu',
                           'chroot "$1" useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash ubuntu',
                           'chroot "$1" python3 -c "import os, sys, sysconfig; '
-                          "sys.exit(not os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))\"",
+                          "sys.exit(not os.path.exists(os.path.join("
+                          "sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))\"",
                           f'chroot "$1" python3 -m pip install --break-system-packages --no-cache-dir torch=={torch}',
                           'chroot "$1" python3 -c "import torch"']}
     raise SmokeError(f"no stand-in recipe for base {base!r}: use --base real on a machine that can pull it")
@@ -229,7 +231,8 @@ def build_stand_in(engine: str, base: str, work: Path) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     boot = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
     imported = subprocess.run([engine, "import", "--change", f"ENV PATH={DEFAULT_PATH}",
-                               "--change", 'CMD ["/bin/bash"]', "-", tag], stdin=boot.stdout, capture_output=True, text=True)
+                               "--change", 'CMD ["/bin/bash"]', "-", tag],
+                              stdin=boot.stdout, capture_output=True, text=True)
     boot.stdout.close()
     if boot.wait() != 0 or imported.returncode != 0:
         raise SmokeError(f"stand-in {tag}: mmdebstrap rc={boot.returncode}, import rc={imported.returncode} "
@@ -353,7 +356,8 @@ class Container:
                               "/bin/sh", "-c", 'cd "$0" && exec "$@"', self.workdir, *command],
                      "env": {"PATH": DEFAULT_PATH, **self.env, **secrets}}
         lines = []
-        with subprocess.Popen(**popen, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+        with subprocess.Popen(**popen, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, errors="replace") as proc:
             for line in proc.stdout:
                 sys.stdout.write(line)
                 lines.append(line)
@@ -540,7 +544,8 @@ def check_imports(engine: str, which: str, args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     code = ("import os, pwd, sys, hpa, kfp, torch; print(f'uid={os.getuid()} gid={os.getgid()} "
             "user={pwd.getpwuid(os.getuid()).pw_name} cwd={os.getcwd()} python={sys.version.split()[0]} '"
-            "f'torch={torch.__version__} kfp={kfp.__version__} prefix={sys.prefix} torch_at={os.path.dirname(torch.__file__)}')")
+            "f'torch={torch.__version__} kfp={kfp.__version__} prefix={sys.prefix} '"
+            "f'torch_at={os.path.dirname(torch.__file__)}')")
     with Container(engine, image, args.runner, work) as box:
         status, text = box.exec(["python", "-c", code], {})
     if status != 0 or f"uid={box.uid} " not in text or f" cwd={box.workdir} " not in text:

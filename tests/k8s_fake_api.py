@@ -1,6 +1,6 @@
 """A loopback stand-in for the Kubernetes API server, for tests only.
 
-There is no Kubernetes cluster here, so the launchers (`hpa.katib.launch`, `hpa.distributed.launch`)
+There is no Kubernetes cluster here, so the launchers (`hpa.katib_tune.launch`, `hpa.train_distributed.launch`)
 are tested against this small `http.server` on 127.0.0.1 (a free port). It is NOT Kubernetes: it speaks
 only the endpoints the launchers use,
 
@@ -48,10 +48,11 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 from loopback import LoopbackServer
 
-from hpa import k8s
+from hpa import k8s_manifests
 from hpa.errors import ConfigError
 
-_PATH = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/?]+)(?:/(?P<name>[^/?]+))?/?(?:\?.*)?$")
+_PATH = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/?]+)"
+                   r"(?:/(?P<name>[^/?]+))?/?(?:\?.*)?$")
 _CRD_PATH = re.compile(r"^/apis/apiextensions\.k8s\.io/v1/customresourcedefinitions/(?P<name>[^/?]+)/?(?:\?.*)?$")
 SUCCESS = {"experiments": "Succeeded", "trainjobs": "Complete", "pytorchjobs": "Succeeded"}
 TRAINJOB_CRD_NAME = "trainjobs.trainer.kubeflow.org"
@@ -68,13 +69,14 @@ def validate_posted(plural: str, obj: dict, trainer_version: str) -> None:
 
         validate_experiment(obj, what="posted Experiment")
     elif plural in ("trainjobs", "pytorchjobs"):
-        from hpa.distributed import validate_manifest
+        from hpa.train_distributed import validate_manifest
 
         validate_manifest(obj, what=f"posted {obj.get('kind')}", trainer_versions=(trainer_version,))
     else:
         raise ConfigError(f"the stand-in API server does not serve {plural}")
     for i, ref in enumerate(obj.get("metadata", {}).get("ownerReferences", [])):
-        missing = [key for key in ("apiVersion", "kind", "name", "uid") if not isinstance(ref, dict) or not ref.get(key)]
+        missing = [key for key in ("apiVersion", "kind", "name", "uid")
+                   if not isinstance(ref, dict) or not ref.get(key)]
         if missing:
             raise ConfigError(f"metadata.ownerReferences[{i}]: {', '.join(missing)} required")
 
@@ -110,7 +112,8 @@ def optimal_trial(experiment: dict, best: dict | None) -> dict:
         assignments.append({"name": param["name"], "value": str(value)})
     objective = experiment["spec"]["objective"]
     metrics = [{"name": objective["objectiveMetricName"], "latest": "0.41", "max": "0.43", "min": "0.2"}]
-    metrics += [{"name": m, "latest": "0.12", "max": "0.3", "min": "0.12"} for m in objective.get("additionalMetricNames", [])]
+    metrics += [{"name": m, "latest": "0.12", "max": "0.3", "min": "0.12"}
+                for m in objective.get("additionalMetricNames", [])]
     return {"bestTrialName": f"{experiment['metadata']['name']}-abc123", "parameterAssignments": assignments,
             "observation": {"metrics": metrics}}
 
@@ -121,7 +124,7 @@ class FakeKubeAPI(LoopbackServer):
     def __init__(self, polls: int = 2, outcome: str = "succeeded", best: dict | None = None,
                  lifetime: float = 60.0, max_requests: int = 500, on_create=None,
                  trainer_version: str = "v2.3.0", crd_readable: bool = True):
-        assert outcome in ("succeeded", "failed", "never") and trainer_version in k8s.TRAINJOB_CRDS
+        assert outcome in ("succeeded", "failed", "never") and trainer_version in k8s_manifests.TRAINJOB_CRDS
         self.polls, self.outcome, self.best = polls, outcome, best
         self.lifetime, self.max_requests = lifetime, max_requests
         self.trainer_version, self.crd_readable = trainer_version, crd_readable
@@ -180,7 +183,8 @@ class FakeKubeAPI(LoopbackServer):
 
     def crd(self) -> dict:
         """The TrainJob CRD of the Trainer release this server plays (the vendored file)."""
-        return yaml.safe_load((k8s.schemas_dir() / k8s.TRAINJOB_CRDS[self.trainer_version]).read_text())
+        crd = k8s_manifests.schemas_dir() / k8s_manifests.TRAINJOB_CRDS[self.trainer_version]
+        return yaml.safe_load(crd.read_text())
 
     # ------------------------------------------------------------ state changes
 
@@ -199,7 +203,8 @@ class FakeKubeAPI(LoopbackServer):
         conditions = [{"type": "Created", "status": "True", "reason": "Created", "message": "created",
                        "lastUpdateTime": now, "lastTransitionTime": now}]
         if self.outcome == "failed" or failed:
-            conditions.append({"type": "Failed", "status": "True", "reason": "MaxFailedTrialsReached" if plural == "experiments" else "BackoffLimitExceeded",
+            reason = "MaxFailedTrialsReached" if plural == "experiments" else "BackoffLimitExceeded"
+            conditions.append({"type": "Failed", "status": "True", "reason": reason,
                                "message": "3 trials failed", "lastUpdateTime": now, "lastTransitionTime": now})
         elif self.outcome == "never":
             conditions.append({"type": "Running", "status": "True", "reason": "Running", "message": "running",
@@ -256,7 +261,8 @@ class FakeKubeAPI(LoopbackServer):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 plural, ns = match["plural"], match["ns"]
                 query = parse_qs(urlsplit(self.path).query)
-                if body.get("apiVersion") != f"{match['group']}/{match['version']}" or body.get("metadata", {}).get("namespace", ns) != ns:
+                if body.get("apiVersion") != f"{match['group']}/{match['version']}" or \
+                        body.get("metadata", {}).get("namespace", ns) != ns:
                     return self._refuse(400, "BadRequest", "apiVersion or namespace of the body does not match the URL")
                 if plural == "trainjobs" and query.get("fieldValidation") == ["Strict"]:
                     version = body["apiVersion"].rsplit("/", 1)[-1]
@@ -265,8 +271,9 @@ class FakeKubeAPI(LoopbackServer):
                             unknown = unknown_fields(body, entry["schema"]["openAPIV3Schema"])
                             if unknown:
                                 fields_text = ", ".join(f'unknown field "{path}"' for path in unknown)
-                                return self._refuse(400, "BadRequest", f'{body["kind"]} in version "{version}" cannot be handled as a '
-                                                                       f'{body["kind"]}: strict decoding error: {fields_text}')
+                                return self._refuse(400, "BadRequest",
+                                                    f'{body["kind"]} in version "{version}" cannot be handled as a '
+                                                    f'{body["kind"]}: strict decoding error: {fields_text}')
                 try:
                     validate_posted(plural, body, api.trainer_version)
                 except ConfigError as exc:
@@ -279,7 +286,8 @@ class FakeKubeAPI(LoopbackServer):
                         api.objects[key] = body
                         api.posted.append(json.loads(json.dumps(body)))
                         if api.on_create is not None:
-                            api.hooks[key] = threading.Thread(target=api._run_hook, args=(key, json.loads(json.dumps(body))), daemon=True)
+                            api.hooks[key] = threading.Thread(target=api._run_hook,
+                                                              args=(key, json.loads(json.dumps(body))), daemon=True)
                             api.hooks[key].start()
                         api._collect_garbage()
                 if clash:
@@ -294,7 +302,8 @@ class FakeKubeAPI(LoopbackServer):
                     return self._error(405, "MethodNotAllowed", "the stand-in API server does not delete collections")
                 policy = parse_qs(urlsplit(self.path).query).get("propagationPolicy", [""])[0]
                 if policy not in ("Background", "Foreground"):
-                    return self._error(400, "BadRequest", f"propagationPolicy {policy!r}: the stand-in expects Background or Foreground")
+                    return self._error(400, "BadRequest",
+                                       f"propagationPolicy {policy!r}: the stand-in expects Background or Foreground")
                 key = (match["plural"], match["ns"], match["name"])
                 with api.lock:
                     obj = api.objects.pop(key, None)
@@ -312,11 +321,14 @@ class FakeKubeAPI(LoopbackServer):
                         api.requests += 1
                         api.crd_reads += 1
                     if not api.crd_readable:
-                        return self._error(403, "Forbidden", f'customresourcedefinitions.apiextensions.k8s.io "{crd["name"]}" is forbidden: '
-                                                              'User "system:serviceaccount:team:default-editor" cannot get resource '
-                                                              '"customresourcedefinitions" in API group "apiextensions.k8s.io" at the cluster scope')
+                        return self._error(403, "Forbidden",
+                                           f'customresourcedefinitions.apiextensions.k8s.io "{crd["name"]}" is '
+                                           'forbidden: User "system:serviceaccount:team:default-editor" cannot get '
+                                           'resource "customresourcedefinitions" in API group "apiextensions.k8s.io" '
+                                           'at the cluster scope')
                     if crd["name"] != TRAINJOB_CRD_NAME:
-                        return self._error(404, "NotFound", f'customresourcedefinitions.apiextensions.k8s.io "{crd["name"]}" not found')
+                        return self._error(404, "NotFound",
+                                           f'customresourcedefinitions.apiextensions.k8s.io "{crd["name"]}" not found')
                     return self._send(200, api.crd())
                 match = self._route()
                 if not match:

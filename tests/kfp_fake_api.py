@@ -148,7 +148,8 @@ def check_run_parameters(spec: pipeline_spec_pb2.PipelineSpec, parameters: dict)
                                                    f"value is not of {wanted} value type")
     extra = sorted(set(parameters) - set(inputs))
     if extra:
-        raise rpc_error(400, INVALID_ARGUMENT, f"parameter(s) provided are not required by pipeline: {', '.join(extra)}")
+        raise rpc_error(400, INVALID_ARGUMENT,
+                        f"parameter(s) provided are not required by pipeline: {', '.join(extra)}")
 
 
 def matches(filter_text: str | None, obj: dict, fields: set) -> bool:
@@ -268,7 +269,8 @@ class FakeKFPAPI(LoopbackServer):
             raise rpc_error(400, INVALID_ARGUMENT, "Failed to create a pipeline") from None
         doc, spec = parse_package(filename, data)
         name = query.get("name") or query.get("display_name") or filename
-        pipeline = self._new_pipeline(name, query.get("display_name") or name, query.get("description") or "", namespace)
+        pipeline = self._new_pipeline(name, query.get("display_name") or name, query.get("description") or "",
+                                      namespace)
         self._new_version(pipeline["pipeline_id"], name, pipeline["display_name"], pipeline["description"], doc, spec)
         return pipeline
 
@@ -351,8 +353,8 @@ class FakeKFPAPI(LoopbackServer):
                "created_at": _now(), "runtime_config": {"parameters": parameters}}
         if reference is not None:
             run["pipeline_version_reference"] = reference
-        self.runs[run["run_id"]] = {**run, "namespace": experiment["namespace"], "pipeline_name": spec.pipeline_info.name,
-                                    "_spec": spec}
+        self.runs[run["run_id"]] = {**run, "namespace": experiment["namespace"],
+                                    "pipeline_name": spec.pipeline_info.name, "_spec": spec}
         return run
 
     @staticmethod

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 from kfp import compiler, dsl, kubernetes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,13 +146,14 @@ def test_submit_refuses_what_the_table_does_not_support():
 def test_table_names_the_trainer_katib_and_training_operator_releases_the_schemas_come_from():
     """The Trainer, Katib and Training Operator rows state exactly the releases whose CRDs / OpenAPI the
     rendered objects are validated against (hpa/schemas, tests/test_k8s_conformance.py)."""
-    from hpa import distributed, k8s
+    from hpa import k8s_manifests, train_distributed
 
     rows = _supported_versions()
-    trainer = sorted(v.lstrip("v") for versions in distributed.TRAINER_API_VERSIONS.values() for v in versions)
+    trainer = sorted(v.lstrip("v") for versions in train_distributed.TRAINER_API_VERSIONS.values() for v in versions)
     assert sorted(_versions_in(rows["Kubeflow Trainer"]["tested against"])) == sorted(
-        v.lstrip("v") for v in k8s.TRAINJOB_CRDS) == trainer
-    assert _versions_in(rows["Kubeflow Trainer"]["minimum"]) == [min(trainer, key=lambda v: tuple(map(int, v.split("."))))]
+        v.lstrip("v") for v in k8s_manifests.TRAINJOB_CRDS) == trainer
+    assert _versions_in(rows["Kubeflow Trainer"]["minimum"]) == [
+        min(trainer, key=lambda v: tuple(map(int, v.split("."))))]
     vendored = (ROOT / "hpa" / "schemas" / "README.md").read_text()
     for row, schema in (("Katib", "katib/openapi-spec.swagger.json"),
                         ("Training Operator", "training-operator/kubeflow.org_pytorchjobs.yaml")):

@@ -49,7 +49,7 @@ def unregistered(gpus: int = 1, acc: str = "nvidia.com/gpu", flag: bool = True):
     with dsl.If(flag == True, name="outer"):  # noqa: E712 - a KFP condition
         note_int(gpus=gpus, acc=acc)
         with dsl.If(flag == True, name="gpu-group"):  # noqa: E712
-            train = add(x=1).set_accelerator_type(acc).set_accelerator_limit(gpus)
+            add(x=1).set_accelerator_type(acc).set_accelerator_limit(gpus)
 
 
 @dsl.pipeline(name="registered")

@@ -41,7 +41,7 @@ def dataset(s3_bucket):
 
 def fake_predictions(tmp_path: Path, dataset: str) -> dict:
     """Two models' val/test predictions with the dataset's test ids (no training needed)."""
-    from hpa.evaluate import save_predictions
+    from hpa.predictions import save_predictions
     from hpa.submit import read_sample
 
     test_ids = read_sample(dataset + "/sample_submission.csv")["Id"].to_numpy()
@@ -96,7 +96,8 @@ def test_ensemble_and_submit_components_equal_cli(dataset, local_kfp, tmp_path):
     hpa_cli("submit", "--predictions", str(cli / "ensemble_test.npz"), "--thresholds", str(cli / "thresholds.json"),
             "--sample-submission", dataset + "/sample_submission.csv", "--out", str(cli / "submission.csv"))
 
-    assert json.loads((run_dir / "ensemble" / "thresholds").read_text()) == json.loads((cli / "thresholds.json").read_text())
+    assert json.loads((run_dir / "ensemble" / "thresholds").read_text()) == \
+        json.loads((cli / "thresholds.json").read_text())
     with np.load(run_dir / "ensemble" / "ensemble_test") as got, np.load(cli / "ensemble_test.npz") as want:
         assert list(got["ids"]) == list(want["ids"])
         np.testing.assert_array_equal(got["probs"], want["probs"])

@@ -10,6 +10,7 @@ from hpa import evaluate as ev
 from hpa.crossfit import crossfit_binarize, crossfit_groups, crossfit_predict, policy_fitter, score_policy
 from hpa.errors import DataError
 from hpa.labels import NUM_CLASSES
+from hpa.predictions import load_predictions, save_predictions
 
 
 def noisy_case(n=240, seed=0, rate=0.1, signal=1.5):
@@ -88,8 +89,8 @@ def save_fold_files(tmp_path, models=("resnet18", "se_resnet18"), folds=2, n=120
             pv = 1 / (1 + np.exp(-(1.5 * (2.0 * targets[rows] - 1) + rng.normal(0, 1.5, targets[rows].shape))))
             pt = 1 / (1 + np.exp(-(1.5 * (2.0 * test_targets - 1) + rng.normal(0, 1.5, test_targets.shape))))
             vf, tf = tmp_path / f"{m}-{k}-val.npz", tmp_path / f"{m}-{k}-test.npz"
-            ev.save_predictions(vf, ids[rows], pv, targets[rows], model=m)
-            ev.save_predictions(tf, test_ids, pt, test_targets, model=m)
+            save_predictions(vf, ids[rows], pv, targets[rows], model=m)
+            save_predictions(tf, test_ids, pt, test_targets, model=m)
             test_probs.setdefault(m, []).append(pt.astype(np.float32))
             val_files.append(str(vf))
             test_files.append(str(tf))
@@ -105,11 +106,11 @@ def test_fold_ensemble_uses_out_of_fold_predictions(tmp_path):
     # test probabilities: the mean over each model's folds, then over the models
     expected = np.mean([np.mean(np.stack(test_probs[k]).astype(np.float64), 0).astype(np.float32)
                         for k in ("resnet18", "se_resnet18")], axis=0)
-    got = ev.load_predictions(tmp_path / "out" / "ensemble_test.npz")
+    got = load_predictions(tmp_path / "out" / "ensemble_test.npz")
     np.testing.assert_allclose(got.probs, expected, atol=1e-6)
     # the reported score recomputed from the saved OOF predictions: each fold scored with thresholds
     # fitted on the other fold only
-    val = ev.load_predictions(tmp_path / "out" / "ensemble_val.npz")
+    val = load_predictions(tmp_path / "out" / "ensemble_val.npz")
     fold = np.array([int(i[2:]) % 2 for i in val.ids])
     honest = crossfit_binarize(val.probs, val.targets, fold, policy_fitter("shrunk", threshold=0.4))
     assert m["val_macro_f1"] == pytest.approx(ev.macro_f1(val.targets, honest))
@@ -124,7 +125,7 @@ def test_single_fold_ensemble_score_recomputes_from_saved_predictions(tmp_path):
     val_files, test_files, _ = save_fold_files(tmp_path, folds=1)
     m = ens.ensemble(val_files, test_files, out_dir=tmp_path / "out", threshold_mode="fitted")
     assert m["folds_per_model"] == 1 and m["crossfit"].startswith("5 stratified parts")
-    val = ev.load_predictions(tmp_path / "out" / "ensemble_val.npz")
+    val = load_predictions(tmp_path / "out" / "ensemble_val.npz")
     honest = crossfit_binarize(val.probs, val.targets, crossfit_groups(val.ids, val.targets), policy_fitter("fitted"))
     assert m["val_macro_f1"] == pytest.approx(ev.macro_f1(val.targets, honest))
     assert m["val_labels_per_image"] == pytest.approx(honest.sum(1).mean())

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hpa.data import (HPADataset, RandomDihedral, dihedral, load_image, read_labels, read_sample_submission,
-                      targets_matrix, to_rgb, validate_layout)
+from hpa.data import HPADataset, load_image, read_labels, read_sample_submission, targets_matrix, validate_layout
 from hpa.errors import DataError
+from hpa.inputs import to_rgb
 from hpa.labels import COLORS
 from hpa.synthetic import generate
 
@@ -66,11 +66,6 @@ def test_load_image_rgby_and_rgb(synth):
         assert np.array_equal(rgby[c], np.asarray(Image.open(synth / "train" / f"{image_id}_{color}.png")))
     rgb = load_image(synth, image_id, color_mode="rgb")
     assert np.array_equal(rgb, to_rgb(rgby))
-
-
-def test_to_rgb_is_the_classic_mapping():
-    r, g, b, y = (np.full((1, 1), v, np.uint8) for v in (10, 20, 30, 251))
-    assert to_rgb(np.stack([r, g, b, y]))[:, 0, 0].tolist() == [20, (10 + 251 + 1) // 2, (30 + 251 + 1) // 2]
 
 
 def test_resize_when_stored_size_differs(synth):
@@ -136,11 +131,3 @@ def test_dataset_works_with_a_dataloader(synth):
 def test_dataset_rejects_mismatched_targets(synth):
     with pytest.raises(DataError, match=r"targets must have shape \(2, 28\)"):
         HPADataset(synth, ["a", "b"], np.zeros((3, 28)))
-
-
-def test_dihedral_covers_the_eight_symmetries():
-    x = torch.arange(16.0).reshape(1, 4, 4)
-    outs = {tuple(dihedral(x, k).flatten().tolist()) for k in range(8)}
-    assert len(outs) == 8 and torch.equal(dihedral(x, 0), x)
-    g = torch.Generator().manual_seed(0)
-    assert RandomDihedral(g)(x).shape == x.shape

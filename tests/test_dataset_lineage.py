@@ -36,7 +36,7 @@ def delete_prefix(uri: str) -> None:
 
 def test_dataset_state_follows_the_store(s3_bucket):
     from hpa.download import download
-    from hpa.shards import pack
+    from hpa.pack import pack
 
     store_uri = s3_bucket + "hpa"
     first, again = state_of(store_uri), state_of(store_uri)

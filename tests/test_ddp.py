@@ -56,7 +56,8 @@ def test_torchrun_two_processes_cpu(tmp_path):
     from hpa.crossfit import crossfit_binarize, crossfit_groups, policy_fitter
 
     groups = crossfit_groups(preds["ids"], preds["targets"])
-    f1 = macro_f1(preds["targets"], crossfit_binarize(preds["probs"], preds["targets"], groups, policy_fitter("fitted")))
+    f1 = macro_f1(preds["targets"],
+                  crossfit_binarize(preds["probs"], preds["targets"], groups, policy_fitter("fitted")))
     assert abs(float(pd.read_csv(out / "history.csv")["val_macro_f1"][0]) - f1) < 1e-9
     in_sample = macro_f1(preds["targets"], preds["probs"] >= fit_thresholds(preds["probs"], preds["targets"]))
     assert abs(float(pd.read_csv(out / "history.csv")["val_macro_f1_in_sample"][0]) - in_sample) < 1e-9

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpa import distributed, k8s
+from hpa import k8s, k8s_manifests, train_distributed
 from hpa.errors import ConfigError
+from hpa.train_distributed import DistributedConfig
 from k8s_fake_api import FakeKubeAPI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,20 +36,22 @@ def default_images(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.mark.parametrize("kind", distributed.KINDS)
+@pytest.mark.parametrize("kind", train_distributed.KINDS)
 def test_manifests_are_generated_and_validate(kind):
     text = MANIFESTS[kind].read_text()
-    assert text == distributed.render_yaml(distributed.DistributedConfig(kind=kind)), \
-        f"{MANIFESTS[kind]} drifted: run `python -m hpa distributed render --kind {kind} --manifest-out {MANIFESTS[kind]}`"
-    distributed.validate_manifest(yaml.safe_load(text))
+    assert text == train_distributed.render_yaml(DistributedConfig(kind=kind)), \
+        f"{MANIFESTS[kind]} drifted: run " \
+        f"`python -m hpa train-distributed render --kind {kind} --manifest-out {MANIFESTS[kind]}`"
+    train_distributed.validate_manifest(yaml.safe_load(text))
 
 
 def test_trainer_v21_manifest_is_generated_and_validates():
     text = TRAINJOB_V21.read_text()
-    assert text == distributed.render_yaml(distributed.DistributedConfig(trainer_api="podTemplateOverrides")), \
-        f"{TRAINJOB_V21} drifted: run `python -m hpa distributed render --trainer-api podTemplateOverrides --manifest-out {TRAINJOB_V21}`"
+    assert text == train_distributed.render_yaml(DistributedConfig(trainer_api="podTemplateOverrides")), \
+        f"{TRAINJOB_V21} drifted: run `python -m hpa train-distributed render --trainer-api podTemplateOverrides " \
+        f"--manifest-out {TRAINJOB_V21}`"
     job = yaml.safe_load(text)
-    distributed.validate_manifest(job, trainer_versions=("v2.1.0",))
+    train_distributed.validate_manifest(job, trainer_versions=("v2.1.0",))
     assert "podTemplateOverrides" in job["spec"] and "runtimePatches" not in job["spec"]
 
 
@@ -58,14 +61,15 @@ def test_cli_renders_the_image_and_placement_given(tmp_path, monkeypatch):
     monkeypatch.setenv("HPA_IMAGE", "registry.example/hpa:cpu-1")
     monkeypatch.setenv("HPA_CUDA_IMAGE", "registry.example/hpa:cuda-1")
     out = tmp_path / "job.yaml"
-    assert distributed.main(["render", "--gpus-per-node", "0", "--manifest-out", str(out)]) == 0
+    assert train_distributed.main(["render", "--gpus-per-node", "0", "--manifest-out", str(out)]) == 0
     assert yaml.safe_load(out.read_text())["spec"]["trainer"]["image"] == "registry.example/hpa:cpu-1"
-    assert distributed.main(["render", "--manifest-out", str(out)]) == 0
+    assert train_distributed.main(["render", "--manifest-out", str(out)]) == 0
     assert yaml.safe_load(out.read_text())["spec"]["trainer"]["image"] == "registry.example/hpa:cuda-1"
     import json
 
-    assert distributed.main(["render", "--kind", "pytorchjob", "--image", "registry.example/other:2", "--manifest-out", str(out),
-                             "--node-selector", json.dumps(PLACED["node_selector"]), "--tolerations", json.dumps(PLACED["tolerations"])]) == 0
+    assert train_distributed.main(["render", "--kind", "pytorchjob", "--image", "registry.example/other:2",
+                                   "--manifest-out", str(out), "--node-selector", json.dumps(PLACED["node_selector"]),
+                                   "--tolerations", json.dumps(PLACED["tolerations"])]) == 0
     pod = yaml.safe_load(out.read_text())["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert pod["containers"][0]["image"] == "registry.example/other:2"
     assert pod["nodeSelector"] == PLACED["node_selector"] and pod["tolerations"] == PLACED["tolerations"]
@@ -73,7 +77,7 @@ def test_cli_renders_the_image_and_placement_given(tmp_path, monkeypatch):
 
 def test_cli_bad_json_option_is_one_clear_error(capsys):
     with pytest.raises(SystemExit) as err:
-        distributed.main(["render", "--tolerations", '{"key": "x"}'])
+        train_distributed.main(["render", "--tolerations", '{"key": "x"}'])
     assert err.value.code == 2 and "expected a JSON list" in capsys.readouterr().err
 
 
@@ -91,26 +95,30 @@ def _pod_patch(job: dict) -> tuple[dict, dict]:
     return pod["metadata"], pod["spec"]
 
 
-@pytest.mark.parametrize("trainer_api, versions", [("podTemplateOverrides", ("v2.1.0",)), ("runtimePatches", ("v2.2.0", "v2.3.0"))])
+@pytest.mark.parametrize("trainer_api, versions", [("podTemplateOverrides", ("v2.1.0",)),
+                                                   ("runtimePatches", ("v2.2.0", "v2.3.0"))])
 def test_trainjob_pods_opt_out_of_istio_and_get_placement_and_shm(trainer_api, versions):
     """Both Trainer APIs patch the `node` pods with the Istio opt-out (profile namespaces inject sidecars),
     the node selector and tolerations, and a memory /dev/shm; the env (S3 endpoint, secretKeyRefs) is in
     trainer.env (the Trainer webhook refuses env on the `node` container of a patch). Only runtimePatches
     (Trainer >= 2.2) can carry the container securityContext: the v2.1.0 CRD's override containers have
     name, env and volumeMounts only. Validated against the CRD of every release the API targets."""
-    job = distributed.render(distributed.DistributedConfig(trainer_api=trainer_api, image="registry.example/hpa:7", **PLACED))
+    job = train_distributed.render(DistributedConfig(trainer_api=trainer_api, image="registry.example/hpa:7", **PLACED))
     for version in versions:
-        distributed.validate_manifest(job, trainer_versions=(version,))
+        train_distributed.validate_manifest(job, trainer_versions=(version,))
     metadata, pod = _pod_patch(job)
     assert metadata == {"annotations": {"sidecar.istio.io/inject": "false"}}
     assert pod["nodeSelector"] == PLACED["node_selector"] and pod["tolerations"] == [GPU_TOLERATION]
     assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}]
     (node,) = pod["containers"]
-    assert node["name"] == "node" and node["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}] and "env" not in node
-    assert node.get("securityContext") == ({"runAsNonRoot": True, "allowPrivilegeEscalation": False} if trainer_api == "runtimePatches" else None)
+    assert node["name"] == "node" and node["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}] and \
+        "env" not in node
+    assert node.get("securityContext") == ({"runAsNonRoot": True, "allowPrivilegeEscalation": False}
+                                           if trainer_api == "runtimePatches" else None)
     trainer = job["spec"]["trainer"]
     assert trainer["image"] == "registry.example/hpa:7"
-    assert {e["name"] for e in trainer["env"]} == {"HPA_S3_ENDPOINT", "PYTHONUNBUFFERED", "HPA_S3_ACCESS_KEY", "HPA_S3_SECRET_KEY"}
+    assert {e["name"] for e in trainer["env"]} == {"HPA_S3_ENDPOINT", "PYTHONUNBUFFERED", "HPA_S3_ACCESS_KEY",
+                                                   "HPA_S3_SECRET_KEY"}
 
 
 @pytest.mark.parametrize("trainer_api, other_release, where", [
@@ -120,21 +128,21 @@ def test_trainjob_pods_opt_out_of_istio_and_get_placement_and_shm(trainer_api, v
 def test_each_trainer_api_is_refused_by_the_other_releases_crd(trainer_api, other_release, where):
     """The field availability per release is real: a v2.1 TrainJob does not validate against the v2.3.0
     CRD, nor a v2.2+ one against v2.1.0 (so rendering for the wrong release cannot pass silently)."""
-    job = distributed.render(distributed.DistributedConfig(trainer_api=trainer_api))
+    job = train_distributed.render(DistributedConfig(trainer_api=trainer_api))
     with pytest.raises(ConfigError, match=where):
-        distributed.validate_manifest(job, trainer_versions=(other_release,))
+        train_distributed.validate_manifest(job, trainer_versions=(other_release,))
 
 
 def test_runtime_patch_manager_must_be_domain_prefixed():
     """Trainer >= 2.2 refuses a runtimePatches manager that is not a domain-prefixed path (v2.2.0
     pkg/runtime/framework/plugins/jobset/jobset.go, validation.IsDomainPrefixedPath); the CRD only says
     minLength 1, so the schema alone would let the bare name the renderer used to write through."""
-    job = distributed.render(distributed.DistributedConfig())
-    assert job["spec"]["runtimePatches"][0]["manager"] == distributed.PATCH_MANAGER
+    job = train_distributed.render(DistributedConfig())
+    assert job["spec"]["runtimePatches"][0]["manager"] == train_distributed.PATCH_MANAGER
     job["spec"]["runtimePatches"][0]["manager"] = "hpa-kfp"
-    k8s.validate_crd(job, k8s.TRAINJOB_CRDS["v2.3.0"], "schema only")  # the schema accepts it
+    k8s_manifests.validate_crd(job, k8s_manifests.TRAINJOB_CRDS["v2.3.0"], "schema only")  # the schema accepts it
     with pytest.raises(ConfigError, match="must be a domain-prefixed path"):
-        distributed.validate_manifest(job)
+        train_distributed.validate_manifest(job)
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -143,29 +151,32 @@ def test_runtime_patch_manager_must_be_domain_prefixed():
 ])
 def test_trainer_webhook_rules_on_the_pod_patch(mutate, message):
     for trainer_api in ("podTemplateOverrides", "runtimePatches"):
-        job = distributed.render(distributed.DistributedConfig(trainer_api=trainer_api))
+        job = train_distributed.render(DistributedConfig(trainer_api=trainer_api))
         mutate(_pod_patch(job)[1])
         with pytest.raises(ConfigError, match=message):
-            distributed.validate_manifest(job)
+            train_distributed.validate_manifest(job)
 
 
 @pytest.mark.parametrize("num_nodes", [1, 3])
 def test_pytorchjob_pods_get_placement_and_no_istio(num_nodes):
-    job = distributed.render(distributed.DistributedConfig(kind="pytorchjob", num_nodes=num_nodes, image="registry.example/hpa:7", **PLACED))
+    job = train_distributed.render(DistributedConfig(kind="pytorchjob", num_nodes=num_nodes,
+                                                     image="registry.example/hpa:7", **PLACED))
     for spec in job["spec"]["pytorchReplicaSpecs"].values():
         template = spec["template"]
         assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
-        assert template["spec"]["nodeSelector"] == PLACED["node_selector"] and template["spec"]["tolerations"] == [GPU_TOLERATION]
+        assert template["spec"]["nodeSelector"] == PLACED["node_selector"] and \
+            template["spec"]["tolerations"] == [GPU_TOLERATION]
         assert template["spec"]["containers"][0]["image"] == "registry.example/hpa:7"
 
 
 @pytest.mark.parametrize("num_nodes", [1, 2, 4])
 @pytest.mark.parametrize("gpus", [0, 1, 8])
 def test_trainjob_shape(num_nodes, gpus):
-    job = distributed.render(distributed.DistributedConfig(kind="trainjob", num_nodes=num_nodes, gpus_per_node=gpus))
+    job = train_distributed.render(DistributedConfig(kind="trainjob", num_nodes=num_nodes, gpus_per_node=gpus))
     trainer = job["spec"]["trainer"]
     assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
-    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "torch-distributed"}
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                         "name": "torch-distributed"}
     assert trainer["numNodes"] == num_nodes and trainer["numProcPerNode"] == max(1, gpus)
     assert trainer["command"] == ["torchrun", "-m", "hpa", "train"] and "--out" in trainer["args"]
     assert trainer["resourcesPerNode"]["limits"].get("nvidia.com/gpu") == (str(gpus) if gpus else None)
@@ -174,7 +185,7 @@ def test_trainjob_shape(num_nodes, gpus):
 
 @pytest.mark.parametrize("num_nodes", [1, 2, 4])
 def test_pytorchjob_shape(num_nodes):
-    job = distributed.render(distributed.DistributedConfig(kind="pytorchjob", num_nodes=num_nodes, gpus_per_node=2))
+    job = train_distributed.render(DistributedConfig(kind="pytorchjob", num_nodes=num_nodes, gpus_per_node=2))
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert job["apiVersion"] == "kubeflow.org/v1" and job["spec"]["nprocPerNode"] == "2"
     assert replicas["Master"]["replicas"] == 1
@@ -203,7 +214,7 @@ def test_pytorchjob_shape(num_nodes):
 ])
 def test_bad_config_is_one_clear_error(changes, message):
     with pytest.raises(ConfigError) as err:
-        distributed.render(replace(distributed.DistributedConfig(), **changes))
+        train_distributed.render(replace(DistributedConfig(), **changes))
     assert message in str(err.value)
 
 
@@ -215,93 +226,103 @@ def test_bad_config_is_one_clear_error(changes, message):
     ("pytorchjob", lambda j: j["spec"].__setitem__("nprocPerNode", 2), "nprocPerNode"),
 ])
 def test_crd_validation_is_strict(kind, mutate, where):
-    job = distributed.render(distributed.DistributedConfig(kind=kind))
+    job = train_distributed.render(DistributedConfig(kind=kind))
     mutate(job)
     with pytest.raises(ConfigError, match=where):
-        distributed.validate_manifest(job)
+        train_distributed.validate_manifest(job)
 
 
-@pytest.mark.parametrize("kind", distributed.KINDS)
+@pytest.mark.parametrize("kind", train_distributed.KINDS)
 def test_launch_against_stand_in_server(kind):
     job = yaml.safe_load(MANIFESTS[kind].read_text())
     with FakeKubeAPI(polls=2) as api:
-        result = distributed.launch(job, timeout=20, poll=0.05, unique_name=True, api_client=api.api_client())
+        result = train_distributed.launch(job, timeout=20, poll=0.05, unique_name=True, api_client=api.api_client())
         assert len(api.posted) == 1 and api.posted[0]["kind"] == job["kind"]
         assert api.deleted == []  # a job that succeeded is kept (until its owner, the task's pod, goes)
     # the default store prefix is the namespace's own (multi-user profiles may write only under private/<ns>/)
-    assert result["out"] == "s3://mlpipeline/private/kubeflow/hpa-kfp/runs/ddp" and result["name"].startswith("hpa-train-ddp-")
+    assert result["out"] == "s3://mlpipeline/private/kubeflow/hpa-kfp/runs/ddp" and \
+        result["name"].startswith("hpa-train-ddp-")
 
 
 def test_launch_failed_job_is_a_clear_error():
     job = yaml.safe_load(MANIFESTS["trainjob"].read_text())
     with FakeKubeAPI(polls=1, outcome="failed") as api:
         with pytest.raises(k8s.ClusterError, match="TrainJob kubeflow/hpa-train-ddp failed: BackoffLimitExceeded"):
-            distributed.launch(job, timeout=20, poll=0.05, api_client=api.api_client())
+            train_distributed.launch(job, timeout=20, poll=0.05, api_client=api.api_client())
         # the failed job is deleted with its pods (Background propagation), not left behind
-        assert api.deleted == [{"key": ("trainjobs", "kubeflow", "hpa-train-ddp"), "propagationPolicy": "Background", "by": "client"}]
+        assert api.deleted == [{"key": ("trainjobs", "kubeflow", "hpa-train-ddp"), "propagationPolicy": "Background",
+                                "by": "client"}]
 
 
 def test_launch_timeout_deletes_the_job(caplog):
     job = yaml.safe_load(MANIFESTS["pytorchjob"].read_text())
     with FakeKubeAPI(polls=1, outcome="never") as api, caplog.at_level(logging.INFO, logger="hpa.k8s"):
         with pytest.raises(k8s.ClusterError, match=r"did not finish within 0.3 s \(last state: Running\)"):
-            distributed.launch(job, timeout=0.3, poll=0.05, api_client=api.api_client())
+            train_distributed.launch(job, timeout=0.3, poll=0.05, api_client=api.api_client())
         assert [d["key"] for d in api.deleted] == [("pytorchjobs", "kubeflow", "hpa-train-ddp")]
-    assert "deleted PyTorchJob kubeflow/hpa-train-ddp (propagationPolicy=Background): did not finish within 0.3 s" in caplog.text
+    assert "deleted PyTorchJob kubeflow/hpa-train-ddp (propagationPolicy=Background): did not finish within 0.3 s" \
+        in caplog.text
 
 
 def test_name_clash_does_not_delete_the_other_job():
     """A 409 means someone else's object has that name: the launcher must not delete it."""
     job = yaml.safe_load(MANIFESTS["trainjob"].read_text())
     with FakeKubeAPI(polls=1) as api:
-        distributed.launch(job, timeout=5, poll=0.05, api_client=api.api_client())
+        train_distributed.launch(job, timeout=5, poll=0.05, api_client=api.api_client())
         with pytest.raises(k8s.ClusterError, match="HTTP 409"):
-            distributed.launch(job, timeout=5, poll=0.05, api_client=api.api_client())
+            train_distributed.launch(job, timeout=5, poll=0.05, api_client=api.api_client())
         assert api.deleted == [] and ("trainjobs", "kubeflow", "hpa-train-ddp") in api.objects
 
 
 # ---------------------------------------------------------------- trainer_api=auto against each release
 
-@pytest.mark.parametrize("release, expected", [("v2.1.0", "podTemplateOverrides"), ("v2.2.0", "runtimePatches"), ("v2.3.0", "runtimePatches")])
+@pytest.mark.parametrize("release, expected", [("v2.1.0", "podTemplateOverrides"), ("v2.2.0", "runtimePatches"),
+                                               ("v2.3.0", "runtimePatches")])
 def test_auto_reads_the_installed_crd(release, expected, caplog):
-    cfg = distributed.DistributedConfig(trainer_api="auto", name="auto-job")
-    with FakeKubeAPI(polls=1, trainer_version=release) as api, caplog.at_level(logging.INFO, logger="hpa.distributed"):
-        distributed.launch_config(cfg, timeout=5, poll=0.05, api_client=api.api_client())
+    cfg = DistributedConfig(trainer_api="auto", name="auto-job")
+    with FakeKubeAPI(polls=1, trainer_version=release) as api, \
+            caplog.at_level(logging.INFO, logger="hpa.train_distributed"):
+        train_distributed.launch_config(cfg, timeout=5, poll=0.05, api_client=api.api_client())
         assert api.crd_reads == 1 and api.rejected == []
         (posted,) = api.posted
-    assert distributed.trainjob_api(posted) == expected
+    assert train_distributed.trainjob_api(posted) == expected
     assert f"installed TrainJob CRD v1alpha1 has spec.{expected}" in caplog.text
 
 
-@pytest.mark.parametrize("release, posts", [("v2.1.0", ["podTemplateOverrides"]), ("v2.3.0", ["podTemplateOverrides", "runtimePatches"])])
+@pytest.mark.parametrize("release, posts", [("v2.1.0", ["podTemplateOverrides"]),
+                                            ("v2.3.0", ["podTemplateOverrides", "runtimePatches"])])
 def test_auto_without_crd_read_rights_falls_back_with_a_clear_log_line(release, posts, caplog):
     """A profile's service account may not read CRDs (403): auto tries the Trainer 2.1 field (what
     Kubeflow 1.11 ships); on a newer Trainer the API server's strict field validation refuses
     spec.podTemplateOverrides (400, strict decoding error) and the launcher renders runtimePatches."""
-    cfg = distributed.DistributedConfig(trainer_api="auto", name="auto-job")
+    cfg = DistributedConfig(trainer_api="auto", name="auto-job")
     with FakeKubeAPI(polls=1, trainer_version=release, crd_readable=False) as api, caplog.at_level(logging.INFO):
-        result = distributed.launch_config(cfg, timeout=5, poll=0.05, api_client=api.api_client())
-        assert [distributed.trainjob_api(p) for p in api.posted] == posts[-1:]
+        result = train_distributed.launch_config(cfg, timeout=5, poll=0.05, api_client=api.api_client())
+        assert [train_distributed.trainjob_api(p) for p in api.posted] == posts[-1:]
         assert len(api.rejected) == len(posts) - 1
         if len(posts) == 2:
-            assert api.rejected[0][0] == 400 and 'strict decoding error: unknown field "spec.podTemplateOverrides"' in api.rejected[0][1]
+            assert api.rejected[0][0] == 400 and \
+                'strict decoding error: unknown field "spec.podTemplateOverrides"' in api.rejected[0][1]
     assert result["name"] == "auto-job"
-    assert "HTTP 403" in caplog.text and "trainer_api=auto cannot tell the Trainer release: trying podTemplateOverrides" in caplog.text
+    assert "HTTP 403" in caplog.text and \
+        "trainer_api=auto cannot tell the Trainer release: trying podTemplateOverrides" in caplog.text
     if len(posts) == 2:
-        assert "does not know spec.podTemplateOverrides (so Trainer >= 2.2): rendering the TrainJob with spec.runtimePatches" in caplog.text
+        assert "does not know spec.podTemplateOverrides (so Trainer >= 2.2): rendering the TrainJob with " \
+               "spec.runtimePatches" in caplog.text
 
 
 def test_explicit_trainer_api_for_the_wrong_release_is_one_clear_error():
     """fieldValidation=Strict turns a field the installed CRD lacks into an error (without it the API
     server would drop spec.runtimePatches silently and the pods would get Istio sidecars and no /dev/shm)."""
-    cfg = distributed.DistributedConfig(trainer_api="runtimePatches", name="wrong-api")
+    cfg = DistributedConfig(trainer_api="runtimePatches", name="wrong-api")
     with FakeKubeAPI(polls=1, trainer_version="v2.1.0") as api:
         with pytest.raises(k8s.ClusterError) as err:
-            distributed.launch_config(cfg, timeout=5, poll=0.05, api_client=api.api_client())
+            train_distributed.launch_config(cfg, timeout=5, poll=0.05, api_client=api.api_client())
         assert api.posted == [] and api.deleted == []
     text = str(err.value)
     assert 'HTTP 400' in text and 'unknown field "spec.runtimePatches"' in text
-    assert text.endswith("(the installed Trainer has no spec.runtimePatches: set trainer_api=podTemplateOverrides or auto)")
+    assert text.endswith("(the installed Trainer has no spec.runtimePatches: set trainer_api=podTemplateOverrides "
+                         "or auto)")
 
 
 # ---------------------------------------------------------------- owner references (KFP pod identity)
@@ -321,15 +342,16 @@ def kfp_pod(tmp_path, monkeypatch):
 def test_job_is_owned_by_the_launcher_pod_and_collected_with_it(kfp_pod):
     """With the pod identity known, the TrainJob's owner is the task's Pod: when the run's pods are
     deleted (KFP's Argo ttlStrategy), Kubernetes' garbage collector deletes the TrainJob (played here)."""
-    cfg = distributed.DistributedConfig(namespace="team-a", name="owned-job")
+    cfg = DistributedConfig(namespace="team-a", name="owned-job")
     with FakeKubeAPI(polls=1) as api:
         api.add_pod("team-a", "run-pod", kfp_pod["uid"])
-        distributed.launch_config(cfg, timeout=5, poll=0.05, api_client=api.api_client())
+        train_distributed.launch_config(cfg, timeout=5, poll=0.05, api_client=api.api_client())
         assert api.posted[0]["metadata"]["ownerReferences"] == [kfp_pod]
         assert ("trainjobs", "team-a", "owned-job") in api.objects
         api.delete_pod("team-a", "run-pod")
         assert ("trainjobs", "team-a", "owned-job") not in api.objects
-        assert api.deleted == [{"key": ("trainjobs", "team-a", "owned-job"), "propagationPolicy": "Background", "by": "garbage-collector"}]
+        assert api.deleted == [{"key": ("trainjobs", "team-a", "owned-job"), "propagationPolicy": "Background",
+                                "by": "garbage-collector"}]
 
 
 def test_no_owner_reference_across_namespaces_or_outside_kfp(kfp_pod, monkeypatch, caplog):
@@ -337,10 +359,10 @@ def test_no_owner_reference_across_namespaces_or_outside_kfp(kfp_pod, monkeypatc
     is set then, nor when the pod identity is unknown (a local run); each case says so in the log."""
     with FakeKubeAPI(polls=1) as api, caplog.at_level(logging.INFO, logger="hpa.k8s"):
         api.add_pod("team-a", "run-pod", kfp_pod["uid"])
-        distributed.launch_config(distributed.DistributedConfig(namespace="team-b", name="elsewhere"), timeout=5, poll=0.05,
+        train_distributed.launch_config(DistributedConfig(namespace="team-b", name="elsewhere"), timeout=5, poll=0.05,
                                   api_client=api.api_client())
         monkeypatch.delenv("KFP_POD_UID")
-        distributed.launch_config(distributed.DistributedConfig(namespace="team-a", name="local-run"), timeout=5, poll=0.05,
+        train_distributed.launch_config(DistributedConfig(namespace="team-a", name="local-run"), timeout=5, poll=0.05,
                                   api_client=api.api_client())
         assert [p["metadata"].get("ownerReferences") for p in api.posted] == [None, None]
         assert api.deleted == []
@@ -353,7 +375,7 @@ def test_stand_in_collects_a_job_whose_owner_pod_is_unknown(kfp_pod):
     with FakeKubeAPI(polls=1) as api:
         api.add_pod("team-a", "run-pod", "another-uid")
         with pytest.raises(k8s.ClusterError, match="HTTP 404"):
-            distributed.launch_config(distributed.DistributedConfig(namespace="team-a", name="orphan"), timeout=5, poll=0.05,
+            train_distributed.launch_config(DistributedConfig(namespace="team-a", name="orphan"), timeout=5, poll=0.05,
                                       api_client=api.api_client())
         assert api.deleted[0]["by"] == "garbage-collector"
 
@@ -363,7 +385,8 @@ def test_stand_in_collects_a_job_whose_owner_pod_is_unknown(kfp_pod):
 def _launch_until_posted(api: FakeKubeAPI, tmp_path, argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "KUBECONFIG": api.write_kubeconfig(tmp_path / "kubeconfig"), "PYTHONUNBUFFERED": "1"}
     env.pop("KUBERNETES_SERVICE_HOST", None)
-    proc = subprocess.Popen([sys.executable, "-m", "hpa", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "hpa", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not api.posted and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -375,19 +398,21 @@ def _launch_until_posted(api: FakeKubeAPI, tmp_path, argv: list[str]) -> subproc
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_while_waiting_deletes_the_job_and_exits_non_zero(tmp_path, sig):
     """A cancelled KFP run terminates its pods (Argo's emissary forwards SIGTERM to the main container's
-    process group). A real `python -m hpa distributed launch` subprocess, waiting on a job that never
+    process group). A real `python -m hpa train-distributed launch` subprocess, waiting on a job that never
     finishes, gets the signal: it deletes the TrainJob (Background propagation) and exits non-zero."""
     with FakeKubeAPI(polls=1, outcome="never") as api:
-        proc = _launch_until_posted(api, tmp_path, ["distributed", "launch", "--file", str(MANIFESTS["trainjob"]),
+        proc = _launch_until_posted(api, tmp_path, ["train-distributed", "launch", "--file", str(MANIFESTS["trainjob"]),
                                                     "--timeout", "120", "--poll", "0.1"])
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
-        assert api.deleted == [{"key": ("trainjobs", "kubeflow", "hpa-train-ddp"), "propagationPolicy": "Background", "by": "client"}]
+        assert api.deleted == [{"key": ("trainjobs", "kubeflow", "hpa-train-ddp"), "propagationPolicy": "Background",
+                                "by": "client"}]
     assert proc.returncode == 2, err
     assert out == ""
     name = signal.Signals(sig).name
     assert f"deleted TrainJob kubeflow/hpa-train-ddp (propagationPolicy=Background): cancelled by {name}" in err
-    assert err.strip().splitlines()[-1] == f"error: TrainJob kubeflow/hpa-train-ddp: cancelled by {name}; deleted TrainJob kubeflow/hpa-train-ddp"
+    assert err.strip().splitlines()[-1] == \
+        f"error: TrainJob kubeflow/hpa-train-ddp: cancelled by {name}; deleted TrainJob kubeflow/hpa-train-ddp"
 
 
 def _free_port() -> int:
@@ -407,7 +432,8 @@ def test_manifest_command_runs_as_two_nodes_with_operator_env(tmp_path):
 
     data = tmp_path / "data"
     generate(data, n_train=64, n_test=4, size=32, seed=0)
-    make_split(read_labels(data / "train.csv"), folds=2, seed=0)[["Id", "Target", "fold"]].to_csv(tmp_path / "split.csv", index=False)
+    split = make_split(read_labels(data / "train.csv"), folds=2, seed=0)
+    split[["Id", "Target", "fold"]].to_csv(tmp_path / "split.csv", index=False)
     job = yaml.safe_load(MANIFESTS["pytorchjob"].read_text())
     container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     args = list(container["args"])
@@ -419,8 +445,9 @@ def test_manifest_command_runs_as_two_nodes_with_operator_env(tmp_path):
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "PET_NNODES": "2", "PET_NPROC_PER_NODE": job["spec"]["nprocPerNode"], "PET_NODE_RANK": str(rank),
-               "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+        env = {**os.environ, "PET_NNODES": "2", "PET_NPROC_PER_NODE": job["spec"]["nprocPerNode"],
+               "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port,
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                "WORLD_SIZE": "2", "RANK": str(rank), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = []
@@ -463,7 +490,8 @@ def test_train_distributed_component_end_to_end(tmp_path, monkeypatch):
         subprocess.run(cmd, check=True, timeout=400, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     outputs = {name: cls(name=name, uri=str(tmp_path / "outputs" / name)) for name, cls in
-               [("model", Model), ("run", Artifact), ("val_predictions", Dataset), ("test_predictions", Dataset), ("metrics", Metrics)]}
+               [("model", Model), ("run", Artifact), ("val_predictions", Dataset), ("test_predictions", Dataset),
+                ("metrics", Metrics)]}
     (tmp_path / "outputs").mkdir()
     with FakeKubeAPI(polls=1, on_create=run_trainjob, lifetime=500) as api:
         monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "config"))
@@ -475,7 +503,8 @@ def test_train_distributed_component_end_to_end(tmp_path, monkeypatch):
                                       node_selector={"pool": "cpu"}, **outputs)
         job = api.posted[0]
     assert job["kind"] == "TrainJob" and job["spec"]["trainer"]["numNodes"] == 2
-    assert job["spec"]["trainer"]["image"] == "registry.example/hpa:cpu-9" and _pod_patch(job)[1]["nodeSelector"] == {"pool": "cpu"}
+    assert job["spec"]["trainer"]["image"] == "registry.example/hpa:cpu-9" and \
+        _pod_patch(job)[1]["nodeSelector"] == {"pool": "cpu"}
     assert (tmp_path / "outputs" / "model").stat().st_size > 100_000
     assert (tmp_path / "outputs" / "run" / "metrics.json").exists()
     import numpy as np
@@ -544,7 +573,8 @@ def test_train_distributed_component_refuses_an_empty_image(tmp_path):
     finally:
         sys.path.remove(str(ROOT))
     outputs = {name: cls(name=name, uri=str(tmp_path / name)) for name, cls in
-               [("model", Model), ("run", Artifact), ("val_predictions", Dataset), ("test_predictions", Dataset), ("metrics", Metrics)]}
+               [("model", Model), ("run", Artifact), ("val_predictions", Dataset), ("test_predictions", Dataset),
+                ("metrics", Metrics)]}
     with pytest.raises(ConfigError) as err:
         train_distributed.python_func(data_uri="s3://b/d", split_csv=Dataset(name="split", uri=str(tmp_path / "s.csv")),
                                       arch="resnet18", fold=0, models={"resnet18": 1e-3},

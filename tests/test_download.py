@@ -14,6 +14,7 @@ import pytest
 from minio import Minio
 
 from hpa import download as dl
+from hpa.archives import extract_archive
 from hpa.errors import ConfigError, DataError, StoreError
 from hpa.store import open_store, sha256_file
 
@@ -148,30 +149,30 @@ def test_zip_slip_and_links_refused(tmp_path):
         zf.writestr("ok/train.csv", "Id,Target\n")
         zf.writestr("../../escaped.txt", "boom")
     with pytest.raises(DataError, match="refused archive entry '../../escaped.txt': it escapes"):
-        dl.extract_archive(evil, tmp_path / "x")
+        extract_archive(evil, tmp_path / "x")
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "x" / "ok").exists()
     with zipfile.ZipFile(evil, "w") as zf:
         zf.writestr("/etc/abs.txt", "boom")
     with pytest.raises(DataError, match="refused archive entry"):
-        dl.extract_archive(evil, tmp_path / "y")
+        extract_archive(evil, tmp_path / "y")
     tar = tmp_path / "evil.tar"
     with tarfile.open(tar, "w") as tf:
         link = tarfile.TarInfo("data/link")
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         tf.addfile(link)
     with pytest.raises(DataError, match="'data/link': not a regular file"):
-        dl.extract_archive(tar, tmp_path / "z")
+        extract_archive(tar, tmp_path / "z")
     with tarfile.open(tar, "w") as tf:
         info = tarfile.TarInfo("../up.txt")
         info.size = 1
         tf.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(DataError, match="escapes"):
-        dl.extract_archive(tar, tmp_path / "w")
+        extract_archive(tar, tmp_path / "w")
     bomb = tmp_path / "bomb.zip"
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("big.bin", b"\0" * 1_000_000)
     with pytest.raises(DataError, match="unpacks to more than"):
-        dl.extract_archive(bomb, tmp_path / "v", max_bytes=10_000)
+        extract_archive(bomb, tmp_path / "v", max_bytes=10_000)
 
 
 def test_kaggle_needs_credentials_and_package(tmp_path, monkeypatch):

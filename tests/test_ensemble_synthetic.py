@@ -38,7 +38,8 @@ def test_ensemble_on_synthetic_benchmark(tmp_path):
     train_mod = pytest.importorskip("hpa.train")
     from hpa.data import read_labels
     from hpa.ensemble import ensemble
-    from hpa.evaluate import binarize, fit_thresholds, load_predictions, macro_f1
+    from hpa.evaluate import binarize, fit_thresholds, macro_f1
+    from hpa.predictions import load_predictions
     from hpa.predict import predict
     from hpa.split import make_split
     from hpa.submit import make_submission

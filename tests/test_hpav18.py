@@ -25,8 +25,10 @@ from PIL import Image
 
 from hpa import download as dl
 from hpa import hpav18
+from hpa.hpav18_cache import Cache
 from hpa.cli import main as cli_main
-from hpa.data import _resize, decode_channel, read_labels
+from hpa.data import decode_channel, read_labels
+from hpa.inputs import resize_image
 from hpa.errors import ConfigError, DataError
 from hpa.labels import COLORS
 from hpa.phash import DEFAULT_THRESHOLD, duplicate_groups, near_pairs, phash_planes, read_phash
@@ -185,7 +187,7 @@ def test_phash_separates_copies_from_other_images(site_files):
     _, _, planes = site_files
 
     def hashed(image):
-        return phash_planes(_resize(image[1], SIZE), _resize(image[2], SIZE))
+        return phash_planes(resize_image(image[1], SIZE), resize_image(image[2], SIZE))
 
     def bits(a, b):
         return bin(int(a, 16) ^ int(b, 16)).count("1")
@@ -258,7 +260,7 @@ def test_download_converts_hashes_and_split_keeps_duplicates_together(site, site
             with Image.open(out / "train" / f"{image_id}_{color}.png") as im:
                 assert (im.format, im.mode, im.size) == ("PNG", "L", (SIZE, SIZE))
                 stored = np.asarray(im).astype(int)
-            expected = _resize(planes[image_id][k], SIZE).astype(int)
+            expected = resize_image(planes[image_id][k], SIZE).astype(int)
             # the matching plane of the colourised JPG (up to JPEG's chroma loss), not its luminance
             assert np.abs(stored - expected).mean() < 6 and np.corrcoef(stored.ravel(), expected.ravel())[0, 1] > 0.9
     manifest = open_store(out).read_manifest()
@@ -358,7 +360,7 @@ def test_killed_download_resumes_with_only_the_rest(site, site_files, tmp_path):
         proc.stderr.close()
     site.hang_after = None
     site.release.set()
-    cache = hpav18.Cache(Path(os.environ[hpav18.CACHE_ENV]), SIZE)
+    cache = Cache(Path(os.environ[hpav18.CACHE_ENV]), SIZE)
     assert set(cache.entries()) == set(IDS[:2])
     assert not any(cache.dir.glob(f"*{IDS[2]}*"))  # the Id in flight left nothing in the cache
     cache.path(IDS[2], "red").write_bytes(cache.path(IDS[1], "red").read_bytes()[:100])  # a partial file
@@ -454,11 +456,11 @@ def test_reduced_scale_decode_matches_the_full_decode(site_files):
     plane = np.asarray(Image.fromarray(planes[IDS[0]][3]).resize((512, 512), Image.Resampling.BICUBIC))
     data = jpg(plane, "yellow")
     fast = hpav18.decode_resized(data, "yellow", "x.jpg", 128).astype(int)  # JPEG decoded at 1/4 scale
-    full = _resize(decode_channel(data, "yellow", "x.jpg"), 128).astype(int)
+    full = resize_image(decode_channel(data, "yellow", "x.jpg"), 128).astype(int)
     assert fast.shape == (128, 128) and np.abs(fast - full).mean() < 3
     png = io.BytesIO()
     Image.fromarray(plane).save(png, format="PNG")
     assert np.array_equal(hpav18.decode_resized(png.getvalue(), "yellow", "x.png", 128),
-                          _resize(decode_channel(png.getvalue(), "yellow", "x.png"), 128))
+                          resize_image(decode_channel(png.getvalue(), "yellow", "x.png"), 128))
     with pytest.raises(DataError, match=r"x.jpg: corrupt or truncated image"):
         hpav18.decode_resized(data[: len(data) // 2], "yellow", "x.jpg", 128)

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpa import config, distributed, k8s, katib
+from hpa import config, k8s, k8s_manifests, katib, katib_tune, train_distributed
 from hpa.errors import ConfigError
+from hpa.train_distributed import DistributedConfig
 from k8s_fake_api import FakeKubeAPI, unknown_fields
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,8 @@ CUDA_IMAGE = "registry.example/conformance/hpa:cuda-7"
 DEFAULT_TAG = "ghcr.io/hpa-kfp/hpa-kfp:0.1.0"  # the prefix of both default images
 PLACED = dict(node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
               tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
-POD = {"apiVersion": "v1", "kind": "Pod", "name": "hpa-run-7-system-container-impl-1234", "uid": "5d1f2c9e-0000-4a4a-9b9b-0123456789ab"}
+POD = {"apiVersion": "v1", "kind": "Pod", "name": "hpa-run-7-system-container-impl-1234",
+       "uid": "5d1f2c9e-0000-4a4a-9b9b-0123456789ab"}
 SUPPORTED_TRAINER_RELEASES = ("v2.1.0", "v2.2.0", "v2.3.0")  # Kubeflow 1.11 ships v2.1.0; manifests master v2.2.0
 
 
@@ -69,7 +71,8 @@ def pod_templates(obj: dict) -> list[tuple[str, dict, bool]]:
     if kind == "Job":
         return [("spec.template", spec["template"], True)]
     if kind == "PyTorchJob":
-        return [(f"pytorchReplicaSpecs.{role}", replica["template"], True) for role, replica in spec["pytorchReplicaSpecs"].items()]
+        return [(f"pytorchReplicaSpecs.{role}", replica["template"], True)
+                for role, replica in spec["pytorchReplicaSpecs"].items()]
     if kind == "TrainJob":
         found = [(f"podTemplateOverrides[{i}]", {"metadata": o.get("metadata", {}), "spec": o.get("spec", {})}, False)
                  for i, o in enumerate(spec.get("podTemplateOverrides", []))]
@@ -89,9 +92,11 @@ def run_containers(obj: dict) -> list[tuple[str, dict]]:
 
 def _patch_container_properties(release: str) -> dict:
     """The properties a TrainJob pod patch's container may have in `release`'s CRD."""
-    spec = k8s.crd_schema(k8s.TRAINJOB_CRDS[release], "v1alpha1")["properties"]["spec"]["properties"]
+    schema = k8s_manifests.crd_schema(k8s_manifests.TRAINJOB_CRDS[release], "v1alpha1")
+    spec = schema["properties"]["spec"]["properties"]
     if "runtimePatches" in spec:
-        rjob = spec["runtimePatches"]["items"]["properties"]["trainingRuntimeSpec"]["properties"]["template"]["properties"]["spec"]["properties"]["replicatedJobs"]["items"]
+        runtime = spec["runtimePatches"]["items"]["properties"]["trainingRuntimeSpec"]["properties"]
+        rjob = runtime["template"]["properties"]["spec"]["properties"]["replicatedJobs"]["items"]
         pod = rjob["properties"]["template"]["properties"]["spec"]["properties"]["template"]["properties"]["spec"]
     else:
         pod = spec["podTemplateOverrides"]["items"]["properties"]["spec"]
@@ -108,7 +113,7 @@ def rule_schema(case: Case) -> list[str]:
         if case.obj["kind"] == "Experiment":
             katib.validate_experiment(case.obj)
         else:
-            distributed.validate_manifest(case.obj, trainer_versions=case.releases or None)
+            train_distributed.validate_manifest(case.obj, trainer_versions=case.releases or None)
     except ConfigError as exc:
         return [str(exc)]
     return []
@@ -123,7 +128,8 @@ def rule_trainer_fields(case: Case) -> list[str]:
     if case.obj["kind"] != "TrainJob":
         return []
     return [f"Trainer {release}: {path} is not in its TrainJob CRD" for release in case.releases
-            for path in unknown_fields(case.obj, k8s.crd_schema(k8s.TRAINJOB_CRDS[release], "v1alpha1"))]
+            for path in unknown_fields(case.obj,
+                                       k8s_manifests.crd_schema(k8s_manifests.TRAINJOB_CRDS[release], "v1alpha1"))]
 
 
 def rule_trainer_webhook(case: Case) -> list[str]:
@@ -157,7 +163,7 @@ def rule_no_istio_sidecar(case: Case) -> list[str]:
     Katib's own Kubeflow Pipelines examples set it on trial pods (kubeflow/katib v0.19.0
     examples/v1beta1/kubeflow-pipelines/*.ipynb)."""
     return [f"{where}: no sidecar.istio.io/inject: 'false'" for where, pod, _ in pod_templates(case.obj)
-            if (pod.get("metadata") or {}).get("annotations", {}).get(k8s.ISTIO_INJECT) != "false"]
+            if (pod.get("metadata") or {}).get("annotations", {}).get(k8s_manifests.ISTIO_INJECT) != "false"]
 
 
 def rule_non_root(case: Case) -> list[str]:
@@ -170,7 +176,7 @@ def rule_non_root(case: Case) -> list[str]:
     for where, pod, complete in pod_templates(case.obj):
         can = complete or all("securityContext" in _patch_container_properties(r) for r in case.releases)
         for container in pod["spec"].get("containers", []):
-            if can and container.get("securityContext") != k8s.CONTAINER_SECURITY:
+            if can and container.get("securityContext") != k8s_manifests.CONTAINER_SECURITY:
                 problems.append(f"{where}.{container['name']}: securityContext {container.get('securityContext')}")
     return problems
 
@@ -193,7 +199,8 @@ def rule_katib_metrics_collector(case: Case) -> list[str]:
     pods = pod_templates(case.obj)
     if template["trialSpec"]["kind"] == "PyTorchJob":
         if template.get("primaryPodLabels") != {"training.kubeflow.org/job-role": "master"}:
-            problems.append(f"primaryPodLabels {template.get('primaryPodLabels')}: metrics must come from the master only")
+            problems.append(f"primaryPodLabels {template.get('primaryPodLabels')}: metrics must come from the "
+                            "master only")
         pods = [p for p in pods if p[0].endswith("Master")]
     for where, pod, _ in pods:
         named = [c for c in pod["spec"]["containers"] if c["name"] == primary]
@@ -250,7 +257,8 @@ def rule_no_secret_values(case: Case) -> list[str]:
 def rule_image(case: Case) -> list[str]:
     """Every container runs the image given when the object was rendered (the pipeline fixes it at compile
     time); none picks it inside the pod, so the default tag appears only when it was the one given."""
-    problems = [f"{where}: image {c.get('image')!r}, expected {case.image!r}" for where, c in run_containers(case.obj) if c.get("image") != case.image]
+    problems = [f"{where}: image {c.get('image')!r}, expected {case.image!r}" for where, c in run_containers(case.obj)
+                if c.get("image") != case.image]
     if not case.image.startswith(DEFAULT_TAG) and DEFAULT_TAG in case.text:
         problems.append(f"the default image tag {DEFAULT_TAG} appears in the object")
     return problems
@@ -260,18 +268,22 @@ def rule_store_in_profile(case: Case) -> list[str]:
     """Every s3:// URI the pods use lies where the namespace's own mlpipeline-minio-artifact keys may
     write: mlpipeline/private/<ns>/, private-artifacts/<ns>/, artifacts/ or shared/ (sync.py, the
     profile's SeaweedFS policy, kubeflow/pipelines 2.17.0)."""
-    allowed = [f"s3://mlpipeline/{p}" for p in (f"private/{case.namespace}/", f"private-artifacts/{case.namespace}/", "artifacts/", "shared/")]
+    allowed = [f"s3://mlpipeline/{p}" for p in (f"private/{case.namespace}/", f"private-artifacts/{case.namespace}/",
+                                                "artifacts/", "shared/")]
     uris = set(re.findall(r"s3://[^\s\"',]+", case.text))
-    return [f"store URI {uri} is outside the profile's prefixes" for uri in sorted(uris) if not uri.startswith(tuple(allowed))]
+    return [f"store URI {uri} is outside the profile's prefixes" for uri in sorted(uris)
+            if not uri.startswith(tuple(allowed))]
 
 
 def rule_store_endpoint(case: Case) -> list[str]:
     """The S3 endpoint exists on KFP 2.16 and 2.17: minio-service was removed ("Remove minio",
     kubeflow/pipelines#12613); SeaweedFS serves S3 at seaweedfs.kubeflow:9000 (kubeflow/pipelines 2.16.0
     manifests/kustomize/third-party/seaweedfs/base/seaweedfs/seaweedfs-service.yaml)."""
-    endpoints = {e.get("value") for _, c in run_containers(case.obj) for e in c.get("env", []) if e["name"] == "HPA_S3_ENDPOINT"}
+    endpoints = {e.get("value") for _, c in run_containers(case.obj) for e in c.get("env", [])
+                 if e["name"] == "HPA_S3_ENDPOINT"}
     problems = [] if endpoints else ["no HPA_S3_ENDPOINT in the containers"]
-    return problems + [f"HPA_S3_ENDPOINT {e!r}: minio-service is gone since KFP 2.16" for e in endpoints if "minio-service" in (e or "")]
+    return problems + [f"HPA_S3_ENDPOINT {e!r}: minio-service is gone since KFP 2.16" for e in endpoints
+                       if "minio-service" in (e or "")]
 
 
 RULES = [rule_schema, rule_trainer_fields, rule_trainer_webhook, rule_no_istio_sidecar, rule_non_root,
@@ -286,7 +298,9 @@ def violations(case: Case) -> dict[str, list[str]]:
 # ---------------------------------------------------------------- the objects
 
 def _releases(job: dict) -> tuple[str, ...]:
-    return distributed.TRAINER_API_VERSIONS[distributed.trainjob_api(job)] if job["kind"] == "TrainJob" else ()
+    if job["kind"] != "TrainJob":
+        return ()
+    return train_distributed.TRAINER_API_VERSIONS[train_distributed.trainjob_api(job)]
 
 
 def rendered_cases() -> list[Case]:
@@ -296,8 +310,10 @@ def rendered_cases() -> list[Case]:
         cfg = katib.KatibConfig(namespace=NS, image=image, trial_kind=trial_kind, algorithm=algorithm, gpus=gpus,
                                 num_nodes=2, max_trials=6, **PLACED)
         cases.append(Case(f"experiment-{trial_kind}-{algorithm}-gpus{gpus}", katib.render_experiment(cfg), image, NS))
-    for kind, api in [("trainjob", "podTemplateOverrides"), ("trainjob", "runtimePatches"), ("pytorchjob", "runtimePatches")]:
-        job = distributed.render(distributed.DistributedConfig(kind=kind, trainer_api=api, namespace=NS, image=CUDA_IMAGE, num_nodes=3, **PLACED))
+    for kind, api in [("trainjob", "podTemplateOverrides"), ("trainjob", "runtimePatches"),
+                      ("pytorchjob", "runtimePatches")]:
+        job = train_distributed.render(DistributedConfig(kind=kind, trainer_api=api, namespace=NS, image=CUDA_IMAGE,
+                                                         num_nodes=3, **PLACED))
         cases.append(Case(f"{kind}-{api}" if kind == "trainjob" else kind, job, CUDA_IMAGE, NS, _releases(job)))
     return cases
 
@@ -306,7 +322,8 @@ def committed_cases() -> list[Case]:
     """The committed files were rendered with no HPA_* image set: the default CUDA image, namespace kubeflow."""
     paths = [ROOT / "katib" / "experiment.yaml", *sorted((ROOT / "manifests").glob("*.yaml"))]
     assert len(paths) == 4
-    return [Case(str(p.relative_to(ROOT)), (obj := k8s.load_yaml(p)), config.DEFAULT_CUDA_IMAGE, obj["metadata"]["namespace"], _releases(obj))
+    return [Case(str(p.relative_to(ROOT)), (obj := k8s_manifests.load_yaml(p)), config.DEFAULT_CUDA_IMAGE,
+                 obj["metadata"]["namespace"], _releases(obj))
             for p in paths]
 
 
@@ -315,14 +332,17 @@ def cli_cases(tmp_path: Path) -> list[Case]:
     env = {**os.environ, "HPA_IMAGE": CPU_IMAGE, "HPA_CUDA_IMAGE": CUDA_IMAGE}
     runs = {
         "cli-katib-gpu": (["katib", "render", "--namespace", NS], CUDA_IMAGE),
-        "cli-katib-cpu": (["katib", "render", "--namespace", NS, "--gpus", "0", "--trial-kind", "pytorchjob", "--num-nodes", "2"], CPU_IMAGE),
-        "cli-trainjob-v2.1": (["distributed", "render", "--namespace", NS, "--trainer-api", "podTemplateOverrides"], CUDA_IMAGE),
-        "cli-trainjob-cpu": (["distributed", "render", "--namespace", NS, "--gpus-per-node", "0"], CPU_IMAGE),
-        "cli-pytorchjob": (["distributed", "render", "--namespace", NS, "--kind", "pytorchjob"], CUDA_IMAGE),
+        "cli-katib-cpu": (["katib", "render", "--namespace", NS, "--gpus", "0", "--trial-kind", "pytorchjob",
+                           "--num-nodes", "2"], CPU_IMAGE),
+        "cli-trainjob-v2.1": (["train-distributed", "render", "--namespace", NS, "--trainer-api",
+                               "podTemplateOverrides"], CUDA_IMAGE),
+        "cli-trainjob-cpu": (["train-distributed", "render", "--namespace", NS, "--gpus-per-node", "0"], CPU_IMAGE),
+        "cli-pytorchjob": (["train-distributed", "render", "--namespace", NS, "--kind", "pytorchjob"], CUDA_IMAGE),
     }
     cases = []
     for name, (argv, image) in runs.items():
-        out = subprocess.run([sys.executable, "-m", "hpa", *argv], env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+        out = subprocess.run([sys.executable, "-m", "hpa", *argv], env=env, capture_output=True, text=True, timeout=120,
+                             check=True).stdout
         assert DEFAULT_TAG not in out, f"{name}: a default image tag in {argv}"
         obj = yaml.safe_load(out)
         cases.append(Case(name, obj, image, NS, _releases(obj)))
@@ -340,13 +360,15 @@ def posted_cases(tmp_path: Path, monkeypatch) -> list[Case]:
         with FakeKubeAPI(polls=1, trainer_version=release, crd_readable=release != "v2.3.0") as api:
             api.add_pod(NS, POD["name"], POD["uid"])
             client = api.api_client()
-            distributed.launch_config(distributed.DistributedConfig(namespace=NS, name="ddp", image=CUDA_IMAGE, trainer_api="auto", **PLACED),
-                                      timeout=5, poll=0.05, api_client=client)
+            train_distributed.launch_config(DistributedConfig(namespace=NS, name="ddp", image=CUDA_IMAGE,
+                                                              trainer_api="auto", **PLACED),
+                                            timeout=5, poll=0.05, api_client=client)
             if release == "v2.1.0":
                 exp = katib.render_experiment(katib.KatibConfig(namespace=NS, image=CUDA_IMAGE, **PLACED))
-                katib.launch(exp, timeout=5, poll=0.05, api_client=client)
-                distributed.launch_config(distributed.DistributedConfig(kind="pytorchjob", namespace=NS, name="ptj", image=CUDA_IMAGE),
-                                          timeout=5, poll=0.05, api_client=client)
+                katib_tune.launch(exp, timeout=5, poll=0.05, api_client=client)
+                train_distributed.launch_config(DistributedConfig(kind="pytorchjob", namespace=NS, name="ptj",
+                                                                  image=CUDA_IMAGE),
+                                                timeout=5, poll=0.05, api_client=client)
             for obj in api.posted:
                 cases.append(Case(f"posted-{obj['kind']}-trainer-{release}", obj, CUDA_IMAGE, NS,
                                   (release,) if obj["kind"] == "TrainJob" else (), owner=POD))
@@ -373,8 +395,9 @@ def test_cli_renders_with_images_from_the_environment_conform(tmp_path):
 def test_posted_objects_conform_and_are_owned_by_the_kfp_pod(tmp_path, monkeypatch):
     cases = posted_cases(tmp_path, monkeypatch)
     assert sorted(c.name for c in cases) == ["posted-Experiment-trainer-v2.1.0", "posted-PyTorchJob-trainer-v2.1.0",
-                                             "posted-TrainJob-trainer-v2.1.0", "posted-TrainJob-trainer-v2.2.0", "posted-TrainJob-trainer-v2.3.0"]
-    assert [distributed.trainjob_api(c.obj) for c in cases if c.obj["kind"] == "TrainJob"] == \
+                                             "posted-TrainJob-trainer-v2.1.0", "posted-TrainJob-trainer-v2.2.0",
+                                             "posted-TrainJob-trainer-v2.3.0"]
+    assert [train_distributed.trainjob_api(c.obj) for c in cases if c.obj["kind"] == "TrainJob"] == \
         ["podTemplateOverrides", "runtimePatches", "runtimePatches"]
     assert {c.name: violations(c) for c in cases} == {c.name: {} for c in cases}
 
@@ -385,27 +408,29 @@ def test_every_supported_trainer_release_gets_a_trainjob_it_accepts():
     for release in SUPPORTED_TRAINER_RELEASES:
         accepted = []
         for api in ("podTemplateOverrides", "runtimePatches"):
-            case = Case(api, distributed.render(distributed.DistributedConfig(trainer_api=api, namespace=NS, image=CUDA_IMAGE)),
-                        CUDA_IMAGE, NS, (release,))
+            job = train_distributed.render(DistributedConfig(trainer_api=api, namespace=NS, image=CUDA_IMAGE))
+            case = Case(api, job, CUDA_IMAGE, NS, (release,))
             if not rule_schema(case) and not rule_trainer_fields(case):
                 accepted.append(api)
         assert accepted == [("podTemplateOverrides" if release == "v2.1.0" else "runtimePatches")], release
-        assert release in distributed.TRAINER_API_VERSIONS[accepted[0]]
+        assert release in train_distributed.TRAINER_API_VERSIONS[accepted[0]]
 
 
 # ---------------------------------------------------------------- the rules fail on objects built the old way
 
 def _old_trainjob() -> dict:
     """The TrainJob as the renderer wrote it before issue 11 (identical to manifests/trainjob.yaml at
-    commit 9713572, checked when this test was written): runtimePatches only, manager `hpa-kfp`, no pod annotation or placement, the default
-    image (resolved inside the pod from an unset HPA_CUDA_IMAGE), minio-service, and the store prefix
-    s3://mlpipeline/hpa-kfp outside every profile's allowed prefixes."""
-    job = distributed.render(distributed.DistributedConfig(image=config.DEFAULT_CUDA_IMAGE, trainer_api="runtimePatches"))
+    commit 9713572, checked when this test was written): runtimePatches only, manager `hpa-kfp`, no pod annotation
+    or placement, the default image (resolved inside the pod from an unset HPA_CUDA_IMAGE), minio-service, and
+    the store prefix s3://mlpipeline/hpa-kfp outside every profile's allowed prefixes."""
+    job = train_distributed.render(DistributedConfig(image=config.DEFAULT_CUDA_IMAGE, trainer_api="runtimePatches"))
     patch = job["spec"]["runtimePatches"][0]
     patch["manager"] = "hpa-kfp"
-    del patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["metadata"]
+    replicated = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    del replicated[0]["template"]["spec"]["template"]["metadata"]
     trainer = job["spec"]["trainer"]
-    trainer["args"] = [a.replace("s3://mlpipeline/private/kubeflow/hpa-kfp", "s3://mlpipeline/hpa-kfp") for a in trainer["args"]]
+    trainer["args"] = [a.replace("s3://mlpipeline/private/kubeflow/hpa-kfp", "s3://mlpipeline/hpa-kfp")
+                       for a in trainer["args"]]
     trainer["env"][0]["value"] = "minio-service.kubeflow:9000"
     return job
 
@@ -413,17 +438,23 @@ def _old_trainjob() -> dict:
 def test_old_trainjob_fails_for_the_reasons_of_the_issue():
     old = _old_trainjob()
     on_kubeflow_111 = violations(Case("old-trainjob on Trainer 2.1", old, CUDA_IMAGE, "kubeflow", ("v2.1.0",)))
-    assert set(on_kubeflow_111) == {"rule_schema", "rule_trainer_fields", "rule_trainer_webhook", "rule_no_istio_sidecar",
-                                    "rule_image", "rule_store_in_profile", "rule_store_endpoint"}
+    assert set(on_kubeflow_111) == {"rule_schema", "rule_trainer_fields", "rule_trainer_webhook",
+                                    "rule_no_istio_sidecar", "rule_image", "rule_store_in_profile",
+                                    "rule_store_endpoint"}
     assert on_kubeflow_111["rule_trainer_fields"] == ["Trainer v2.1.0: spec.runtimePatches is not in its TrainJob CRD"]
     assert on_kubeflow_111["rule_no_istio_sidecar"] == ["runtimePatches[0].node: no sidecar.istio.io/inject: 'false'"]
-    assert on_kubeflow_111["rule_trainer_webhook"] == ["runtimePatches[0].manager 'hpa-kfp' is not a domain-prefixed path"]
-    assert on_kubeflow_111["rule_image"][0] == f"spec.trainer: image {config.DEFAULT_CUDA_IMAGE!r}, expected {CUDA_IMAGE!r}"
-    assert on_kubeflow_111["rule_store_endpoint"] == ["HPA_S3_ENDPOINT 'minio-service.kubeflow:9000': minio-service is gone since KFP 2.16"]
+    assert on_kubeflow_111["rule_trainer_webhook"] == [
+        "runtimePatches[0].manager 'hpa-kfp' is not a domain-prefixed path"]
+    assert on_kubeflow_111["rule_image"][0] == \
+        f"spec.trainer: image {config.DEFAULT_CUDA_IMAGE!r}, expected {CUDA_IMAGE!r}"
+    assert on_kubeflow_111["rule_store_endpoint"] == [
+        "HPA_S3_ENDPOINT 'minio-service.kubeflow:9000': minio-service is gone since KFP 2.16"]
     assert all("s3://mlpipeline/hpa-kfp/" in v for v in on_kubeflow_111["rule_store_in_profile"])
     # even on a Trainer 2.3 cluster that accepts its fields, the pods get sidecars and the webhook refuses the manager
-    on_trainer_23 = violations(Case("old-trainjob on Trainer 2.3", old, config.DEFAULT_CUDA_IMAGE, "kubeflow", ("v2.3.0",)))
-    assert {"rule_no_istio_sidecar", "rule_trainer_webhook"} <= set(on_trainer_23) and "rule_trainer_fields" not in on_trainer_23
+    on_trainer_23 = violations(Case("old-trainjob on Trainer 2.3", old, config.DEFAULT_CUDA_IMAGE, "kubeflow",
+                                    ("v2.3.0",)))
+    assert {"rule_no_istio_sidecar", "rule_trainer_webhook"} <= set(on_trainer_23) and \
+        "rule_trainer_fields" not in on_trainer_23
 
 
 def test_rules_catch_a_trial_pod_with_a_sidecar_root_or_a_wrapped_argument():
@@ -439,5 +470,6 @@ def test_rules_catch_a_trial_pod_with_a_sidecar_root_or_a_wrapped_argument():
     assert set(mutated(lambda pod: pod["metadata"].pop("annotations"))) == {"rule_no_istio_sidecar"}
     assert set(mutated(lambda pod: pod["spec"]["containers"][0].pop("securityContext"))) == {"rule_non_root"}
     assert set(mutated(lambda pod: pod["spec"]["containers"][0].pop("command"))) == {"rule_katib_metrics_collector"}
-    assert set(mutated(lambda pod: pod["spec"]["containers"][0]["args"].append("--note=a b"))) == {"rule_katib_metrics_collector"}
+    assert set(mutated(lambda pod: pod["spec"]["containers"][0]["args"].append("--note=a b"))) == \
+        {"rule_katib_metrics_collector"}
     assert "rule_owner_reference" in violations(Case(base.name, base.obj, base.image, base.namespace, owner=POD))

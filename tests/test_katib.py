@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpa import k8s, katib
+from hpa import k8s, katib, katib_tune
 from hpa.errors import ConfigError
+from hpa.katib import KatibConfig
 from k8s_fake_api import FakeKubeAPI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def default_images(monkeypatch):
 
 
 def test_experiment_yaml_is_generated_not_hand_kept():
-    assert EXPERIMENT.read_text() == katib.render_yaml(katib.KatibConfig()), \
+    assert EXPERIMENT.read_text() == katib.render_yaml(KatibConfig()), \
         "katib/experiment.yaml drifted: run `python -m hpa katib render --out katib/experiment.yaml`"
 
 
@@ -53,7 +54,8 @@ def test_committed_experiment_validates_and_has_the_contract():
     assert params["threshold_mode"]["feasibleSpace"]["list"] == ["fitted", "global", "shrunk", "prior"]
     assert params["threshold"]["feasibleSpace"] == {"min": "0.05", "max": "0.6", "distribution": "uniform"}
     assert params["shrink_strength"]["feasibleSpace"] == {"min": "1", "max": "50", "distribution": "logUniform"}
-    assert all(isinstance(v, str) for p in params.values() for v in p["feasibleSpace"].values() if not isinstance(v, list))
+    assert all(isinstance(v, str) for p in params.values() for v in p["feasibleSpace"].values()
+               if not isinstance(v, list))
     job = spec["trialTemplate"]["trialSpec"]
     pod = job["spec"]["template"]
     container = pod["spec"]["containers"][0]
@@ -66,14 +68,15 @@ def test_committed_experiment_validates_and_has_the_contract():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     refs = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e}
     assert refs == {"accesskey", "secretkey"}
-    assert pod["spec"]["restartPolicy"] == "Never" and pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert pod["spec"]["restartPolicy"] == "Never" and \
+        pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
     assert pod["spec"]["volumes"][0]["emptyDir"]["medium"] == "Memory"
 
 
 @pytest.mark.parametrize("algorithm", katib.ALGORITHMS)
 @pytest.mark.parametrize("trial_kind", katib.TRIAL_KINDS)
 def test_every_algorithm_and_trial_kind_validates(algorithm, trial_kind):
-    exp = katib.render_experiment(katib.KatibConfig(algorithm=algorithm, trial_kind=trial_kind, num_nodes=2))
+    exp = katib.render_experiment(KatibConfig(algorithm=algorithm, trial_kind=trial_kind, num_nodes=2))
     assert exp["spec"]["algorithm"]["algorithmName"] == algorithm
     if trial_kind == "pytorchjob":
         job = exp["spec"]["trialTemplate"]["trialSpec"]
@@ -89,18 +92,22 @@ def test_every_algorithm_and_trial_kind_validates(algorithm, trial_kind):
     (dict(threshold_max=1.2), "must lie inside (0, 1)"),
     (dict(threshold_min=0.5, threshold_max=0.2), "threshold_min=0.5 must be < threshold_max=0.2"),
     (dict(algorithm="hyperband2"), "katib algorithm 'hyperband2': expected one of tpe, random"),
-    (dict(threshold_modes=("fitted", "best")), "katib threshold_modes fitted best: expected one or more of fitted, global, shrunk, prior, each once"),
+    (dict(threshold_modes=("fitted", "best")),
+     "katib threshold_modes fitted best: expected one or more of fitted, global, shrunk, prior, each once"),
     (dict(threshold_modes=()), "katib threshold_modes (none): expected one or more of"),
     (dict(threshold_modes=("shrunk", "shrunk")), "katib threshold_modes shrunk shrunk: expected"),
     (dict(shrink_strength_min=0.0), "katib shrink_strength range: shrink_strength_min=0.0 must be > 0 (log-uniform)"),
     (dict(shrink_strength_min=-2.0), "shrink_strength_min=-2.0 must be > 0"),
     (dict(shrink_strength_max=math.inf), "shrink_strength_min=1.0 must be > 0 (log-uniform)"),
-    (dict(shrink_strength_min=30.0, shrink_strength_max=5.0), "katib shrink_strength range: shrink_strength_min=30.0 must be < shrink_strength_max=5.0"),
+    (dict(shrink_strength_min=30.0, shrink_strength_max=5.0),
+     "katib shrink_strength range: shrink_strength_min=30.0 must be < shrink_strength_max=5.0"),
     (dict(parallel_trials=20, max_trials=5), "parallel_trials=20 must be <= max_trials=5"),
     (dict(start_step=5, epochs=2), "start_step=5 must be in [1, epochs=2]"),
     # grid: 4 values per numeric parameter that some chosen policy reads, times the policies
-    (dict(algorithm="grid", max_trials=257), "katib grid: max_trials=257 > 256 grid combinations"),  # lr, threshold, k: 4**3 * 4
-    (dict(algorithm="grid", max_trials=33, threshold_modes=("fitted", "global")), "max_trials=33 > 32 grid combinations"),
+    # lr, threshold, k: 4**3 * 4
+    (dict(algorithm="grid", max_trials=257), "katib grid: max_trials=257 > 256 grid combinations"),
+    (dict(algorithm="grid", max_trials=33, threshold_modes=("fitted", "global")),
+     "max_trials=33 > 32 grid combinations"),
     (dict(algorithm="grid", max_trials=9, threshold_modes=("fitted", "prior")), "max_trials=9 > 8 grid combinations"),
     (dict(data="s3://bucket/with space"), "no whitespace"),
     (dict(name="Bad_Name"), "DNS label"),
@@ -111,7 +118,7 @@ def test_every_algorithm_and_trial_kind_validates(algorithm, trial_kind):
 ])
 def test_bad_search_space_is_one_clear_error(changes, message):
     with pytest.raises(ConfigError) as err:
-        katib.render_experiment(replace(katib.KatibConfig(), **changes))
+        katib.render_experiment(replace(KatibConfig(), **changes))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -125,7 +132,7 @@ def test_bad_search_space_is_one_clear_error(changes, message):
     (lambda e: e["spec"]["metricsCollectorSpec"]["source"]["filter"]["metricsFormat"].append("(a);(b)"), "no ';'"),
 ])
 def test_schema_validation_is_strict(mutate, where):
-    exp = katib.render_experiment(katib.KatibConfig())
+    exp = katib.render_experiment(KatibConfig())
     mutate(exp)
     with pytest.raises(ConfigError, match=re.escape(where)):
         katib.validate_experiment(exp)
@@ -143,14 +150,16 @@ PLACED = dict(node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
 def test_trial_pods_get_the_image_and_placement_given(trial_kind):
     """The trials run the image the renderer is given (the pipeline passes the one chosen at compile
     time), with the node selector, tolerations and Istio opt-out, for Job and PyTorchJob trials."""
-    exp = katib.render_experiment(katib.KatibConfig(image="registry.example/hpa:cuda-7", trial_kind=trial_kind, num_nodes=2, **PLACED))
+    exp = katib.render_experiment(KatibConfig(image="registry.example/hpa:cuda-7", trial_kind=trial_kind, num_nodes=2,
+                                              **PLACED))
     trial = exp["spec"]["trialTemplate"]["trialSpec"]
     templates = ([r["template"] for r in trial["spec"]["pytorchReplicaSpecs"].values()] if trial_kind == "pytorchjob"
                  else [trial["spec"]["template"]])
     assert len(templates) == (2 if trial_kind == "pytorchjob" else 1)
     for template in templates:
         assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
-        assert template["spec"]["nodeSelector"] == PLACED["node_selector"] and template["spec"]["tolerations"] == PLACED["tolerations"]
+        assert template["spec"]["nodeSelector"] == PLACED["node_selector"] and \
+            template["spec"]["tolerations"] == PLACED["tolerations"]
         assert [c["image"] for c in template["spec"]["containers"]] == ["registry.example/hpa:cuda-7"]
 
 
@@ -162,7 +171,7 @@ def test_cli_image_default_follows_the_environment_and_gpus(tmp_path, monkeypatc
     out = tmp_path / "exp.yaml"
     for argv, image in [([], "registry.example/hpa:cuda-3"), (["--gpus", "0"], "registry.example/hpa:cpu-3"),
                         (["--image", "registry.example/mine:1"], "registry.example/mine:1")]:
-        assert katib.main(["render", "--out", str(out), *argv]) == 0
+        assert katib_tune.main(["render", "--out", str(out), *argv]) == 0
         assert _container(yaml.safe_load(out.read_text()))["image"] == image
 
 
@@ -182,9 +191,11 @@ def test_metric_filters_match_exactly_the_training_line():
     filters = list(katib.METRIC_FILTERS)
     assert _katib_parse(LINE, filters, names) == {"val_loss": 0.1345, "val_macro_f1": 0.4567}
     assert _katib_parse(LINE, [katib.KATIB_DEFAULT_FILTER], names) == {"val_loss": 0.1345, "val_macro_f1": 0.4567}
-    assert _katib_parse("epoch=1 train_loss=1e-3 val_loss=2.5E-01 val_macro_f1=.5", filters, names) == {"val_loss": 0.25, "val_macro_f1": 0.5}
+    assert _katib_parse("epoch=1 train_loss=1e-3 val_loss=2.5E-01 val_macro_f1=.5", filters, names) == \
+        {"val_loss": 0.25, "val_macro_f1": 0.5}
     # A line that starts with an RFC3339 timestamp (Katib then stores that time with the values).
-    assert _katib_parse("2026-11-25T11:05:45.123456Z " + LINE, filters, names) == {"val_loss": 0.1345, "val_macro_f1": 0.4567}
+    assert _katib_parse("2026-11-25T11:05:45.123456Z " + LINE, filters, names) == \
+        {"val_loss": 0.1345, "val_macro_f1": 0.4567}
     # Log lines (stderr is redirected into the same file by Katib) must not count as metrics.
     for noise in ["2026-11-25 INFO hpa.train: best val_macro_f1=0.9 so far", "val_macro_f1=0.9",
                   LINE + " extra=1", "epoch=3 train_loss=nan val_loss=nan val_macro_f1=nan"]:
@@ -195,11 +206,12 @@ def test_metric_filters_match_exactly_the_training_line():
 
 def test_cli_render_and_validate(tmp_path, capsys):
     out = tmp_path / "exp.yaml"
-    assert katib.main(["render", "--out", str(out), "--algorithm", "random", "--max-trials", "6", "--lr-max", "0.01"]) == 0
+    assert katib_tune.main(["render", "--out", str(out), "--algorithm", "random", "--max-trials", "6",
+                            "--lr-max", "0.01"]) == 0
     exp = yaml.safe_load(out.read_text())
     assert exp["spec"]["algorithm"]["algorithmName"] == "random" and exp["spec"]["maxTrialCount"] == 6
-    assert katib.main(["validate", str(out)]) == 0
-    assert katib.main(["render", "--out", str(tmp_path / "same.yaml")]) == 0
+    assert katib_tune.main(["validate", str(out)]) == 0
+    assert katib_tune.main(["render", "--out", str(tmp_path / "same.yaml")]) == 0
     assert (tmp_path / "same.yaml").read_text() == EXPERIMENT.read_text()
 
 
@@ -218,33 +230,35 @@ def test_cli_bad_range_exits_2_with_one_line(capsys):
     (("fitted", "prior"), ["lr", "threshold_mode"], []),
     (("prior", "global"), ["lr", "threshold_mode", "threshold"], ["--threshold"]),
     (("shrunk",), ["lr", "threshold_mode", "threshold", "shrink_strength"], ["--threshold", "--shrink-strength"]),
-    (katib.THRESHOLD_MODES, ["lr", "threshold_mode", "threshold", "shrink_strength"], ["--threshold", "--shrink-strength"]),
+    (katib.THRESHOLD_MODES, ["lr", "threshold_mode", "threshold", "shrink_strength"],
+     ["--threshold", "--shrink-strength"]),
 ])
 @pytest.mark.parametrize("trial_kind", katib.TRIAL_KINDS)
 def test_search_space_holds_what_the_chosen_policies_read(modes, params, flags, trial_kind):
     """threshold only when global or shrunk is searched, shrink_strength only with shrunk; the trial
     command passes exactly the searched values, and the Experiment validates."""
-    exp = katib.render_experiment(katib.KatibConfig(threshold_modes=modes, trial_kind=trial_kind, num_nodes=2))
+    exp = katib.render_experiment(KatibConfig(threshold_modes=modes, trial_kind=trial_kind, num_nodes=2))
     assert [p["name"] for p in exp["spec"]["parameters"]] == params
     assert exp["spec"]["parameters"][1]["feasibleSpace"]["list"] == list(modes)
-    args = " ".join(katib.train_args(katib.KatibConfig(threshold_modes=modes)))
+    args = " ".join(katib.train_args(KatibConfig(threshold_modes=modes)))
     for flag, name in (("--threshold", "threshold"), ("--shrink-strength", "shrinkStrength")):
         assert (f"{flag} ${{trialParameters.{name}}}" in args) == (flag in flags)
     assert "--threshold-mode ${trialParameters.thresholdMode}" in args and "--lr ${trialParameters.lr}" in args
 
 
 def test_grid_space_includes_the_shrink_strength():
-    exp = katib.render_experiment(katib.KatibConfig(algorithm="grid", grid_points=3, max_trials=108,
+    exp = katib.render_experiment(KatibConfig(algorithm="grid", grid_points=3, max_trials=108,
                                                     shrink_strength_min=2.0, shrink_strength_max=32.0))
     params = {p["name"]: p for p in exp["spec"]["parameters"]}
-    assert params["shrink_strength"] == {"name": "shrink_strength", "parameterType": "discrete", "feasibleSpace": {"list": ["2", "8", "32"]}}
+    assert params["shrink_strength"] == {"name": "shrink_strength", "parameterType": "discrete",
+                                         "feasibleSpace": {"list": ["2", "8", "32"]}}
     assert params["threshold"]["feasibleSpace"] == {"min": "0.05", "max": "0.6", "step": "0.275"}
     assert len(params["lr"]["feasibleSpace"]["list"]) == 3  # 3 * 3 * 3 values * 4 policies = 108 combinations
 
 
 def test_cli_render_new_options(tmp_path):
     out = tmp_path / "exp.yaml"
-    assert katib.main(["render", "--out", str(out), "--threshold-modes", "shrunk", "prior",
+    assert katib_tune.main(["render", "--out", str(out), "--threshold-modes", "shrunk", "prior",
                        "--shrink-strength-min", "3", "--shrink-strength-max", "30"]) == 0
     params = {p["name"]: p["feasibleSpace"] for p in yaml.safe_load(out.read_text())["spec"]["parameters"]}
     assert params["threshold_mode"]["list"] == ["shrunk", "prior"]
@@ -253,16 +267,25 @@ def test_cli_render_new_options(tmp_path):
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda p: p["threshold_mode"]["feasibleSpace"].__setitem__("list", ["fitted", "best"]),
-     "parameter threshold_mode: expected a categorical list of distinct policies from fitted, global, shrunk, prior, got ['fitted', 'best']"),
+     "parameter threshold_mode: expected a categorical list of distinct policies from fitted, global, shrunk, prior, "
+     "got ['fitted', 'best']"),
     (lambda p: p["threshold_mode"]["feasibleSpace"].__setitem__("list", ["fitted", "fitted"]),
-     "parameter threshold_mode: expected a categorical list of distinct policies from fitted, global, shrunk, prior, got ['fitted', 'fitted']"),
-    (lambda p: p["shrink_strength"]["feasibleSpace"].__setitem__("min", "0"), "parameter shrink_strength: min='0' must be > 0 (logUniform)"),
-    (lambda p: p["shrink_strength"]["feasibleSpace"].__setitem__("max", "-1"), "parameter shrink_strength: max='-1' must be a finite number >= 0"),
-    (lambda p: p["shrink_strength"]["feasibleSpace"].__setitem__("max", "inf"), "parameter shrink_strength: max='inf' must be a finite number >= 0"),
-    (lambda p: p["shrink_strength"]["feasibleSpace"].update(min="40", max="5"), "parameter shrink_strength: min='40' must be < max='5'"),
-    (lambda p: p["threshold"]["feasibleSpace"].__setitem__("max", "1.5"), "parameter threshold: max='1.5' must be in (0, 1)"),
-    (lambda p: p["threshold"]["feasibleSpace"].__setitem__("min", "low"), "parameter threshold: min='low' must be in (0, 1)"),
-    (lambda p: p["lr"]["feasibleSpace"].update(min="0.01", max="0.001"), "parameter lr: min='0.01' must be < max='0.001'"),
+     "parameter threshold_mode: expected a categorical list of distinct policies from fitted, global, shrunk, prior, "
+     "got ['fitted', 'fitted']"),
+    (lambda p: p["shrink_strength"]["feasibleSpace"].__setitem__("min", "0"),
+     "parameter shrink_strength: min='0' must be > 0 (logUniform)"),
+    (lambda p: p["shrink_strength"]["feasibleSpace"].__setitem__("max", "-1"),
+     "parameter shrink_strength: max='-1' must be a finite number >= 0"),
+    (lambda p: p["shrink_strength"]["feasibleSpace"].__setitem__("max", "inf"),
+     "parameter shrink_strength: max='inf' must be a finite number >= 0"),
+    (lambda p: p["shrink_strength"]["feasibleSpace"].update(min="40", max="5"),
+     "parameter shrink_strength: min='40' must be < max='5'"),
+    (lambda p: p["threshold"]["feasibleSpace"].__setitem__("max", "1.5"),
+     "parameter threshold: max='1.5' must be in (0, 1)"),
+    (lambda p: p["threshold"]["feasibleSpace"].__setitem__("min", "low"),
+     "parameter threshold: min='low' must be in (0, 1)"),
+    (lambda p: p["lr"]["feasibleSpace"].update(min="0.01", max="0.001"),
+     "parameter lr: min='0.01' must be < max='0.001'"),
 ])
 def test_hand_edited_search_space_is_one_clear_error(mutate, message):
     """validate_experiment (and so `katib validate`, `katib launch` and the stand-in server) refuses a
@@ -275,10 +298,13 @@ def test_hand_edited_search_space_is_one_clear_error(mutate, message):
 
 
 def test_validate_accepts_every_policy_and_a_discrete_shrink_strength():
-    exp = katib.render_experiment(katib.KatibConfig(algorithm="grid", max_trials=20))
+    exp = katib.render_experiment(KatibConfig(algorithm="grid", max_trials=20))
     katib.validate_experiment(exp)
-    katib.check_search_space([{"name": "shrink_strength", "parameterType": "discrete", "feasibleSpace": {"list": ["0", "5"]}},
-                              {"name": "threshold_mode", "parameterType": "categorical", "feasibleSpace": {"list": list(katib.THRESHOLD_MODES)}}])
+    katib.check_search_space([
+        {"name": "shrink_strength", "parameterType": "discrete", "feasibleSpace": {"list": ["0", "5"]}},
+        {"name": "threshold_mode", "parameterType": "categorical",
+         "feasibleSpace": {"list": list(katib.THRESHOLD_MODES)}},
+    ])
 
 
 def _with_optimal(exp: dict, assigned: dict, objective: str = "0.5") -> dict:
@@ -290,20 +316,22 @@ def _with_optimal(exp: dict, assigned: dict, objective: str = "0.5") -> dict:
 
 
 def test_best_trial_returns_the_policy_with_its_shrink_strength():
-    exp = _with_optimal(_experiment(), {"lr": "0.0004", "threshold_mode": "shrunk", "threshold": "0.22", "shrink_strength": "17.5"})
-    assert katib.best_trial(exp) == {"lr": 0.0004, "threshold": 0.22, "threshold_mode": "shrunk", "shrink_strength": 17.5,
-                                     "trial": "t-1", "val_macro_f1": 0.5}
+    exp = _with_optimal(_experiment(), {"lr": "0.0004", "threshold_mode": "shrunk", "threshold": "0.22",
+                                        "shrink_strength": "17.5"})
+    assert katib_tune.best_trial(exp) == {"lr": 0.0004, "threshold": 0.22, "threshold_mode": "shrunk",
+                                          "shrink_strength": 17.5, "trial": "t-1", "val_macro_f1": 0.5}
 
 
 def test_best_trial_reports_defaults_for_values_not_searched():
     """An Experiment over fitted and prior searches neither threshold nor shrink_strength: best_trial
     reports the pipeline defaults (no chosen policy reads them), and does not ask for them."""
-    exp = katib.render_experiment(katib.KatibConfig(threshold_modes=("fitted", "prior")))
-    best = katib.best_trial(_with_optimal(exp, {"lr": "0.001", "threshold_mode": "prior"}))
-    assert (best["threshold_mode"], best["threshold"], best["shrink_strength"]) == ("prior", 0.3, katib.DEFAULT_SHRINK_STRENGTH)
-    exp = katib.render_experiment(katib.KatibConfig(threshold_modes=("global",)))
+    exp = katib.render_experiment(KatibConfig(threshold_modes=("fitted", "prior")))
+    best = katib_tune.best_trial(_with_optimal(exp, {"lr": "0.001", "threshold_mode": "prior"}))
+    assert (best["threshold_mode"], best["threshold"], best["shrink_strength"]) == \
+        ("prior", 0.3, katib.DEFAULT_SHRINK_STRENGTH)
+    exp = katib.render_experiment(KatibConfig(threshold_modes=("global",)))
     with pytest.raises(k8s.ClusterError, match=r"lacks \['threshold'\]$"):
-        katib.best_trial(_with_optimal(exp, {"lr": "0.001", "threshold_mode": "global"}))
+        katib_tune.best_trial(_with_optimal(exp, {"lr": "0.001", "threshold_mode": "global"}))
 
 
 # ---------------------------------------------------------------- launch (stand-in API server)
@@ -335,15 +363,16 @@ MODELS = {"resnet18": 1e-3, "se_resnet18": 1e-3}
 
 
 def test_model_experiments_one_per_model_with_dns_safe_names():
-    exps = katib.model_experiments(katib.KatibConfig(), MODELS)
+    exps = katib_tune.model_experiments(KatibConfig(), MODELS)
     assert list(exps) == ["resnet18", "se_resnet18"]
-    assert [e["metadata"]["name"] for e in exps.values()] == ["hpa-lr-threshold-resnet18", "hpa-lr-threshold-se-resnet18"]
+    assert [e["metadata"]["name"] for e in exps.values()] == \
+        ["hpa-lr-threshold-resnet18", "hpa-lr-threshold-se-resnet18"]
     for arch, exp in exps.items():
         args = _container(exp)["args"]
         assert args[args.index("--arch") + 1] == arch
-    long = katib.model_experiments(katib.KatibConfig(name="a" * 40), {"se_resnet50": 1e-3})
+    long = katib_tune.model_experiments(KatibConfig(name="a" * 40), {"se_resnet50": 1e-3})
     assert long["se_resnet50"]["metadata"]["name"] == "a" * 28 + "-se-resnet50"
-    assert katib.arch_label("Se_ResNet18") == "se-resnet18"
+    assert katib_tune.arch_label("Se_ResNet18") == "se-resnet18"
 
 
 @pytest.mark.parametrize("models, message", [
@@ -353,20 +382,25 @@ def test_model_experiments_one_per_model_with_dns_safe_names():
 ])
 def test_bad_model_list_is_one_clear_error(models, message):
     with pytest.raises(ConfigError) as err:
-        katib.model_experiments(katib.KatibConfig(), models)
+        katib_tune.model_experiments(KatibConfig(), models)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 def test_tune_models_runs_one_experiment_per_model_and_takes_the_best_policy(tmp_path):
-    results = {"resnet18": ({"lr": "0.0009", "threshold_mode": "fitted", "threshold": "0.4", "shrink_strength": "3"}, 0.52),
-               "se-resnet18": ({"lr": "0.0002", "threshold_mode": "shrunk", "threshold": "0.2", "shrink_strength": "25"}, 0.48)}
+    results = {
+        "resnet18": ({"lr": "0.0009", "threshold_mode": "fitted", "threshold": "0.4", "shrink_strength": "3"}, 0.52),
+        "se-resnet18": ({"lr": "0.0002", "threshold_mode": "shrunk", "threshold": "0.2", "shrink_strength": "25"},
+                        0.48),
+    }
     with PerExperimentAPI(results, polls=3) as api:
-        out = katib.tune_models(katib.KatibConfig(namespace="team-a"), MODELS, timeout=20, poll=0.05, unique_name=True,
-                                api_client=api.api_client(), save_to=tmp_path / "experiments.yaml")
+        out = katib_tune.tune_models(KatibConfig(namespace="team-a"), MODELS, timeout=20, poll=0.05, unique_name=True,
+                                     api_client=api.api_client(), save_to=tmp_path / "experiments.yaml")
         names = [p["metadata"]["name"] for p in api.posted]
         assert all(api.gets[("experiments", "team-a", n)] == 3 for n in names) and api.deleted == []
-    assert re.fullmatch(r"hpa-lr-threshold-[0-9a-f]{6}-resnet18", names[0]) and names[1] == names[0].replace("-resnet18", "-se-resnet18")
-    assert {k: out[k] for k in ("models", "threshold", "threshold_mode", "shrink_strength", "val_macro_f1", "policy_from")} == {
+    assert re.fullmatch(r"hpa-lr-threshold-[0-9a-f]{6}-resnet18", names[0]) and \
+        names[1] == names[0].replace("-resnet18", "-se-resnet18")
+    keys = ("models", "threshold", "threshold_mode", "shrink_strength", "val_macro_f1", "policy_from")
+    assert {k: out[k] for k in keys} == {
         "models": {"resnet18": 0.0009, "se_resnet18": 0.0002}, "threshold": 0.4, "threshold_mode": "fitted",
         "shrink_strength": 3.0, "val_macro_f1": 0.52, "policy_from": "resnet18"}
     assert out["experiments"] == dict(zip(MODELS, names)) and out["trials"]["se_resnet18"]["threshold_mode"] == "shrunk"
@@ -375,24 +409,29 @@ def test_tune_models_runs_one_experiment_per_model_and_takes_the_best_policy(tmp
 
 def test_combine_best_ignores_nan_and_keeps_the_first_of_a_tie():
     def best(mode, f1):
-        return {"lr": 1e-3, "threshold": 0.3, "threshold_mode": mode, "shrink_strength": 10.0, "trial": "t", "val_macro_f1": f1}
+        return {"lr": 1e-3, "threshold": 0.3, "threshold_mode": mode, "shrink_strength": 10.0, "trial": "t",
+                "val_macro_f1": f1}
 
-    assert katib.combine_best({"a": best("prior", math.nan), "b": best("global", 0.1)})["threshold_mode"] == "global"
-    assert katib.combine_best({"a": best("prior", 0.4), "b": best("global", 0.4)})["policy_from"] == "a"
+    assert katib_tune.combine_best({"a": best("prior", math.nan), "b": best("global", 0.1)})["threshold_mode"] == \
+        "global"
+    assert katib_tune.combine_best({"a": best("prior", 0.4), "b": best("global", 0.4)})["policy_from"] == "a"
 
 
 def test_one_failed_experiment_deletes_the_others():
     with PerExperimentAPI(failing=("se-resnet18",), polls=2, outcome="never") as api:
-        with pytest.raises(k8s.ClusterError, match=r"^Experiment team-a/hpa-lr-threshold-se-resnet18 failed: MaxFailedTrialsReached"):
-            katib.tune_models(katib.KatibConfig(namespace="team-a"), MODELS, timeout=20, poll=0.05, api_client=api.api_client())
-        assert sorted(d["key"][2] for d in api.deleted if d["by"] == "client") == ["hpa-lr-threshold-resnet18", "hpa-lr-threshold-se-resnet18"]
+        with pytest.raises(k8s.ClusterError,
+                           match=r"^Experiment team-a/hpa-lr-threshold-se-resnet18 failed: MaxFailedTrialsReached"):
+            katib_tune.tune_models(KatibConfig(namespace="team-a"), MODELS, timeout=20, poll=0.05,
+                                   api_client=api.api_client())
+        assert sorted(d["key"][2] for d in api.deleted if d["by"] == "client") == \
+            ["hpa-lr-threshold-resnet18", "hpa-lr-threshold-se-resnet18"]
         assert api.objects == {}
 
 
 def test_timeout_of_a_model_list_deletes_every_experiment():
     with PerExperimentAPI(polls=1, outcome="never") as api:
         with pytest.raises(k8s.ClusterError, match=r"did not finish within 0.5 s \(last state: Running\)"):
-            katib.tune_models(katib.KatibConfig(), MODELS, timeout=0.5, poll=0.05, api_client=api.api_client())
+            katib_tune.tune_models(KatibConfig(), MODELS, timeout=0.5, poll=0.05, api_client=api.api_client())
         assert len(api.deleted) == 2 and api.objects == {}
 
 
@@ -400,10 +439,10 @@ def test_refused_creation_deletes_the_experiments_already_created():
     """The second model's name is taken: the first model's Experiment, already created, is deleted."""
     with PerExperimentAPI(polls=1) as api:
         client = api.api_client()
-        clash = katib.model_experiments(katib.KatibConfig(), {"se_resnet18": 1e-3})["se_resnet18"]
+        clash = katib_tune.model_experiments(KatibConfig(), {"se_resnet18": 1e-3})["se_resnet18"]
         k8s.create_object(k8s.custom_objects_api(client), clash, "experiments", "kubeflow")
         with pytest.raises(k8s.Rejected, match=r'HTTP 409 experiments "hpa-lr-threshold-se-resnet18" already exists'):
-            katib.tune_models(katib.KatibConfig(), MODELS, timeout=5, poll=0.05, api_client=client)
+            katib_tune.tune_models(KatibConfig(), MODELS, timeout=5, poll=0.05, api_client=client)
         assert [d["key"][2] for d in api.deleted] == ["hpa-lr-threshold-resnet18"]
         assert list(api.objects) == [("experiments", "kubeflow", "hpa-lr-threshold-se-resnet18")]
 
@@ -415,9 +454,10 @@ def test_model_list_experiments_are_owned_by_the_kfp_task_pod(tmp_path, monkeypa
     monkeypatch.setenv("KFP_POD_UID", "uid-of-tune-pod")
     with PerExperimentAPI(polls=1) as api:
         api.add_pod("team-a", "tune-pod", "uid-of-tune-pod")
-        katib.tune_models(katib.KatibConfig(namespace="team-a"), MODELS, timeout=5, poll=0.05, api_client=api.api_client())
-        assert all(p["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": "tune-pod", "uid": "uid-of-tune-pod"}]
-                   for p in api.posted) and len(api.posted) == 2
+        katib_tune.tune_models(KatibConfig(namespace="team-a"), MODELS, timeout=5, poll=0.05,
+                               api_client=api.api_client())
+        owner = {"apiVersion": "v1", "kind": "Pod", "name": "tune-pod", "uid": "uid-of-tune-pod"}
+        assert all(p["metadata"]["ownerReferences"] == [owner] for p in api.posted) and len(api.posted) == 2
         api.delete_pod("team-a", "tune-pod")
         assert api.objects == {} and [d["by"] for d in api.deleted] == ["garbage-collector"] * 2
 
@@ -429,7 +469,8 @@ def test_signal_while_tuning_a_model_list_deletes_every_experiment(tmp_path, sig
     with PerExperimentAPI(polls=1, outcome="never") as api:
         env = {**os.environ, "KUBECONFIG": api.write_kubeconfig(tmp_path / "kubeconfig")}
         env.pop("KUBERNETES_SERVICE_HOST", None)
-        proc = subprocess.Popen([sys.executable, "-m", "hpa", "katib", "tune", "--models", '{"resnet18": 0.001, "se_resnet18": 0.001}',
+        proc = subprocess.Popen([sys.executable, "-m", "hpa", "katib", "tune",
+                                 "--models", '{"resnet18": 0.001, "se_resnet18": 0.001}',
                                  "--namespace", "ns1", "--timeout", "120", "--poll", "0.1"],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 90
@@ -439,7 +480,8 @@ def test_signal_while_tuning_a_model_list_deletes_every_experiment(tmp_path, sig
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
         names = ["hpa-lr-threshold-resnet18", "hpa-lr-threshold-se-resnet18"]
-        assert api.deleted == [{"key": ("experiments", "ns1", n), "propagationPolicy": "Background", "by": "client"} for n in names]
+        assert api.deleted == [{"key": ("experiments", "ns1", n), "propagationPolicy": "Background", "by": "client"}
+                               for n in names]
     both = ", ".join(f"Experiment ns1/{n}" for n in names)
     assert proc.returncode == 2 and out == "", err
     assert err.strip().splitlines()[-1] == f"error: {both}: cancelled by {signal.Signals(sig).name}; deleted {both}"
@@ -449,17 +491,20 @@ def test_cli_tune_prints_the_combined_result(tmp_path, monkeypatch, capsys):
     with PerExperimentAPI({"resnet18": ({"lr": "0.002", "threshold_mode": "prior"}, 0.3)}, polls=1) as api:
         monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "config"))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        assert katib.main(["tune", "--models", '{"resnet18": 0.001}', "--namespace", "ns1", "--threshold-modes", "fitted", "prior",
-                           "--timeout", "20", "--poll", "0.05", "--save", str(tmp_path / "e.yaml")]) == 0
+        assert katib_tune.main(["tune", "--models", '{"resnet18": 0.001}', "--namespace", "ns1",
+                                "--threshold-modes", "fitted", "prior", "--timeout", "20", "--poll", "0.05",
+                                "--save", str(tmp_path / "e.yaml")]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["models"] == {"resnet18": 0.002} and result["threshold_mode"] == "prior" and result["val_macro_f1"] == 0.3
+    assert result["models"] == {"resnet18": 0.002} and result["threshold_mode"] == "prior" and \
+        result["val_macro_f1"] == 0.3
     assert (result["threshold"], result["shrink_strength"]) == (0.3, 10.0)  # not searched: the defaults
 
 
 def test_launch_creates_waits_and_reads_the_optimal_trial():
     best = {"lr": "0.00042", "threshold": "0.27", "threshold_mode": "global"}
     with FakeKubeAPI(polls=3, outcome="succeeded", best=best) as api:
-        result = katib.launch(_experiment(), namespace="team-a", timeout=20, poll=0.05, api_client=api.api_client())
+        result = katib_tune.launch(_experiment(), namespace="team-a", timeout=20, poll=0.05,
+                                   api_client=api.api_client())
         assert len(api.posted) == 1 and api.posted[0]["metadata"]["namespace"] == "team-a"
         assert api.gets[("experiments", "team-a", "hpa-lr-threshold")] == 3
     assert result == {"lr": 0.00042, "threshold": 0.27, "threshold_mode": "global", "shrink_strength": 1.0,
@@ -468,16 +513,18 @@ def test_launch_creates_waits_and_reads_the_optimal_trial():
 
 def test_launch_failed_experiment_is_a_clear_error():
     with FakeKubeAPI(polls=1, outcome="failed") as api:
-        with pytest.raises(k8s.ClusterError, match=r"Experiment kubeflow/hpa-lr-threshold failed: MaxFailedTrialsReached: 3 trials failed"):
-            katib.launch(_experiment(), timeout=20, poll=0.05, api_client=api.api_client())
+        with pytest.raises(k8s.ClusterError, match=r"Experiment kubeflow/hpa-lr-threshold failed: "
+                                                   r"MaxFailedTrialsReached: 3 trials failed"):
+            katib_tune.launch(_experiment(), timeout=20, poll=0.05, api_client=api.api_client())
         # deleted (and with it its trials and their Jobs, Background propagation), not left behind
-        assert api.deleted == [{"key": ("experiments", "kubeflow", "hpa-lr-threshold"), "propagationPolicy": "Background", "by": "client"}]
+        assert api.deleted == [{"key": ("experiments", "kubeflow", "hpa-lr-threshold"),
+                                "propagationPolicy": "Background", "by": "client"}]
 
 
 def test_launch_timeout_is_a_clear_error():
     with FakeKubeAPI(polls=1, outcome="never") as api:
         with pytest.raises(k8s.ClusterError, match=r"did not finish within 0.5 s \(last state: Running\)"):
-            katib.launch(_experiment(), timeout=0.5, poll=0.05, api_client=api.api_client())
+            katib_tune.launch(_experiment(), timeout=0.5, poll=0.05, api_client=api.api_client())
         assert [d["key"] for d in api.deleted] == [("experiments", "kubeflow", "hpa-lr-threshold")]
         assert api.objects == {}
 
@@ -491,8 +538,9 @@ def test_experiment_is_owned_by_the_kfp_task_pod(tmp_path, monkeypatch):
     monkeypatch.setenv("KFP_POD_UID", "uid-of-tune-pod")
     with FakeKubeAPI(polls=1) as api:
         api.add_pod("team-a", "tune-pod", "uid-of-tune-pod")
-        katib.launch(_experiment(), namespace="team-a", timeout=5, poll=0.05, api_client=api.api_client())
-        assert api.posted[0]["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": "tune-pod", "uid": "uid-of-tune-pod"}]
+        katib_tune.launch(_experiment(), namespace="team-a", timeout=5, poll=0.05, api_client=api.api_client())
+        assert api.posted[0]["metadata"]["ownerReferences"] == [
+            {"apiVersion": "v1", "kind": "Pod", "name": "tune-pod", "uid": "uid-of-tune-pod"}]
         api.delete_pod("team-a", "tune-pod")
         assert api.objects == {} and api.deleted[0]["by"] == "garbage-collector"
 
@@ -504,27 +552,29 @@ def test_signal_while_waiting_deletes_the_experiment(tmp_path, sig):
     with FakeKubeAPI(polls=1, outcome="never") as api:
         env = {**os.environ, "KUBECONFIG": api.write_kubeconfig(tmp_path / "kubeconfig")}
         env.pop("KUBERNETES_SERVICE_HOST", None)
-        proc = subprocess.Popen([sys.executable, "-m", "hpa", "katib", "launch", "--file", str(EXPERIMENT), "--namespace", "ns1",
-                                 "--timeout", "120", "--poll", "0.1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-m", "hpa", "katib", "launch", "--file", str(EXPERIMENT),
+                                 "--namespace", "ns1", "--timeout", "120", "--poll", "0.1"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while not api.gets and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert api.gets, f"the launcher never polled (rc={proc.poll()})"
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
-        assert api.deleted == [{"key": ("experiments", "ns1", "hpa-lr-threshold"), "propagationPolicy": "Background", "by": "client"}]
+        assert api.deleted == [{"key": ("experiments", "ns1", "hpa-lr-threshold"), "propagationPolicy": "Background",
+                                "by": "client"}]
     assert proc.returncode == 2 and out == "", err
-    assert err.strip().splitlines()[-1] == (f"error: Experiment ns1/hpa-lr-threshold: cancelled by {signal.Signals(sig).name}; "
-                                            "deleted Experiment ns1/hpa-lr-threshold")
+    assert err.strip().splitlines()[-1] == (f"error: Experiment ns1/hpa-lr-threshold: cancelled by "
+                                            f"{signal.Signals(sig).name}; deleted Experiment ns1/hpa-lr-threshold")
 
 
 def test_launch_duplicate_and_unique_names():
     with FakeKubeAPI(polls=1) as api:
         client = api.api_client()
-        katib.launch(_experiment(), timeout=5, poll=0.05, api_client=client)
+        katib_tune.launch(_experiment(), timeout=5, poll=0.05, api_client=client)
         with pytest.raises(k8s.ClusterError, match=r"HTTP 409 experiments \"hpa-lr-threshold\" already exists"):
-            katib.launch(_experiment(), timeout=5, poll=0.05, api_client=client)
-        katib.launch(_experiment(), timeout=5, poll=0.05, unique_name=True, api_client=client)
+            katib_tune.launch(_experiment(), timeout=5, poll=0.05, api_client=client)
+        katib_tune.launch(_experiment(), timeout=5, poll=0.05, unique_name=True, api_client=client)
         names = [p["metadata"]["name"] for p in api.posted]
     assert names[0] == "hpa-lr-threshold" and re.fullmatch(r"hpa-lr-threshold-[0-9a-f]{6}", names[1])
 
@@ -534,7 +584,8 @@ def test_stand_in_server_rejects_an_invalid_object():
     _container(bad)["imag"] = "typo"
     with FakeKubeAPI() as api:
         k8s_api = k8s.custom_objects_api(api.api_client())
-        with pytest.raises(k8s.ClusterError, match=r"HTTP 422 posted Experiment trialSpec spec.template does not match"):
+        with pytest.raises(k8s.ClusterError,
+                           match=r"HTTP 422 posted Experiment trialSpec spec.template does not match"):
             k8s.create_object(k8s_api, bad, "experiments", "kubeflow")
         assert api.posted == []
 
@@ -543,7 +594,8 @@ def test_cli_launch_with_kubeconfig(tmp_path, monkeypatch, capsys):
     with FakeKubeAPI(polls=2, best={"lr": "0.001", "threshold": "0.3", "threshold_mode": "fitted"}) as api:
         monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "config"))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        assert katib.main(["launch", "--file", str(EXPERIMENT), "--namespace", "ns1", "--timeout", "20", "--poll", "0.05"]) == 0
+        assert katib_tune.main(["launch", "--file", str(EXPERIMENT), "--namespace", "ns1", "--timeout", "20",
+                                "--poll", "0.05"]) == 0
     out = capsys.readouterr().out
     assert '"lr": 0.001' in out and '"threshold_mode": "fitted"' in out
 
@@ -559,16 +611,21 @@ def test_katib_tune_component_against_stand_in(tmp_path, monkeypatch):
     split = tmp_path / "split.csv"
     split.write_text("Id,Target,fold\na,0,0\n")
     experiment = Artifact(name="experiment", uri=str(tmp_path / "experiment.yaml"))
-    results = {"resnet18": ({"lr": "0.0007", "threshold": "0.2", "threshold_mode": "global", "shrink_strength": "7"}, 0.41),
-               "se-resnet18": ({"lr": "0.0003", "threshold": "0.25", "threshold_mode": "shrunk", "shrink_strength": "12.5"}, 0.47)}
+    results = {
+        "resnet18": ({"lr": "0.0007", "threshold": "0.2", "threshold_mode": "global", "shrink_strength": "7"}, 0.41),
+        "se-resnet18": ({"lr": "0.0003", "threshold": "0.25", "threshold_mode": "shrunk", "shrink_strength": "12.5"},
+                        0.47),
+    }
     with PerExperimentAPI(results, polls=2) as api:
         monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "config"))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         out = katib_tune.python_func(data_uri="s3://bucket/data", split_csv=Dataset(name="split", uri=str(split)),
                                      store_uri=str(tmp_path / "store"), experiment=experiment, namespace="team",
-                                     trial_image="registry.example/hpa:cuda-5", models={"resnet18": 1e-3, "se_resnet18": 2e-3},
+                                     trial_image="registry.example/hpa:cuda-5",
+                                     models={"resnet18": 1e-3, "se_resnet18": 2e-3},
                                      max_trials=4, parallel_trials=2, threshold_modes=["global", "shrunk"],
-                                     shrink_strength_min=2.0, shrink_strength_max=20.0, poll_s=0.05, timeout_s=20, **PLACED)
+                                     shrink_strength_min=2.0, shrink_strength_max=20.0, poll_s=0.05, timeout_s=20,
+                                     **PLACED)
         posted = list(api.posted)
     assert out._fields == ("models", "threshold", "threshold_mode", "shrink_strength", "val_macro_f1")
     assert tuple(out) == ({"resnet18": 0.0007, "se_resnet18": 0.0003}, 0.25, "shrunk", 12.5, 0.47)
@@ -587,7 +644,8 @@ def test_katib_tune_component_against_stand_in(tmp_path, monkeypatch):
         pod_spec = exp["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]
         assert pod_spec["nodeSelector"] == PLACED["node_selector"] and pod_spec["tolerations"] == PLACED["tolerations"]
     assert [d["metadata"]["name"] for d in yaml.safe_load_all((tmp_path / "experiment.yaml").read_text())] == names
-    assert experiment.metadata["policy_from"] == "se_resnet18" and experiment.metadata["experiments"]["resnet18"] == names[0]
+    assert experiment.metadata["policy_from"] == "se_resnet18" and \
+        experiment.metadata["experiments"]["resnet18"] == names[0]
     assert experiment.metadata["trials"]["resnet18"]["val_macro_f1"] == 0.41
     defaults = katib_defaults.python_func(models={"resnet18": 1e-3, "se_resnet18": 2e-3}, threshold=0.3,
                                           threshold_mode="shrunk", shrink_strength=10.0)
@@ -602,8 +660,10 @@ def test_katib_tune_component_refuses_a_bad_model_list_before_touching_the_store
     from components.katib_tune.component import katib_tune
 
     with pytest.raises(ConfigError) as err:
-        katib_tune.python_func(data_uri="s3://bucket/data", split_csv=Dataset(name="split", uri=str(tmp_path / "s.csv")),
-                               store_uri=str(tmp_path / "store"), experiment=Artifact(name="e", uri=str(tmp_path / "e.yaml")),
+        katib_tune.python_func(data_uri="s3://bucket/data",
+                               split_csv=Dataset(name="split", uri=str(tmp_path / "s.csv")),
+                               store_uri=str(tmp_path / "store"),
+                               experiment=Artifact(name="e", uri=str(tmp_path / "e.yaml")),
                                trial_image="registry.example/hpa:cuda-5", models={"resnet19": 1e-3}, namespace="team")
     assert str(err.value).startswith("katib models: unknown model 'resnet19'; expected names from resnet18,")
     assert not (tmp_path / "store").exists()
@@ -616,8 +676,10 @@ def test_katib_tune_component_refuses_an_empty_trial_image(tmp_path, monkeypatch
     from components.katib_tune.component import katib_tune
 
     with pytest.raises(ConfigError) as err:
-        katib_tune.python_func(data_uri="s3://bucket/data", split_csv=Dataset(name="split", uri=str(tmp_path / "s.csv")),
-                               store_uri=str(tmp_path / "store"), experiment=Artifact(name="e", uri=str(tmp_path / "e.yaml")),
+        katib_tune.python_func(data_uri="s3://bucket/data",
+                               split_csv=Dataset(name="split", uri=str(tmp_path / "s.csv")),
+                               store_uri=str(tmp_path / "store"),
+                               experiment=Artifact(name="e", uri=str(tmp_path / "e.yaml")),
                                trial_image="", models={"resnet18": 1e-3})
     assert str(err.value) == ("katib-tune trial_image='': expected the trial image fixed at compile time "
                               "(pipeline.py passes the CUDA image when gpus > 0, else the CPU image)")
@@ -628,7 +690,7 @@ def test_best_trial_without_assignments_is_a_clear_error():
     exp = copy.deepcopy(_experiment())
     exp["status"] = {"currentOptimalTrial": {"parameterAssignments": [{"name": "lr", "value": "0.1"}]}}
     with pytest.raises(k8s.ClusterError, match=r"lacks \['shrink_strength', 'threshold', 'threshold_mode'\]"):
-        katib.best_trial(exp)
+        katib_tune.best_trial(exp)
 
 
 def test_timestamped_metric_line_gives_katib_its_time_and_the_same_metrics():
@@ -641,10 +703,11 @@ def test_timestamped_metric_line_gives_katib_its_time_and_the_same_metrics():
 
     line = metric_line(3, 0.1234, 0.1345, 0.4567, timestamp=True)
     stamp, rest = line.split(" ", 1)
-    assert rest == metric_line(3, 0.1234, 0.1345, 0.4567) == "epoch=3 train_loss=0.1234 val_loss=0.1345 val_macro_f1=0.4567"
+    assert rest == metric_line(3, 0.1234, 0.1345, 0.4567) == \
+        "epoch=3 train_loss=0.1234 val_loss=0.1345 val_macro_f1=0.4567"
     datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ")
     found = {m.group(1): float(m.group(2)) for regex in katib.METRIC_FILTERS for m in re.finditer(regex, line)}
     assert found == {"val_loss": 0.1345, "val_macro_f1": 0.4567}
     assert [m.group(1) for m in re.finditer(katib.KATIB_DEFAULT_FILTER, line)] == [
         "epoch", "train_loss", "val_loss", "val_macro_f1"]
-    assert "--metric-timestamps" in katib.train_args(katib.KatibConfig())
+    assert "--metric-timestamps" in katib.train_args(KatibConfig())

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from hpa.errors import DataError
-from hpa.labels import HPA_CLASS_COUNTS, HPA_LABELS_PER_IMAGE, HPA_N_IMAGES, NUM_CLASSES, format_target, parse_target, to_matrix
+from hpa.labels import (HPA_CLASS_COUNTS, HPA_LABELS_PER_IMAGE, HPA_N_IMAGES, NUM_CLASSES, format_target, parse_target,
+                        to_matrix)
 
 
 def test_real_statistics_are_consistent():

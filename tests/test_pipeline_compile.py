@@ -147,8 +147,9 @@ def test_models_x_folds_parallel_for_and_collected_inputs(which, trainer, reques
     assert list(body["tasks"]) == [trainer]
     params = body["tasks"][trainer]["inputs"]["parameters"]
     item = task["parameterIterator"]["itemInput"]
-    assert params["arch"] == {"componentInputParameter": item, "parameterExpressionSelector": 'parseJson(string_value)["arch"]'}
-    assert params["fold"] == {"componentInputParameter": item, "parameterExpressionSelector": 'parseJson(string_value)["fold"]'}
+    for key in ("arch", "fold"):
+        assert params[key] == {"componentInputParameter": item,
+                               "parameterExpressionSelector": f'parseJson(string_value)["{key}"]'}
     # The UI shows the display name; the driver resolves producers by the DAG task key ("train"), not by it
     # (2.15.0-2.17.0 backend/src/v2/driver/container.go, dag.go: ecfg.TaskName = opts.TaskName, DisplayName apart).
     assert body["tasks"][trainer]["taskInfo"]["name"] == f"{trainer} (model x fold)"
@@ -274,7 +275,8 @@ def test_multinode_pipeline_trains_with_trainjobs(compiled_multinode):
     for key, run_param in (("num_nodes", "num_nodes"), ("gpus_per_node", "gpus"), ("node_selector", "node_selector"),
                            ("tolerations", "tolerations")):
         assert params[key]["componentInputParameter"] == f"pipelinechannel--{run_param}"
-        assert loop_task["inputs"]["parameters"][f"pipelinechannel--{run_param}"]["componentInputParameter"] == run_param
+        channel = loop_task["inputs"]["parameters"][f"pipelinechannel--{run_param}"]
+        assert channel["componentInputParameter"] == run_param
     assert loop in tasks["compare-plots"]["dependentTasks"] and loop in tasks["ensemble"]["dependentTasks"]
     assert spec["root"]["inputDefinitions"]["parameters"]["num_nodes"]["defaultValue"] == 2
     for comp in spec["components"].values():
@@ -295,7 +297,8 @@ def test_kubernetes_settings(compiled):
         assert s3 <= secret_env(k8s[name]), f"{name} lacks the S3 secret env"
     kaggle = {(KAGGLE_SECRET_NAME, key, env) for key, env in KAGGLE_SECRET_KEYS.items()}
     assert kaggle <= secret_env(k8s["exec-submit"])
-    assert all(not (kaggle & secret_env(e)) for n, e in k8s.items() if n != "exec-submit"), "Kaggle keys only for submit"
+    assert all(not (kaggle & secret_env(e)) for n, e in k8s.items() if n != "exec-submit"), \
+        "Kaggle keys only for submit"
     for train in TRAINING:
         executor = k8s[f"exec-{train}"]
         shm = [m for m in executor["emptyDirMounts"] if m["mountPath"] == "/dev/shm"]
@@ -351,7 +354,7 @@ def test_cluster_doc_lists_every_parameter_and_the_graph(compiled):
 def test_weights_reach_every_training_pod(compiled, compiled_multinode):
     """The `weights` run parameter goes to the training task, Katib trials (katib-tune) and the TrainJobs'
     `python -m hpa train` args, and is validated by check-params."""
-    from hpa import distributed, katib
+    from hpa import katib, train_distributed
 
     for spec, _ in (compiled, compiled_multinode):
         tasks = {name: task for name, (task, _) in all_tasks(spec).items()}
@@ -360,10 +363,11 @@ def test_weights_reach_every_training_pod(compiled, compiled_multinode):
         for name in users:
             ref = tasks[name]["inputs"]["parameters"]["weights"]["componentInputParameter"]
             assert ref in ("weights", "pipelinechannel--weights"), (name, ref)
-    job = distributed.render(distributed.DistributedConfig(weights="s3://mlpipeline/shared/w/resnet18.pth",
-                                                           image="registry.example/hpa:cuda"))
+    job = train_distributed.render(train_distributed.DistributedConfig(weights="s3://mlpipeline/shared/w/resnet18.pth",
+                                                                       image="registry.example/hpa:cuda"))
     args = job["spec"]["trainer"]["args"]
     assert args[args.index("--weights") + 1] == "s3://mlpipeline/shared/w/resnet18.pth"
-    assert "--weights" not in distributed.train_args(distributed.DistributedConfig(image="registry.example/hpa:cuda"))
+    config = train_distributed.DistributedConfig(image="registry.example/hpa:cuda")
+    assert "--weights" not in train_distributed.train_args(config)
     exp = katib.render_experiment(katib.KatibConfig(weights="imagenet", image="registry.example/hpa:cuda"))
     assert "--weights" in str(exp) and "imagenet" in str(exp)

@@ -146,9 +146,10 @@ def test_run_local_prints_the_honest_scores_the_baseline_and_the_cardinality():
     """What `run --local` prints after a run, from its metrics.json (here a hand-made one)."""
     import pipeline
 
-    scores = {"ensemble_val": {"val_macro_f1": 0.2151, "val_macro_f1_in_sample": 0.2192, "resnet18_val_macro_f1": 0.2161,
-                               "se_resnet18_val_macro_f1": 0.1932, "resnet18_test_macro_f1": 0.2021,
-                               "se_resnet18_test_macro_f1": 0.1858, "val_true_labels_per_image": 1.6},
+    scores = {"ensemble_val": {"val_macro_f1": 0.2151, "val_macro_f1_in_sample": 0.2192,
+                               "resnet18_val_macro_f1": 0.2161, "se_resnet18_val_macro_f1": 0.1932,
+                               "resnet18_test_macro_f1": 0.2021, "se_resnet18_test_macro_f1": 0.1858,
+                               "val_true_labels_per_image": 1.6},
               "submission": {"test_macro_f1": 0.2367, "test_macro_f1_all_classes": 0.1005, "labels_per_image": 1.73,
                              "true_labels_per_image": 1.64}}
     lines = pipeline.score_lines(scores, {"resnet18": 0.002, "se_resnet18": 0.002})

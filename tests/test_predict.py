@@ -8,8 +8,9 @@ from torch import nn
 
 from hpa import predict as pr
 from hpa.errors import ConfigError, DataError
-from hpa.evaluate import load_predictions
+from hpa.inputs import dihedral
 from hpa.labels import COLORS, NUM_CLASSES, format_target
+from hpa.predictions import load_predictions
 
 torch.set_num_threads(1)
 
@@ -37,20 +38,12 @@ class FlattenLinear(nn.Module):
         return self.fc(x.float().flatten(1))
 
 
-def test_dihedral_transforms_are_the_eight_distinct_group_elements():
-    x = torch.arange(16.0).view(1, 1, 4, 4)
-    outs = [pr.dihedral(x, k) for k in range(8)]
-    assert len({tuple(o.flatten().tolist()) for o in outs}) == 8
-    assert torch.equal(outs[1], x.flip(-1)) and torch.equal(outs[4], torch.rot90(x, 1, (-2, -1)))
-    assert len(pr.TTA_NAMES) == 8
-
-
 def test_tta8_is_invariant_for_an_invariant_model():
     torch.manual_seed(0)
     model, x = PoolLinear().eval(), torch.rand(5, 4, 16, 16)
     one, eight = pr.predict_batch(model, x, 1), pr.predict_batch(model, x, 8)
     torch.testing.assert_close(one, eight, atol=1e-6, rtol=0)
-    rotated = pr.dihedral(x, 4)
+    rotated = dihedral(x, 4)
     torch.testing.assert_close(pr.predict_batch(model, rotated, 8), eight, atol=1e-6, rtol=0)
 
 
@@ -59,7 +52,7 @@ def test_tta_changes_a_position_dependent_model_and_averages_sigmoids():
     model, x = FlattenLinear().eval(), torch.rand(3, 4, 16, 16)
     one, eight = pr.predict_batch(model, x, 1), pr.predict_batch(model, x, 8)
     assert (one - eight).abs().max() > 1e-3
-    manual = torch.stack([torch.sigmoid(model(pr.dihedral(x, k))) for k in range(8)]).mean(0)
+    manual = torch.stack([torch.sigmoid(model(dihedral(x, k))) for k in range(8)]).mean(0)
     torch.testing.assert_close(eight, manual)
     with pytest.raises(ConfigError, match="--tta 3"):
         pr.predict_batch(model, x, 3)
@@ -76,8 +69,10 @@ def write_png_layout(root, n_test=12, n_train=16, size=16, seed=0):
         ids = [f"{split}{i:03d}-{rng.integers(1 << 30):08x}" for i in range(n)]
         for image_id in ids:
             for color in COLORS:
-                Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(root / split / f"{image_id}_{color}.png")
-        rows[split] = pd.DataFrame({"Id": ids, "Target": [format_target(rng.choice(NUM_CLASSES, 2, replace=False)) for _ in ids]})
+                plane = rng.integers(0, 256, (size, size), dtype=np.uint8)
+                Image.fromarray(plane).save(root / split / f"{image_id}_{color}.png")
+        targets = [format_target(rng.choice(NUM_CLASSES, 2, replace=False)) for _ in ids]
+        rows[split] = pd.DataFrame({"Id": ids, "Target": targets})
     rows["train"].to_csv(root / "train.csv", index=False)
     rows["test"].to_csv(root / "test_labels.csv", index=False)
     pd.DataFrame({"Id": rows["test"]["Id"], "Predicted": "0"}).to_csv(root / "sample_submission.csv", index=False)
@@ -94,7 +89,8 @@ def layout(tmp_path, monkeypatch):
     current = {}
 
     def fake_load_checkpoint(path, map_location="cpu"):  # the model under test, with a real meta
-        return models[current["name"]].eval(), {"arch": current["name"], "size": 16, "color_mode": "rgby", "in_chans": 4}
+        meta = {"arch": current["name"], "size": 16, "color_mode": "rgby", "in_chans": 4}
+        return models[current["name"]].eval(), meta
 
     import hpa.models
 
@@ -135,7 +131,7 @@ def test_predict_val_fold_and_cli(layout, capsys):
 
 def test_predict_from_shards_equals_png(layout):
     from hpa.data import load_image
-    from hpa.shards import write_shards
+    from hpa.pack import write_shards
 
     tmp, rows, current = layout
     current["name"] = "positional"

@@ -1,4 +1,5 @@
-"""hpa.shards: pack a committed dataset, stream it (ranks x workers), random access, integrity, cache bound."""
+"""hpa.pack and hpa.shards: pack a committed dataset, stream it (ranks x workers), random access, integrity,
+cache bound."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 import zstandard
 
-from hpa import data, shards, store, synthetic
+from hpa import data, pack, shards, store, synthetic
 from hpa.cli import main as cli_main
 from hpa.errors import ConfigError, DataError, StoreError
 
@@ -38,7 +39,7 @@ def packed(raw, tmp_path):
     """A committed local dataset and its train shards."""
     data_uri = commit(raw, str(tmp_path / "data"))
     out = str(tmp_path / "shards")
-    shards.pack(data_uri, out, SIZE, samples_per_shard=PER_SHARD)
+    pack.pack(data_uri, out, SIZE, samples_per_shard=PER_SHARD)
     return data_uri, out
 
 
@@ -96,32 +97,32 @@ def test_pack_writes_tar_shards_and_manifest(packed, raw):
 def test_pack_is_idempotent_and_deterministic(packed, tmp_path):
     data_uri, out = packed
     manifest = open(os.path.join(out, "train", "shards.json"), "rb").read()
-    again = shards.pack(data_uri, out, SIZE, samples_per_shard=PER_SHARD)
+    again = pack.pack(data_uri, out, SIZE, samples_per_shard=PER_SHARD)
     assert again["skipped_shards"] == again["num_shards"] == 5
     assert open(os.path.join(out, "train", "shards.json"), "rb").read() == manifest
-    elsewhere = shards.pack(data_uri, str(tmp_path / "other"), SIZE, samples_per_shard=PER_SHARD, workers=2)
+    elsewhere = pack.pack(data_uri, str(tmp_path / "other"), SIZE, samples_per_shard=PER_SHARD, workers=2)
     assert elsewhere["skipped_shards"] == 0
     assert open(tmp_path / "other" / "train" / "shards.json", "rb").read() == manifest
     # a shard replaced by other bytes is rebuilt, not trusted
     victim = os.path.join(out, "train", "shard-000002.tar")
     good = open(victim, "rb").read()
     open(victim, "wb").write(b"junk")
-    assert shards.pack(data_uri, out, SIZE, samples_per_shard=PER_SHARD)["skipped_shards"] == 4
+    assert pack.pack(data_uri, out, SIZE, samples_per_shard=PER_SHARD)["skipped_shards"] == 4
     assert open(victim, "rb").read() == good
 
 
 def test_pack_test_split_and_refusals(raw, tmp_path):
     data_uri = commit(raw, str(tmp_path / "data"))
-    summary = shards.pack(data_uri, str(tmp_path / "sh"), SIZE, split="test", samples_per_shard=2)
+    summary = pack.pack(data_uri, str(tmp_path / "sh"), SIZE, split="test", samples_per_shard=2)
     assert summary["num_samples"] == N_TEST and summary["num_shards"] == 3
     reader = shards.ShardReader(str(tmp_path / "sh"), split="test")
     truth = data.read_labels(raw / "test_labels.csv").set_index("Id")["labels"]
     assert all(reader.labels(i) == list(truth[i]) for i in reader.ids)   # synthetic ships test labels
     with pytest.raises(StoreError, match="not a committed dataset"):
-        shards.pack(str(raw), str(tmp_path / "x"), SIZE)                 # a dir without manifest.json
+        pack.pack(str(raw), str(tmp_path / "x"), SIZE)                 # a dir without manifest.json
     assert not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="--size"):
-        shards.pack(data_uri, str(tmp_path / "x"), 2)
+        pack.pack(data_uri, str(tmp_path / "x"), 2)
     with pytest.raises(StoreError, match="not a packed shard set"):
         shards.ShardDataset(str(tmp_path / "nothing"))
 
@@ -138,7 +139,7 @@ def test_cli_pack(raw, tmp_path, capsys):
 
 def test_stream_from_s3_every_sample_once_2_ranks_2_workers(raw, s3_bucket, tmp_path):
     data_uri = commit(raw, s3_bucket + "data")
-    summary = shards.pack(data_uri, s3_bucket + "shards", SIZE, samples_per_shard=PER_SHARD)
+    summary = pack.pack(data_uri, s3_bucket + "shards", SIZE, samples_per_shard=PER_SHARD)
     assert summary["num_shards"] == 5 and summary["uri"] == s3_bucket + "shards/train/"
     per_rank = epoch_ids(s3_bucket + "shards", cache_dir=str(tmp_path / "cache"))
     counts = collections.Counter(i for ids in per_rank for i in ids)
@@ -152,7 +153,7 @@ def test_stream_from_s3_every_sample_once_2_ranks_2_workers(raw, s3_bucket, tmp_
 
 def test_corrupt_shard_on_s3_is_named(raw, s3_bucket, tmp_path):
     data_uri = commit(raw, s3_bucket + "data")
-    shards.pack(data_uri, s3_bucket + "shards", SIZE, samples_per_shard=PER_SHARD)
+    pack.pack(data_uri, s3_bucket + "shards", SIZE, samples_per_shard=PER_SHARD)
     st = store.open_store(s3_bucket + "shards/train")
     blob = bytearray(st.get_bytes("shard-000003.tar"))
     blob[2000:2016] = bytes(b ^ 0xFF for b in blob[2000:2016])        # flip bytes inside a payload
@@ -229,7 +230,7 @@ def test_pack_refuses_a_png_changed_after_commit(raw, tmp_path):
     victim = sorted((tmp_path / "data" / "train").glob("*_green.png"))[4]
     victim.write_bytes(victim.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(StoreError, match=rf"corrupted object .*{victim.name}"):
-        shards.pack(data_uri, str(tmp_path / "sh"), SIZE, samples_per_shard=PER_SHARD)
+        pack.pack(data_uri, str(tmp_path / "sh"), SIZE, samples_per_shard=PER_SHARD)
     assert not (tmp_path / "sh" / "train" / "shards.json").exists()
 
 
@@ -261,7 +262,7 @@ def test_batch_size_cuts_worker_parts_at_batch_boundaries(packed, tmp_path):
 
 def test_repack_with_other_settings_replaces_the_set(packed, raw, tmp_path):
     data_uri, out = packed
-    summary = shards.pack(data_uri, out, 16, samples_per_shard=10)       # other size, fewer shards
+    summary = pack.pack(data_uri, out, 16, samples_per_shard=10)       # other size, fewer shards
     assert summary["num_shards"] == 3 and summary["skipped_shards"] == 0
     names = sorted(os.listdir(os.path.join(out, "train")))
     assert [n for n in names if n.endswith(".tar")] == [f"shard-{i:06d}.tar" for i in range(3)]

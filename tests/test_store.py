@@ -10,6 +10,7 @@ from datetime import timedelta
 import pytest
 from minio import Minio
 
+from hpa import s3store
 from hpa import store as st
 from hpa.errors import StoreError
 
@@ -44,7 +45,7 @@ def any_store(request, tmp_path):
 
 @pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/passwd", "a\\b", "C:/x", "a//b", "./a", "", "a/\x00"])
 def test_escaping_keys_refused(tmp_path, key):
-    for store in (st.open_store(tmp_path), st.S3Store("bucket", "p", settings=st.s3_settings())):
+    for store in (st.open_store(tmp_path), s3store.S3Store("bucket", "p", settings=s3store.s3_settings())):
         with pytest.raises(StoreError, match="refused store key"):
             store.put_bytes(key, b"x")
     with pytest.raises(StoreError, match="refused store key"):
@@ -108,7 +109,7 @@ def test_commit_refuses_missing_objects(any_store):
 def test_interrupted_upload_leaves_no_committed_dataset(s3_bucket, tmp_path, monkeypatch):
     store = st.open_store(s3_bucket + "ds")
     src = _tree(tmp_path / "src", n=20)
-    real, calls = st.S3Store.put_file, []
+    real, calls = s3store.S3Store.put_file, []
 
     def dying(self, key, path, sha256=None):
         calls.append(key)
@@ -116,11 +117,11 @@ def test_interrupted_upload_leaves_no_committed_dataset(s3_bucket, tmp_path, mon
             raise KeyboardInterrupt  # the process is interrupted in the middle of the tree
         return real(self, key, path, sha256)
 
-    monkeypatch.setattr(st.S3Store, "put_file", dying)
+    monkeypatch.setattr(s3store.S3Store, "put_file", dying)
     with pytest.raises(KeyboardInterrupt):
         entries = store.upload_tree(src, workers=2)
         store.commit_manifest(entries, {})
-    monkeypatch.setattr(st.S3Store, "put_file", real)
+    monkeypatch.setattr(s3store.S3Store, "put_file", real)
     assert 0 < len(store.list()) < 21 and not store.exists("manifest.json")
     with pytest.raises(StoreError, match="not a committed dataset"):
         store.read_manifest()
@@ -236,12 +237,12 @@ def test_settings_from_env(monkeypatch):
     monkeypatch.delenv("HPA_S3_SECURE", raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fallback-key")
     monkeypatch.setenv("HPA_S3_ENDPOINT", "https://minio.example:9000/")
-    s = st.s3_settings()
+    s = s3store.s3_settings()
     assert (s["endpoint"], s["secure"], s["access_key"], s["region"]) == ("minio.example:9000", True,
                                                                           "fallback-key", "us-east-1")
     monkeypatch.delenv("HPA_S3_ENDPOINT")
     # KFP >= 2.16 has no minio-service; its SeaweedFS keeps the S3 port 9000 (hpa.config.S3_DEFAULT_ENDPOINT)
-    assert st.s3_settings()["endpoint"] == "seaweedfs.kubeflow:9000" and not st.s3_settings()["secure"]
+    assert s3store.s3_settings()["endpoint"] == "seaweedfs.kubeflow:9000" and not s3store.s3_settings()["secure"]
 
 
 def test_unreachable_server_is_one_line(tmp_path, monkeypatch):
@@ -250,5 +251,6 @@ def test_unreachable_server_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HPA_S3_ENDPOINT", f"127.0.0.1:{free_port_pairs(1)[0]}")
     monkeypatch.setenv("HPA_S3_RETRIES", "2")
     monkeypatch.setenv("HPA_S3_RETRY_DELAY", "0.01")
-    with pytest.raises(st.StoreUnreachableError, match=r"S3 server http://127.0.0.1:\d+ unreachable during read .* after 2 tries"):
+    with pytest.raises(st.StoreUnreachableError,
+                       match=r"S3 server http://127.0.0.1:\d+ unreachable during read .* after 2 tries"):
         st.read_bytes("s3://bucket/x/y")

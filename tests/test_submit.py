@@ -10,8 +10,9 @@ import pytest
 
 from hpa import submit as sb
 from hpa.errors import ConfigError, DataError
-from hpa.evaluate import save_predictions, save_thresholds
+from hpa.evaluate import save_thresholds
 from hpa.labels import NUM_CLASSES, format_target
+from hpa.predictions import save_predictions
 
 N_TEST = 11_702  # the real competition's test set
 

@@ -294,7 +294,8 @@ def test_upload_creates_the_pipeline_then_versions_of_it(kfp_api, tmp_path, caps
     [pipe] = api.pipelines.values()
     [first] = api.versions.values()
     sha = re.search(r"package sha256 ([0-9a-f]{64})", out).group(1)
-    assert re.fullmatch(rf"\d{{8}}-\d{{6}}-{sha[:12]}", first["name"]) and first["description"] == f"package sha256:{sha}"
+    assert re.fullmatch(rf"\d{{8}}-\d{{6}}-{sha[:12]}", first["name"])
+    assert first["description"] == f"package sha256:{sha}"
     assert len(api.calls_to("POST", "/apis/v2beta1/pipelines")) == 1
 
     # A different package (other compile-time defaults) becomes a new version of the same pipeline.

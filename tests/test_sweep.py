@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpa import katib, sweep
+from hpa import katib, sweep, sweep_spec
 from hpa.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,8 @@ KATIB_REGEX = r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
 FAKE_TRIAL = textwrap.dedent("""
     import argparse, math, sys, time
     p = argparse.ArgumentParser()
-    for name in ("data", "split", "fold", "arch", "size", "batch-size", "threshold", "threshold-mode", "shrink-strength", "out"):
+    for name in ("data", "split", "fold", "arch", "size", "batch-size", "threshold", "threshold-mode",
+                 "shrink-strength", "out"):
         p.add_argument("--" + name)
     p.add_argument("--lr", type=float)
     p.add_argument("--epochs", type=int)
@@ -39,7 +40,8 @@ FAKE_TRIAL = textwrap.dedent("""
     quality = 0.6 - 0.1 * abs(math.log10(a.lr) + 3)   # best near lr = 1e-3
     for epoch in range(1, a.epochs + 1):
         print(f"INFO log line val_macro_f1=0.99 (not a metric line)", file=sys.stderr)
-        print(f"epoch={epoch} train_loss={1/epoch:.4f} val_loss={1 - quality:.4f} val_macro_f1={quality * epoch / a.epochs:.4f}", flush=True)
+        print(f"epoch={epoch} train_loss={1/epoch:.4f} val_loss={1 - quality:.4f} "
+              f"val_macro_f1={quality * epoch / a.epochs:.4f}", flush=True)
         time.sleep(0.05)
 """)
 
@@ -58,8 +60,9 @@ def _fake_experiment(tmp_path: Path, **spec_changes) -> Path:
 
 
 def test_read_experiment():
-    spec = sweep.read_experiment(EXPERIMENT)
-    assert spec.objective == "val_macro_f1" and spec.direction == "maximize" and spec.metrics == ["val_macro_f1", "val_loss"]
+    spec = sweep_spec.read_experiment(EXPERIMENT)
+    assert spec.objective == "val_macro_f1" and spec.direction == "maximize" and \
+        spec.metrics == ["val_macro_f1", "val_loss"]
     assert spec.strategies == {"val_macro_f1": "max", "val_loss": "latest"}
     assert spec.algorithm == "tpe" and spec.seed == 0 and spec.max_trials == 12 and spec.parallel == 3
     assert (spec.min_trials_required, spec.start_step) == (3, 1)
@@ -67,9 +70,10 @@ def test_read_experiment():
 
 
 def test_trial_command_substitutes_and_overrides():
-    spec = sweep.read_experiment(EXPERIMENT)
-    cmd = sweep.trial_command(spec, {"lr": 0.00042, "threshold": 0.25, "threshold_mode": "shrunk", "shrink_strength": 12.5},
-                              "t-001", {"data": "/d", "epochs": "1", "threads": "1"}, "/w/runs")
+    spec = sweep_spec.read_experiment(EXPERIMENT)
+    cmd = sweep_spec.trial_command(
+        spec, {"lr": 0.00042, "threshold": 0.25, "threshold_mode": "shrunk", "shrink_strength": 12.5},
+        "t-001", {"data": "/d", "epochs": "1", "threads": "1"}, "/w/runs")
     assert cmd[0] == sys.executable and "${" not in " ".join(cmd)
     opts, rest = {}, cmd[4:]
     while rest:  # `--flag value` pairs, and bare switches such as --metric-timestamps
@@ -80,24 +84,26 @@ def test_trial_command_substitutes_and_overrides():
     assert opts["--metric-timestamps"] is True
     assert opts["--lr"] == "0.00042" and opts["--threshold"] == "0.25" and opts["--threshold-mode"] == "shrunk"
     assert opts["--shrink-strength"] == "12.5"
-    assert opts["--data"] == "/d" and opts["--epochs"] == "1" and opts["--threads"] == "1" and opts["--out"] == "/w/runs/t-001"
+    assert opts["--data"] == "/d" and opts["--epochs"] == "1" and opts["--threads"] == "1" and \
+        opts["--out"] == "/w/runs/t-001"
 
 
 def test_parse_metrics_like_katib():
     line = "epoch=2 train_loss=0.5 val_loss=0.25 val_macro_f1=0.4567"
     names = ["val_macro_f1", "val_loss"]
-    assert sweep.parse_metrics(line, [KATIB_REGEX], names) == {"val_loss": 0.25, "val_macro_f1": 0.4567}
-    assert sweep.parse_metrics(line, list(katib.METRIC_FILTERS), names) == {"val_loss": 0.25, "val_macro_f1": 0.4567}
-    assert sweep.parse_metrics("INFO best val_macro_f1=0.9", list(katib.METRIC_FILTERS), names) == {}
-    assert sweep.parse_metrics("nothing here", [KATIB_REGEX], names) == {}
+    assert sweep_spec.parse_metrics(line, [KATIB_REGEX], names) == {"val_loss": 0.25, "val_macro_f1": 0.4567}
+    assert sweep_spec.parse_metrics(line, list(katib.METRIC_FILTERS), names) == \
+        {"val_loss": 0.25, "val_macro_f1": 0.4567}
+    assert sweep_spec.parse_metrics("INFO best val_macro_f1=0.9", list(katib.METRIC_FILTERS), names) == {}
+    assert sweep_spec.parse_metrics("nothing here", [KATIB_REGEX], names) == {}
 
 
 def test_grid_values_follow_katib():
     param = {"name": "t", "parameterType": "double", "feasibleSpace": {"min": "0.05", "max": "0.6", "step": "0.183333"}}
-    assert [round(v, 4) for v in sweep.grid_values(param)] == [0.05, 0.2333, 0.4167, 0.6]
+    assert [round(v, 4) for v in sweep_spec.grid_values(param)] == [0.05, 0.2333, 0.4167, 0.6]
     exp = katib.render_experiment(katib.KatibConfig(algorithm="grid", grid_points=3, max_trials=6))
     lr = exp["spec"]["parameters"][0]
-    assert lr["parameterType"] == "discrete" and len(sweep.grid_values(lr)) == 3
+    assert lr["parameterType"] == "discrete" and len(sweep_spec.grid_values(lr)) == 3
 
 
 @pytest.mark.parametrize("algorithm, sampler", [("tpe", "TPESampler"), ("random", "RandomSampler"),
@@ -105,15 +111,16 @@ def test_grid_values_follow_katib():
 def test_algorithm_maps_to_optuna(tmp_path, algorithm, sampler):
     path = tmp_path / "e.yaml"
     path.write_text(katib.render_yaml(katib.KatibConfig(algorithm=algorithm, max_trials=4, parallel_trials=2)))
-    assert type(sweep.make_sampler(sweep.read_experiment(path))).__name__ == sampler
+    assert type(sweep_spec.make_sampler(sweep_spec.read_experiment(path))).__name__ == sampler
 
 
 @pytest.mark.parametrize("algorithm", ["bayesianoptimization", "sobol"])
 def test_algorithm_without_local_equivalent_is_a_clear_error(tmp_path, algorithm):
     path = tmp_path / "e.yaml"
     path.write_text(katib.render_yaml(katib.KatibConfig(algorithm=algorithm)))
-    with pytest.raises(ConfigError, match=f"algorithm '{algorithm}' has no local Optuna equivalent; local sweeps support tpe, random, grid, cmaes"):
-        sweep.make_sampler(sweep.read_experiment(path))
+    with pytest.raises(ConfigError, match=f"algorithm '{algorithm}' has no local Optuna equivalent; "
+                                          "local sweeps support tpe, random, grid, cmaes"):
+        sweep_spec.make_sampler(sweep_spec.read_experiment(path))
 
 
 def test_bad_set_option_is_a_clear_error():
@@ -144,10 +151,12 @@ def test_failed_trials_are_recorded_and_stop_the_sweep(tmp_path):
     path = _fake_experiment(tmp_path, maxFailedTrialCount=5)
     # One at a time: the seeded sampler then draws the same policies every run (2 fitted, 3 shrunk, 1 global);
     # with two threads the draw order follows thread timing, and six global draws could fail the whole sweep.
-    best = sweep.run_sweep(path, trials=6, parallel=1, workdir=tmp_path / "w2", overrides={"epochs": "1", "fail_mode": "global"})
+    best = sweep.run_sweep(path, trials=6, parallel=1, workdir=tmp_path / "w2",
+                           overrides={"epochs": "1", "fail_mode": "global"})
     rows = list(csv.DictReader(open(tmp_path / "w2" / "trials.csv")))
     failed = [r for r in rows if r["state"] == "FAILED"]
-    assert best["failed"] == len(failed) and all(r["threshold_mode"] == "global" and r["returncode"] == "3" for r in failed)
+    assert best["failed"] == len(failed) and \
+        all(r["threshold_mode"] == "global" and r["returncode"] == "3" for r in failed)
     assert best["params"]["threshold_mode"] != "global"
 
 
@@ -158,7 +167,7 @@ def test_sweep_draws_every_policy_and_passes_the_shrink_strength(tmp_path, algor
     path = tmp_path / "e.yaml"
     path.write_text(katib.render_yaml(katib.KatibConfig(algorithm=algorithm, max_trials=12, parallel_trials=1,
                                                         shrink_strength_min=2.0, shrink_strength_max=40.0)))
-    spec = sweep.read_experiment(path)
+    spec = sweep_spec.read_experiment(path)
     assert [p["name"] for p in spec.parameters] == ["lr", "threshold_mode", "threshold", "shrink_strength"]
     script = tmp_path / "fake_trial.py"
     script.write_text(FAKE_TRIAL)
@@ -167,7 +176,7 @@ def test_sweep_draws_every_policy_and_passes_the_shrink_strength(tmp_path, algor
     import optuna
 
     rec_sweep = sweep.Sweep(spec, tmp_path / "w", {"epochs": "1"}, trial_timeout=60)
-    study = optuna.create_study(direction="maximize", sampler=sweep.make_sampler(spec))
+    study = optuna.create_study(direction="maximize", sampler=sweep_spec.make_sampler(spec))
     study.optimize(rec_sweep.objective, n_trials=12)
     records = rec_sweep.records
     assert all(r.state == "COMPLETE" for r in records) and len(records) == 12
@@ -176,8 +185,9 @@ def test_sweep_draws_every_policy_and_passes_the_shrink_strength(tmp_path, algor
     for r in records:
         assert 2.0 <= r.params["shrink_strength"] <= 40.0 and 0.05 <= r.params["threshold"] <= 0.6
         line = next(ln for ln in Path(r.log).read_text().splitlines() if ln.startswith("policy "))
-        assert line == (f"policy {r.params['threshold_mode']} threshold={sweep.format_value(r.params['threshold'])} "
-                        f"shrink_strength={sweep.format_value(r.params['shrink_strength'])}")
+        assert line == (f"policy {r.params['threshold_mode']} "
+                        f"threshold={sweep_spec.format_value(r.params['threshold'])} "
+                        f"shrink_strength={sweep_spec.format_value(r.params['shrink_strength'])}")
     if algorithm == "grid":
         assert {r.params["shrink_strength"] for r in records} <= {2.0, 5.42884, 14.7361, 40.0}
 
@@ -193,7 +203,8 @@ def test_real_sweep_of_hpa_train_on_cpu(tmp_path):
 
     data = tmp_path / "data"
     generate(data, n_train=120, n_test=4, size=32, seed=0)
-    make_split(read_labels(data / "train.csv"), folds=3, seed=0)[["Id", "Target", "fold"]].to_csv(tmp_path / "split.csv", index=False)
+    split = make_split(read_labels(data / "train.csv"), folds=3, seed=0)
+    split[["Id", "Target", "fold"]].to_csv(tmp_path / "split.csv", index=False)
     work = tmp_path / "sweep"
     sets = [f"data={data}", f"split={tmp_path / 'split.csv'}", "epochs=2", "size=32", "batch_size=16",
             "workers=0", "threads=1", "device=cpu"]

@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from hpa.cells import make_cells
 from hpa.errors import ConfigError
 from hpa.labels import COLORS, HPA_CLASS_COUNTS, HPA_LABELS_PER_IMAGE, HPA_N_IMAGES, NUM_CLASSES
-from hpa.synthetic import generate, main, make_cells, render_image, sample_labels
+from hpa.synthetic import generate, main, render_image, sample_labels
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import k8s_fake_api
-from hpa import k8s
+from hpa import k8s, k8s_manifests
 from hpa import tensorboard as tb
 from hpa.errors import ConfigError
 from hpa.labels import CLASS_NAMES
@@ -157,7 +157,7 @@ def test_failed_upload_is_a_warning_and_retried(tmp_path, monkeypatch, caplog):
     import torch
 
     from hpa.errors import StoreError
-    from hpa.store import LocalStore
+    from hpa.localstore import LocalStore
 
     calls = []
 
@@ -173,7 +173,8 @@ def test_failed_upload_is_a_warning_and_retried(tmp_path, monkeypatch, caplog):
     log.publish()
     assert log.upload_failures == 1 and "retrying at the next epoch" in caplog.text
     log.close()
-    assert sorted(p.name for p in (tmp_path / "remote").iterdir()) == sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert sorted(p.name for p in (tmp_path / "remote").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "local").iterdir())
 
 
 def test_bad_every_steps_is_one_clear_line():
@@ -195,7 +196,7 @@ def test_rendered_tensorboard_is_what_the_web_app_makes_and_matches_the_crd():
     assert obj == {"apiVersion": "tensorboard.kubeflow.org/v1alpha1", "kind": "Tensorboard",
                    "metadata": {"name": "hpa-run-1", "namespace": "team-a", "labels": {tb.S3_LABEL: "true"}},
                    "spec": {"logspath": LOGS}}
-    crd = yaml.safe_load((k8s.schemas_dir() / tb.TENSORBOARD_CRD).read_text())
+    crd = yaml.safe_load((k8s_manifests.schemas_dir() / tb.TENSORBOARD_CRD).read_text())
     assert crd["spec"]["group"] + "/" + crd["spec"]["versions"][0]["name"] == tb.API_VERSION
     assert crd["spec"]["names"]["plural"] == tb.PLURAL and crd["spec"]["names"]["kind"] == tb.KIND
     with pytest.raises(ConfigError, match="does not match its schema at spec"):
@@ -225,8 +226,10 @@ def test_resource_names_are_valid_labels():
 def test_poddefault_gives_the_secret_keys_by_reference_and_matches_its_crd():
     obj = tb.render_poddefault("team-a")
     env = {e["name"]: e for e in obj["spec"]["env"]}
-    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "mlpipeline-minio-artifact", "key": "accesskey"}
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "mlpipeline-minio-artifact", "key": "secretkey"}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == \
+        {"name": "mlpipeline-minio-artifact", "key": "accesskey"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == \
+        {"name": "mlpipeline-minio-artifact", "key": "secretkey"}
     assert {k: env[k]["value"] for k in ("S3_ENDPOINT", "S3_USE_HTTPS", "S3_VERIFY_SSL")} == \
         {"S3_ENDPOINT": "seaweedfs.kubeflow:9000", "S3_USE_HTTPS": "0", "S3_VERIFY_SSL": "0"}
     assert obj["spec"]["selector"] == {"matchLabels": {tb.S3_LABEL: "true"}}
@@ -258,9 +261,11 @@ def test_create_posts_the_resource_and_a_retry_keeps_it(serves_tensorboards):
         assert api.posted == [{**tb.render_tensorboard("hpa-0f1e2d3c-run", "team-a", LOGS),
                                "metadata": {**api.posted[0]["metadata"]}}]
         assert "ownerReferences" not in api.posted[0]["metadata"]  # it outlives the run, for looking back
-        assert tb.create_for_run(LOGS, namespace="team-a", api_client=client, required=True)["created"]  # 409, same logspath
+        # 409, same logspath
+        assert tb.create_for_run(LOGS, namespace="team-a", api_client=client, required=True)["created"]
         with pytest.raises(k8s.ClusterError, match="already exists with logspath"):
-            tb.create_for_run(LOGS + "-other", name="hpa-0f1e2d3c-run", namespace="team-a", api_client=client, required=True)
+            tb.create_for_run(LOGS + "-other", name="hpa-0f1e2d3c-run", namespace="team-a", api_client=client,
+                              required=True)
         assert len(api.posted) == 1
 
 

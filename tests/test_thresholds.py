@@ -17,6 +17,7 @@ from hpa import evaluate as ev
 from hpa.config import PipelineConfig
 from hpa.errors import ConfigError, DataError
 from hpa.labels import CLASS_NAMES, HPA_CLASS_COUNTS, NUM_CLASSES
+from hpa.predictions import load_predictions, save_predictions
 
 FREQ = HPA_CLASS_COUNTS / HPA_CLASS_COUNTS.sum() * 1.63
 RARE = {0: 27, 1: 15, 3: 10}  # validation positives -> class (Rods & rings, Mitochondria... all rare in HPA)
@@ -66,7 +67,8 @@ def test_rare_classes_get_no_degenerate_threshold_and_the_cardinality_stays_sane
         results[mode] = t, predicted
         print(f"{mode}: rare thresholds {[round(float(t[c]), 4) for c in RARE.values()]}, test predicted positives "
               f"{[int(predicted[:, c].sum()) for c in RARE.values()]} of {len(p_test)}, labels per image "
-              f"{ev.label_cardinality(predicted):.2f} (true {true_card:.2f}), test macro F1 {ev.macro_f1(y_test, predicted):.3f}")
+              f"{ev.label_cardinality(predicted):.2f} (true {true_card:.2f}), "
+              f"test macro F1 {ev.macro_f1(y_test, predicted):.3f}")
     out = capsys.readouterr().out
     assert "labels per image" in out
 
@@ -164,9 +166,12 @@ def test_label_prior_from_a_csv_leaves_the_validation_ids_out(tmp_path):
     (lambda: ev.shrink_weights([1], "x"), "shrink_strength 'x': expected a number >= 0"),
     (lambda: ev.thresholds_for_mode("prior", np.zeros((4, NUM_CLASSES))), "threshold_mode 'prior': needs the training"),
     (lambda: ev.prior_thresholds(np.zeros((4, NUM_CLASSES)), [0.1] * 5), "prior: expected 28 class frequencies"),
-    (lambda: ev.prior_thresholds(np.zeros((4, NUM_CLASSES)), [1.5] * 28), "prior: expected 28 class frequencies in [0, 1]"),
-    (lambda: ev.label_prior(np.full((3, NUM_CLASSES), 2)), "expected training labels as a non-empty (N, 28) 0/1 matrix"),
-    (lambda: ev.thresholds_for_mode("shrunk", np.zeros((4, NUM_CLASSES)), None), "fitting thresholds needs validation targets"),
+    (lambda: ev.prior_thresholds(np.zeros((4, NUM_CLASSES)), [1.5] * 28),
+     "prior: expected 28 class frequencies in [0, 1]"),
+    (lambda: ev.label_prior(np.full((3, NUM_CLASSES), 2)),
+     "expected training labels as a non-empty (N, 28) 0/1 matrix"),
+    (lambda: ev.thresholds_for_mode("shrunk", np.zeros((4, NUM_CLASSES)), None),
+     "fitting thresholds needs validation targets"),
     (lambda: ev.thresholds_for_mode("global", np.zeros((4, NUM_CLASSES)), np.zeros((4, NUM_CLASSES)), threshold=1.0),
      "threshold 1.0: expected a number in (0, 1)"),
 ])
@@ -198,8 +203,8 @@ def write_models(tmp_path, seed=0):
             neg = pv[y_val[:, c] == 0, c]
             pv[np.flatnonzero(y_val[:, c]), c] = np.quantile(neg, np.linspace(0.2, 0.4, n_pos)) if n_pos else []
         vf, tf = tmp_path / f"m{m}_val.npz", tmp_path / f"m{m}_test.npz"
-        ev.save_predictions(vf, val_ids, pv, y_val, model=f"m{m}")
-        ev.save_predictions(tf, test_ids, pt, y_test, model=f"m{m}")
+        save_predictions(vf, val_ids, pv, y_val, model=f"m{m}")
+        save_predictions(tf, test_ids, pt, y_test, model=f"m{m}")
         val_files.append(str(vf))
         test_files.append(str(tf))
     split = tmp_path / "split.csv"
@@ -216,10 +221,11 @@ def test_ensemble_modes_report_the_cardinality(tmp_path, mode):
                     threshold=0.3 if mode in ("global", "shrunk") else None)
     assert m["threshold_mode"] == mode
     saved = json.loads((tmp_path / "e" / "metrics.json").read_text())
-    for key in ("val_labels_per_image", "val_true_labels_per_image", "test_labels_per_image", "test_true_labels_per_image"):
+    for key in ("val_labels_per_image", "val_true_labels_per_image", "test_labels_per_image",
+                "test_true_labels_per_image"):
         assert saved[key] == m[key]
     thresholds = ev.load_thresholds(tmp_path / "e" / "thresholds.json")
-    test = ev.load_predictions(tmp_path / "e" / "ensemble_test.npz")
+    test = load_predictions(tmp_path / "e" / "ensemble_test.npz")
     from hpa.submit import decide  # the submission's labels: an image with none above its cut gets its top class
 
     assert m["test_labels_per_image"] == pytest.approx(ev.label_cardinality(decide(test.probs, thresholds)[0]))
@@ -232,7 +238,7 @@ def test_ensemble_modes_report_the_cardinality(tmp_path, mode):
     if mode == "shrunk":
         assert thresholds[RARE[0]] == 0.3 and m["shrink_strength"] == 10.0
     if mode == "prior":  # the split's validation rows are left out of the prior: 2 of 800 -> 1 of 200
-        val = ev.load_predictions(tmp_path / "e" / "ensemble_val.npz")
+        val = load_predictions(tmp_path / "e" / "ensemble_val.npz")
         assert all(int((val.probs[:, c] >= thresholds[c]).sum()) == 1 for c in RARE.values())
 
 
@@ -242,7 +248,8 @@ def test_ensemble_refuses_bad_policy_options(tmp_path):
         (dict(threshold_mode="best"), "threshold_mode 'best': expected one of fitted, global, shrunk, prior"),
         (dict(threshold_mode="shrunk", shrink_strength=-2), "shrink_strength -2"),
         (dict(threshold_mode="prior"), "threshold_mode 'prior': needs the training labels"),
-        (dict(threshold_mode="shrunk", thresholds=str(tmp_path / "t.json")), "either a thresholds file or threshold_mode"),
+        (dict(threshold_mode="shrunk", thresholds=str(tmp_path / "t.json")),
+         "either a thresholds file or threshold_mode"),
     ]
     for kwargs, words in cases:
         with pytest.raises(DataError) as exc:

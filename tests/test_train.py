@@ -139,7 +139,8 @@ def test_short_run_beats_frequency_baseline(tmp_path):
     assert (history["val_macro_f1_in_sample"] >= 0).all() and "val_macro_f1_fitted" not in history
 
     preds = np.load(out / "val_predictions.npz")
-    assert preds["probs"].shape == (80, 28) and preds["ids"].shape == (80,) and str(preds["model"]) == "resnet18"  # the arch: the name hpa.ensemble groups folds by, as hpa.predict writes it
+    # model: the arch, the name hpa.ensemble groups folds by, as hpa.predict writes it
+    assert preds["probs"].shape == (80, 28) and preds["ids"].shape == (80,) and str(preds["model"]) == "resnet18"
     # The reported score is the out-of-sample one, recomputed here from the saved predictions alone: no
     # part of the fold is both fitted and scored. The in-sample figure is recorded beside it.
     model_f1 = honest_f1(preds["ids"], preds["probs"], preds["targets"])
@@ -259,7 +260,7 @@ def test_packed_shards_source_global_threshold_and_early_stopping(tmp_path):
     """Shards as the data source (3-channel rgb mode), and in the same tiny run: --threshold-mode global
     at 0.9999 (no probability of a tiny run reaches it; 1.0 is refused like the pipeline refuses it) makes the
     reported F1 exactly 0 every epoch, so --patience 1 must stop after epoch 2 of 4."""
-    from hpa.shards import pack
+    from hpa.pack import pack
 
     data, split = make_data(tmp_path, n=24, size=32)
     commit_local_dataset(data, str(tmp_path / "committed"))
@@ -287,7 +288,7 @@ def test_robust_threshold_modes_score_what_they_save(tmp_path, mode):
     """--threshold-mode shrunk|prior: thresholds.json holds that policy's thresholds fitted on the whole fold
     (hpa.evaluate.thresholds_for_mode), and the metric line's val_macro_f1 is the policy's out-of-sample score,
     both recomputed here from the saved val predictions."""
-    from hpa.evaluate import macro_f1, thresholds_for_mode
+    from hpa.evaluate import thresholds_for_mode
 
     data, split = make_data(tmp_path, n=24, size=32)
     out = tmp_path / "out"

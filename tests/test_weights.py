@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import socket
@@ -24,7 +23,8 @@ import torch
 
 from hpa import store
 from hpa.errors import ConfigError
-from hpa.models import ARCHS, IMAGENET, TIMM_NAMES, create_model, weights_source
+from hpa.models import ARCHS, create_model
+from hpa.weights import IMAGENET, TIMM_NAMES, weights_source
 from hpa.train import TrainConfig
 
 torch.set_num_threads(1)
@@ -103,7 +103,8 @@ def test_mismatched_file_fails_with_one_line_naming_file_and_keys(tmp_path):
 
     truncated = {k: v for k, v in imagenet_like("resnet18").items() if not k.startswith("layer4.")}
     path = save(truncated, tmp_path / "r18-part.pt")
-    with pytest.raises(ConfigError, match=r"r18-part\.pt does not match resnet18: \d+ missing keys \['layer4\.0\.") as err:
+    with pytest.raises(ConfigError,
+                       match=r"r18-part\.pt does not match resnet18: \d+ missing keys \['layer4\.0\.") as err:
         create_model("resnet18", weights=str(path))
     assert "\n" not in str(err.value)
 
@@ -141,7 +142,7 @@ def test_s3_weights_verified_by_recorded_sha256_and_by_manifest(s3_bucket, caplo
     state = imagenet_like("resnet18", seed=3)
     uri = s3_bucket + "weights/r18.pt"
     store.write_bytes(uri, _state_bytes(state))  # hpa.store records the sha256 in the object's metadata
-    with caplog.at_level(logging.INFO, logger="hpa.models"):
+    with caplog.at_level(logging.INFO, logger="hpa"):
         model = create_model("resnet18", in_chans=4, weights=uri)
     assert_started_from(model, state, "resnet18")
     assert f"weights: read {uri}, verified against its recorded sha256" in caplog.text
@@ -153,7 +154,7 @@ def test_s3_weights_verified_by_recorded_sha256_and_by_manifest(s3_bucket, caplo
     digest = folder.put_bytes("r18.pt", data)
     folder.commit_manifest([{"key": "r18.pt", "size": len(data), "sha256": digest}], meta={"kind": "weights"})
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="hpa.models"):
+    with caplog.at_level(logging.INFO, logger="hpa"):
         create_model("resnet18", weights=s3_bucket + "zoo/r18.pt")
     assert "verified against the manifest's sha256" in caplog.text
 
@@ -166,7 +167,7 @@ def test_s3_bare_object_is_read_unverified_and_corruption_and_absence_fail(s3_se
     state = imagenet_like("resnet18", seed=4)
     data = _state_bytes(state)
     client.put_object(bucket, "bare/r18.pt", io.BytesIO(data), len(data))  # another tool: no sha256 metadata
-    with caplog.at_level(logging.INFO, logger="hpa.models"):
+    with caplog.at_level(logging.INFO, logger="hpa"):
         model = create_model("resnet18", weights=s3_bucket + "bare/r18.pt")
     assert_started_from(model, state, "resnet18")
     assert "UNVERIFIED" in caplog.text
@@ -215,7 +216,8 @@ def test_imagenet_without_network_fails_fast_with_one_line(monkeypatch):
     elapsed = time.monotonic() - t0
     msg = str(err.value)
     assert elapsed < 10 < HUB_HANG_S, elapsed
-    assert "\n" not in msg and msg.startswith("weights: imagenet needs the model hub but huggingface.co:443 is unreachable")
+    assert "\n" not in msg and msg.startswith(
+        "weights: imagenet needs the model hub but huggingface.co:443 is unreachable")
     assert "--weights <local file or s3:// URI>" in msg
 
 
@@ -229,7 +231,8 @@ def test_imagenet_probe_refused_endpoint_and_arch_without_weights(monkeypatch):
     with pytest.raises(ConfigError, match=f"127.0.0.1:{port} is unreachable"):
         create_model("resnet50", weights=IMAGENET)
     assert time.monotonic() - t0 < 10
-    with pytest.raises(ConfigError, match=r"timm has no ImageNet weights for se_resnet18 \(seresnet18\); pass --weights"):
+    with pytest.raises(ConfigError,
+                       match=r"timm has no ImageNet weights for se_resnet18 \(seresnet18\); pass --weights"):
         create_model("se_resnet18", weights=IMAGENET)
 
 
@@ -237,10 +240,10 @@ def test_imagenet_probe_gives_up_on_a_silent_endpoint_within_its_timeout(monkeyp
     """Egress dropped without a reply (a cluster with DNS but no route out): the connect would hang, the
     probe stops at HUB_PROBE_TIMEOUT. Stand-in for the silent host: a loopback listener whose accept
     backlog is full, so further SYNs go unanswered."""
-    import hpa.models
+    import hpa.weights
 
     _clear_hub_env(monkeypatch)
-    monkeypatch.setattr(hpa.models, "HUB_PROBE_TIMEOUT", 1.0)
+    monkeypatch.setattr(hpa.weights, "HUB_PROBE_TIMEOUT", 1.0)
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen(0)
@@ -320,8 +323,9 @@ def test_training_starts_from_the_weights_file_and_records_it(tmp_path):
     state = imagenet_like("resnet18", seed=6)
     path = save(state, tmp_path / "r18.pt")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "hpa", "train", "--data", str(tmp_path / "data"), "--split", str(tmp_path / "split.csv"),
-           "--out", str(out), "--fold", "0", "--arch", "resnet18", "--workers", "0", "--threads", "1",
+    cmd = [sys.executable, "-m", "hpa", "train", "--data", str(tmp_path / "data"),
+           "--split", str(tmp_path / "split.csv"), "--out", str(out), "--fold", "0", "--arch", "resnet18",
+           "--workers", "0", "--threads", "1",
            "--size", "32", "--epochs", "1", "--batch-size", "4", "--lr", "1e-9", "--weight-decay", "0",
            "--warmup-epochs", "0", "--no-augment", "--weights", str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

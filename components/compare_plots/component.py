@@ -15,7 +15,7 @@ import hpa.config
 
 
 CLI_EXAMPLE = r"""
-python -m hpa compare --runs runs/resnet18 runs/se_resnet18 --out compare/   # names: <arch>-fold<k> from config.json
+python -m hpa compare-plots --runs runs/resnet18 runs/se_resnet18 --out compare/   # names: <arch>-fold<k> from config.json
 """
 PIPELINE_EXAMPLE = r"""
 compare_plots(runs=dsl.Collected(trained.outputs["run"]))
@@ -38,7 +38,7 @@ def compare_plots(
     """
     import shutil
 
-    from hpa.plots import compare_runs
+    from hpa.compare_plots import compare_runs
 
     result = compare_runs([r.path for r in runs], plots.path)
     shutil.copyfile(result["report"], report.path)

@@ -49,16 +49,16 @@ def dataset_state(
         manifest_sha256: sha256 of the dataset's manifest.json now ("" when absent).
         shards_sha256: sha256 over its shards' shards.json files at image_size now ("" when absent).
     """
-    import os
     from collections import namedtuple
 
-    if s3_endpoint:
-        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
     from hpa.committed import dataset_state as state_of
+    from hpa.store import use_endpoint
 
+    use_endpoint(s3_endpoint)
     state = state_of(source, store_uri, n_train, n_test, image_size, seed)
     return namedtuple("Outputs", ["existing", "data_uri", "manifest_sha256", "shards_sha256"])(
         state["existing"], state["data_uri"], state["manifest_sha256"], state["shards_sha256"])
+
 
 if __name__ == "__main__":
     compiler.Compiler().compile(dataset_state, str(Path(__file__).with_name("component.yaml")))

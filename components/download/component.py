@@ -54,32 +54,19 @@ def download(
         data_uri: URI of the committed dataset in the store.
         manifest_sha256: sha256 of its manifest.json as committed.
     """
-    import hashlib
     import json
-    import os
     from collections import namedtuple
 
-    if s3_endpoint:
-        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
-    from hpa.download import dataset_uri
-    from hpa.download import download as fetch_dataset
-    from hpa.store import open_store
+    from hpa.download import download_task
+    from hpa.store import use_endpoint
 
-    # One prefix per distinct dataset, so changing a parameter never overwrites another run's data; the name
-    # never holds a URL's credentials (userinfo, query string).
-    data_uri = dataset_uri(store_uri, source, n_train, n_test, image_size, seed)
-    from hpa.committed import intact
-
-    if intact(data_uri, expected_manifest):  # committed as this run found it: nothing to fetch again
-        info = {"data_uri": data_uri, "skipped_fetch": 1}
-    else:
-        info = fetch_dataset(source, data_uri, n_train=n_train or None, n_test=n_test or None, size=image_size,
-                             seed=seed)
-    raw = open_store(data_uri).get_bytes("manifest.json")
+    use_endpoint(s3_endpoint)
+    result = download_task(source, store_uri, n_train, n_test, image_size, seed, expected_manifest)
     with open(manifest.path, "w") as f:
-        json.dump(json.loads(raw), f, indent=1)
-    manifest.metadata.update({k: v for k, v in info.items() if isinstance(v, (int, float, str))})
-    return namedtuple("Outputs", ["data_uri", "manifest_sha256"])(data_uri, hashlib.sha256(raw).hexdigest())
+        json.dump(result["manifest"], f, indent=1)
+    manifest.metadata.update(result["metadata"])
+    return namedtuple("Outputs", ["data_uri", "manifest_sha256"])(result["data_uri"], result["manifest_sha256"])
+
 
 if __name__ == "__main__":
     compiler.Compiler().compile(download, str(Path(__file__).with_name("component.yaml")))

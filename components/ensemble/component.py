@@ -63,53 +63,21 @@ def ensemble(
         shrink_strength: k of shrunk (>= 0): a class with k validation positives keeps half of its fitted threshold.
         prior_labels: Training labels (Id,Target CSV, e.g. the split CSV; rows of validation ids are left out), needed by prior.
     """
-    import os
-    import shutil
-    import tempfile
+    from hpa.ensemble import ensemble_task
 
-    import numpy as np
-    from sklearn.metrics import roc_curve
-
-    from hpa.errors import DataError
-    from hpa.ensemble import ensemble as combine
-    from hpa.evaluate import check_threshold_mode
-
-    check_threshold_mode(threshold_mode)
     # An unconnected optional artifact input arrives as None: the backend driver resolves only the
     # artifacts a task wires (kubeflow/pipelines 2.16.0 backend/src/v2/driver/resolve.go, "Handle
     # artifacts": task.GetInputs().GetArtifacts()) and kfp's executor returns None for a missing one
     # (kfp 2.17.0 sdk/python/kfp/dsl/executor.py, get_input_artifact).
-    if threshold_mode == "prior" and prior_labels is None:
-        raise DataError("threshold_mode 'prior': connect prior_labels (the training labels, e.g. the split CSV)")
-    with tempfile.TemporaryDirectory() as out:
-        result = combine(
-            [v.path for v in val_predictions], [t.path for t in test_predictions], method=method, out_dir=out,
-            threshold=threshold if threshold_mode in ("global", "shrunk") else None, threshold_mode=threshold_mode,
-            shrink_strength=shrink_strength, prior=prior_labels.path if threshold_mode == "prior" else None,
-        )
-        shutil.copyfile(os.path.join(out, "ensemble_test.npz"), ensemble_test.path)
-        shutil.copyfile(os.path.join(out, "thresholds.json"), thresholds.path)
-        with np.load(os.path.join(out, "ensemble_val.npz")) as val:
-            targets, probs = val["targets"], val["probs"]
-
-    for key, value in result.items():  # the numbers; test_*: only when the test predictions carry targets
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(key, float(value))
-    for scores, weight in zip(result["models"], result["weights"]):  # e.g. resnet18_val_macro_f1
-        for key in ("val_macro_f1", "val_macro_f1_in_sample", "test_macro_f1"):
-            if key in scores:
-                metrics.log_metric(f"{scores['model']}_{key}", float(scores[key]))
-        metrics.log_metric(f"{scores['model']}_weight", float(weight))
-    ensemble_test.metadata.update({"models": [s["model"] for s in result["models"]],
-                                   "folds_per_model": result["folds_per_model"], "crossfit": result["crossfit"]})
-    # The UI's ROC view (all classes pooled); thinned to <= 200 points so the metadata stays small.
-    fpr, tpr, cuts = roc_curve(targets.ravel(), probs.ravel())
-    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).astype(int))
-    roc.log_roc_curve(fpr[keep].tolist(), tpr[keep].tolist(), np.clip(cuts[keep], 0.0, 1.0).tolist())
-    ensemble_test.metadata.update({"method": method, "threshold_mode": result["threshold_mode"]})
-    thresholds.metadata.update({"mode": result["threshold_mode"]})
-    if result["threshold_mode"] == "shrunk":
-        thresholds.metadata.update({"shrink_strength": float(shrink_strength), "shrink_toward": float(threshold)})
+    prior = prior_labels.path if prior_labels is not None else None
+    result = ensemble_task([v.path for v in val_predictions], [t.path for t in test_predictions], ensemble_test.path,
+                           thresholds.path, method=method, threshold_mode=threshold_mode, threshold=threshold,
+                           shrink_strength=shrink_strength, prior=prior)
+    for key, value in result["metrics"].items():
+        metrics.log_metric(key, value)
+    roc.log_roc_curve(*result["roc"])  # the UI's ROC view, all classes pooled
+    ensemble_test.metadata.update(result["ensemble_test"])
+    thresholds.metadata.update(result["thresholds"])
 
 
 if __name__ == "__main__":

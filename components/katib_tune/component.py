@@ -13,7 +13,7 @@ rewrites component.yaml.
 The trials' image is an input (`trial_image`), fixed when the pipeline is compiled: nothing inside the
 pod picks an image. The Experiment is owned by this task's Pod (KFP_POD_NAME/KFP_POD_UID) and deleted
 when the wait fails, times out or the task is cancelled (SIGTERM); one Experiment failing deletes the
-others that have not finished: see hpa.katib.create_all_and_wait.
+others that have not finished: see hpa.k8s.create_all_and_wait.
 """
 
 from pathlib import Path
@@ -129,35 +129,25 @@ def katib_tune(
         shrink_strength: The best policy's shrink strength k (used by shrunk; the default when shrunk was not searched).
         val_macro_f1: The highest best objective over the models' Experiments (out-of-sample macro F1, max over its epochs).
     """
-    import os
-    import uuid
     from collections import namedtuple
 
-    if s3_endpoint:
-        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
-    from hpa import config, k8s, katib, store
-    from hpa.errors import ConfigError
+    from hpa.config import S3_DEFAULT_ENDPOINT
+    from hpa.katib import KatibConfig
+    from hpa.katib_tune import katib_tune_task
+    from hpa.store import use_endpoint
 
-    if not trial_image.strip():
-        raise ConfigError(f"katib-tune trial_image={trial_image!r}: expected the trial image fixed at compile time "
-                          "(pipeline.py passes the CUDA image when gpus > 0, else the CPU image)")
-    namespace = namespace or k8s.current_namespace()
-    name = f"hpa-tune-{uuid.uuid4().hex[:8]}"  # each model's Experiment: <name>-<model>
-    prefix = f"{config.expand_store_uri(store_uri, namespace).rstrip('/')}/katib/{name}"  # trials write <prefix>/<trial>
-    split_uri = f"{prefix}/split.csv"
-    cfg = katib.KatibConfig(
-        name=name, namespace=namespace, data=shards_uri or data_uri, split=split_uri, out_prefix=prefix, fold=val_fold, size=image_size, color_mode=color_mode, epochs=epochs,
-        batch_size=batch_size, loss=loss, seed=seed, weights=weights, algorithm=algorithm, max_trials=max_trials,
-        parallel_trials=parallel_trials, max_failed_trials=max_failed_trials, lr_min=lr_min, lr_max=lr_max,
-        threshold_modes=tuple(threshold_modes), threshold_min=threshold_min, threshold_max=threshold_max,
-        shrink_strength_min=shrink_strength_min, shrink_strength_max=shrink_strength_max, gpus=gpus,
-        accelerator_type=accelerator_type, image=trial_image, node_selector=node_selector, tolerations=tolerations,
-        s3_endpoint=s3_endpoint or config.S3_DEFAULT_ENDPOINT,
+    use_endpoint(s3_endpoint)
+    cfg = KatibConfig(
+        namespace=namespace, data=shards_uri or data_uri, fold=val_fold, size=image_size, color_mode=color_mode,
+        epochs=epochs, batch_size=batch_size, loss=loss, seed=seed, weights=weights, algorithm=algorithm,
+        max_trials=max_trials, parallel_trials=parallel_trials, max_failed_trials=max_failed_trials, lr_min=lr_min,
+        lr_max=lr_max, threshold_modes=tuple(threshold_modes), threshold_min=threshold_min,
+        threshold_max=threshold_max, shrink_strength_min=shrink_strength_min, shrink_strength_max=shrink_strength_max,
+        gpus=gpus, accelerator_type=accelerator_type, image=trial_image, node_selector=node_selector,
+        tolerations=tolerations, s3_endpoint=s3_endpoint or S3_DEFAULT_ENDPOINT,
     )
-    katib.model_experiments(cfg, models)  # a bad search space or model list fails before the store is touched
-    store.publish(split_csv.path, split_uri)
-    result = katib.tune_models(cfg, models, timeout=timeout_s, poll=poll_s, save_to=experiment.path)
-    experiment.metadata.update({"namespace": namespace, **result})
+    result = katib_tune_task(cfg, models, split_csv.path, store_uri, experiment.path, timeout=timeout_s, poll=poll_s)
+    experiment.metadata.update(result)
     return namedtuple("Outputs", ["models", "threshold", "threshold_mode", "shrink_strength", "val_macro_f1"])(
         result["models"], result["threshold"], result["threshold_mode"], result["shrink_strength"], result["val_macro_f1"])
 

@@ -40,20 +40,11 @@ def montage(
         seed: Seed that picks the images.
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
     """
-    import os
-    import shutil
-    import tempfile
+    from hpa.montage import montage_task
+    from hpa.store import use_endpoint
 
-    if s3_endpoint:
-        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
-    from hpa.montage import montage_markdown, render_montage
-
-    with tempfile.TemporaryDirectory() as tmp:
-        png = os.path.join(tmp, "montage.png")
-        render_montage(data_uri, png, n=n, seed=seed)
-        with open(png, "rb") as f:
-            text = montage_markdown(f.read(), f"Sample images from `{data_uri}`", full_image.uri)
-        shutil.copyfile(png, full_image.path)
+    use_endpoint(s3_endpoint)
+    text = montage_task(data_uri, full_image.path, full_image.uri, n=n, seed=seed)
     with open(montage.path, "w") as f:
         f.write(text)
 

@@ -58,7 +58,7 @@ def pack(
     if s3_endpoint:
         os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
     from hpa.committed import shards_prefix
-    from hpa.shards import pack as pack_shards
+    from hpa.pack import pack as pack_shards
 
     shards_uri = shards_prefix(data_uri, image_size)
     workers = min(8, len(os.sched_getaffinity(0)))

@@ -24,10 +24,10 @@ def split(
     data_uri: str,
     split_csv: Output[Dataset],
     fold_plot: Output[Markdown],
+    data_manifest: str = "",
     folds: int = 5,
     seed: int = 0,
     s3_endpoint: str = "",
-    data_manifest: str = "",
 ):
     """Assign every training image to a fold (Id,Target,fold), stratified over the 28 labels.
 
@@ -41,22 +41,15 @@ def split(
         data_manifest: sha256 of the dataset's manifest.json (download's manifest_sha256). Only part of the cache key:
             a changed dataset is split again.
     """
-    import base64
-    import os
-    import tempfile
+    from hpa.split import split_task
+    from hpa.store import use_endpoint
 
-    if s3_endpoint:
-        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
-    from hpa.split import split_dataset
-
-    with tempfile.TemporaryDirectory() as tmp:
-        png = os.path.join(tmp, "folds.png")
-        summary = split_dataset(data_uri, folds=folds, seed=seed, out=split_csv.path, plot=png)
-        with open(png, "rb") as f:
-            encoded = base64.b64encode(f.read()).decode("ascii")
-    split_csv.metadata.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and k != "out"})
+    use_endpoint(s3_endpoint)
+    numbers, markdown = split_task(data_uri, split_csv.path, folds=folds, seed=seed)
+    split_csv.metadata.update(numbers)
     with open(fold_plot.path, "w") as f:
-        f.write(f"### Label counts per fold ({folds} folds, seed {seed})\n\n![folds](data:image/png;base64,{encoded})\n")
+        f.write(markdown)
+
 
 if __name__ == "__main__":
     compiler.Compiler().compile(split, str(Path(__file__).with_name("component.yaml")))

@@ -45,23 +45,15 @@ def submit(
         kaggle_submit: Upload to Kaggle with KAGGLE_USERNAME/KAGGLE_KEY from the environment.
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
     """
-    import os
+    from hpa.store import use_endpoint
+    from hpa.submit import submit_task
 
-    if s3_endpoint:
-        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
-    from hpa.submit import make_submission
-
-    # test_labels.csv next to the sample (synthetic data) is found and scored by make_submission.
-    result = make_submission(predictions.path, thresholds.path, data_uri.rstrip("/") + "/sample_submission.csv",
-                             submission.path, fill_empty=True, kaggle_submit=kaggle_submit)
-    lines = ["### Submission", "", "| field | value |", "|---|---|"]
-    for key, value in sorted(result.items()):
-        if isinstance(value, (int, float, str, bool)):
-            lines.append(f"| {key} | {value} |")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                metrics.log_metric(key, float(value))
+    use_endpoint(s3_endpoint)
+    numbers, markdown = submit_task(predictions.path, thresholds.path, data_uri, submission.path, kaggle_submit)
+    for key, value in numbers.items():
+        metrics.log_metric(key, value)
     with open(summary.path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(markdown)
     submission.metadata.update({"kaggle_submit": kaggle_submit})
 
 

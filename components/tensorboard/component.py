@@ -56,15 +56,10 @@ def tensorboard(
     """
     from collections import namedtuple
 
-    from hpa.tensorboard import create_for_run, pipeline_logs_uri, resource_name
+    from hpa.tensorboard import tensorboard_task
 
-    outputs = namedtuple("Outputs", ["logs_uri", "tensorboard_path"])
-    if not enabled:
-        return outputs("", "")
-    logs_uri = pipeline_logs_uri(store_uri, run_id)
-    result = create_for_run(logs_uri, name=name or resource_name(f"hpa-{run_id}"), namespace=namespace,
-                            required=required)
-    return outputs(result["logs_uri"], result["path"])
+    logs_uri, path = tensorboard_task(store_uri, run_id, name, namespace, required=required, enabled=enabled)
+    return namedtuple("Outputs", ["logs_uri", "tensorboard_path"])(logs_uri, path)
 
 
 if __name__ == "__main__":

@@ -88,39 +88,13 @@ def train(
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
         tensorboard_uri: The run's TensorBoard logs prefix (the tensorboard task's logs_uri): the event files also go to <tensorboard_uri>/<arch>-fold<fold>/ while training runs; empty = only in the run artifact (run/tensorboard/).
     """
-    import os
-    import tempfile
+    params = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool, dict, list))}
+    from hpa import store, train_task
 
-    if s3_endpoint:
-        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
-    from hpa.errors import ConfigError
-    from hpa.tensorboard import run_logs_uri
-    from hpa.train import TrainConfig, train_and_predict
+    store.use_endpoint(s3_endpoint)
+    outputs = {"model": model, "run": run, "val_predictions": val_predictions, "test_predictions": test_predictions}
+    train_task.train_task(params, split_csv.path, outputs).record(outputs, metrics)
 
-    if arch not in models:
-        raise ConfigError(f"train arch={arch!r}: not in models {sorted(models)} (the learning rates by model)")
-    lr = float(models[arch])
-    fold = int(fold)  # a loop item's field may arrive as a JSON number with a fraction (0.0)
-    os.makedirs(run.path, exist_ok=True)
-    # DataLoader workers: up to 4, leaving a core for the training loop (a pod sees its node's cores, so cap).
-    workers = min(4, max(0, len(os.sched_getaffinity(0)) - 1))
-    tensorboard_dir = run_logs_uri(tensorboard_uri, arch, fold) if tensorboard_uri else ""
-    with tempfile.TemporaryDirectory(prefix="hpa-cache-") as cache:  # image/shard cache: outside the run artifact
-        config = TrainConfig(
-            data=shards_uri or data_uri, split=split_csv.path, fold=fold, arch=arch, size=image_size,
-            color_mode=color_mode, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
-            threshold_mode=threshold_mode, threshold=threshold, shrink_strength=shrink_strength, seed=seed,
-            weights=weights, out=run.path, cache_dir=cache, workers=workers, tensorboard_dir=tensorboard_dir,
-        )
-        summary = train_and_predict(config, model.path, val_predictions.path, test_predictions.path, tta=tta,
-                                    shards=shards_uri or None, predict_data=data_uri)
-    model.metadata.update({"arch": arch, "fold": fold, "lr": lr, "image_size": image_size, "color_mode": color_mode,
-                           "framework": "pytorch"})
-    for artifact in (run, val_predictions, test_predictions):
-        artifact.metadata.update({"arch": arch, "fold": fold})
-    run.metadata["tensorboard"] = tensorboard_dir or "tensorboard/ in this artifact"
-    for key, value in {**summary, "fold": fold, "lr": lr}.items():
-        metrics.log_metric(key, value)
 
 if __name__ == "__main__":
     compiler.Compiler().compile(train, str(Path(__file__).with_name("component.yaml")))

@@ -21,12 +21,12 @@ from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 import hpa.config
 
 CLI_EXAMPLE = r"""
-python -m hpa distributed render --kind trainjob --trainer-api podTemplateOverrides --num-nodes 4 --gpus-per-node 8 \
+python -m hpa train-distributed render --kind trainjob --trainer-api podTemplateOverrides --num-nodes 4 --gpus-per-node 8 \
     --arch resnet18 --namespace team-a --image ghcr.io/me/hpa-kfp:0.1.0-cuda \
     --data s3://mlpipeline/private/team-a/hpa-kfp/datasets/synthetic-600x200-64px-seed0 \
     --split s3://mlpipeline/private/team-a/hpa-kfp/split.csv --out s3://mlpipeline/private/team-a/hpa-kfp/runs/ddp \
     --manifest-out trainjob.yaml
-python -m hpa distributed launch --file trainjob.yaml --timeout 86400
+python -m hpa train-distributed launch --file trainjob.yaml --timeout 86400
 """
 PIPELINE_EXAMPLE = r"""
 ddp = train_distributed(data_uri=data.outputs["data_uri"], split_csv=folds.outputs["split_csv"],
@@ -114,64 +114,12 @@ def train_distributed(
         timeout_s: Seconds to wait for the job before failing.
         tensorboard_uri: The run's TensorBoard logs prefix (the tensorboard task's logs_uri): when the job ends, its event files are copied to <tensorboard_uri>/<arch>-fold<fold>/; while it runs they are live under <store_uri>/runs/<job name>/out/tensorboard/ (this task logs the path).
     """
-    import os
-    import uuid
+    params = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool, dict, list))}
+    from hpa import store, train_task
 
-    if s3_endpoint:
-        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
-    from hpa import config, distributed, k8s, store
-    from hpa.errors import ConfigError
-    from hpa.predict import predict_val_and_test
-    from hpa.tensorboard import copy_event_files, run_logs_uri
-    from hpa.train import numeric_metrics
-
-    if not image.strip():
-        raise ConfigError(f"train-distributed image={image!r}: expected the training image fixed at compile time "
-                          "(pipeline.py passes the CUDA image when gpus > 0, else the CPU image)")
-    if arch not in models:
-        raise ConfigError(f"train-distributed arch={arch!r}: not in models {sorted(models)} (the learning rates by model)")
-    lr = float(models[arch])
-    fold = int(fold)  # a loop item's field may arrive as a JSON number with a fraction (0.0)
-    namespace = namespace or k8s.current_namespace()
-    name = f"hpa-{arch.replace('_', '-')}-ddp-{uuid.uuid4().hex[:6]}"
-    prefix = f"{config.expand_store_uri(store_uri, namespace).rstrip('/')}/runs/{name}"
-    store.publish(split_csv.path, f"{prefix}/split.csv")
-    cfg = distributed.DistributedConfig(
-        name=name, namespace=namespace, kind=kind, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
-        accelerator_type=accelerator_type, data=shards_uri or data_uri, split=f"{prefix}/split.csv", out=f"{prefix}/out",
-        fold=fold, arch=arch, size=image_size, color_mode=color_mode, epochs=epochs, batch_size=batch_size,
-        lr=lr, loss=loss, threshold_mode=threshold_mode, threshold=threshold, shrink_strength=shrink_strength, seed=seed,
-        weights=weights, image=image,
-        node_selector=node_selector, tolerations=tolerations, trainer_api=trainer_api,
-        s3_endpoint=s3_endpoint or config.S3_DEFAULT_ENDPOINT,
-    )
-    # The pods write TensorBoard event files to <out>/tensorboard during training (hpa.train's default).
-    print(f"TensorBoard event files (live): {prefix}/out/tensorboard/", flush=True)
-    result = distributed.launch_config(cfg, timeout=timeout_s)
-    if tensorboard_uri:
-        copied = copy_event_files(f"{result['out'].rstrip('/')}/tensorboard", run_logs_uri(tensorboard_uri, arch, fold))
-        print(f"TensorBoard: {copied} event file(s) copied to {run_logs_uri(tensorboard_uri, arch, fold)}", flush=True)
-
-    out = store.open_store(result["out"])
-    os.makedirs(run.path, exist_ok=True)
-    for key in ("history.csv", "metrics.json", "config.json", "val_predictions.npz"):
-        if out.exists(key):
-            out.get_file(key, os.path.join(run.path, key))
-    out.get_file("best.pt", model.path)
-    model.metadata.update({"arch": arch, "fold": fold, "lr": lr, "image_size": image_size, "color_mode": color_mode, "framework": "pytorch",
-                           "job": f"{result['kind']} {namespace}/{result['name']}", "outputs": result["out"],
-                           "tensorboard": f"{result['out'].rstrip('/')}/tensorboard"})
-
-    for artifact in (run, val_predictions, test_predictions):
-        artifact.metadata.update({"arch": arch, "fold": fold})
-    predict_val_and_test(model.path, data_uri, split_csv.path, fold, val_predictions.path, test_predictions.path,
-                         tta=tta, shards=shards_uri or None, batch_size=batch_size)
-    for key, value in numeric_metrics(run.path).items():
-        metrics.log_metric(key, value)
-    metrics.log_metric("num_nodes", float(num_nodes))
-    metrics.log_metric("gpus_per_node", float(gpus_per_node))
-    metrics.log_metric("fold", float(fold))
-    metrics.log_metric("lr", lr)
+    store.use_endpoint(s3_endpoint)
+    outputs = {"model": model, "run": run, "val_predictions": val_predictions, "test_predictions": test_predictions}
+    train_task.train_distributed_task(params, split_csv.path, outputs).record(outputs, metrics)
 
 
 if __name__ == "__main__":

@@ -40,15 +40,15 @@ def use_dataset(
         data_uri: The dataset's URI.
         manifest_sha256: sha256 of its manifest.json.
     """
-    import os
     from collections import namedtuple
 
-    if s3_endpoint:
-        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
     from hpa.committed import use_dataset as check_dataset
+    from hpa.store import use_endpoint
 
+    use_endpoint(s3_endpoint)
     info = check_dataset(dataset.uri, expected_manifest)
     return namedtuple("Outputs", ["data_uri", "manifest_sha256"])(info["data_uri"], info["manifest_sha256"])
+
 
 if __name__ == "__main__":
     compiler.Compiler().compile(use_dataset, str(Path(__file__).with_name("component.yaml")))

@@ -29,6 +29,7 @@ import pandas as pd
 import pytest
 
 from hpa import download as dl
+from hpa.archives import extract_archive
 from hpa.cli import main as cli_main
 from hpa.data import read_labels, read_sample_submission
 from hpa.errors import DataError
@@ -201,9 +202,9 @@ def test_zip_member_ratio_refused(tmp_path):
     bomb = tmp_path / "bomb.zip"
     bomb.write_bytes(zip_bytes({"hpa/zeros.bin": b"\0" * (8 * MB)}))
     with pytest.raises(DataError, match=r"bomb.zip: archive entry 'hpa/zeros.bin' expands more than 200 times"):
-        dl.extract_archive(bomb, tmp_path / "x")
+        extract_archive(bomb, tmp_path / "x")
     assert (tmp_path / "x" / "hpa" / "zeros.bin").stat().st_size <= 201 * bomb.stat().st_size + MB
-    dl.extract_archive(bomb, tmp_path / "y", max_ratio=10_000)  # the ratio is a parameter
+    extract_archive(bomb, tmp_path / "y", max_ratio=10_000)  # the ratio is a parameter
     assert (tmp_path / "y" / "hpa" / "zeros.bin").stat().st_size == 8 * MB
 
 
@@ -211,7 +212,7 @@ def test_zip_per_member_cap(tmp_path):
     archive = tmp_path / "big.zip"
     archive.write_bytes(zip_bytes({"a.bin": low_entropy(300_000), "b.bin": low_entropy(2 * MB, 1)}))
     with pytest.raises(DataError, match=r"archive entry 'b.bin' unpacks to more than the per-file limit of 1048576"):
-        dl.extract_archive(archive, tmp_path / "x", max_member_bytes=MB)
+        extract_archive(archive, tmp_path / "x", max_member_bytes=MB)
     assert (tmp_path / "x" / "a.bin").stat().st_size == 300_000
     assert (tmp_path / "x" / "b.bin").stat().st_size <= MB
 
@@ -221,7 +222,7 @@ def test_zip_lying_headers_stopped(tmp_path):
     archive = tmp_path / "liar.zip"
     archive.write_bytes(lying_zip())
     with pytest.raises(DataError) as info:
-        dl.extract_archive(archive, tmp_path / "x", max_bytes=100_000, max_ratio=1e9)
+        extract_archive(archive, tmp_path / "x", max_bytes=100_000, max_ratio=1e9)
     assert str(info.value).startswith(f"{archive}: ") and "\n" not in str(info.value)
     assert sum(p.stat().st_size for p in (tmp_path / "x").rglob("*") if p.is_file()) <= 100_000
 
@@ -231,7 +232,7 @@ def test_tar_gz_ratio_on_the_total(tmp_path):
     archive = tmp_path / "bomb.tar.gz"
     archive.write_bytes(tar_bytes({f"hpa/z{i}.bin": b"\0" * 200_000 for i in range(30)}))
     with pytest.raises(DataError, match=r"bomb.tar.gz: archive entry 'hpa/z\d+.bin' expands more than 200 times"):
-        dl.extract_archive(archive, tmp_path / "x")
+        extract_archive(archive, tmp_path / "x")
     written = sum(p.stat().st_size for p in (tmp_path / "x").rglob("*") if p.is_file())
     assert written <= 201 * archive.stat().st_size + MB
 
@@ -260,7 +261,7 @@ def test_nesting_deeper_than_two_levels_refused(tmp_path):
     archive.write_bytes(zip_bytes({"a/mid.tar.gz": tar_bytes({"deep.zip": zip_bytes({"x.txt": b"x"})})}))
     with pytest.raises(DataError, match=r"^\S+outer.zip \(inner a/mid.tar.gz\) \(inner deep.zip\): refused: "
                                         r"archives nested more than 2 levels deep$"):
-        dl.extract_archive(archive, tmp_path / "x")
+        extract_archive(archive, tmp_path / "x")
 
 
 def test_inner_zips_per_split_with_their_own_folder(kaggle_dir, tmp_path):

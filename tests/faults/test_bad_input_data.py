@@ -124,7 +124,8 @@ def _cmyk(tmp: Path):
 
 REFUSED: list[Case] = [
     # label CSVs
-    Case("csv without Target column", labels_case("Id,Label\na,1\n"), ("train.csv", "missing column(s) Target", "expected Id,Target")),
+    Case("csv without Target column", labels_case("Id,Label\na,1\n"),
+         ("train.csv", "missing column(s) Target", "expected Id,Target")),
     Case("csv without header", labels_case("a,1\nb,2\n"), ("train.csv", "missing column(s) Id, Target")),
     Case("empty csv (zero bytes)", labels_case(""), ("train.csv", "empty file")),
     Case("csv with header only (empty dataset)", labels_case("Id,Target\n"), ("train.csv", "no rows")),
@@ -138,7 +139,8 @@ REFUSED: list[Case] = [
     Case("Id with slash", labels_case("Id,Target\nsub/a,1\n"), ("train.csv row 2", "Id 'sub/a' is not allowed")),
     Case("Id with backslash", labels_case("Id,Target\nsub\\a,1\n"), ("train.csv row 2", "is not allowed")),
     Case("Id '..'", labels_case("Id,Target\n..,1\n"), ("row 2", "Id '..' is not allowed")),
-    Case("Id '../../etc/passwd'", labels_case("Id,Target\n../../etc/passwd,1\n"), ("row 2", "'../../etc/passwd' is not allowed")),
+    Case("Id '../../etc/passwd'", labels_case("Id,Target\n../../etc/passwd,1\n"),
+         ("row 2", "'../../etc/passwd' is not allowed")),
     Case("Id with space", labels_case('Id,Target\n"a b",1\n'), ("row 2", "'a b' is not allowed")),
     Case("empty Id", labels_case("Id,Target\n,1\n"), ("row 2", "Id '' is not allowed")),
     Case("csv not UTF-8", labels_case(b"Id,Target\n\xff\xfe,1\n"), ("train.csv", "not UTF-8")),
@@ -146,9 +148,11 @@ REFUSED: list[Case] = [
     # channel images
     Case("zero-byte PNG", image_case("red", b""), ("bad_red.png", "corrupt or truncated image")),
     Case("truncated PNG", image_case("green", truncated_png()), ("bad_green.png", "corrupt or truncated image")),
-    Case("text file named .png", image_case("blue", b"hello, not an image\n"), ("bad_blue.png", "corrupt or truncated image")),
+    Case("text file named .png", image_case("blue", b"hello, not an image\n"),
+         ("bad_blue.png", "corrupt or truncated image")),
     Case("missing channel file", image_case("yellow", None), ("missing yellow channel for Id bad", "bad_yellow.png")),
-    Case("1-pixel image", image_case("red", png_bytes(np.zeros((1, 1), np.uint8))), ("bad_red.png", "1x1 pixels", "minimum 8x8")),
+    Case("1-pixel image", image_case("red", png_bytes(np.zeros((1, 1), np.uint8))),
+         ("bad_red.png", "1x1 pixels", "minimum 8x8")),
     Case("decompression bomb (100000 x 100000 declared)", image_case("green", bomb_png(100_000, 100_000)),
          ("bad_green.png", "decompression bomb")),
     Case("over our pixel limit (7000 x 7000 declared)", image_case("blue", bomb_png(7000, 7000)),
@@ -160,7 +164,8 @@ REFUSED: list[Case] = [
     # whole layouts
     Case("layout without train.csv", _validate(None), ("train.csv", "file not found")),
     Case("layout with empty train.csv (empty dataset)", _validate("Id,Target\n"), ("train.csv", "no rows")),
-    Case("layout without train/ directory", _validate("Id,Target\na,0\n", make_dir=False), ("train", "missing image directory")),
+    Case("layout without train/ directory", _validate("Id,Target\na,0\n", make_dir=False),
+         ("train", "missing image directory")),
     Case("layout missing a channel", _validate("Id,Target\na,0\n"), ("missing red channel for Id a",)),
     Case("layout with a zero-byte channel", _validate_corrupt, ("bad_red.png", "corrupt or truncated image")),
 ]
@@ -194,9 +199,11 @@ CONVERTED = {
     "16-bit PNG scaled by 1/257": _converted("red", png_bytes(np.full((16, 16), 51400, np.uint16)), 200),
     "RGB PNG gives the plane of its color (green -> G)": _converted("green", png_bytes(_rgb), 100),
     "RGB PNG for yellow gives (R + G) / 2": _converted("yellow", png_bytes(_rgb), 150),
-    "RGBA PNG drops alpha (blue -> B)": _converted("blue", png_bytes(np.dstack([_rgb, np.full((16, 16), 7, np.uint8)])), 40),
+    "RGBA PNG drops alpha (blue -> B)":
+        _converted("blue", png_bytes(np.dstack([_rgb, np.full((16, 16), 7, np.uint8)])), 40),
     "gray+alpha PNG drops alpha": _converted("red", png_bytes(np.dstack([np.full((16, 16), 77, np.uint8)] * 2)), 77),
-    "JPEG renamed .png decodes by content": _converted("green", png_bytes(np.full((16, 16), 120, np.uint8), format="JPEG", quality=95), 120, 2),
+    "JPEG renamed .png decodes by content":
+        _converted("green", png_bytes(np.full((16, 16), 120, np.uint8), format="JPEG", quality=95), 120, 2),
 }
 
 

@@ -21,8 +21,9 @@ import pandas as pd
 import pytest
 
 from hpa.cli import main as cli_main
-from hpa.evaluate import load_predictions, save_predictions, save_thresholds
+from hpa.evaluate import save_thresholds
 from hpa.labels import NUM_CLASSES
+from hpa.predictions import load_predictions, save_predictions
 
 ENSEMBLE_OUTPUTS = ("ensemble_val.npz", "ensemble_test.npz", "thresholds.json", "metrics.json")
 
@@ -36,7 +37,8 @@ def write_inputs(root: Path, n_val=300, n_test=200, seed=0) -> dict:
     test_ids = np.array([f"t{i:05d}" for i in range(n_test)])
     paths = {"val": [], "test": []}
     for m in range(2):
-        save_predictions(root / f"m{m}_val.npz", val_ids, np.clip(0.5 * y + 0.6 * rng.random(y.shape), 0, 1), y, f"m{m}")
+        save_predictions(root / f"m{m}_val.npz", val_ids, np.clip(0.5 * y + 0.6 * rng.random(y.shape), 0, 1), y,
+                         f"m{m}")
         save_predictions(root / f"m{m}_test.npz", test_ids, rng.random((n_test, NUM_CLASSES)), model=f"m{m}")
         paths["val"].append(str(root / f"m{m}_val.npz"))
         paths["test"].append(str(root / f"m{m}_test.npz"))
@@ -121,8 +123,10 @@ CASES = [
     ("27 thresholds", "thr", thresholds_json([0.5] * 27), "expected 28 thresholds"),
     ("NaN threshold", "thr", thresholds_json([0.5] * 27 + [float("nan")]), "class 27"),
     # issue 13: the pipeline refuses 0 and 1 (threshold in (0, 1)); the stages accepted them
-    ("threshold exactly 0", "thr", thresholds_json([0.0] + [0.5] * 27), "class 0 (Nucleoplasm) is 0.0, expected a value in (0, 1)"),
-    ("threshold exactly 1", "thr", thresholds_json([0.5] * 27 + [1.0]), "class 27 (Rods & rings) is 1.0, expected a value in (0, 1)"),
+    ("threshold exactly 0", "thr", thresholds_json([0.0] + [0.5] * 27),
+     "class 0 (Nucleoplasm) is 0.0, expected a value in (0, 1)"),
+    ("threshold exactly 1", "thr", thresholds_json([0.5] * 27 + [1.0]),
+     "class 27 (Rods & rings) is 1.0, expected a value in (0, 1)"),
 ]
 
 

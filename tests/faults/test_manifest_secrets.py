@@ -14,11 +14,12 @@ from pathlib import Path
 
 import yaml
 
-from hpa import config, distributed, katib
+from hpa import config, katib, train_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = [ROOT / "katib" / "experiment.yaml", *sorted((ROOT / "manifests").glob("*.yaml")),
-             ROOT / "components" / "katib_tune" / "component.yaml", ROOT / "components" / "train_distributed" / "component.yaml"]
+             ROOT / "components" / "katib_tune" / "component.yaml",
+             ROOT / "components" / "train_distributed" / "component.yaml"]
 CANARIES = {"HPA_S3_ACCESS_KEY": "canaryAccessKey7Q2", "HPA_S3_SECRET_KEY": "canarySecretKey9X4/+w",
             "AWS_ACCESS_KEY_ID": "canaryAwsId3K", "AWS_SECRET_ACCESS_KEY": "canaryAwsSecret8Z",
             "KAGGLE_USERNAME": "canaryKaggleUser", "KAGGLE_KEY": "canaryKaggleKey5M"}
@@ -46,8 +47,9 @@ def _rendered(monkeypatch) -> dict[str, str]:
         for kind in katib.TRIAL_KINDS:
             cfg = katib.KatibConfig(algorithm=algorithm, trial_kind=kind, max_trials=6)
             texts[f"katib-{algorithm}-{kind}"] = katib.render_yaml(cfg)
-    for kind in distributed.KINDS:
-        texts[f"distributed-{kind}"] = distributed.render_yaml(distributed.DistributedConfig(kind=kind, num_nodes=3))
+    for kind in train_distributed.KINDS:
+        texts[f"distributed-{kind}"] = train_distributed.render_yaml(train_distributed.DistributedConfig(kind=kind,
+                                                                                                         num_nodes=3))
     return texts
 
 

@@ -103,7 +103,8 @@ def test_submit_refuses_before_contacting_the_cluster(pipeline, capsys, monkeypa
 
 def test_bad_parameters_counted(capsys):
     with capsys.disabled():
-        print(f"\npipeline parameter faults tried: {len(BAD) + len(BAD_COUNTS)} client side, + check-params task, + stage functions")
+        print(f"\npipeline parameter faults tried: {len(BAD) + len(BAD_COUNTS)} client side, "
+              "+ check-params task, + stage functions")
 
 
 def test_check_params_task_fails_first_in_the_pipeline(tmp_path, capfd):

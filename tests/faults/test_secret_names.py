@@ -19,6 +19,7 @@ from minio import Minio
 
 from faults.test_archive_faults import layout_files, make_certificate, serve, zip_bytes
 from hpa import download as dl
+from hpa.fetch import shown_source
 from hpa.errors import HPAError
 from hpa.store import open_store
 
@@ -180,7 +181,7 @@ SHOWN = [
 
 @pytest.mark.parametrize("source,shown", SHOWN)
 def test_shown_source_drops_userinfo_query_fragment(source, shown):
-    assert dl.shown_source(source) == shown
+    assert shown_source(source) == shown
 
 
 def test_basic_auth_from_userinfo_is_not_forwarded_on_redirect(tmp_path, kaggle_dir):

@@ -58,8 +58,9 @@ def test_credentials_come_only_from_secret_refs():
 
 def test_images_run_as_non_root_and_bake_in_no_secret():
     for dockerfile in sorted(ROOT.glob("images/Dockerfile*")):
-        lines = [l.strip() for l in dockerfile.read_text().splitlines() if l.strip() and not l.startswith("#")]
-        users = [l.split(None, 1)[1] for l in lines if l.upper().startswith("USER ")]
+        lines = [line.strip() for line in dockerfile.read_text().splitlines()
+                 if line.strip() and not line.startswith("#")]
+        users = [line.split(None, 1)[1] for line in lines if line.upper().startswith("USER ")]
         assert users, f"{dockerfile.name}: no USER"
         uid = users[-1].split(":")[0]
         assert uid.isdigit() and int(uid) != 0, f"{dockerfile.name}: final USER {users[-1]} must be a non-root uid"

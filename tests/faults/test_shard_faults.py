@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpa import shards, store, synthetic
+from hpa import pack, shard_cache, shards, store, synthetic
 
 SIZE = 32
 
@@ -72,14 +72,14 @@ def test_pack_killed_midway_then_rerun_gives_the_same_shards(raw, s3_bucket, tmp
     done = [k for k in stored if k.endswith(".tar")]
     print(f"killed after {len(done)} of 40 shards")
     assert "shards.json" not in stored and 3 <= len(done) < 40          # not committed
-    shards.pack(data_uri, s3_bucket + "reference", SIZE, samples_per_shard=1)
+    pack.pack(data_uri, s3_bucket + "reference", SIZE, samples_per_shard=1)
     reference = store.open_store(s3_bucket + "reference/train")
     ref_doc = json.loads(reference.get_bytes("shards.json"))
     by_name = {s["name"]: s["sha256"] for s in ref_doc["shards"]}
     for key in done:                               # whatever is under a final name is whole
         assert split_store.stored_sha256(key) == by_name[key]
         assert store.sha256_bytes(split_store.get_bytes(key)) == by_name[key]
-    again = shards.pack(data_uri, out, SIZE, samples_per_shard=1)
+    again = pack.pack(data_uri, out, SIZE, samples_per_shard=1)
     assert again["skipped_shards"] >= len(done) - 1 and again["num_shards"] == 40
     assert split_store.get_bytes("shards.json") == reference.get_bytes("shards.json")
     verify_all(out, tmp_path / "cache")
@@ -99,7 +99,7 @@ def test_four_concurrent_packs_into_one_prefix(raw, s3_bucket, tmp_path):
     assert doc["num_samples"] == 40
     keys = store.open_store(out + "/train").list()
     assert sorted(k for k in keys if k.endswith(".tar")) == [f"shard-{i:06d}.tar" for i in range(10)]
-    reference = shards.pack(data_uri, str(tmp_path / "ref"), SIZE, samples_per_shard=4)
+    reference = pack.pack(data_uri, str(tmp_path / "ref"), SIZE, samples_per_shard=4)
     assert reference["num_shards"] == 10
     assert (tmp_path / "ref" / "train" / "shards.json").read_bytes() == \
         store.open_store(out + "/train").get_bytes("shards.json")
@@ -107,7 +107,7 @@ def test_four_concurrent_packs_into_one_prefix(raw, s3_bucket, tmp_path):
 
 def test_s3_restart_while_streaming_resumes(raw, s3_server, s3_bucket, tmp_path):
     data_uri = commit(raw, s3_bucket + "data")
-    shards.pack(data_uri, s3_bucket + "shards", SIZE, samples_per_shard=8)
+    pack.pack(data_uri, s3_bucket + "shards", SIZE, samples_per_shard=8)
     ds = shards.ShardDataset(s3_bucket + "shards", shuffle=False, cache_dir=str(tmp_path / "cache"))
     ids, restarted = [], threading.Event()
     try:
@@ -125,12 +125,12 @@ def test_s3_restart_while_streaming_resumes(raw, s3_server, s3_bucket, tmp_path)
 
 def test_s3_down_while_streaming_gives_one_clear_error(raw, s3_server, s3_bucket, tmp_path, monkeypatch):
     data_uri = commit(raw, s3_bucket + "data")
-    shards.pack(data_uri, s3_bucket + "shards", SIZE, samples_per_shard=8)
+    pack.pack(data_uri, s3_bucket + "shards", SIZE, samples_per_shard=8)
     ds = shards.ShardDataset(s3_bucket + "shards", shuffle=False, cache_dir=str(tmp_path / "cache"))
     monkeypatch.setenv("HPA_S3_RETRIES", "2")
     monkeypatch.setenv("HPA_S3_RETRY_DELAY", "0.1")
-    monkeypatch.setattr(shards, "FETCH_RETRIES", 1)
-    monkeypatch.setattr(shards, "FETCH_BACKOFF_S", 0.1)
+    monkeypatch.setattr(shard_cache, "FETCH_RETRIES", 1)
+    monkeypatch.setattr(shard_cache, "FETCH_BACKOFF_S", 0.1)
     ds.shard_set.store = store.open_store(s3_bucket + "shards/train")   # pick up the fast-fail settings
     try:
         with pytest.raises(shards.StoreError) as info:
@@ -169,7 +169,7 @@ def _cheap_samples(n: int):
 def test_20000_sample_epoch_streams_with_flat_memory(s3_bucket, tmp_path):
     n = 20_000
     start = time.monotonic()
-    shards.write_shards(s3_bucket + "load/train", _cheap_samples(n), samples_per_shard=1000)
+    pack.write_shards(s3_bucket + "load/train", _cheap_samples(n), samples_per_shard=1000)
     built = time.monotonic() - start
     ds = shards.ShardDataset(s3_bucket + "load", cache_dir=str(tmp_path / "cache"), cache_bytes=8 << 20)
     loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=0)

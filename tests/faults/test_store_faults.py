@@ -13,6 +13,7 @@ import traceback
 import pytest
 from minio import Minio
 
+from hpa import s3store
 from hpa import store as st
 from hpa.errors import StoreError
 from hpa.s3server import LocalS3Server
@@ -43,7 +44,7 @@ def _files(root, n):
 
 def _on_put(monkeypatch, n, action):
     """Run `action` (once, in a thread) when the n-th object upload starts."""
-    real, count, lock = st.S3Store.put_file, [0], threading.Lock()
+    real, count, lock = s3store.S3Store.put_file, [0], threading.Lock()
 
     def hooked(self, key, path, sha256=None):
         with lock:
@@ -53,7 +54,7 @@ def _on_put(monkeypatch, n, action):
         return real(self, key, path, sha256)
 
     hooked.__wrapped__ = real
-    monkeypatch.setattr(st.S3Store, "put_file", hooked)
+    monkeypatch.setattr(s3store.S3Store, "put_file", hooked)
 
 
 def test_server_restart_mid_upload_is_retried(own_server, own_store, tmp_path, monkeypatch, caplog):
@@ -77,7 +78,7 @@ def test_server_restart_mid_upload_is_retried(own_server, own_store, tmp_path, m
 def test_server_down_fails_clearly_then_rerun_completes(own_server, own_store, tmp_path, monkeypatch):
     src = _files(tmp_path / "src", 40)
     monkeypatch.setenv("HPA_S3_RETRIES", "2")
-    own_store.settings = st.s3_settings()
+    own_store.settings = s3store.s3_settings()
     _on_put(monkeypatch, 10, lambda: own_server.stop(kill=True))
     try:
         with pytest.raises(st.StoreUnreachableError,
@@ -86,7 +87,7 @@ def test_server_down_fails_clearly_then_rerun_completes(own_server, own_store, t
             own_store.commit_manifest(entries, {})
     finally:
         own_server.start()
-    monkeypatch.setattr(st.S3Store, "put_file", st.S3Store.put_file.__wrapped__)
+    monkeypatch.setattr(s3store.S3Store, "put_file", s3store.S3Store.put_file.__wrapped__)
     with pytest.raises(StoreError, match="not a committed dataset"):
         own_store.read_manifest()
     stored_before = len(own_store.list())
@@ -99,7 +100,7 @@ def test_server_down_fails_clearly_then_rerun_completes(own_server, own_store, t
 
 def test_object_replaced_behind_the_manifest_is_named(own_server, own_store, tmp_path, monkeypatch):
     monkeypatch.setenv("HPA_S3_RETRIES", "2")
-    own_store.settings = st.s3_settings()
+    own_store.settings = s3store.s3_settings()
     src = _files(tmp_path / "src", 3)
     own_store.commit_manifest(own_store.upload_tree(src), {})
     # replaced behind the manifest's back (plain S3 client, so no sha256 metadata either)
@@ -120,7 +121,7 @@ def test_bit_rot_on_the_server_is_named(own_server, own_store, tmp_path, monkeyp
     """Bytes flipped in the server's volume file: its CRC check refuses the read (after ~13 s of its own
     retries), and the error names the object."""
     monkeypatch.setenv("HPA_S3_RETRIES", "1")
-    own_store.settings = st.s3_settings()
+    own_store.settings = s3store.s3_settings()
     src = _files(tmp_path / "src", 3)
     own_store.commit_manifest(own_store.upload_tree(src), {})
     payload = (src / "f002.bin").read_bytes()

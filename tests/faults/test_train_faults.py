@@ -2,8 +2,8 @@
 checkpoint (the previous good one is used and the resumed run equals an uninterrupted one, bit for
 bit); SIGTERM writes a checkpoint and exits 143, and resuming from it is exact too.
 
-The kill window inside a checkpoint write is widened with the test hook HPA_TRAIN_FAULT_CKPT_DELAY
-(seconds slept after the first half of the temporary file is written).
+The kill window inside a checkpoint write is widened from the test side: the run goes through a launcher
+(SLOW_LAST_PT) that gives last.pt's temporary file a slow disk, a pause after the first half of its bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
+from hpa.store import TMP_PREFIX
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +43,50 @@ def dataset(tmp_path_factory):
 def cmd(dataset: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "hpa", "train", "--data", str(dataset / "data"), "--split",
             str(dataset / "split.csv"), "--out", str(out), *ARGS, *extra]
+
+
+# `python -m hpa` with a slow disk for last.pt's temporary file (hpa.store.atomic_write's TMP_PREFIX name): the
+# first half of the bytes is written and flushed, then the process sleeps SLOW_WRITE_S before writing the rest.
+SLOW_WRITE_S = 5.0
+SLOW_LAST_PT = f"""
+import builtins, io, os, sys, time
+from hpa.store import TMP_PREFIX
+
+real_open = io.open
+
+class SlowFile:
+    def __init__(self, f):
+        self._f = f
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+    def write(self, data):
+        half = len(data) // 2
+        self._f.write(data[:half])
+        self._f.flush()
+        time.sleep({SLOW_WRITE_S})
+        return half + self._f.write(data[half:])
+
+def slow_open(file, mode="r", *args, **kwargs):
+    f = real_open(file, mode, *args, **kwargs)
+    name = os.path.basename(os.fspath(file)) if isinstance(file, (str, os.PathLike)) else ""
+    if "w" in mode and name.startswith(TMP_PREFIX) and name.endswith("-last.pt"):
+        return SlowFile(f)
+    return f
+
+io.open = builtins.open = slow_open
+from hpa.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def slow_last_pt(command: list[str]) -> list[str]:
+    """`command` (a `python -m hpa ...` line) run through SLOW_LAST_PT."""
+    assert command[1:3] == ["-m", "hpa"], command
+    return [command[0], "-c", SLOW_LAST_PT, *command[3:]]
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +137,18 @@ def assert_same_final_state(a: Path, b: Path) -> None:
 
 def test_sigkill_during_checkpoint_write_keeps_last_good_one(dataset, reference):
     out = dataset / "killed-in-write"
-    rc, _, err = signal_when(cmd(dataset, out), ["checkpoint saved: last.pt epoch 0 step 2",
-                                                  "checkpoint write begins: last.pt epoch 0 step 4"],
-                             signal.SIGKILL, env={"HPA_TRAIN_FAULT_CKPT_DELAY": "5"}, delay=1.0)
+    rc, _, err = signal_when(slow_last_pt(cmd(dataset, out)), ["checkpoint saved: last.pt epoch 0 step 2",
+                                                                "checkpoint write begins: last.pt epoch 0 step 4"],
+                             signal.SIGKILL, delay=1.0)
     assert rc == -signal.SIGKILL, err[-2000:]
-    torn = list(out.glob(".last.pt.*.tmp"))
+    torn = list(out.glob(f"{TMP_PREFIX}*-last.pt"))
     assert torn, "the kill should have landed inside the write (half-written temporary file)"
     assert 0 < torn[0].stat().st_size < (out / "last.pt").stat().st_size
     ckpt = torch.load(out / "last.pt", weights_only=True)  # the final name holds the last good checkpoint
     assert (ckpt["epoch"], ckpt["step"]) == (0, 2)
 
     resume(dataset, out)
-    assert not list(out.glob(".*.tmp"))  # the torn temporary file was swept away
+    assert not list(out.glob(f"{TMP_PREFIX}*"))  # the torn temporary file was swept away
     assert_same_final_state(reference, out)
 
 

@@ -14,7 +14,6 @@ import os
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -193,11 +192,13 @@ def test_single_reads_by_uri_are_verified_against_the_dataset_manifest(committed
 def test_poisoned_shard_cache_is_fetched_again(committed, tmp_path, caplog):
     """A shard cached under its sha256 in a user's --cache-dir was used unverified on a later run; now the
     first use in each process hashes it and a tampered copy is replaced from the store."""
+    import hpa.shard_cache as shard_cache
     import hpa.shards as shards
+    from hpa.pack import pack
 
     uri, _, df = committed
     out = uri.rsplit("/", 1)[0] + "/shards/tiny"
-    shards.pack(uri, out, 32, samples_per_shard=8)
+    pack(uri, out, 32, samples_per_shard=8)
     cache = tmp_path / "shard-cache"
     first = shards.ShardReader(out, cache_dir=str(cache))
     image_id = first.ids[0]
@@ -206,8 +207,8 @@ def test_poisoned_shard_cache_is_fetched_again(committed, tmp_path, caplog):
     assert cached
     for path in cached:  # same size, other bytes
         path.write_bytes(bytes(len(path.read_bytes())))
-    getattr(shards, "_VERIFIED", set()).clear()  # what a new process starts with
-    with caplog.at_level("WARNING", logger="hpa.shards"):
+    getattr(shard_cache, "_VERIFIED", set()).clear()  # what a new process starts with
+    with caplog.at_level("WARNING", logger="hpa.shard_cache"):
         again = shards.ShardReader(out, cache_dir=str(cache)).get(image_id)
     np.testing.assert_array_equal(again, good)
     assert "does not hash to its name" in caplog.text

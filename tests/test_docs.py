@@ -1,4 +1,5 @@
-"""The pipeline picture and mermaid block are drawn from the compiled YAML, condition groups expanded."""
+"""tools/docs.py: the pipeline picture and mermaid block are drawn from the compiled YAML, condition groups expanded;
+the committed generated docs (component READMEs, the mermaid block of docs/cluster.md) are in sync."""
 
 import re
 import sys
@@ -10,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipeline  # noqa: E402
+from tools import docs  # noqa: E402
 
 
 @pytest.mark.parametrize("compiled,expected", [
@@ -20,16 +22,16 @@ import pipeline  # noqa: E402
     ("!(inputs.parameter_values['pipelinechannel--dataset-state-existing'] == true)", "not dataset-state.existing"),
 ])
 def test_condition_text(compiled, expected):
-    assert pipeline.condition_text(compiled) == expected
+    assert docs.condition_text(compiled) == expected
 
 
 def test_graph_expands_nested_condition_groups():
-    deps, notes = pipeline.pipeline_graph()
+    deps, notes = docs.pipeline_graph()
     # Only executor tasks, never the compiler's group names.
     assert not [name for name in deps if name.startswith("condition")]
     assert notes["montage"] == ["if plot_samples"]
     assert notes["katib-tune"] == ["if tune"] and notes["katib-defaults"] == ["if not tune"]
-    assert notes["train"] == ["for each of models x folds", pipeline.GPU_NOTE]
+    assert notes["train"] == ["for each of models x folds", docs.GPU_NOTE]
     assert "train-distributed" not in deps  # the multi-node pipeline is compiled/hpa_pipeline_multinode.yaml
     # an existing committed s3:// dataset is imported, anything else downloaded (issue 16)
     assert notes["importer"] == notes["use-dataset"] == ["if dataset-state.existing"]
@@ -41,7 +43,7 @@ def test_graph_expands_nested_condition_groups():
     assert "train" in deps["ensemble"] and "train" in deps["compare-plots"]
     assert set(deps["submit"]) == {"importer", "use-dataset", "download", "ensemble"}  # data_uri: the sample submission
     assert "dataset-state" in deps["pack"] and "dataset-state" in deps["download"]  # their cache keys follow the store
-    multi, multi_notes = pipeline.pipeline_graph(pipeline.COMPILED_MULTINODE)
+    multi, multi_notes = docs.pipeline_graph(pipeline.COMPILED_MULTINODE)
     assert "train-distributed" in multi and "train" not in multi
     # its pods (not the task) get the GPUs
     assert multi_notes["train-distributed"] == ["for each of models x folds"]
@@ -51,4 +53,19 @@ def test_graph_expands_nested_condition_groups():
 def test_docs_mermaid_matches_the_compiled_pipeline():
     doc = (ROOT / "docs" / "cluster.md").read_text()
     block = re.search(r"```mermaid\n(.*?)\n```", doc, re.S).group(1)
-    assert block == pipeline.mermaid(), "docs/cluster.md is stale: run `python pipeline.py graph`"
+    assert block == docs.mermaid(), "docs/cluster.md is stale: run `python tools/docs.py`"
+
+
+def test_component_readmes_match_the_components(tmp_path):
+    written = docs.write_readmes(tmp_path)
+    assert len(written) == len(list((ROOT / "components").glob("*/component.py")))  # every one has examples
+    stale = [str(p.relative_to(tmp_path)) for p in written
+             if p.read_bytes() != (ROOT / p.relative_to(tmp_path)).read_bytes()]
+    assert not stale, f"out of date, run `python tools/docs.py` and commit: {stale}"
+
+
+def test_write_mermaid_rewrites_only_the_block(tmp_path):
+    doc = tmp_path / "cluster.md"
+    doc.write_text("# x\n\n```mermaid\nflowchart LR\n    old\n```\n\nafter\n")
+    docs.write_mermaid(doc)
+    assert doc.read_text() == f"# x\n\n```mermaid\n{docs.mermaid()}\n```\n\nafter\n"

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from hpa import plots
+from hpa import compare_plots
 from hpa.errors import DataError
-from hpa.evaluate import save_predictions
 from hpa.labels import HPA_CLASS_COUNTS, HPA_N_IMAGES, NUM_CLASSES
+from hpa.predictions import save_predictions
 
 
 def write_run(run_dir, seed, noise, epochs=4, n=400):
@@ -31,7 +31,8 @@ def write_run(run_dir, seed, noise, epochs=4, n=400):
                             "val_macro_f1": 0.5 * s - 0.3 / e, "val_macro_f1_at_05": 0.4 * s - 0.3 / e,
                             "val_macro_f1_in_sample": 0.55 * s - 0.3 / e, "lr": 1e-3 / e})
     history.to_csv(run_dir / "history.csv", index=False)
-    (run_dir / "metrics.json").write_text(json.dumps({"best_val_macro_f1": 0.425, "best_epoch": epochs, "val_loss": 0.15}))
+    (run_dir / "metrics.json").write_text(json.dumps({"best_val_macro_f1": 0.425, "best_epoch": epochs,
+                                                      "val_loss": 0.15}))
     return run_dir
 
 
@@ -48,13 +49,13 @@ class ImageCollector(html.parser.HTMLParser):
 def test_compare_runs_report(tmp_path):
     runs = [write_run(tmp_path / "resnet18", 0, 1.0), write_run(tmp_path / "se_resnet18", 1, 1.4)]
     out = tmp_path / "report"
-    result = plots.compare_runs(runs, out)
-    assert len(result["pngs"]) == len(plots.FIGURES)
+    result = compare_plots.compare_runs(runs, out)
+    assert len(result["pngs"]) == len(compare_plots.FIGURES)
     for png in result["pngs"]:
         assert Image.open(png).size[0] >= 600
     parser = ImageCollector()
     parser.feed((out / "report.html").read_text())
-    assert [i["alt"] for i in parser.images] == list(plots.FIGURES)
+    assert [i["alt"] for i in parser.images] == list(compare_plots.FIGURES)
     for img in parser.images:
         assert img["src"].startswith("data:image/png;base64,")
         decoded = Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1])))
@@ -74,15 +75,15 @@ def test_run_names_come_from_each_runs_config(tmp_path):
     runs = [write_run(tmp_path / "run", 0, 1.0), write_run(tmp_path / "b" / "run", 1, 1.0)]
     for k, run in enumerate(runs):
         (run / "config.json").write_text(json.dumps({"arch": "resnet18", "fold": k}))
-    assert plots.run_names([str(r) for r in runs], None) == ["resnet18-fold0", "resnet18-fold1"]
+    assert compare_plots.run_names([str(r) for r in runs], None) == ["resnet18-fold0", "resnet18-fold1"]
 
 
 def test_compare_cli_names_and_errors(tmp_path, capsys):
     run = write_run(tmp_path / "a", 0, 1.0)
-    assert plots.main(["--runs", str(run), "--out", str(tmp_path / "o"), "--names", "model A"]) == 0
+    assert compare_plots.main(["--runs", str(run), "--out", str(tmp_path / "o"), "--names", "model A"]) == 0
     assert "| model A |" in (tmp_path / "o" / "summary.md").read_text()
     assert str(tmp_path / "o" / "report.html") in capsys.readouterr().out
     with pytest.raises(DataError, match="history.csv: file not found"):
-        plots.compare_runs([tmp_path / "missing"], tmp_path / "o2")
+        compare_plots.compare_runs([tmp_path / "missing"], tmp_path / "o2")
     with pytest.raises(DataError, match="2 names for 1 runs"):
-        plots.compare_runs([run], tmp_path / "o3", names=["x", "y"])
+        compare_plots.compare_runs([run], tmp_path / "o3", names=["x", "y"])

@@ -1,4 +1,5 @@
-"""DDP helpers, kept apart from the training loop (torchvision references/classification style).
+"""DDP helpers for `python -m hpa train` (process group, rank info, collectives), kept apart from the training
+loop as in torchvision's references; launching the Kubernetes jobs that run it is hpa.train_distributed's.
 
 `torchrun`, PyTorchJob and Kubeflow Trainer all set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT; without them everything here degrades to a single process (rank 0 of 1).

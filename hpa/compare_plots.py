@@ -25,9 +25,10 @@ import pandas as pd  # noqa: E402
 
 from hpa.crossfit import crossfit_binarize, crossfit_groups, policy_fitter  # noqa: E402
 from hpa.errors import DataError  # noqa: E402
-from hpa.evaluate import (DEFAULT_THRESHOLD, binarize, f1_per_class, fit_thresholds, join_uri,  # noqa: E402
-                          load_predictions, macro_f1, read_uri, write_uri)
+from hpa.evaluate import DEFAULT_THRESHOLD, binarize, f1_per_class, fit_thresholds, macro_f1  # noqa: E402
 from hpa.labels import CLASS_NAMES  # noqa: E402
+from hpa.predictions import load_predictions  # noqa: E402
+from hpa.store import join_uri, read_bytes, write_bytes  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,13 @@ FIGURES = ("loss", "val_macro_f1", "per_class_f1", "f1_vs_threshold", "threshold
 def load_run(run: str, name: str) -> dict:
     """history, predictions and metrics of one run, plus what the plots derive from them."""
     try:
-        history = pd.read_csv(io.BytesIO(read_uri(join_uri(run, "history.csv"))))
+        history = pd.read_csv(io.BytesIO(read_bytes(join_uri(run, "history.csv"))))
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"{join_uri(run, 'history.csv')}: not a readable CSV ({exc.__class__.__name__})") from None
     if "epoch" not in history.columns or history.empty:
         raise DataError(f"{join_uri(run, 'history.csv')}: expected an 'epoch' column and at least one row")
     try:
-        metrics = json.loads(read_uri(join_uri(run, "metrics.json")))
+        metrics = json.loads(read_bytes(join_uri(run, "metrics.json")))
     except json.JSONDecodeError as exc:
         raise DataError(f"{join_uri(run, 'metrics.json')}: not valid JSON ({exc})") from None
     preds = load_predictions(join_uri(run, "val_predictions.npz"))
@@ -75,7 +76,7 @@ def run_names(runs: list[str], names: list[str] | None) -> list[str]:
 
 def config_name(run: str) -> str | None:
     try:
-        config = json.loads(read_uri(join_uri(run, "config.json")))
+        config = json.loads(read_bytes(join_uri(run, "config.json")))
         return f"{config['arch']}-fold{config['fold']}"
     except (DataError, json.JSONDecodeError, KeyError, TypeError):
         return None
@@ -236,16 +237,19 @@ def compare_runs(run_dirs_or_uris, out_dir, names=None) -> dict:
     runs = [load_run(r, n) for r, n in zip(runs_uris, run_names(runs_uris, names))]
     pngs = {kind: render(kind, runs) for kind in FIGURES}
     table = summary_table(runs)
-    out = {"pngs": [write_uri(join_uri(out_dir, f"{kind}.png"), data) for kind, data in pngs.items()]}
-    out["summary"] = write_uri(join_uri(out_dir, "summary.md"), summary_markdown(table).encode())
-    out["report"] = write_uri(join_uri(out_dir, "report.html"), report_html(table, pngs).encode())
+    out = {"pngs": [join_uri(out_dir, f"{kind}.png") for kind in pngs],
+           "summary": join_uri(out_dir, "summary.md"), "report": join_uri(out_dir, "report.html")}
+    for uri, data in zip(out["pngs"], pngs.values()):
+        write_bytes(uri, data)
+    write_bytes(out["summary"], summary_markdown(table).encode())
+    write_bytes(out["report"], report_html(table, pngs).encode())
     out["runs"] = table.to_dict("records")
     log.info("compared %d runs -> %s", len(runs), out["report"])
     return out
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hpa compare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hpa compare-plots", description=__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="+", required=True, help="run directories (local or s3://) written by train")
     p.add_argument("--out", required=True, help="output dir or s3:// prefix")
     p.add_argument("--names", nargs="+", help="display names, one per run (default: the directory names)")
