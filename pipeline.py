@@ -239,6 +239,7 @@ def make_pipeline(multi_node: bool):
             threshold_mode=p.threshold_mode, threshold=p.threshold, shrink_strength=p.shrink_strength, tta=p.tta,
             seed=p.seed,
             s3_endpoint=p.s3_endpoint, weights=p.weights, tensorboard_uri=board.outputs["logs_uri"],
+            train_options=checked.outputs["train_options"],  # the run parameters declared train_option=True
         )
         # Optional Katib tuning: its best lr per model and threshold policy, or the run parameters unchanged
         # (katib_defaults). Parameter dsl.OneOf resolves on the backend since before 2.16 (2.16.0

@@ -58,7 +58,7 @@ def check_params(
     cpu_image: str = "",
     cuda_image: str = "",
 ) -> NamedTuple("Outputs", [("params", str), ("store_uri", str), ("gpu_limit", str), ("train_image", str),
-                            ("train_plan", list)]):
+                            ("train_plan", list), ("train_options", dict)]):
     """Validate the pipeline's run parameters; fail with one clear line on the first bad one.
 
     Args:
@@ -95,13 +95,14 @@ def check_params(
         gpu_limit: The accelerator limit of the training pods as a string ("" = no accelerator).
         train_image: The image of the training pods, Katib trials and TrainJobs (CUDA when gpus > 0).
         train_plan: The training tasks, one {"arch", "fold"} per model and trained fold (the ParallelFor's items).
+        train_options: The run parameters that are options of every training run (hpa train), by option name.
     """
     import dataclasses
     import json
     from collections import namedtuple
 
     from hpa import k8s
-    from hpa.config import PipelineConfig, pod_settings
+    from hpa.config import PipelineConfig, pod_settings, train_options
 
     params = dict(locals())
     names = {f.name for f in dataclasses.fields(PipelineConfig)}
@@ -109,9 +110,9 @@ def check_params(
     settings = pod_settings(config, multi_node=multi_node, namespace=k8s.current_namespace(),
                             cpu_image=cpu_image, cuda_image=cuda_image)
     print(json.dumps(settings, sort_keys=True))
-    return namedtuple("Outputs", ["params", "store_uri", "gpu_limit", "train_image", "train_plan"])(
+    return namedtuple("Outputs", ["params", "store_uri", "gpu_limit", "train_image", "train_plan", "train_options"])(
         json.dumps(dataclasses.asdict(config), sort_keys=True), settings["store_uri"], settings["gpu_limit"],
-        settings["train_image"], config.train_plan())
+        settings["train_image"], config.train_plan(), train_options(config))
 
 
 if __name__ == "__main__":

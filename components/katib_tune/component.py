@@ -82,6 +82,7 @@ def katib_tune(
     s3_endpoint: str = "",
     timeout_s: float = 21600.0,
     poll_s: float = 30.0,
+    train_options: dict = {},
 ) -> NamedTuple("Outputs", [("models", dict), ("threshold", float), ("threshold_mode", str),
                              ("shrink_strength", float), ("val_macro_f1", float)]):
     """Create one Katib Experiment per model for this run, wait for all, return each model's best lr and the best threshold policy.
@@ -121,6 +122,7 @@ def katib_tune(
         s3_endpoint: S3 endpoint host:port for this task and the trial pods; empty = hpa.config.S3_DEFAULT_ENDPOINT (KFP's SeaweedFS).
         timeout_s: Seconds to wait for the Experiments before failing.
         poll_s: Seconds between status reads.
+        train_options: Further options of python -m hpa train by name (check-params' train_options: the run parameters declared train_option=True in hpa.config), applied on top of the inputs above.
 
     Returns:
         models: Each model's best learning rate, create_model name -> lr (the same models as the input).
@@ -144,7 +146,7 @@ def katib_tune(
         lr_max=lr_max, threshold_modes=tuple(threshold_modes), threshold_min=threshold_min,
         threshold_max=threshold_max, shrink_strength_min=shrink_strength_min, shrink_strength_max=shrink_strength_max,
         gpus=gpus, accelerator_type=accelerator_type, image=trial_image, node_selector=node_selector,
-        tolerations=tolerations, s3_endpoint=s3_endpoint or S3_DEFAULT_ENDPOINT,
+        tolerations=tolerations, s3_endpoint=s3_endpoint or S3_DEFAULT_ENDPOINT, train_options=train_options,
     )
     result = katib_tune_task(cfg, models, split_csv.path, store_uri, experiment.path, timeout=timeout_s, poll=poll_s)
     experiment.metadata.update(result)

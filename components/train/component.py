@@ -59,6 +59,7 @@ def train(
     weights: str = "",
     s3_endpoint: str = "",
     tensorboard_uri: str = "",
+    train_options: dict = {},
 ):
     """Train one model with one fold held out, keep the best epoch, predict that fold and the test set with TTA.
 
@@ -87,6 +88,7 @@ def train(
         weights: Start from imagenet (timm's pretrained weights; needs the model hub), a 3-channel state dict file or s3:// URI; empty = random init.
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
         tensorboard_uri: The run's TensorBoard logs prefix (the tensorboard task's logs_uri): the event files also go to <tensorboard_uri>/<arch>-fold<fold>/ while training runs; empty = only in the run artifact (run/tensorboard/).
+        train_options: Further options of python -m hpa train by name (check-params' train_options: the run parameters declared train_option=True in hpa.config), applied on top of the inputs above.
     """
     params = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool, dict, list))}
     from hpa import store, train_task

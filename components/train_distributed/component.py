@@ -74,6 +74,7 @@ def train_distributed(
     s3_endpoint: str = "",
     timeout_s: float = 86400.0,
     tensorboard_uri: str = "",
+    train_options: dict = {},
 ):
     """Train with DDP on num_nodes pods x gpus_per_node GPUs, then predict val and test.
 
@@ -113,6 +114,7 @@ def train_distributed(
         s3_endpoint: S3 endpoint host:port for this task and the training pods; empty = hpa.config.S3_DEFAULT_ENDPOINT (KFP's SeaweedFS).
         timeout_s: Seconds to wait for the job before failing.
         tensorboard_uri: The run's TensorBoard logs prefix (the tensorboard task's logs_uri): when the job ends, its event files are copied to <tensorboard_uri>/<arch>-fold<fold>/; while it runs they are live under <store_uri>/runs/<job name>/out/tensorboard/ (this task logs the path).
+        train_options: Further options of python -m hpa train by name (check-params' train_options: the run parameters declared train_option=True in hpa.config), applied on top of the inputs above.
     """
     params = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool, dict, list))}
     from hpa import store, train_task
