@@ -75,6 +75,9 @@ DEFAULTS = PipelineConfig()
 RUN_PARAMETER_CLASSES = (PipelineConfig, ClusterParameters)
 # The multi-node pipeline's own defaults (compile-time `pipeline_parameters`).
 MULTINODE_DEFAULTS = {"num_nodes": 2}
+# run --local's own defaults: no Tensorboard server here; the curves stay in each training task's run artifact
+# under pipeline_root (main prints the `tensorboard --logdir` command), not in the embedded store removed after.
+LOCAL_DEFAULTS = {"tensorboard": False}
 # The oldest KFP backend both pipelines run on with the default s3_endpoint: seaweedfs.kubeflow:9000 exists
 # from 2.16.0 (docs/cluster.md, Supported versions). With an s3_endpoint of the user's it is the oldest the
 # compiled YAML itself runs on (cluster.backend_rules.min_backend_version: 2.15.0). `submit` refuses older.
@@ -485,9 +488,7 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
                 os.environ.update(server.env())
                 arguments.setdefault("store_uri", "s3://hpa-local/hpa-kfp")
                 arguments.setdefault("s3_endpoint", server.endpoint)
-            # No Tensorboard server here: the curves stay in each training task's run artifact under pipeline_root
-            # (main prints the `tensorboard --logdir` command), not in the embedded store removed after the run.
-            arguments.setdefault("tensorboard", False)
+            arguments = {**LOCAL_DEFAULTS, **arguments}
             check_arguments(arguments)
             # kfp.local runs up to 2 ParallelFor iterations at once (kfp 2.17 kfp/local/orchestrator/
             # enhanced_dag_orchestrator.py ParallelExecutor.conservative_max), so two training tasks share the

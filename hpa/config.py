@@ -95,8 +95,9 @@ class PipelineConfig:
     own (image_size=512, epochs, train_folds=5, gpus)."""
 
     data_source: str = opt("synthetic", "Where the images come from: synthetic (HPA-like generated data), a "
-        "directory in Kaggle layout, an s3:// prefix, an https:// zip/tar archive, or "
-        "kaggle:human-protein-atlas-image-classification.")
+        "directory in Kaggle layout, an s3:// prefix (a committed dataset is imported and read where it is), an "
+        "https:// zip/tar archive, kaggle:human-protein-atlas-image-classification, or hpav18:<csv> (the HPA v18 "
+        "external images).")
     store_uri: str = opt(DEFAULT_STORE_URI, "Object store prefix that holds the datasets (s3://bucket/prefix, or a "
         "directory for local runs); {namespace} is replaced by the run's namespace (multi-user profiles may only "
         "write under mlpipeline/private/<namespace>/ and mlpipeline/shared/).")

@@ -69,3 +69,17 @@ def test_write_mermaid_rewrites_only_the_block(tmp_path):
     doc.write_text("# x\n\n```mermaid\nflowchart LR\n    old\n```\n\nafter\n")
     docs.write_mermaid(doc)
     assert doc.read_text() == f"# x\n\n```mermaid\n{docs.mermaid()}\n```\n\nafter\n"
+
+
+def test_run_parameter_tables_are_generated_from_the_declarations():
+    """README.md and docs/cluster.md show every run parameter with its type, default and UI description, as
+    hpa/config.py declares them (python tools/docs.py rewrites both tables)."""
+    table = docs.parameter_table()
+    for doc in (ROOT / "README.md", ROOT / "docs" / "cluster.md"):
+        text = doc.read_text()
+        start, end = text.index(docs.TABLE_START) + len(docs.TABLE_START), text.index(docs.TABLE_END)
+        assert text[start:end].strip() == table, f"{doc.name}: run-parameter table is stale: run `python tools/docs.py`"
+    import pipeline
+
+    for name in pipeline.parameter_names():
+        assert f"| `{name}` |" in table
