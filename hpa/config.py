@@ -120,6 +120,9 @@ class PipelineConfig:
         "full 5-fold cross-validation). Their out-of-fold predictions are what the thresholds are fitted on; test "
         "predictions are averaged over the folds, then over the models.")
     loss: str = opt("bce", choices=("bce", "focal"), help="Training loss: bce or focal.")
+    pos_weight: str = opt("none", choices=("none", "sqrt"), train_option=True, help="Per-class weight of the positive "
+        "term of the loss: none, or sqrt = sqrt(negatives / positives) of each class in the training folds, clipped "
+        "to [1, 10], which lifts the rare classes without letting a class with a handful of positives dominate.")
     tta: int = opt(2, "Dihedral test-time augmentations at prediction: 1, 2, 4 or 8.")
     threshold_mode: str = opt("prior", choices=("fitted", "global", "shrunk", "prior"), help=(
         "fitted = per-class thresholds that maximise validation F1; global = the threshold value for every class;"

@@ -28,13 +28,18 @@ def test_whole_pipeline_through_embedded_s3(tmp_path, monkeypatch):
     import pipeline
 
     start = time.monotonic()
-    result = pipeline.run_local(dict(SMALL), tmp_path / "run")
-    print(f"\nkfp.local pipeline run ({SMALL}): {time.monotonic() - start:.1f} s")
+    result = pipeline.run_local(dict(SMALL, pos_weight="sqrt"), tmp_path / "run")
+    print(f"\nkfp.local pipeline run ({SMALL}, pos_weight=sqrt): {time.monotonic() - start:.1f} s")
     assert "embedded S3" in result["store_uri"] and result["store_uri"].startswith("s3://")
 
     # The run resolved its inputs as the KFP backend driver does (cluster.backend_rules.strict_local): the
     # training pods got the CPU image and no accelerator limit (gpus=0 -> gpu_limit ""), from check-params.
     from hpa.config import DEFAULT_IMAGE
+
+    # A run parameter declared train_option=True (pos_weight) reached every training task through check-params'
+    # train_options: each run's config.json (its TrainConfig) has it.
+    configs = sorted(Path(result["pipeline_root"]).rglob("config.json"))
+    assert len(configs) == 4 and all(json.loads(c.read_text())["pos_weight"] == "sqrt" for c in configs), configs
 
     pod = result["pods"]["train"]
     assert pod["image"] == DEFAULT_IMAGE and pod["limits"] == {}, pod

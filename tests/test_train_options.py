@@ -27,10 +27,31 @@ def test_declared_train_options_are_training_options_with_a_description():
     from hpa.train import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert declared(), "no run parameter is declared train_option=True"
     for name in declared():
         assert name in names, f"{name}: declared train_option but python -m hpa train has no --{name}"
         assert len(help_of(PipelineConfig, name)) > 20, f"{name}: the UI shows no description"
     assert train_options(PipelineConfig()) == {name: getattr(PipelineConfig(), name) for name in declared()}
+
+
+def test_pos_weight_is_a_run_parameter_checked_before_any_work():
+    assert train_options(PipelineConfig(pos_weight="sqrt"))["pos_weight"] == "sqrt"
+    with pytest.raises(ConfigError, match=r"^pipeline parameter pos_weight='x': expected 'none' or 'sqrt'$"):
+        PipelineConfig(pos_weight="x").validate()
+
+
+def test_check_params_returns_the_train_options():
+    from components.check_params.component import check_params
+
+    inputs = set(check_params.component_spec.inputs)
+    missing = [name for name in declared() if name not in inputs]
+    assert not missing, f"components/check_params lacks the inputs {missing}"
+    assert "train_options" in check_params.component_spec.outputs
+    base = {k: v for k, v in dataclasses.asdict(PipelineConfig()).items() if k in inputs}
+    out = check_params.python_func(**{**base, "pos_weight": "sqrt"}, cpu_image="cpu:1", cuda_image="cuda:1")
+    assert out.train_options == {**train_options(PipelineConfig()), "pos_weight": "sqrt"}
+    with pytest.raises(ConfigError, match="pos_weight"):
+        check_params.python_func(**{**base, "pos_weight": "cube"}, cpu_image="cpu:1", cuda_image="cuda:1")
 
 
 @pytest.mark.parametrize("compiled", ["hpa_pipeline.yaml", "hpa_pipeline_multinode.yaml"])

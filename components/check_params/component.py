@@ -44,6 +44,7 @@ def check_params(
     models: dict,
     train_folds: int,
     loss: str,
+    pos_weight: str,
     tta: int,
     threshold_mode: str,
     threshold: float,
@@ -75,6 +76,7 @@ def check_params(
         models: Model name (hpa.models create_model name) -> peak learning rate in (0, 1).
         train_folds: Folds trained per model, 1 <= train_folds <= folds.
         loss: bce or focal.
+        pos_weight: none or sqrt (per-class positive weights of the loss, from the training folds).
         tta: Dihedral test-time augmentations: 1, 2, 4 or 8.
         threshold_mode: fitted, global, shrunk or prior (see the pipeline's description).
         threshold: Global decision threshold in (0, 1).
