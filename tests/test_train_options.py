@@ -110,3 +110,16 @@ def test_jobs_and_trials_pass_train_options_as_train_flags():
     argv = ["--data", "d", "--split", "s", "--out", "o", *option_args({"pos_weight": "sqrt"})]
     parsed = get_args_parser().parse_args(argv)
     assert parsed.pos_weight == "sqrt"
+
+
+def test_component_defaults_agree_with_the_declarations():
+    """Where a component repeats a run parameter's default (an optional KFP input), it is the declared one."""
+    import importlib
+
+    from hpa.options import default_of
+
+    for folder in ("check_params", *TRAINING_COMPONENTS):
+        component = getattr(importlib.import_module(f"components.{folder}.component"), folder)
+        for name, spec in component.component_spec.inputs.items():
+            if name in PipelineConfig.__dataclass_fields__ and spec.default is not None and folder == "check_params":
+                assert spec.default == default_of(PipelineConfig, name), (folder, name, spec.default)

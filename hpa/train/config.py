@@ -9,7 +9,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from hpa.evaluate import DEFAULT_SHRINK_STRENGTH, THRESHOLD_MODES
+from hpa.evaluate import DEFAULT_SHRINK_STRENGTH, DEFAULT_THRESHOLD, THRESHOLD_MODES
 from hpa.models import MODEL_NAMES
 from hpa.options import check_choices, from_args, opt, parser_for, require
 from hpa.weights import weights_source
@@ -31,7 +31,8 @@ class TrainConfig:
                            "default: random init")
     color_mode: str = opt("rgby", "input channels: rgby = 4 channels; rgb = the classic 3-channel mapping",
                           choices=("rgby", "rgb"))
-    size: int = opt(512, "input side in pixels (a multiple of 32); images are resized to it on the device")
+    size: int = opt(512, "input side in pixels (a multiple of 32); every source reads the images at this size "
+                         "(hpa.inputs.resize_image)")
     epochs: int = opt(10, "training epochs (the LR schedule spans them)")
     batch_size: int = opt(32, "training batch size per process")
     lr: float = opt(1e-3, "peak learning rate")
@@ -53,7 +54,7 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the model")
     threshold_mode: str = opt("fitted", "threshold policy the metric line scores (out-of-sample) and best.pt keeps",
                               choices=THRESHOLD_MODES)
-    threshold: float = opt(0.5, "global: the threshold; shrunk: the value rare classes are pulled toward")
+    threshold: float = opt(DEFAULT_THRESHOLD, "global: the threshold; shrunk: the value rare classes are pulled toward")
     shrink_strength: float = opt(DEFAULT_SHRINK_STRENGTH, "k of --threshold-mode shrunk: a class with k validation "
                                                           "positives keeps half its fitted cut")
     patience: int = opt(0, "early stopping after this many epochs without improvement (0 = off)")
