@@ -123,3 +123,26 @@ def test_torchrun_sigterm_then_resume_is_bit_exact(tmp_path):
         assert torch.equal(value, b["model"][key]), key
     ha, hb = (pd.read_csv(p / "history.csv").drop(columns="seconds") for p in (ref, run))
     pd.testing.assert_frame_equal(ha, hb, check_exact=True)
+
+
+def test_torchrun_resume_from_s3_out_on_every_rank(tmp_path, s3_bucket):
+    """--resume with an s3:// --out (what every multi-node TrainJob pod runs): each rank fetches last.pt and
+    resumes from it. Rank 1 used to fetch it into a staging dir owned by a temporary object, deleted before the
+    file was read, and started from scratch while rank 0 resumed (its collectives then failed)."""
+    from hpa.synthetic import generate
+
+    generate(tmp_path / "data", 24, 0, size=32, seed=5)
+    df = pd.read_csv(tmp_path / "data" / "train.csv", dtype=str)
+    df["fold"] = np.arange(len(df)) % 3
+    df.to_csv(tmp_path / "split.csv", index=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "hpa", "train", "--data", str(tmp_path / "data"), "--split", str(tmp_path / "split.csv"),
+           "--out", f"{s3_bucket}ddp-out", "--size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+           "--threads", "1", "--no-tensorboard", "--resume"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-4000:]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stderr.count("resumed from") == 2 and "starting from scratch" not in again.stderr, \
+        again.stderr[-4000:]

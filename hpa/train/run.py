@@ -133,10 +133,10 @@ class Trainer:
 
     def load_last(self) -> None:
         path = self.out.fetch("last.pt") if self.dist.is_main else None
-        # Non-zero ranks read rank 0's local file when --out is local; for s3 each rank fetches its own.
+        # Non-zero ranks read rank 0's local file when --out is local; for s3 each rank fetches its own copy into
+        # its own staging dir (self.out: kept for the run, so the copy is there when it is read).
         if not self.dist.is_main:
-            path = (Outputs(self.cfg, enabled=False).fetch("last.pt") if self.out.remote
-                    else Path(self.cfg.out) / "last.pt")
+            path = self.out.fetch("last.pt") if self.out.remote else Path(self.cfg.out) / "last.pt"
             path = path if path and path.exists() else None
         if path is None:
             log.warning("--resume: no last.pt under %s, starting from scratch", self.cfg.out)
