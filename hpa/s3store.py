@@ -198,7 +198,9 @@ class S3Store(Store):
         else:
             detail = f"{code}: {exc.message}" if code else f"{type(exc).__name__}: {exc}"
             msg = f"S3 {what} {target} failed: {detail}"
-        kind = (StoreUnreachableError if code is None and _connection_error(exc)
+        # The error type says what the message says: a server that could not be reached or answered 5xx without
+        # an S3 code is unreachable (callers that ride out a restart, e.g. hpa.shard_cache, retry on the type).
+        kind = (StoreUnreachableError if code is None and _transient(exc, s["endpoint"])
                 else StoreNotFoundError if code == "NoSuchKey" else StoreError)
         return kind(redact(msg, s["access_key"], s["secret_key"]).splitlines()[0])
 

@@ -254,3 +254,16 @@ def test_unreachable_server_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(st.StoreUnreachableError,
                        match=r"S3 server http://127.0.0.1:\d+ unreachable during read .* after 2 tries"):
         st.read_bytes("s3://bucket/x/y")
+
+
+def test_a_bare_5xx_is_unreachable_like_its_message(monkeypatch):
+    """A 5xx answer without an S3 error code (a proxy's 502/503 while the server restarts) is reported as
+    "unreachable" and typed StoreUnreachableError, so the callers that ride out a restart by the type
+    (hpa.shard_cache) retry it, as the shard reader's old message test did."""
+    from minio.error import ServerError
+
+    monkeypatch.setenv("HPA_S3_RETRIES", "2")
+    store = s3store.S3Store("bucket-x")
+    error = store._translate(ServerError("bad gateway", 502), "read", "k")
+    assert isinstance(error, st.StoreUnreachableError) and "unreachable during read" in str(error), error
+    assert type(store._translate(ConnectionError("refused"), "read", "k")) is st.StoreUnreachableError
