@@ -117,6 +117,9 @@ def validate_config(cfg: KatibConfig) -> KatibConfig:
     for name in ("data", "split", "out_prefix", "image", "weights"):
         require(not re.search(r"\s", getattr(cfg, name)), f"katib {name} {getattr(cfg, name)!r}: no whitespace "
                 "allowed (Katib runs the command through sh -c)")
+    for name, value in cfg.train_options.items():
+        require(not re.search(r"\s", str(value)), f"katib train_options {name}={value!r}: no whitespace allowed (Katib "
+                "runs the command through sh -c)")
     if cfg.algorithm == "grid":
         require(cfg.grid_points >= 2, f"katib grid_points={cfg.grid_points} must be >= 2")
         combos = cfg.grid_points ** (1 + len(searched_values(cfg))) * len(cfg.threshold_modes)

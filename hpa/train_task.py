@@ -28,6 +28,10 @@ RENAMED = {"image_size": "size"}
 SHARED = ("color_mode", "epochs", "batch_size", "loss", "threshold_mode", "threshold", "shrink_strength", "seed",
           "weights")
 OUTPUTS = ("model", "run", "val_predictions", "test_predictions")
+# The TrainConfig fields a training task sets itself (from its plan item, its artifacts and its other inputs), which
+# train_options may not name: one value per option, whichever training component runs.
+TASK_FIELDS = ("data", "split", "out", "fold", "arch", "lr", "cache_dir", "work_dir", "workers", "tensorboard_dir",
+               "resume", *RENAMED.values(), *SHARED)
 
 
 @dataclass
@@ -71,6 +75,8 @@ def train_options(params: dict) -> dict:
     extra = dict(params.get("train_options") or {})
     unknown = sorted(set(extra) - names)
     require(not unknown, f"train_options: {unknown} are not options of python -m hpa train")
+    taken = sorted(set(extra) & set(TASK_FIELDS))
+    require(not taken, f"train_options: {taken} are set by the training task itself (its inputs and plan item)")
     options = {RENAMED.get(k, k): v for k, v in params.items() if k in RENAMED or k in SHARED}
     return {**options, **extra}
 
@@ -141,11 +147,11 @@ def train_distributed_task(params: dict, split: str, outputs: dict) -> TaskResul
     require(bool(image.strip()), f"train-distributed image={image!r}: expected the training image fixed at compile "
                                  "time (pipeline.py passes the CUDA image when gpus > 0, else the CPU image)")
     arch, fold, lr = plan_item(params, "train-distributed")
+    options = train_options(params)  # refused here, before anything is written
     namespace = params["namespace"] or k8s.current_namespace()
     name = f"hpa-{arch.replace('_', '-')}-ddp-{uuid.uuid4().hex[:6]}"
     prefix = f"{config.expand_store_uri(params['store_uri'], namespace).rstrip('/')}/runs/{name}"
     store.publish(split, f"{prefix}/split.csv")
-    options = train_options(params)
     own = {f.name for f in dataclasses.fields(DistributedConfig)}
     cfg = DistributedConfig(
         name=name, namespace=namespace, data=params.get("shards_uri") or params["data_uri"],

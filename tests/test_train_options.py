@@ -95,6 +95,15 @@ def test_train_task_applies_train_options_and_refuses_unknown_ones():
     assert (cfg.pos_weight, cfg.size, cfg.color_mode, cfg.loss, cfg.seed) == ("sqrt", 64, "rgb", "focal", 3)
     with pytest.raises(ConfigError, match=r"train_options: \['cube_weight'\] are not options of python -m hpa train"):
         train_config({**params, "train_options": {"cube_weight": 1}}, data="d", split="s", out="o")
+    # one value per option: what the task sets (plan item, inputs) is not also taken from train_options
+    with pytest.raises(ConfigError, match=r"train_options: \['epochs', 'lr'\] are set by the training task itself"):
+        train_config({**params, "train_options": {"lr": 0.1, "epochs": 3}}, data="d", split="s", out="o")
+
+
+def test_declared_train_options_are_not_set_by_the_task():
+    from hpa.train_task import TASK_FIELDS
+
+    assert not set(declared()) & set(TASK_FIELDS)
 
 
 def test_jobs_and_trials_pass_train_options_as_train_flags():
@@ -123,3 +132,11 @@ def test_component_defaults_agree_with_the_declarations():
         for name, spec in component.component_spec.inputs.items():
             if name in PipelineConfig.__dataclass_fields__ and spec.default is not None and folder == "check_params":
                 assert spec.default == default_of(PipelineConfig, name), (folder, name, spec.default)
+
+
+def test_trial_train_options_cannot_split_the_shell_command():
+    from hpa import katib
+
+    cfg = katib.KatibConfig(image="registry.example/hpa:cuda", train_options={"weights": "a b"})
+    with pytest.raises(ConfigError, match=r"katib train_options weights='a b': no whitespace allowed"):
+        katib.validate_config(cfg)
