@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 from hpa.options import opt, require, spoken
 
 # Image reference for every component; override at compile time with HPA_IMAGE (see images/README.md).
-DEFAULT_IMAGE = "ghcr.io/hpa-kfp/hpa-kfp:0.1.0"
-DEFAULT_CUDA_IMAGE = "ghcr.io/hpa-kfp/hpa-kfp:0.1.0-cuda"
+DEFAULT_IMAGE = "ghcr.io/hpa-kfp/hpa-kfp:0.2.0"
+DEFAULT_CUDA_IMAGE = "ghcr.io/hpa-kfp/hpa-kfp:0.2.0-cuda"
 
 
 def image() -> str:

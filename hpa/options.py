@@ -43,10 +43,6 @@ def help_of(cls, name: str) -> str:
     return _field(cls, name).metadata.get("help", "")
 
 
-def choices_of(cls, name: str) -> tuple | None:
-    return _field(cls, name).metadata.get("choices")
-
-
 def default_of(cls, name: str):
     f = _field(cls, name)
     return f.default_factory() if f.default_factory is not MISSING else f.default

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NS = "team-a"
 CPU_IMAGE = "registry.example/conformance/hpa:cpu-7"
 CUDA_IMAGE = "registry.example/conformance/hpa:cuda-7"
-DEFAULT_TAG = "ghcr.io/hpa-kfp/hpa-kfp:0.1.0"  # the prefix of both default images
+DEFAULT_TAG = "ghcr.io/hpa-kfp/hpa-kfp:0.2.0"  # the prefix of both default images
 PLACED = dict(node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
               tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
 POD = {"apiVersion": "v1", "kind": "Pod", "name": "hpa-run-7-system-container-impl-1234",

@@ -26,7 +26,7 @@ import hpa.config
 
 CLI_EXAMPLE = r"""
 python -m hpa katib tune --models '{"resnet18": 0.001, "se_resnet18": 0.001}' --namespace team-a \
-    --image ghcr.io/me/hpa-kfp:0.1.0-cuda --unique-name --timeout 21600 --save experiments.yaml \
+    --image ghcr.io/me/hpa-kfp:0.2.0-cuda --unique-name --timeout 21600 --save experiments.yaml \
     --data s3://mlpipeline/private/team-a/hpa-kfp/datasets/synthetic-600x200-64px-seed0 --split s3://mlpipeline/private/team-a/hpa-kfp/split.csv \
     --algorithm tpe --max-trials 12 --parallel-trials 3 --threshold-modes fitted global shrunk prior
 python -m hpa katib render --arch se_resnet18 --out experiment.yaml   # one model's Experiment, to read or to launch alone

@@ -55,8 +55,9 @@ def pack(
     import os
     from collections import namedtuple
 
-    if s3_endpoint:
-        os.environ["HPA_S3_ENDPOINT"] = s3_endpoint
+    from hpa.store import use_endpoint
+
+    use_endpoint(s3_endpoint)
     from hpa.committed import shards_prefix
     from hpa.pack import pack as pack_shards
 

@@ -22,7 +22,7 @@ import hpa.config
 
 CLI_EXAMPLE = r"""
 python -m hpa train-distributed render --kind trainjob --trainer-api podTemplateOverrides --num-nodes 4 --gpus-per-node 8 \
-    --arch resnet18 --namespace team-a --image ghcr.io/me/hpa-kfp:0.1.0-cuda \
+    --arch resnet18 --namespace team-a --image ghcr.io/me/hpa-kfp:0.2.0-cuda \
     --data s3://mlpipeline/private/team-a/hpa-kfp/datasets/synthetic-600x200-64px-seed0 \
     --split s3://mlpipeline/private/team-a/hpa-kfp/split.csv --out s3://mlpipeline/private/team-a/hpa-kfp/runs/ddp \
     --manifest-out trainjob.yaml
