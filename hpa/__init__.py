@@ -4,4 +4,4 @@ The library knows nothing of Kubeflow: every stage is a plain function with a CL
 (`python -m hpa <stage> ...`); `components/` wraps the same functions for KFP.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
