@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from hpa.evaluate import DEFAULT_SHRINK_STRENGTH, DEFAULT_THRESHOLD, THRESHOLD_MODES
+from hpa.inputs import CHANNELS, COLOR_MODES
 from hpa.models import MODEL_NAMES
 from hpa.options import check_choices, from_args, opt, parser_for, require
 from hpa.weights import weights_source
@@ -30,7 +31,7 @@ class TrainConfig:
                            "state dict of the arch (local .pt/.pth/.safetensors file or s3:// URI); "
                            "default: random init")
     color_mode: str = opt("rgby", "input channels: rgby = 4 channels; rgb = the classic 3-channel mapping",
-                          choices=("rgby", "rgb"))
+                          choices=COLOR_MODES)
     size: int = opt(512, "input side in pixels (a multiple of 32); every source reads the images at this size "
                          "(hpa.inputs.resize_image)")
     epochs: int = opt(10, "training epochs (the LR schedule spans them)")
@@ -115,7 +116,7 @@ class TrainConfig:
 
     @property
     def in_chans(self) -> int:
-        return 4 if self.color_mode == "rgby" else 3
+        return CHANNELS[self.color_mode]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
