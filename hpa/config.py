@@ -319,3 +319,18 @@ def pod_settings(cfg: PipelineConfig, multi_node: bool, namespace: str, cpu_imag
         "gpu_limit": str(cfg.gpus) if cfg.gpus > 0 else "",
         "train_image": cuda_image if cfg.gpus > 0 else cpu_image,
     }
+
+
+def check_params_task(params: dict, multi_node: bool, cpu_image: str, cuda_image: str, namespace: str) -> dict:
+    """The check-params component: the run parameters among `params` (input name -> value) validated as a
+    PipelineConfig, and what the later tasks need from them, in the component's output order: the parameters as
+    JSON, pod_settings' store_uri, gpu_limit and train_image, the training plan and the train_options."""
+    import json
+    from dataclasses import asdict
+
+    cfg = PipelineConfig(**{k: v for k, v in params.items() if k in PipelineConfig.__dataclass_fields__}).validate()
+    settings = pod_settings(cfg, multi_node=multi_node, namespace=namespace, cpu_image=cpu_image,
+                            cuda_image=cuda_image)
+    print(json.dumps(settings, sort_keys=True))
+    return {"params": json.dumps(asdict(cfg), sort_keys=True), **settings, "train_plan": cfg.train_plan(),
+            "train_options": train_options(cfg)}

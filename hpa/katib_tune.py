@@ -10,6 +10,7 @@ the threshold policy of the best Experiment (the ensemble applies one policy to 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -158,6 +159,19 @@ def tune_models(cfg: KatibConfig, models: dict, timeout: float = 6 * 3600, poll:
     bests = launch_all(list(experiments.values()), cfg.namespace, timeout, poll, api_client)
     return {**combine_best(dict(zip(experiments, bests))),
             "experiments": {arch: exp["metadata"]["name"] for arch, exp in experiments.items()}}
+
+
+def katib_tune_inputs(params: dict) -> KatibConfig:
+    """The KatibConfig of the katib-tune component's inputs (`params`: input name -> value): the run's data,
+    search space and trial pods; image_size, val_fold and trial_image are the config's size, fold and image."""
+    from hpa.config import S3_DEFAULT_ENDPOINT
+
+    renamed = {"image_size": "size", "val_fold": "fold", "trial_image": "image"}
+    fields = {f.name for f in dataclasses.fields(KatibConfig)} - {"data", "s3_endpoint", "threshold_modes"}
+    return KatibConfig(**{renamed.get(k, k): v for k, v in params.items() if renamed.get(k, k) in fields},
+                       data=params["shards_uri"] or params["data_uri"],
+                       threshold_modes=tuple(params["threshold_modes"]),
+                       s3_endpoint=params["s3_endpoint"] or S3_DEFAULT_ENDPOINT)
 
 
 def katib_tune_task(cfg: KatibConfig, models: dict, split_csv: str, store_uri: str, experiments_out: str,

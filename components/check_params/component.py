@@ -99,23 +99,13 @@ def check_params(
         train_plan: The training tasks, one {"arch", "fold"} per model and trained fold (the ParallelFor's items).
         train_options: The run parameters that are options of every training run (hpa train), by option name.
     """
-    import dataclasses
-    import json
+    params = dict(locals())
     from collections import namedtuple
 
-    from hpa import k8s
-    from hpa.config import PipelineConfig, pod_settings, train_options
+    from hpa import config, k8s
 
-    params = dict(locals())
-    names = {f.name for f in dataclasses.fields(PipelineConfig)}
-    config = PipelineConfig(**{k: v for k, v in params.items() if k in names}).validate()
-    settings = pod_settings(config, multi_node=multi_node, namespace=k8s.current_namespace(),
-                            cpu_image=cpu_image, cuda_image=cuda_image)
-    print(json.dumps(settings, sort_keys=True))
-    return namedtuple("Outputs", ["params", "store_uri", "gpu_limit", "train_image", "train_plan", "train_options"])(
-        json.dumps(dataclasses.asdict(config), sort_keys=True), settings["store_uri"], settings["gpu_limit"],
-        settings["train_image"], config.train_plan(), train_options(config))
-
+    out = config.check_params_task(params, multi_node, cpu_image, cuda_image, k8s.current_namespace())
+    return namedtuple("Outputs", list(out))(**out)
 
 if __name__ == "__main__":
     compiler.Compiler().compile(check_params, str(Path(__file__).with_name("component.yaml")))

@@ -131,24 +131,14 @@ def katib_tune(
         shrink_strength: The best policy's shrink strength k (used by shrunk; the default when shrunk was not searched).
         val_macro_f1: The highest best objective over the models' Experiments (out-of-sample macro F1, max over its epochs).
     """
+    params = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool, dict, list))}
     from collections import namedtuple
 
-    from hpa.config import S3_DEFAULT_ENDPOINT
-    from hpa.katib import KatibConfig
-    from hpa.katib_tune import katib_tune_task
-    from hpa.store import use_endpoint
+    from hpa import katib_tune as tune, store
 
-    use_endpoint(s3_endpoint)
-    cfg = KatibConfig(
-        namespace=namespace, data=shards_uri or data_uri, fold=val_fold, size=image_size, color_mode=color_mode,
-        epochs=epochs, batch_size=batch_size, loss=loss, seed=seed, weights=weights, algorithm=algorithm,
-        max_trials=max_trials, parallel_trials=parallel_trials, max_failed_trials=max_failed_trials, lr_min=lr_min,
-        lr_max=lr_max, threshold_modes=tuple(threshold_modes), threshold_min=threshold_min,
-        threshold_max=threshold_max, shrink_strength_min=shrink_strength_min, shrink_strength_max=shrink_strength_max,
-        gpus=gpus, accelerator_type=accelerator_type, image=trial_image, node_selector=node_selector,
-        tolerations=tolerations, s3_endpoint=s3_endpoint or S3_DEFAULT_ENDPOINT, train_options=train_options,
-    )
-    result = katib_tune_task(cfg, models, split_csv.path, store_uri, experiment.path, timeout=timeout_s, poll=poll_s)
+    store.use_endpoint(s3_endpoint)
+    result = tune.katib_tune_task(tune.katib_tune_inputs(params), models, split_csv.path, store_uri, experiment.path,
+                                  timeout=timeout_s, poll=poll_s)
     experiment.metadata.update(result)
     return namedtuple("Outputs", ["models", "threshold", "threshold_mode", "shrink_strength", "val_macro_f1"])(
         result["models"], result["threshold"], result["threshold_mode"], result["shrink_strength"], result["val_macro_f1"])
