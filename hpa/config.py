@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 
-from hpa.options import opt, require, spoken
+from hpa.options import help_of, opt, require, spoken
 
 # Image reference for every component; override at compile time with HPA_IMAGE (see images/README.md).
 DEFAULT_IMAGE = "ghcr.io/hpa-kfp/hpa-kfp:0.2.0"
@@ -255,8 +255,11 @@ def train_options(cfg: PipelineConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("train_option")}
 
 
-def _run(name: str):
-    return lambda: getattr(PipelineConfig(), name)
+def pipeline_default(name: str, help: str | None = None):
+    """A dataclass field whose default is PipelineConfig's `name` (read when the config is made) and whose help is
+    `help`, else the run parameter's description: the launchers' configs follow the run's defaults."""
+    return opt(default_factory=lambda: getattr(PipelineConfig(), name),
+               help=help if help is not None else help_of(PipelineConfig, name))
 
 
 @dataclass
@@ -268,15 +271,15 @@ class TrainJobArgs:
                     help="dataset root or packed shards root of the trials / job pods (--data of hpa train)")
     split: str = opt(default_factory=lambda: f"{PipelineConfig().store_uri}/split/split.csv",
                      help="split CSV (Id,Target,fold) the pods read (--split of hpa train)")
-    fold: int = opt(default_factory=_run("val_fold"), help="validation fold (--fold of hpa train)")
+    fold: int = pipeline_default("val_fold", help="validation fold (--fold of hpa train)")
     arch: str = opt("resnet18", "model architecture, an hpa.models name (--arch of hpa train)")
-    size: int = opt(default_factory=_run("image_size"), help="image side in pixels (--size of hpa train)")
-    epochs: int = opt(default_factory=_run("epochs"), help="training epochs (--epochs of hpa train)")
-    batch_size: int = opt(default_factory=_run("batch_size"), help="batch size per process (--batch-size)")
-    color_mode: str = opt(default_factory=_run("color_mode"), help="rgby or rgb (--color-mode of hpa train)")
-    loss: str = opt(default_factory=_run("loss"), help="bce or focal (--loss of hpa train)")
-    seed: int = opt(default_factory=_run("seed"), help="random seed (--seed of hpa train)")
-    weights: str = opt(default_factory=_run("weights"), help="initial weights: empty, imagenet, a file or s3:// URI")
+    size: int = pipeline_default("image_size", help="image side in pixels (--size of hpa train)")
+    epochs: int = pipeline_default("epochs", help="training epochs (--epochs of hpa train)")
+    batch_size: int = pipeline_default("batch_size", help="batch size per process (--batch-size)")
+    color_mode: str = pipeline_default("color_mode", help="rgby or rgb (--color-mode of hpa train)")
+    loss: str = pipeline_default("loss", help="bce or focal (--loss of hpa train)")
+    seed: int = pipeline_default("seed", help="random seed (--seed of hpa train)")
+    weights: str = pipeline_default("weights", help="initial weights: empty, imagenet, a file or s3:// URI")
     train_options: dict = opt(default_factory=dict, help="further hpa train options, option name -> value (the "
                               "pipeline's train_options: run parameters declared train_option=True)")
 

@@ -62,8 +62,8 @@ class PodArgs:
     # Fixed by whoever renders: the pipeline passes the image chosen at compile time; this default (and
     # the CLIs', which pick by GPU count: IMAGE_OPTION) reads HPA_CUDA_IMAGE / HPA_IMAGE now.
     image: str = opt(default_factory=config.cuda_image, help="image of the pods")
-    accelerator_type: str = opt(default_factory=lambda: config.PipelineConfig().accelerator_type,
-                                help="Kubernetes resource name of the accelerator")
+    accelerator_type: str = config.pipeline_default("accelerator_type", help="Kubernetes resource name of the "
+                                                     "accelerator")
     cpu: str = opt("8", "CPU request of each pod (a Kubernetes quantity)")
     memory: str = opt("32Gi", "memory request and limit of each pod (a Kubernetes quantity)")
     shm_size: str = opt("8Gi", "size of the RAM-backed /dev/shm of each pod (DataLoader workers)")

@@ -87,14 +87,13 @@ def json_type(kind: type):
     return parse
 
 
-def _base_type(hint) -> tuple[type, bool]:
-    """(the option's value type, whether None is allowed) of a field's type hint."""
+def _base_type(hint) -> type:
+    """The option's value type of a field's type hint (`X | None` -> X)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = len(args) < len(typing.get_args(hint))
     if args:
         hint = args[0]
     origin = typing.get_origin(hint) or hint
-    return (origin if isinstance(origin, type) else str), optional
+    return origin if isinstance(origin, type) else str
 
 
 def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (), required: tuple[str, ...] = (),
@@ -106,7 +105,7 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] =
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        kind, _ = _base_type(hints[f.name])
+        kind = _base_type(hints[f.name])
         text = f.metadata.get("help", "")
         kwargs: dict = {"help": text}
         if f.name in required:

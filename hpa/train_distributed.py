@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from hpa import config, k8s, k8s_manifests
 from hpa.errors import ConfigError
 from hpa.evaluate import THRESHOLD_MODES
-from hpa.options import add_options, from_args, help_of, opt, require
+from hpa.options import add_options, from_args, opt, require
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,6 @@ PATCH_MANAGER = "hpa-kfp.github.io/launcher"
 _DOMAIN_PATH = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9/\-._~%!$&'()*+,;=:]+"
 
 
-def _pipeline_field(name: str):
-    """A field whose default and help are PipelineConfig's `name` (read when the config is made)."""
-    return opt(default_factory=lambda: getattr(config.PipelineConfig(), name),
-               help=help_of(config.PipelineConfig, name))
-
-
 @dataclass
 class DistributedConfig(config.TrainJobArgs, k8s_manifests.PodArgs):
     """Cluster shape plus the `python -m hpa train` options (defaults from PipelineConfig)."""
@@ -80,9 +74,9 @@ class DistributedConfig(config.TrainJobArgs, k8s_manifests.PodArgs):
                               "ExitCode")
     lr: float = opt(default_factory=lambda: next(iter(config.PipelineConfig().models.values())),
                     help="peak learning rate in (0, 1) (default: the first model's of PipelineConfig.models)")
-    threshold_mode: str = _pipeline_field("threshold_mode")
-    threshold: float = _pipeline_field("threshold")
-    shrink_strength: float = _pipeline_field("shrink_strength")
+    threshold_mode: str = config.pipeline_default("threshold_mode")
+    threshold: float = config.pipeline_default("threshold")
+    shrink_strength: float = config.pipeline_default("shrink_strength")
     out: str = opt(default_factory=lambda: f"{config.PipelineConfig().store_uri}/runs/ddp",
                    help="store URI of the job's outputs ({namespace}: the job's namespace)")
 
