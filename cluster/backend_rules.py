@@ -50,6 +50,9 @@ from typing import Any, Iterator
 
 import yaml
 
+from cluster import backend_local
+from cluster.backend_errors import BackendResolutionError
+
 KNOWN_BACKENDS = ("2.15.0", "2.16.0", "2.17.0")  # the tags whose code these rules were read from
 OLDEST_BACKEND = KNOWN_BACKENDS[0]
 ALL_TAGS = "2.15.0, 2.16.0, 2.17.0"
@@ -768,14 +771,6 @@ def min_backend_version(spec: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------ strict kfp.local
-class BackendResolutionError(RuntimeError):
-    """Raised under `strict_local()` where the KFP backend driver would fail (or silently mis-run) a task."""
-
-    def __init__(self, task: str, parameter: str, message: str, citation: str):
-        self.task, self.parameter, self.citation = task, parameter, citation
-        super().__init__(f"task {task!r}: {message} [backend-strict kfp.local; {citation}]")
-
-
 class _ParentInputMissing(ValueError):
     """kfp.local's IOStore miss, in the driver's words (a ValueError, as kfp.local's own fallbacks expect)."""
 
@@ -793,9 +788,19 @@ class PodSpecValues:
 
 @dataclasses.dataclass
 class StrictRun:
-    """Yielded by `strict_local()`: the pod-spec values of every container task run under it."""
+    """Yielded by `strict_local()`: the pod-spec values of every container task run under it, and every container
+    and importer task (`tasks`: backend_local.TaskRecord, state COMPLETE / CACHED / FAILED / IMPORTED, with the
+    launcher's planned downloads when a pipeline_root is modelled)."""
 
     pods: list[PodSpecValues] = dataclasses.field(default_factory=list)
+    tasks: list = dataclasses.field(default_factory=list)
+
+    def cache_hits(self) -> list[str]:
+        return [t.task for t in self.tasks if t.state == "CACHED"]
+
+    def downloaded_bytes(self, task: str) -> int:
+        """Bytes the launcher of `task` would copy into its pod (summed over its runs under this block)."""
+        return sum(t.downloaded_bytes for t in self.tasks if t.task == task)
 
     def pod(self, task: str) -> PodSpecValues:
         found = [p for p in self.pods if p.task == task]
@@ -849,7 +854,9 @@ def _strict_task_arguments(task_name: str, task_spec, io_store) -> dict:
               "immediate parent DAG's inputs: pass it to the task as an argument or register the channel "
               "(PipelineTask.register_pipeline_channels)",
             RULES["R1"].citation)
-    return OrchestratorUtils.make_task_arguments(task_spec.inputs, io_store)
+    args = OrchestratorUtils.make_task_arguments(task_spec.inputs, io_store)
+    backend_local.check_arguments(task_name, args)  # a dsl.OneOf the driver cannot resolve (resolve.go)
+    return args
 
 
 def _strict_get_parent_input(self, key):
@@ -905,6 +912,8 @@ def _strict_evaluate_condition(condition, io_store):
         raise BackendResolutionError(", ".join(results), "", f"strict_local: tasks with the same condition "
                                      f"{condition!r} evaluate differently ({results}); rename one group",
                                      RULES["R7"].citation)
+    if not next(iter(results.values())):
+        backend_local.not_triggered(results)  # dag.go: a not-triggered DAG execution is CANCELED
     return next(iter(results.values()))
 
 
@@ -992,9 +1001,12 @@ def _wrap_execute_single_task(original):
             with _lock:
                 for run in _runs:
                     run.pods.append(pod)
-        return original(task_name=task_name, task_spec=task_spec, pipeline_resource_name=pipeline_resource_name,
-                        components=components, executors=executors, io_store=io_store, pipeline_root=pipeline_root,
-                        runner=runner, unique_pipeline_id=unique_pipeline_id, fail_stack=fail_stack)
+        return backend_local.execute(task_name, task_spec, component, executor, args, pipeline_root,
+                                     pipeline_resource_name, lambda: original(
+                                         task_name=task_name, task_spec=task_spec,
+                                         pipeline_resource_name=pipeline_resource_name, components=components,
+                                         executors=executors, io_store=io_store, pipeline_root=pipeline_root,
+                                         runner=runner, unique_pipeline_id=unique_pipeline_id, fail_stack=fail_stack))
 
     return execute_single_task
 
@@ -1048,6 +1060,7 @@ def _wrap_run_parallel_for_task(original):
         if name not in args:
             raise BackendResolutionError(task_name, name, f"ParallelFor items: cannot find input parameter {name!r} "
                                          "among the loop task's inputs", RULES["R7"].citation)
+        backend_local.loop_started(task_name, io_store, len(args[name]) if isinstance(args[name], list) else 0)
         present = name in io_store._parent_input_data
         io_store._parent_input_data.setdefault(name, args[name])
         try:
@@ -1119,6 +1132,10 @@ def _install() -> None:
         raw = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
         setattr(owner, attr, replacement)
         _installed.append((owner, attr, raw, replacement))
+    for owner, attr, replacement in backend_local.patches():  # cache, DAG states, OneOf (layered on the above)
+        raw = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        setattr(owner, attr, replacement)
+        _installed.append((owner, attr, raw, replacement))
 
 
 def _uninstall() -> None:
@@ -1133,8 +1150,16 @@ def _uninstall() -> None:
 
 
 @contextlib.contextmanager
-def strict_local() -> Iterator[StrictRun]:
+def strict_local(cache: Any = None, pipeline_root: str | None = None, backend: str = "2.16.0") -> Iterator[StrictRun]:
     """Run kfp.local (kfp 2.17) with the KFP backend driver's input resolution; yields a `StrictRun`.
+
+    cache: a `cluster.backend_cache.CacheStore` (a directory that outlives the run): cacheable container tasks
+    whose cache key matches an earlier successful execution are CACHED and not executed, as on the backend.
+    pipeline_root: the cluster's pipeline root the run is modelled against (e.g. "minio://mlpipeline/v2/
+    artifacts"): every container task's input artifacts are "downloaded" as the launcher does, and one it cannot
+    open fails (`LauncherDownloadError`); kfp.local's local pipeline_root stands for it. backend: "2.15.0",
+    "2.16.0" or "2.17.0" (DAG state propagation and the OneOf message differ). Always on: the DAG bookkeeping
+    and the dsl.OneOf rule (`OneOfResolutionError`). See cluster/backend_local.py for these rules.
 
     While a block is open these kfp.local functions are replaced, process-wide (all threads see them); all
     are restored when the outermost open block exits. Nested and concurrent blocks share one installation
@@ -1174,19 +1199,22 @@ def strict_local() -> Iterator[StrictRun]:
     a ParallelFor iteration are logged by kfp.local and surface as its "Inner task failed" RuntimeError.
     """
     global _depth
-    run = StrictRun()
+    session = backend_local.open_session(cache, pipeline_root, backend)
+    run = StrictRun(tasks=session.tasks)
     with _lock:
         if _depth == 0:
             try:
                 _install()
             except BaseException:
                 _uninstall()
+                backend_local.close_session(session)
                 raise
         _depth += 1
         _runs.append(run)
     try:
         yield run
     finally:
+        backend_local.close_session(session)
         with _lock:
             _runs.remove(run)
             _depth -= 1
