@@ -46,7 +46,8 @@ from typing import Iterable
 from hpa.errors import StoreError
 from hpa.localstore import LocalStore
 from hpa.s3store import S3Store
-from hpa.store import MANIFEST, MANIFEST_FORMAT, Store, StoreNotFoundError, open_store, sha256_bytes, sha256_file
+from hpa.store import (MANIFEST, MANIFEST_FORMAT, UNCOMMITTED, UNCOMMITTED_WHY, Store, StoreNotFoundError, open_store,
+                       sha256_bytes, sha256_file)
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,8 @@ def _parse_manifest(store: Store, raw: bytes) -> dict:
         doc = json.loads(raw)
     except ValueError:
         raise StoreError(f"not a committed dataset: {store.join(MANIFEST)} is not valid JSON") from None
+    if raw == UNCOMMITTED:
+        raise StoreError(f"not a committed dataset: {store.join(MANIFEST)} {UNCOMMITTED_WHY}")
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("objects"), list):
         raise StoreError(f"not a committed dataset: {store.join(MANIFEST)} is not an {MANIFEST_FORMAT} manifest")
     return doc
@@ -306,15 +309,17 @@ def absent_token() -> str:
 
 
 def manifest_sha256(uri: str, name: str = MANIFEST) -> str:
-    """sha256 of the dataset's manifest as stored now, or "" when there is none (nor its bucket)."""
+    """sha256 of the dataset's manifest as stored now, or "" when there is none (nor its bucket), or it is the
+    uncommitted marker (hpa.store.UNCOMMITTED)."""
     store = open_store(uri)
     if isinstance(store, S3Store) and not store._call("read", None, lambda: store.client.bucket_exists(store.bucket),
                                                       ensure_bucket=False):
         return ""
     try:
-        return sha256_bytes(store.get_bytes(name))
+        raw = store.get_bytes(name)
     except StoreNotFoundError:
         return ""
+    return "" if raw == UNCOMMITTED else sha256_bytes(raw)
 
 
 def shards_sha256(shards_uri: str) -> str:
@@ -323,12 +328,14 @@ def shards_sha256(shards_uri: str) -> str:
     return sha256_bytes("".join(parts).encode()) if all(parts) else ""
 
 
-def dataset_state(source: str, store_uri: str, n_train: int, n_test: int, image_size: int, seed: int) -> dict:
+def dataset_state(source: str, store_uri: str, n_train: int, n_test: int, image_size: int, seed: int,
+                  merge_with: str = "") -> dict:
     """Where this run's dataset is and what the store holds for it now:
 
-    - existing: True when `source` is itself a committed s3:// dataset (the pipeline imports it, dsl.importer,
+    - existing: True when `source` is itself a committed s3:// dataset (the download task uses it where it is,
       instead of copying it);
-    - data_uri: that dataset, or the prefix `download` commits to (<store_uri>/datasets/<name>);
+    - data_uri: that dataset, or the prefix `download` commits to (<store_uri>/datasets/<name>, named after the
+      source and `merge_with` too: hpa.download.dataset_uri);
     - manifest_sha256 / shards_sha256: the dataset's manifest and its shards' manifests as stored now; when
       absent, a token unique to this call (absent_token), so the next task can never be a cache hit.
 
@@ -341,7 +348,8 @@ def dataset_state(source: str, store_uri: str, n_train: int, n_test: int, image_
     existing = False
     if source.startswith("s3://"):
         existing = bool(manifest_sha256(source))
-    data_uri = source.rstrip("/") if existing else dataset_uri(store_uri, source, n_train, n_test, image_size, seed)
+    data_uri = source.rstrip("/") if existing else dataset_uri(store_uri, source, n_train, n_test, image_size, seed,
+                                                               merge_with)
     state = {"existing": existing, "data_uri": data_uri,
              "manifest_sha256": manifest_sha256(data_uri) or absent_token(),
              "shards_sha256": shards_sha256(shards_prefix(data_uri, image_size)) or absent_token()}

@@ -3,14 +3,16 @@
 Sources (hpa.fetch): `synthetic` (hpa.synthetic), a local directory in Kaggle layout, an `s3://` prefix, an
 `https://` zip/tar archive (size limit, optional sha256, safe extraction: hpa.archives),
 `kaggle:<competition>` (needs the optional `kaggle` package and KAGGLE_USERNAME / KAGGLE_KEY), and
-`hpav18:<csv>` (the HPA v18 external images, resumable, optionally merged with a Kaggle-layout dataset,
-with perceptual hashes in phash.csv: hpa.hpav18).
+`hpav18:<csv>` (the HPA v18 external images, resumable, with perceptual hashes in phash.csv: hpa.hpav18; `<csv>` a
+pinned checksummed table such as `hpav18:pudae`, or a CSV of your own), merged with `merge_with`, any other source
+in Kaggle layout with a test split (the v18 images have none; the pipeline's download_task requires the merge).
 
 The dataset lands exactly under `dest` (`<dest>/train.csv`, `train/<Id>_<color>.png`, ...) and is
 committed by `<dest>/manifest.json`, written last. A re-run uploads only objects whose sha256 is not
-already stored; if the new content differs from a committed dataset, the old manifest is removed
-first, so readers never see a manifest that disagrees with the objects. Every option is declared once, on
-`DownloadOptions`, which also generates the command line.
+already stored; if the new content differs from a committed dataset, the old manifest is first overwritten by
+the uncommitted marker (hpa.store.UNCOMMITTED), so readers never see a manifest that disagrees with the objects. No
+step deletes an object: on KFP 2.15/2.16 a profile's S3 keys may Put, Get and List only (hpa.store). Every option
+is declared once, on `DownloadOptions`, which also generates the command line.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hpa.archives import DEFAULT_MAX_BYTES
 from hpa.errors import ConfigError, DataError, HPAError, StoreError
-from hpa.fetch import KAGGLE_COMPETITION, acquire, shown_source, url_parts
+from hpa.fetch import KAGGLE_COMPETITION, acquire, find_layout_root, shown_source, url_parts
+from hpa.hpav18_csv import PREFIX as HPAV18_PREFIX
+from hpa.hpav18_csv import csv_spec
 from hpa.labels import COLORS
 from hpa.options import opt, parser_for
-from hpa.store import MANIFEST, Store, open_store, redact, sha256_bytes, sha256_file
+from hpa.store import MANIFEST, UNCOMMITTED, Store, open_store, redact, sha256_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -58,33 +62,67 @@ class DownloadOptions:
     allow_http: bool = opt(False, "accept plain http:// from 127.0.0.1 (tests only)")
     workers: int = opt(8, "parallel uploads (and hpav18 downloads)")
     max_images: int | None = opt(None, "hpav18: fetch at most N v18 images (a seeded random subset; default all)")
-    merge_with: str | None = opt(None, "hpav18: a Kaggle-layout dataset (DIR or s3://...) whose train/test images "
-                                       "join the v18 ones; train.csv then holds both")
+    merge_with: str | None = opt(None, "hpav18: a dataset in Kaggle layout with a test split (any other source: "
+                                       "s3://..., DIR, kaggle:..., https://..., synthetic) whose train/test images "
+                                       "join the v18 ones; train.csv then holds both, marked by its source column; "
+                                       "--n-train/--n-test then apply to it")
     skip_broken: bool = opt(False, "hpav18: leave out images that still fail after retries (off: fail, and a "
                                    "re-run resumes)")
 
 
-def dataset_name(source: str, n_train: int | None, n_test: int | None, image_size: int, seed: int) -> str:
-    """The store name of a dataset (`<store>/datasets/<name>`): one per distinct source and counts.
-
-    Built from the source's host and path only: userinfo, query string and fragment (where signed URLs
-    carry their credentials) never become part of an object key, an output or a log line.
-    """
-    if source == "synthetic":
-        return f"synthetic-{n_train}x{n_test}-{image_size}px-seed{seed}"
+def _name_part(source: str) -> str:
     parts = url_parts(source)
     if parts is not None:
         where = parts.netloc.rpartition("@")[2] + parts.path
     else:
         where = shown_source(source).split("://")[-1]
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", where).strip("-.")[-60:] or "source"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", where).strip("-.")[-60:] or "source"
+
+
+def dataset_name(source: str, n_train: int | None, n_test: int | None, image_size: int, seed: int,
+                 merge_with: str = "") -> str:
+    """The store name of a dataset (`<store>/datasets/<name>`): one per distinct source, merge and counts (and size,
+    for the sources converted to it: synthetic and hpav18).
+
+    Built from the sources' host and path only: userinfo, query string and fragment (where signed URLs
+    carry their credentials) never become part of an object key, an output or a log line.
+    """
+    if source == "synthetic":
+        return f"synthetic-{n_train}x{n_test}-{image_size}px-seed{seed}"
+    name = _name_part(source)
+    if merge_with:
+        name += "+" + (f"synthetic-{image_size}px" if merge_with == "synthetic" else _name_part(merge_with))
+    if source.startswith(HPAV18_PREFIX):
+        return f"{name}-{n_train or 'all'}x{n_test or 'all'}-{image_size}px-seed{seed}"
     return f"{name}-{n_train or 'all'}x{n_test or 'all'}-seed{seed}"
 
 
 def dataset_uri(store_uri: str, source: str, n_train: int | None, n_test: int | None, image_size: int,
-                seed: int) -> str:
+                seed: int, merge_with: str = "") -> str:
     """Where `download` commits a source's dataset: `<store_uri>/datasets/<dataset_name>`."""
-    return store_uri.rstrip("/") + "/datasets/" + dataset_name(source, n_train, n_test, image_size, seed)
+    return store_uri.rstrip("/") + "/datasets/" + dataset_name(source, n_train, n_test, image_size, seed, merge_with)
+
+
+def check_sources(source: str, merge_with: str = "", require_test: bool = False) -> None:
+    """Refuse, before anything is fetched, a source / merge_with pair that cannot give a dataset (one ConfigError
+    line): merge_with with a source other than hpav18:<csv>, an hpav18 merge_with, an unknown pinned v18 table, and
+    with `require_test` (the pipeline, whose pack and evaluation need a test split) hpav18:<csv> without merge_with.
+    """
+    if not isinstance(source, str) or not source.strip():
+        raise ConfigError("data_source: expected synthetic, a directory, s3://..., https://..., kaggle:<competition> "
+                          "or hpav18:<csv>, got an empty value")
+    if merge_with and not source.startswith(HPAV18_PREFIX):
+        raise ConfigError("merge_with: applies to data_source=hpav18:<csv> only, got data_source="
+                          f"{shown_source(source)} (leave merge_with empty)")
+    if merge_with.startswith(HPAV18_PREFIX):
+        raise ConfigError(f"merge_with: {shown_source(merge_with)} is another hpav18 source; expected a Kaggle-layout "
+                          "dataset with a test split (s3://..., a directory, kaggle:..., https://... or synthetic)")
+    if source.startswith(HPAV18_PREFIX):
+        csv_spec(source)
+        if require_test and not merge_with:
+            raise ConfigError(f"merge_with: data_source={shown_source(source)} needs merge_with=<a Kaggle-layout "
+                              "dataset: a committed s3:// dataset, kaggle:..., synthetic, ...>, because the HPA v18 "
+                              "images have no test split")
 
 
 # -- staging: exactly the files that form the dataset ---------------------------------------------
@@ -185,7 +223,7 @@ def publish_dataset(store: Store, staging: Path, meta: dict, workers: int = 8) -
         previous = None
     if previous is not None and previous != hashes:
         log.warning("%s holds a different committed dataset: uncommitting it before overwriting", store.uri)
-        store.delete(MANIFEST)
+        store.put_bytes(MANIFEST, UNCOMMITTED)  # a PUT, not a delete: KFP 2.15/2.16 keys cannot delete (hpa.store)
     entries = store.upload_files(files, workers=workers, hashes=hashes, desc="upload dataset")
     store.commit_manifest(entries, meta)
     return entries
@@ -215,11 +253,25 @@ def _user_paths(message: str, source: str, work: Path, root: Path | None) -> str
     return redact(message)
 
 
+def _acquire_merge(o: DownloadOptions, work: Path) -> Path:
+    """`o.merge_with` as a local Kaggle-layout root: n_train / n_test are its generation counts (synthetic) or a
+    seeded subset of its train / test splits."""
+    sub = replace(o, source=o.merge_with, merge_with=None, max_images=None, skip_broken=False, montage=None,
+                  sha256=None)
+    (work / "merge").mkdir()
+    root = find_layout_root(acquire(sub, work / "merge"))
+    if o.merge_with == "synthetic":
+        return root
+    stage(root, work / "merge-dataset", o.n_train, o.n_test, o.seed)
+    return work / "merge-dataset"
+
+
 def download(source: str, dest: str, **options) -> dict:
     """Fetch `source`, validate it and commit it under `dest`; returns uri, counts, uploaded, skipped.
 
     `options`: the other fields of DownloadOptions. n_train / n_test: images to generate (synthetic; default
-    600 / 200) or, for other sources, a seeded random subset of at most that many (None or 0 = all).
+    600 / 200) or, for other sources, a seeded random subset of at most that many (None or 0 = all); with
+    merge_with, they apply to the merged dataset, and max_images caps the v18 images.
     hpav18:<csv> only: max_images, merge_with, skip_broken (hpa.hpav18).
     """
     o = DownloadOptions(source, dest, **options)
@@ -227,21 +279,26 @@ def download(source: str, dest: str, **options) -> dict:
         value = getattr(o, name)
         if value is not None and value < 0:
             raise ConfigError(f"download: {name} must be >= 0, got {value}")
+    check_sources(source, o.merge_with or "")
     start = time.monotonic()
     store = open_store(dest, create_bucket=True)
     synthetic = source == "synthetic"
-    if synthetic:
+    if synthetic or o.merge_with == "synthetic":
         o.n_train = o.n_train or SYNTHETIC_DEFAULTS[0]
         o.n_test = SYNTHETIC_DEFAULTS[1] if o.n_test is None else o.n_test
+    subset = not (synthetic or o.merge_with)  # a merge took its subset already (_acquire_merge)
     with tempfile.TemporaryDirectory(prefix="hpa-download-") as tmp:
         work = Path(tmp)
         staging, root = work / "dataset", None
         try:
-            root = acquire(o, work)
-            counts = stage(root, staging, None if synthetic else o.n_train, None if synthetic else o.n_test, o.seed)
+            merge_root = _acquire_merge(o, work) if o.merge_with else None
+            root = acquire(o, work, merge_root=merge_root)
+            counts = stage(root, staging, o.n_train if subset else None, o.n_test if subset else None, o.seed)
             validate(staging)
             meta = {"source": shown_source(source), **counts, "n_test": counts.get("n_test", 0),
                     "size": o.size if synthetic else _image_size(staging), "seed": o.seed}
+            if o.merge_with:
+                meta["merge_with"] = shown_source(o.merge_with)
             entries = publish_dataset(store, staging, meta, o.workers)
         except HPAError as exc:
             # The temporary directory is gone when the user reads this: name their file or URL instead.
@@ -259,18 +316,27 @@ def download(source: str, dest: str, **options) -> dict:
 
 
 def download_task(source: str, store_uri: str, n_train: int, n_test: int, image_size: int, seed: int,
-                  expected_manifest: str = "") -> dict:
-    """The download pipeline task: the source's dataset at dataset_uri(store_uri, ...) (one prefix per distinct
-    dataset: a changed parameter never overwrites another run's data), fetched and committed unless it is still
-    committed as the run found it (hpa.committed.intact with `expected_manifest`). Returns data_uri, the committed
-    manifest.json (parsed) and its sha256, and the scalar fields of download's result ("metadata")."""
-    from hpa.committed import intact
+                  expected_manifest: str = "", merge_with: str = "", allow_http: bool = False) -> dict:
+    """The download pipeline task: the source's dataset at dataset_uri(store_uri, ..., merge_with) (one prefix per
+    distinct dataset: a changed parameter never overwrites another run's data), fetched and committed unless it is
+    still committed as the run found it (hpa.committed.intact with `expected_manifest`). `merge_with` (hpav18:<csv>
+    only, and required there: the v18 images have no test split) is the Kaggle-layout dataset merged in, e.g. a
+    committed s3:// dataset; checked up front (check_sources). `allow_http`: plain http to 127.0.0.1 (tests' stand-in
+    v18 host; not a pipeline input). A `source` that is itself a committed s3:// dataset is used where it is
+    (hpa.committed.use_dataset: its manifest checked against `expected_manifest`), never copied. Returns data_uri,
+    the committed manifest.json (parsed) and its sha256, and the scalar fields of download's result ("metadata")."""
+    from hpa.committed import dataset_state, intact, use_dataset
 
-    data_uri = dataset_uri(store_uri, source, n_train, n_test, image_size, seed)
-    if intact(data_uri, expected_manifest):  # committed as this run found it: nothing to fetch again
+    check_sources(source, merge_with, require_test=True)
+    committed = dataset_state(source, store_uri, n_train, n_test, image_size, seed, merge_with)
+    data_uri = committed["data_uri"]
+    if committed["existing"]:  # the user's own committed dataset: every task reads it in place
+        info = {**use_dataset(data_uri, expected_manifest), "committed_source": 1}
+    elif intact(data_uri, expected_manifest):  # committed as this run found it: nothing to fetch again
         info = {"data_uri": data_uri, "skipped_fetch": 1}
     else:
-        info = download(source, data_uri, n_train=n_train or None, n_test=n_test or None, size=image_size, seed=seed)
+        info = download(source, data_uri, n_train=n_train or None, n_test=n_test or None, size=image_size, seed=seed,
+                        merge_with=merge_with or None, allow_http=allow_http)
     raw = open_store(data_uri).get_bytes(MANIFEST)
     return {"data_uri": data_uri, "manifest": json.loads(raw), "manifest_sha256": sha256_bytes(raw),
             "metadata": {k: v for k, v in info.items() if isinstance(v, (int, float, str))}}

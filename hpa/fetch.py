@@ -186,9 +186,9 @@ def fetch_s3(source: str, raw: Path, workers: int = 8) -> Path:
     return find_layout_root(raw)
 
 
-def acquire(o: DownloadOptions, work: Path) -> Path:
+def acquire(o: DownloadOptions, work: Path, merge_root: Path | None = None) -> Path:
     """Bring `o.source` to a local directory in Kaggle layout (`work`/raw unless it is a local one); returns its
-    root."""
+    root. `merge_root`: the local root of `o.merge_with`, already acquired (hpa.download), for hpav18:<csv>."""
     source, raw = o.source, work / "raw"
     raw.mkdir()
     if (o.merge_with or o.max_images or o.skip_broken) and not source.startswith("hpav18:"):
@@ -198,7 +198,8 @@ def acquire(o: DownloadOptions, work: Path) -> Path:
 
         opts = V18Options(size=o.size, max_images=o.max_images, seed=o.seed, allow_http=o.allow_http,
                           skip_broken=o.skip_broken, workers=o.workers)
-        return acquire_hpav18(source, raw, work, opts, o.merge_with)
+        return acquire_hpav18(source, raw, work, opts, merge_root=merge_root,
+                              merge_name=shown_source(o.merge_with) if o.merge_with else "")
     if source == "synthetic":
         from hpa.synthetic import generate
 

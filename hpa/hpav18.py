@@ -34,11 +34,18 @@ other than 408/429 are not retried. Failures are reported one line each, naming 
 the download stops with a DataError (re-run to retry only those), or, with skip_broken, the failed Ids
 are left out of train.csv.
 
-Merge (`merge_with`): a Kaggle-layout dataset (directory or s3:// prefix, committed or not) joins the
-v18 images: train.csv holds its rows then the v18 rows, its train images, test images and CSVs are
-carried over unchanged, and its images must already have the requested size. `phash.csv` (Id,phash,
-hpa.phash) covers every train image of the result, so `hpa split` keeps duplicate groups across both
-sources in one fold.
+Pinned label tables (`hpav18:<name>`, hpa.hpav18_csv): `hpav18:pudae` is the de-duplicated table the 3rd place
+solution ships (pudae/kaggle-hpa data/HPAv18RBGY_wodpl.csv, "wodpl": without duplicates), fetched from its
+raw URL at a fixed commit and refused unless its sha256 is the recorded one. Any other CSV is passed as a path,
+an s3:// URI or an https:// URL (`hpav18:/data/my_v18.csv`), for offline use and tests.
+
+Merge (`merge_with`): a Kaggle-layout dataset with a test split (any other download source, brought to a local
+root by hpa.download) joins the v18 images: train.csv holds its rows then the v18 rows, a `source` column marks
+each row (`hpav18`, or the merged dataset's own `source` value, default `kaggle`), its train images, test images
+and CSVs are carried over unchanged, and its images must already have the requested size. The v18 images have
+no test split: a merged dataset is the only way a v18 run can be evaluated (and packed for its test split).
+`phash.csv` (Id,phash, hpa.phash) covers every train image of the result, so `hpa split` keeps duplicate groups
+across both sources in one fold.
 """
 
 from __future__ import annotations
@@ -59,20 +66,20 @@ from hpa import fetch
 from hpa.config import env_float
 from hpa.errors import ConfigError, DataError
 from hpa.hpav18_cache import Cache
+from hpa.hpav18_csv import read_v18_csv
 from hpa.labels import COLORS
 from hpa.store import retry
 
 log = logging.getLogger(__name__)
 
-PREFIX = "hpav18:"
 V18_HOST = "v18.proteinatlas.org"
 DEFAULT_BASE_URL = f"https://{V18_HOST}/images/"
 BASE_URL_ENV = "HPA_V18_BASE_URL"
 CACHE_ENV = "HPA_V18_CACHE"
 BACKOFF_ENV = "HPA_V18_RETRY_DELAY"
 MAX_JPG_BYTES = 64 << 20  # a v18 channel JPG is 0.1-3 MB (2048 or 3072 px); far more is not an image
-MAX_CSV_BYTES = 64 << 20
 PERMANENT_HTTP = frozenset(range(400, 500)) - {408, 429}
+V18_SOURCE, MERGED_SOURCE = "hpav18", "kaggle"  # train.csv `source` values of v18 rows / merged rows without one
 
 
 def base_url() -> str:
@@ -210,19 +217,6 @@ def fetch_plane(image_id: str, color: str, opts: V18Options) -> np.ndarray:
 
 
 # -- the source -------------------------------------------------------------------------------------
-def read_v18_csv(csv: str, work: Path, allow_http: bool):
-    """The v18 labels (read_labels frame) from a local path, an s3:// URI or an https:// URL."""
-    from hpa.data import read_labels
-
-    if csv.startswith(("https://", "http://")):
-        local = work / "hpav18.csv"
-        fetch.fetch_url(csv, local, MAX_CSV_BYTES, allow_http=allow_http)
-        return read_labels(local, where=fetch.shown_source(csv))
-    if not csv:
-        raise ConfigError("hpav18 source needs the CSV: --source hpav18:<path/to/HPAv18RBGY_wodpl.csv>")
-    return read_labels(csv)
-
-
 def choose(df, max_images: int | None, seed: int):
     """At most max_images rows: a seeded random subset (a prefix of one seeded permutation, so a larger
     cap only adds images), kept in CSV order."""
@@ -268,17 +262,6 @@ def fetch_images(ids: list[str], opts: V18Options) -> tuple[dict[str, str], list
     return done, failures
 
 
-def _kaggle_root(merge_with: str, work: Path) -> Path:
-    if merge_with.startswith("s3://"):
-        target = work / "merge"
-        target.mkdir()
-        return fetch.fetch_s3(merge_with, target)
-    path = Path(merge_with).expanduser()
-    if not path.is_dir():
-        raise DataError(f"--merge-with {path}: no such directory (expected a Kaggle-layout dataset or s3://...)")
-    return fetch.find_layout_root(path).resolve()
-
-
 def _first_image_size(folder: Path) -> int | None:
     from PIL import Image
 
@@ -312,10 +295,13 @@ def _hash_kaggle(root: Path, ids: list[str], workers: int) -> dict[str, str]:
     return {i: known[i] for i in ids}
 
 
-def acquire_hpav18(source: str, raw: Path, work: Path, opts: V18Options, merge_with: str | None = None) -> Path:
-    """Build `raw` in Kaggle layout from the v18 CSV (+ the merged dataset); returns it."""
+def acquire_hpav18(source: str, raw: Path, work: Path, opts: V18Options, merge_root: Path | None = None,
+                   merge_name: str = "") -> Path:
+    """Build `raw` in Kaggle layout from the v18 CSV (+ the local Kaggle-layout root `merge_root`, which messages call
+    `merge_name`); returns it."""
     import pandas as pd
 
+    from hpa.data import read_labels
     from hpa.download import write_table
     from hpa.phash import write_phash
 
@@ -324,22 +310,24 @@ def acquire_hpav18(source: str, raw: Path, work: Path, opts: V18Options, merge_w
     if not allowed_url(opts.base_url, opts.allow_http):
         raise ConfigError(f"hpav18: refused base URL {fetch.shown_source(opts.base_url)}: https://, http://{V18_HOST}, "
                           "or plain http to 127.0.0.1 with --allow-http (tests)")
-    v18 = choose(read_v18_csv(source[len(PREFIX):], work, opts.allow_http), opts.max_images, opts.seed)
+    v18 = choose(read_v18_csv(source, work, opts.allow_http, Path(opts.cache_dir)), opts.max_images, opts.seed)
     for image_id in v18["Id"]:
         image_url(opts.base_url, image_id, "red")  # every Id has the <dir>_<rest> form, before any request
     kaggle = None
-    if merge_with:
-        from hpa.data import read_labels
-
-        shown = fetch.shown_source(merge_with)
-        kaggle_root = _kaggle_root(merge_with, work)
-        kaggle = read_labels(kaggle_root / "train.csv")[["Id", "Target"]]
+    if merge_root is not None:
+        shown = merge_name or str(merge_root)
+        kaggle = read_labels(merge_root / "train.csv")
+        kaggle = kaggle[["Id", "Target"]].assign(
+            source=kaggle["source"].astype(str) if "source" in kaggle.columns else MERGED_SOURCE)
+        if not (merge_root / "sample_submission.csv").is_file():
+            raise DataError(f"merge_with {shown}: no sample_submission.csv (test split); the merged dataset takes its "
+                            "test split from it, since the v18 images have none")
         clash = sorted(set(kaggle["Id"]) & set(v18["Id"]))
         if clash:
-            raise DataError(f"--merge-with {shown}: Id {clash[0]!r} is in both its train.csv and the v18 CSV")
-        existing = _first_image_size(kaggle_root / "train")
+            raise DataError(f"merge_with {shown}: Id {clash[0]!r} is in both its train.csv and the v18 CSV")
+        existing = _first_image_size(merge_root / "train")
         if existing is not None and existing != opts.size:
-            raise ConfigError(f"--merge-with {shown}: its images are {existing}x{existing} pixels but --size is "
+            raise ConfigError(f"merge_with {shown}: its images are {existing}x{existing} pixels but --size is "
                               f"{opts.size}; pass --size {existing} so that the merged dataset has one size")
 
     hashes, failures = fetch_images(list(v18["Id"]), opts)
@@ -359,20 +347,20 @@ def acquire_hpav18(source: str, raw: Path, work: Path, opts: V18Options, merge_w
     for image_id in v18["Id"]:
         for color in COLORS:
             (train / f"{image_id}_{color}.png").symlink_to(cache.path(image_id, color))
-    table = v18[["Id", "Target"]]
+    table = v18[["Id", "Target"]].assign(source=V18_SOURCE)
     phash = pd.DataFrame({"Id": v18["Id"], "phash": [hashes[i] for i in v18["Id"]]})
     if kaggle is not None:
-        for entry in os.scandir(kaggle_root / "train"):
+        for entry in os.scandir(merge_root / "train"):
             (train / entry.name).symlink_to(entry.path)
         for name in ("sample_submission.csv", "test_labels.csv", "test"):
-            if (kaggle_root / name).exists():
-                (raw / name).symlink_to(kaggle_root / name)
-        kaggle_hashes = _hash_kaggle(kaggle_root, list(kaggle["Id"]), opts.workers)
+            if (merge_root / name).exists():
+                (raw / name).symlink_to(merge_root / name)
+        kaggle_hashes = _hash_kaggle(merge_root, list(kaggle["Id"]), opts.workers)
         table = pd.concat([kaggle, table], ignore_index=True)
         phash = pd.concat([pd.DataFrame({"Id": kaggle["Id"], "phash": [kaggle_hashes[i] for i in kaggle["Id"]]}),
                            phash], ignore_index=True)
     write_table(table, raw / "train.csv", "Target")
     write_phash(phash, raw / "phash.csv")
     log.info("hpav18: %d v18 images%s in Kaggle layout at %d px", len(v18),
-             f" + {len(kaggle)} from {fetch.shown_source(merge_with)}" if kaggle is not None else "", opts.size)
+             f" + {len(kaggle)} from {merge_name or merge_root}" if kaggle is not None else "", opts.size)
     return raw

@@ -88,8 +88,12 @@ def write_shard(path: str, records: Iterable[tuple[str, list[int] | None, np.nda
     return {"sha256": sha256_file(path), "size": os.path.getsize(path), "samples": samples}
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
+def shard_name(index: int, digest: str) -> str:
+    """`shard-<index>-<digest[:16]>.tar`: named by its content (pack: the input fingerprint, known before the shard
+    is built, so a re-run finds it; write_shards: the file's sha256). A shard set of other inputs gets other names,
+    so packing into a prefix never overwrites, nor needs to delete, a shard that a committed shards.json names:
+    KFP 2.15/2.16 profile keys cannot delete (hpa.s3store.S3Store.delete); unreferenced shards are left behind."""
+    return f"shard-{index:06d}-{digest[:16]}.tar"
 
 
 def _index_name(name: str) -> str:
@@ -136,9 +140,10 @@ def write_shards(out_uri: str, records: Iterable[tuple[str, list[int] | None, np
         batch: list = []
 
         def flush():
-            name = shard_name(len(shards))
-            info = write_shard(os.path.join(tmp, name), batch)
-            store.put_file(name, os.path.join(tmp, name))
+            path = os.path.join(tmp, "shard.tar")
+            info = write_shard(path, batch)
+            name = shard_name(len(shards), info["sha256"])
+            store.put_file(name, path, sha256=info["sha256"])
             shards.append({"name": name, **info})
             batch.clear()
 
@@ -246,28 +251,6 @@ def _build_shard(task: _ShardTask) -> dict:
     return {**index, "skipped": False}
 
 
-def _retire_stale_manifest(dst, source: dict) -> None:
-    """A shards.json from a different pack (other size/data) would point at shards we are about to
-    overwrite; remove it first, so readers see "not a packed shard set" rather than sha256 errors."""
-    if not dst.exists(MANIFEST):
-        return
-    try:
-        old = json.loads(dst.get_bytes(MANIFEST)).get("source")
-    except ValueError:
-        old = None
-    if old != source:
-        log.warning("%s: replacing a shard set packed from other inputs", dst.join(MANIFEST))
-        dst.delete(MANIFEST)
-
-
-def _delete_leftovers(dst, num_shards: int) -> None:
-    """Shards (and sidecars) past the new count, left by an earlier, larger pack into this prefix."""
-    for key in dst.list():
-        stem = key.split(".", 1)[0]
-        if "/" not in key and stem.startswith("shard-") and stem[6:].isdigit() and int(stem[6:]) >= num_shards:
-            dst.delete(key)
-
-
 def pack(data_uri: str, out_uri: str, size: int, split: str = "train",
          samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, workers: int = 1) -> dict:
     """Pack a committed Kaggle-layout dataset into tar shards of uint8 R,G,B,Y at `size` px.
@@ -307,10 +290,9 @@ def pack(data_uri: str, out_uri: str, size: int, split: str = "train",
     tasks = []
     for n, start in enumerate(range(0, len(items), samples_per_shard)):
         chunk = tuple(items[start:start + samples_per_shard])
-        tasks.append(_ShardTask(data_uri, dst.uri, split, size, shard_name(n), chunk,
-                                _fingerprint(split, size, chunk)))
+        fingerprint = _fingerprint(split, size, chunk)
+        tasks.append(_ShardTask(data_uri, dst.uri, split, size, shard_name(n, fingerprint), chunk, fingerprint))
     source = {"data_uri": data_uri, "fingerprint": _fingerprint(split, size, [t.fingerprint for t in tasks])}
-    _retire_stale_manifest(dst, source)
     results: dict[str, dict] = {}
     bar = tqdm(total=len(tasks), desc=f"pack {split}", unit="shard", disable=not sys.stderr.isatty())
     if workers <= 1:
@@ -332,8 +314,8 @@ def pack(data_uri: str, out_uri: str, size: int, split: str = "train",
             raise StoreError(f"{dst.join(_index_name(task.name))}: sidecar does not list the shard's samples")
     shape = [len(COLORS), size, size]
     doc = build_manifest(shards, labels, shape, split, source)
-    dst.put_bytes(MANIFEST, _dumps(doc))        # last: the shard set is committed iff shards.json exists
-    _delete_leftovers(dst, len(tasks))
+    # last, one PUT: readers see the old set (its shards untouched) or the new one; nothing is deleted
+    dst.put_bytes(MANIFEST, _dumps(doc))
     skipped = sum(bool(s.get("skipped")) for s in shards)
     summary = {"uri": dst.uri, "manifest": dst.join(MANIFEST), "split": split, "size": size,
                "num_samples": doc["num_samples"], "num_shards": len(shards), "skipped_shards": skipped,

@@ -334,4 +334,8 @@ class S3Store(Store):
         return self._call("list", prefix or None, listing)
 
     def delete(self, key: str) -> None:
+        """Remove an object (tests and users; no write path of the package deletes). A KFP 2.15/2.16 profile's keys
+        cannot: pipelines-profile-controller/sync.py grants s3:Put*, s3:Get*, s3:List* only (2.15.0 lines 364-367,
+        2.16.0 lines 396-399); 2.17.0 adds s3:DeleteObject (lines 477-481). SeaweedFS's own identities authorise
+        DELETE with the same `Write` action as PUT (weed/s3api/s3api_server.go), so no identity models "no delete"."""
         self._call("delete", key, lambda: self.client.remove_object(self.bucket, self._name(key)))

@@ -2,12 +2,16 @@
 
 Format (`hpa-shards/1`, see docs/shards.md):
 
-    <out>/<split>/shard-000000.tar      POSIX tar; per sample two members, in this order:
+    <out>/<split>/shard-000000-<digest>.tar  POSIX tar; per sample two members, in this order:
                                           <id>.json      {"id", "labels", "shape", "dtype", "colors"}
                                           <id>.rgby.zst  zstd frame (level 3) of the uint8 C,H,W array (R,G,B,Y)
-    <out>/<split>/shard-000000.idx.json sidecar: sha256, size, sample offsets, input fingerprint (for re-runs)
+    <out>/<split>/shard-000000-<digest>.idx.json  sidecar: sha256, size, sample offsets, input fingerprint
     <out>/<split>/shards.json           manifest, written LAST: ids, labels, shards (name, sha256, size),
                                           per-sample shard + byte offset + length (random access), shape
+
+A shard's name carries 16 hex digits of its content digest (hpa.pack.shard_name), so a re-pack of other inputs
+into the same prefix writes new shards and then replaces shards.json: readers see the old set or the new one,
+and no object is ever deleted (unreferenced shards stay; KFP 2.15/2.16 profile keys cannot delete).
 
 Any tar reader (stdlib `tarfile`, the `webdataset` library) reads the shards; we read them by the byte
 offsets in the manifest, which needs no tar parsing and allows random access.

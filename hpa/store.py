@@ -10,6 +10,10 @@ or none, never a partial one — so a temporary key plus server-side copy would 
 for nothing. A multi-object dataset is atomic at the dataset level: its `manifest.json` (key, size,
 sha256 of every object) is written last, and readers trust only committed datasets.
 
+No write path deletes (a KFP 2.15/2.16 profile's S3 keys may Put, Get and List only: hpa.s3store.S3Store.delete):
+a dataset being replaced is uncommitted by a PUT of UNCOMMITTED over its manifest (hpa.download), and packed
+shards are named by their content (hpa.pack), so a new shard set never needs the old one removed.
+
 Every object written through this module carries its sha256 (S3 user metadata `sha256`), which makes
 re-uploads idempotent without reading the object back. Messages never contain keys or secrets.
 """
@@ -39,6 +43,8 @@ T = TypeVar("T")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "hpa-dataset/1"
 TMP_PREFIX = ".tmp-"
+UNCOMMITTED = b'{"format": "hpa-uncommitted/1"}\n'  # a manifest key's bytes while its dataset is being replaced
+UNCOMMITTED_WHY = "marks it uncommitted (a write into it did not finish; run it again)"
 _CHUNK = 1 << 20
 
 
@@ -289,13 +295,15 @@ class Store:
 
     def read_manifest(self, name: str = MANIFEST) -> dict:
         try:
-            doc = json.loads(self.get_bytes(name))
+            raw = self.get_bytes(name)
+            doc = json.loads(raw)
         except StoreNotFoundError:
             raise StoreError(f"not a committed dataset: {self.join(name)} does not exist") from None
         except ValueError:
             raise StoreError(f"not a committed dataset: {self.join(name)} is not valid JSON") from None
         if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or "objects" not in doc:
-            raise StoreError(f"not a committed dataset: {self.join(name)} is not an {MANIFEST_FORMAT} manifest")
+            raise StoreError(f"not a committed dataset: {self.join(name)} " + (
+                UNCOMMITTED_WHY if raw == UNCOMMITTED else f"is not an {MANIFEST_FORMAT} manifest"))
         return doc
 
     def verify(self, entries: list[dict] | None = None, workers: int = 8) -> int:

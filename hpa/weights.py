@@ -5,10 +5,17 @@ probe fails fast instead of timm's ~45 s hang), a local file (torch.save state d
 URI read through `hpa.store` (sha256-verified when a manifest or the object's recorded sha256 exists). Every
 problem is one ConfigError line naming the file. `weights_source(spec)` is the form a checkpoint records (no
 credentials, no query).
+
+The `weights` run parameter is per model (`weights_by_model`): a JSON object model name -> source, e.g.
+`{"resnet18": "s3://bucket/r18.pt", "se_resnet18": "imagenet"}`; models it does not name start from random init,
+and "" or {} means random init for all. One file for every model cannot work: a resnet18 state dict does not fit
+se_resnet18. `hpa.weights_check.check_weights` verifies each named file against its architecture before any data
+is downloaded.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -182,3 +189,46 @@ def read_weights(spec: str | Path, arch: str) -> dict[str, torch.Tensor]:
         raise ConfigError(f"weights: unsupported URI scheme in {weights_source(spec).split('://')[0]}://..., "
                           f"expected imagenet, a local file or an s3:// URI")
     return _read_state_dict(spec)
+
+
+def check_spec(spec: str, field: str) -> str:
+    """One weights source as `field` names it: "", imagenet, a local path or an s3:// URI (no spaces, no other
+    scheme); returns it stripped, or one ConfigError line."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"{field}: expected a string (imagenet, a file path or s3:// URI), got {type(spec).__name__}")
+    spec = spec.strip()
+    if any(c.isspace() for c in spec):
+        raise ConfigError(f"{field}: {weights_source(spec)!r} holds whitespace; expected imagenet, a file path or an "
+                          "s3:// URI")
+    if re.match(r"^[a-z][a-z0-9+.-]*://", spec) and not spec.startswith("s3://"):
+        raise ConfigError(f"{field}: unsupported URI scheme {spec.split('://')[0]}://, expected imagenet, a local "
+                          "file or an s3:// URI")
+    return spec
+
+
+def weights_by_model(value: str | dict | None, models: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """The `weights` run parameter as {model: source} for every model of `models` ("" = random init).
+
+    `value`: a JSON object (or dict) model name -> source (imagenet, a local file, an s3:// URI, or "" for random
+    init); "", "{}" or None = random init for all; the bare word `imagenet` = ImageNet weights for every model (the
+    only source that fits every architecture). A name not in `models`, a source that is not a string or has
+    another URI scheme, and a single file or URI for all models are refused with one ConfigError line.
+    """
+    models = list(models)
+    if value is None or (isinstance(value, str) and value.strip() in ("", "{}")):
+        return {m: "" for m in models}
+    if isinstance(value, str) and value.strip() == IMAGENET:
+        return {m: IMAGENET for m in models}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"weights: {weights_source(value)!r} is one source for every model; expected a JSON "
+                              'object model -> source, e.g. {"resnet18": "s3://bucket/r18.pt", "se_resnet18": '
+                              '"imagenet"} (models not named start from random init)') from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"weights: expected a JSON object model -> source, got a JSON {type(value).__name__}")
+    unknown = [name for name in value if name not in models]
+    if unknown:
+        raise ConfigError(f"weights: model {unknown[0]!r} is not one of this run's models ({', '.join(models)})")
+    return {m: check_spec(value.get(m, ""), f"weights[{m}]") for m in models}

@@ -7,6 +7,7 @@ import collections
 import hashlib
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -69,7 +70,8 @@ def test_pack_writes_tar_shards_and_manifest(packed, raw):
     doc = json.loads(open(os.path.join(out, "train", "shards.json")).read())
     assert doc["format"] == "hpa-shards/1" and doc["shape"] == [4, SIZE, SIZE] and doc["num_samples"] == N_TRAIN
     assert doc["colors"] == ["red", "green", "blue", "yellow"] and doc["has_labels"]
-    assert [s["name"] for s in doc["shards"]] == [f"shard-{i:06d}.tar" for i in range(5)]
+    assert [re.sub(r"-[0-9a-f]{16}\.tar$", ".tar", s["name"]) for s in doc["shards"]] == \
+        [f"shard-{i:06d}.tar" for i in range(5)]
     assert sorted(doc["samples"]["id"]) == sorted(train_ids(raw))
     labels = data.read_labels(raw / "train.csv").set_index("Id")["labels"]
     position = {i: n for n, i in enumerate(doc["samples"]["id"])}
@@ -104,7 +106,7 @@ def test_pack_is_idempotent_and_deterministic(packed, tmp_path):
     assert elsewhere["skipped_shards"] == 0
     assert open(tmp_path / "other" / "train" / "shards.json", "rb").read() == manifest
     # a shard replaced by other bytes is rebuilt, not trusted
-    victim = os.path.join(out, "train", "shard-000002.tar")
+    victim = os.path.join(out, "train", json.loads(manifest)["shards"][2]["name"])
     good = open(victim, "rb").read()
     open(victim, "wb").write(b"junk")
     assert pack.pack(data_uri, out, SIZE, samples_per_shard=PER_SHARD)["skipped_shards"] == 4
@@ -155,13 +157,14 @@ def test_corrupt_shard_on_s3_is_named(raw, s3_bucket, tmp_path):
     data_uri = commit(raw, s3_bucket + "data")
     pack.pack(data_uri, s3_bucket + "shards", SIZE, samples_per_shard=PER_SHARD)
     st = store.open_store(s3_bucket + "shards/train")
-    blob = bytearray(st.get_bytes("shard-000003.tar"))
+    name = json.loads(st.get_bytes("shards.json"))["shards"][3]["name"]
+    blob = bytearray(st.get_bytes(name))
     blob[2000:2016] = bytes(b ^ 0xFF for b in blob[2000:2016])        # flip bytes inside a payload
-    st.put_bytes("shard-000003.tar", bytes(blob))
+    st.put_bytes(name, bytes(blob))
     ds = shards.ShardDataset(s3_bucket + "shards", shuffle=False, cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(StoreError, match=r"shard-000003\.tar: sha256 mismatch"):
+    with pytest.raises(StoreError, match=rf"{name}: sha256 mismatch"):
         list(ds)
-    with pytest.raises(StoreError, match=r"shard-000003\.tar"):
+    with pytest.raises(StoreError, match=re.escape(name)):
         shards.ShardReader(s3_bucket + "shards", cache_dir=str(tmp_path / "c2")).get(
             shards.ShardSet(s3_bucket + "shards").ids[3 * PER_SHARD])
 
@@ -262,10 +265,14 @@ def test_batch_size_cuts_worker_parts_at_batch_boundaries(packed, tmp_path):
 
 def test_repack_with_other_settings_replaces_the_set(packed, raw, tmp_path):
     data_uri, out = packed
+    before = {s["name"] for s in json.loads(open(os.path.join(out, "train", "shards.json")).read())["shards"]}
     summary = pack.pack(data_uri, out, 16, samples_per_shard=10)       # other size, fewer shards
     assert summary["num_shards"] == 3 and summary["skipped_shards"] == 0
-    names = sorted(os.listdir(os.path.join(out, "train")))
-    assert [n for n in names if n.endswith(".tar")] == [f"shard-{i:06d}.tar" for i in range(3)]
+    doc = json.loads(open(os.path.join(out, "train", "shards.json")).read())
+    names = [s["name"] for s in doc["shards"]]
+    assert [n[:len("shard-000000")] for n in names] == [f"shard-{i:06d}" for i in range(3)]
+    assert not before & set(names)                                     # new names: the old set was never overwritten
+    assert before <= set(os.listdir(os.path.join(out, "train")))      # and nothing was deleted
     reader = shards.ShardReader(out, cache_dir=str(tmp_path / "c"))
     some = train_ids(raw)[0]
     assert np.array_equal(reader.get(some), data.load_image(raw, some, size=16))
