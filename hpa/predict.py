@@ -153,7 +153,7 @@ def predict(checkpoint, data, ids: str = "test", split_csv=None, fold=None, tta:
         pos = {i: k for k, i in enumerate(wanted)}
         targets = targets[[pos[i] for i in got_ids]]
     model_name = name or meta.get("arch", "model")
-    save_predictions(out, got_ids, probs, targets, model=model_name)
+    save_predictions(out, got_ids, probs, targets, model=model_name, tta=tta)
     result = {"out": str(out), "n": len(got_ids), "tta": tta, "model": model_name, "source": source,
               "device": str(dev), "seconds": round(seconds, 3),
               "images_per_s": round(len(got_ids) / max(seconds, 1e-9), 1)}

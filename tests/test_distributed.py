@@ -178,7 +178,9 @@ def test_trainjob_shape(num_nodes, gpus):
     assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
                                          "name": "torch-distributed"}
     assert trainer["numNodes"] == num_nodes and trainer["numProcPerNode"] == max(1, gpus)
-    assert trainer["command"] == ["torchrun", "-m", "hpa", "train"] and "--out" in trainer["args"]
+    # torch.distributed.run under the image's python3 (the venv's), not a `torchrun` script from PATH (issue 22 #6)
+    assert trainer["command"] == ["python3", "-m", "torch.distributed.run", "-m", "hpa", "train"]
+    assert "--out" in trainer["args"]
     assert trainer["resourcesPerNode"]["limits"].get("nvidia.com/gpu") == (str(gpus) if gpus else None)
     assert not any(e["name"].startswith("PET_") for e in trainer["env"])  # reserved: the runtime sets them
 
@@ -192,7 +194,7 @@ def test_pytorchjob_shape(num_nodes):
     assert replicas.get("Worker", {"replicas": 0})["replicas"] == num_nodes - 1
     for spec in replicas.values():
         container = spec["template"]["spec"]["containers"][0]
-        assert container["name"] == "pytorch" and container["command"][0] == "torchrun"
+        assert container["name"] == "pytorch" and container["command"] == train_distributed.COMMAND
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
 
 
@@ -415,6 +417,13 @@ def test_signal_while_waiting_deletes_the_job_and_exits_non_zero(tmp_path, sig):
         f"error: TrainJob kubeflow/hpa-train-ddp: cancelled by {name}; deleted TrainJob kubeflow/hpa-train-ddp"
 
 
+def local_command(command: list[str], *launcher_options: str) -> list[str]:
+    """A manifest's command as this test process runs it: its interpreter for the image's python3, the same
+    module, args and options; `launcher_options` go to torch.distributed.run (e.g. --standalone)."""
+    assert command[:3] == ["python3", "-m", "torch.distributed.run"], command
+    return [sys.executable, *command[1:3], *launcher_options, *command[3:]]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -440,8 +449,7 @@ def test_manifest_command_runs_as_two_nodes_with_operator_env(tmp_path):
     for flag, value in {"--data": str(data), "--split": str(tmp_path / "split.csv"), "--out": str(tmp_path / "out"),
                         "--size": "32", "--epochs": "1", "--batch-size": "8"}.items():
         args[args.index(flag) + 1] = value
-    cmd = [sys.executable, "-m", "torch.distributed.run", *container["command"][1:], *args,
-           "--workers", "0", "--threads", "1", "--device", "cpu"]
+    cmd = [*local_command(container["command"]), *args, "--workers", "0", "--threads", "1", "--device", "cpu"]
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
@@ -468,8 +476,9 @@ def test_manifest_command_runs_as_two_nodes_with_operator_env(tmp_path):
 @pytest.mark.slow
 def test_train_distributed_component_end_to_end(tmp_path, monkeypatch):
     """The component's own function against the stand-in API server, whose `on_create` hook plays the
-    Trainer: it runs the posted TrainJob's command (torchrun -m hpa train ...) locally on CPU. The
-    component then fetches the run from the store and predicts val and test."""
+    Trainer: it runs the posted TrainJob's command (torch.distributed.run -m hpa train ...) locally on CPU. The
+    job trains and predicts val and test with TTA into its --out; the component (a 1-CPU pod) only fetches them
+    and predicts nothing itself (issue 22 #6: it used to run both TTA predictions in the launcher pod)."""
     monkeypatch.syspath_prepend(str(ROOT))
     from kfp.dsl import Artifact, Dataset, Metrics, Model
 
@@ -485,14 +494,20 @@ def test_train_distributed_component_end_to_end(tmp_path, monkeypatch):
 
     def run_trainjob(job):
         trainer = job["spec"]["trainer"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-               *trainer["command"][1:], *trainer["args"], "--workers", "0", "--threads", "1", "--device", "cpu"]
+        cmd = [*local_command(trainer["command"], "--standalone", "--nproc-per-node", "1"), *trainer["args"],
+               "--workers", "0", "--threads", "1", "--device", "cpu"]
         subprocess.run(cmd, check=True, timeout=400, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     outputs = {name: cls(name=name, uri=str(tmp_path / "outputs" / name)) for name, cls in
                [("model", Model), ("run", Artifact), ("val_predictions", Dataset), ("test_predictions", Dataset),
                 ("metrics", Metrics)]}
     (tmp_path / "outputs").mkdir()
+    import hpa.predict
+
+    def no_prediction_here(*args, **kwargs):
+        raise AssertionError("the launcher task predicted: the job should have")
+
+    monkeypatch.setattr(hpa.predict, "predict_val_and_test", no_prediction_here)
     with FakeKubeAPI(polls=1, on_create=run_trainjob, lifetime=500) as api:
         monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "config"))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
@@ -511,6 +526,14 @@ def test_train_distributed_component_end_to_end(tmp_path, monkeypatch):
 
     val = np.load(tmp_path / "outputs" / "val_predictions", allow_pickle=False)
     assert val["probs"].shape[1] == 28 and "best_val_macro_f1" in outputs["metrics"].metadata
+    args = job["spec"]["trainer"]["args"]
+    assert args[args.index("--predict-tta") + 1] == "1" and "--predict-data" not in args  # PNG data: its own CSVs
+    test = np.load(tmp_path / "outputs" / "test_predictions", allow_pickle=False)
+    assert len(test["ids"]) == 6 and test["probs"].shape == (6, 28)
+    # What the job wrote, byte for byte: <store>/runs/<job>/out/{val,test}_predictions_tta.npz
+    [out] = (tmp_path / "store" / "runs").glob("*/out")
+    assert (out / "test_predictions_tta.npz").read_bytes() == (tmp_path / "outputs" / "test_predictions").read_bytes()
+    assert (out / "val_predictions_tta.npz").read_bytes() == (tmp_path / "outputs" / "val_predictions").read_bytes()
 
 
 def _compiled_pipeline(name: str = "hpa_pipeline.yaml") -> dict:
@@ -536,7 +559,8 @@ def test_compiled_pipeline_has_the_distributed_path():
     resolved inside the pod), the placement parameters, and arch and fold from the loop item."""
     single, multi = _compiled_pipeline(), _compiled_pipeline("hpa_pipeline_multinode.yaml")
     assert not any(name.startswith("comp-train-distributed") for name in single["components"])
-    assert single["root"]["inputDefinitions"]["parameters"]["num_nodes"]["defaultValue"] == 1
+    # The single-pod run form has no num_nodes (issue 22 #13: it could only be 1 there).
+    assert "num_nodes" not in single["root"]["inputDefinitions"]["parameters"]
     assert single["root"]["inputDefinitions"]["parameters"]["tune"]["defaultValue"] is False
     params = multi["root"]["inputDefinitions"]["parameters"]
     assert params["num_nodes"]["defaultValue"] == 2 and params["tune"]["defaultValue"] is False
@@ -559,9 +583,14 @@ def test_compiled_pipeline_has_the_distributed_path():
 
 
 def test_compiled_pipeline_has_the_optional_katib_stage():
-    spec = _compiled_pipeline()
-    tune = "inputs.parameter_values['pipelinechannel--tune'] == true"
-    assert _conditions(spec, "tune") == {tune: ["comp-katib-tune"], f"!({tune})": ["comp-katib-defaults"]}
+    """One katib-tune task in every run, told by its `tune` input whether to sweep: no condition branch whose only
+    task a cache hit would leave unfinished (issue 22 #1: the katib-defaults branch and its dsl.OneOf)."""
+    for name in ("hpa_pipeline.yaml", "hpa_pipeline_multinode.yaml"):
+        spec = _compiled_pipeline(name)
+        assert _conditions(spec, "tune") == {}
+        assert [n for n in spec["components"] if "katib" in n] == ["comp-katib-tune"]
+        assert spec["root"]["dag"]["tasks"]["katib-tune"]["inputs"]["parameters"]["tune"] == \
+            {"componentInputParameter": "tune"}
 
 
 def test_train_distributed_component_refuses_an_empty_image(tmp_path):
@@ -584,30 +613,5 @@ def test_train_distributed_component_refuses_an_empty_image(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
-@pytest.mark.slow
-def test_pipeline_with_num_nodes_2_runs_the_distributed_path(tmp_path, monkeypatch):
-    """The whole pipeline under kfp.local with num_nodes=2: both models go through train-distributed,
-    whose TrainJobs are posted to the loopback stand-in API server (CRD-validated there) and run by its
-    `on_create` hook as the Trainer would (the TrainJob's own command, torchrun standalone on CPU);
-    compare, ensemble and submit then consume the distributed branch's outputs through dsl.OneOf."""
-    monkeypatch.syspath_prepend(str(ROOT))
-    monkeypatch.delenv("HPA_IMAGE", raising=False)
-    import pipeline
-
-    def run_trainjob(job):
-        trainer = job["spec"]["trainer"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-               *trainer["command"][1:], *trainer["args"], "--workers", "0", "--threads", "1", "--device", "cpu"]
-        subprocess.run(cmd, check=True, timeout=600, capture_output=True)
-
-    small = {"n_train": 120, "n_test": 40, "image_size": 32, "epochs": 1, "batch_size": 16, "folds": 3, "tta": 1,
-             "num_nodes": 2}
-    with FakeKubeAPI(polls=1, on_create=run_trainjob, lifetime=1200, max_requests=5000) as api:
-        monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "kubeconfig"))
-        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        result = pipeline.run_local(small, tmp_path / "run")
-        posted = [(p["kind"], p["spec"]["trainer"]["numNodes"], p["spec"]["trainer"]["args"]) for p in api.posted]
-    assert sorted(args[args.index("--arch") + 1] for _, _, args in posted) == ["resnet18", "se_resnet18"]
-    assert all(kind == "TrainJob" and nodes == 2 for kind, nodes, _ in posted)
-    rows = Path(result["submission"]).read_text().splitlines()
-    assert rows[0] == "Id,Predicted" and len(rows) == 1 + small["n_test"]
+# The whole multi-node pipeline with num_nodes=2 is journey J8: tests/test_journey_multinode.py (two nodes per
+# TrainJob, as Trainer's torch runtime starts them).

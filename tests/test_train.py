@@ -74,6 +74,7 @@ def check_katib_stdout(stdout: str, epochs: int) -> list[dict]:
     ("threshold", 1.5, "threshold: 1.5 must be in (0, 1)"),
     ("threshold", 0.0, "threshold: 0.0 must be in (0, 1)"),
     ("loss", "mse", "loss: 'mse', expected bce or focal"),
+    ("predict_tta", 3, "predict_tta: 3 must be one of 0, 1, 2, 4, 8 (0 = off)"),
 ])
 def test_bad_config_is_one_clear_line(field, value, message):
     cfg = TrainConfig(data="d", split="s.csv", out="o", **{field: value})
@@ -281,6 +282,40 @@ def test_packed_shards_source_global_threshold_and_early_stopping(tmp_path):
     assert preds["ids"].tolist() == df.loc[df["fold"] == "0", "Id"].tolist()
     assert torch.load(out / "best.pt", weights_only=True)["in_chans"] == 3
     assert pd.read_json(out / "thresholds.json", typ="series")["mode"] == "global"
+
+
+def test_predict_tta_after_training_from_packed_shards(tmp_path):
+    """--predict-tta (what a multi-node job runs, issue 22 #6): after training, rank 0 writes TTA predictions of
+    the validation fold and the test set from best.pt into --out, the images from the shards and the CSVs from
+    --predict-data; the same as `python -m hpa predict` gives. Without --predict-data, shards are refused before
+    any training (their CSVs are not there)."""
+    from hpa.pack import pack
+    from hpa.predict import predict
+    from hpa.synthetic import generate
+
+    generate(tmp_path / "data", 24, 4, size=32, seed=1)
+    df = pd.read_csv(tmp_path / "data" / "train.csv", dtype=str)
+    df["fold"] = np.arange(len(df)) % 4
+    df.to_csv(tmp_path / "split.csv", index=False)
+    committed, shards = str(tmp_path / "committed"), str(tmp_path / "shards")
+    commit_local_dataset(tmp_path / "data", committed)
+    for split in ("train", "test"):
+        pack(committed, shards, size=32, split=split, samples_per_shard=8)
+    options = dict(data=shards, split=str(tmp_path / "split.csv"), size=32, epochs=1, batch_size=6, workers=0,
+                   tensorboard=False, predict_tta=2)
+    with pytest.raises(ConfigError, match="^predict_data: required with --predict-tta when --data is packed shards"):
+        train(TrainConfig(out=str(tmp_path / "refused"), **options))
+    assert not (tmp_path / "refused" / "best.pt").exists()
+
+    out = tmp_path / "out"
+    train(TrainConfig(out=str(out), predict_data=committed, **options))
+    for ids, n in (("val", 6), ("test", 4)):
+        got = np.load(out / f"{ids}_predictions_tta.npz")
+        expected = predict(out / "best.pt", committed, ids, tmp_path / "split.csv", 0, tta=2, shards=shards,
+                           out=tmp_path / f"{ids}.npz", batch_size=6)
+        want = np.load(expected["out"])
+        assert len(got["ids"]) == n and got["ids"].tolist() == want["ids"].tolist()
+        np.testing.assert_allclose(got["probs"], want["probs"], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["shrunk", "prior"])

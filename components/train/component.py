@@ -5,7 +5,8 @@ The pipeline runs it once per item of its training plan (a `dsl.ParallelFor` ove
 with `dsl.Collected`. Each task's inputs `arch` and `fold` and its artifacts' metadata say what it
 trained. The images are streamed from the store (packed shards, or the PNGs; never copied in as an
 artifact); the checkpoint, the run directory (history, metrics, config) and the TTA predictions on the
-validation fold and on the test set come out as small artifacts. TensorBoard event files (per-step loss,
+validation fold and on the test set come out as small artifacts. With `gpus` > 1 the task trains with
+one DDP process per GPU (hpa.train.launch); with `store_uri` it checkpoints to the store and a retry resumes. TensorBoard event files (per-step loss,
 lr, images/s; per-epoch metrics and per-class F1) are in the run artifact's tensorboard/ and, with
 `tensorboard_uri`, reach the store during training. The GPU request, /dev/shm and the S3
 secret are set on the task in pipeline.py. `python components/train/component.py` rewrites component.yaml.
@@ -60,6 +61,8 @@ def train(
     s3_endpoint: str = "",
     tensorboard_uri: str = "",
     train_options: dict = {},
+    gpus: int = 1,
+    store_uri: str = "",
 ):
     """Train one model with one fold held out, keep the best epoch, predict that fold and the test set with TTA.
 
@@ -87,8 +90,10 @@ def train(
         seed: Random seed.
         weights: Start from imagenet (timm's pretrained weights; needs the model hub), a 3-channel state dict file or s3:// URI; empty = random init.
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
-        tensorboard_uri: The run's TensorBoard logs prefix (the tensorboard task's logs_uri): the event files also go to <tensorboard_uri>/<arch>-fold<fold>/ while training runs; empty = only in the run artifact (run/tensorboard/).
+        tensorboard_uri: The run's TensorBoard logs prefix (the tensorboard task's logs_uri): the event files also go to <tensorboard_uri>/<arch>-fold<fold>-<digest of this task's inputs>/ while training runs; empty = only in the run artifact (run/tensorboard/).
         train_options: Further options of python -m hpa train by name (check-params' train_options: the run parameters declared train_option=True in hpa.config), applied on top of the inputs above.
+        gpus: GPUs of this pod (the gpus run parameter, also the task's GPU limit): > 1 trains with one DDP process per GPU (python -m torch.distributed.run --standalone, this task's interpreter); 0 or 1 trains in this process. Without CUDA (a local run) > 1 starts that many gloo CPU processes.
+        store_uri: The run's store prefix ({namespace} resolved, check-params' store_uri): the training's outputs and last.pt live under <store_uri>/checkpoints/<key>/ (key: a digest of the options, data, split, fold, arch, lr and process count), so a retried task resumes from the last checkpoint and an identical finished training is reused; empty = in this pod only, no resume.
     """
     params = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool, dict, list))}
     from hpa import store, train_task

@@ -2,9 +2,9 @@
 
 Used by the multi-node pipeline (compiled/hpa_pipeline_multinode.yaml) instead of the single-pod training
 tasks. It copies the split into the store, creates a Kubeflow Trainer v2 TrainJob on the `torch-distributed` runtime
-(`kind=pytorchjob`: a Training Operator v1 PyTorchJob) running `torchrun -m hpa train`, waits for it,
-then fetches the run's outputs from the store and predicts val and test, so that its outputs are the
-same as `train`'s. The pipeline's service account needs create/get/delete on the job kind in
+(`kind=pytorchjob`: a Training Operator v1 PyTorchJob) running `python3 -m torch.distributed.run -m hpa train
+--predict-tta <tta>` (train, then predict val and test with TTA on the job's GPU), waits for it, then fetches
+the run's outputs and predictions from the store, so that its outputs are the same as `train`'s. The pipeline's service account needs create/get/delete on the job kind in
 `namespace` (and, for trainer_api=auto, get on customresourcedefinitions; without it the task tries the
 Trainer 2.1 field first). `python components/train_distributed/component.py` rewrites component.yaml.
 
@@ -76,7 +76,7 @@ def train_distributed(
     tensorboard_uri: str = "",
     train_options: dict = {},
 ):
-    """Train with DDP on num_nodes pods x gpus_per_node GPUs, then predict val and test.
+    """Train with DDP on num_nodes pods x gpus_per_node GPUs, then predict val and test in the job.
 
     Args:
         data_uri: URI of a committed dataset (the download task's data_uri).
@@ -93,7 +93,7 @@ def train_distributed(
         image: Image of the training pods, fixed when the pipeline is compiled (the CUDA image when they get GPUs, else the CPU image); required, an empty value is refused.
         shards_uri: Packed shards of the dataset (the pack task's shards_uri); when set, the job trains from them (each rank reads its own shards) and predictions read them too.
         num_nodes: Training pods (TrainJob numNodes; PyTorchJob 1 Master + num_nodes-1 Workers).
-        gpus_per_node: GPUs per pod; torchrun starts one process per GPU.
+        gpus_per_node: GPUs per pod; torch.distributed.run starts one process per GPU.
         kind: trainjob (Kubeflow Trainer v2) or pytorchjob (Training Operator v1).
         namespace: Namespace of the job; empty = the namespace this task runs in.
         accelerator_type: Kubernetes resource name of the accelerator.
@@ -108,12 +108,12 @@ def train_distributed(
         threshold_mode: fitted, global, shrunk or prior: the threshold policy whose out-of-sample val macro F1 picks the best epoch.
         threshold: The global threshold of global, and the value shrunk pulls rare classes toward.
         shrink_strength: k of shrunk (>= 0).
-        tta: Dihedral test-time augmentations for the predictions: 1, 2, 4 or 8.
+        tta: Dihedral test-time augmentations for the predictions, made by the job after training: 1, 2, 4 or 8.
         seed: Random seed.
         weights: Start from imagenet (timm's pretrained weights; needs the model hub), a 3-channel state dict file or s3:// URI; empty = random init.
         s3_endpoint: S3 endpoint host:port for this task and the training pods; empty = hpa.config.S3_DEFAULT_ENDPOINT (KFP's SeaweedFS).
         timeout_s: Seconds to wait for the job before failing.
-        tensorboard_uri: The run's TensorBoard logs prefix (the tensorboard task's logs_uri): when the job ends, its event files are copied to <tensorboard_uri>/<arch>-fold<fold>/; while it runs they are live under <store_uri>/runs/<job name>/out/tensorboard/ (this task logs the path).
+        tensorboard_uri: The run's TensorBoard logs prefix (the tensorboard task's logs_uri): when the job ends, its event files are copied to <tensorboard_uri>/<arch>-fold<fold>-<digest of this task's inputs>/; while it runs they are live under <store_uri>/runs/<job name>/out/tensorboard/ (this task logs the path).
         train_options: Further options of python -m hpa train by name (check-params' train_options: the run parameters declared train_option=True in hpa.config), applied on top of the inputs above.
     """
     params = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool, dict, list))}

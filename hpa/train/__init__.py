@@ -7,7 +7,8 @@ torchvision references/classification style, one module per concern:
 - loop: `train_one_epoch` and `evaluate` (explicit arguments, return what they compute), SIGTERM handling
 - checkpoint: what last.pt/best.pt hold, the run identity and what --resume accepts
 - outputs: the metric line, history.csv and the files under --out
-- run: one run from setup to metrics.json (`train`), and `main`
+- run: one run from setup to metrics.json (`train`; with --predict-tta, rank 0 then predicts val and test), `main`
+- launch: the in-pod launcher, `nproc` DDP processes of this interpreter (`train_processes`, `run_training`)
 DDP helpers are in hpa.ddp. The same entry point runs single-process, under `torchrun`, in a KFP component and
 as a Katib trial (what the pipeline's train task runs around it is hpa.train_task's).
 
@@ -17,7 +18,8 @@ Contracts kept here:
   --metric-timestamps (Katib trials use it); everything else goes to stderr.
 - Outputs under --out (local dir or s3://), written by rank 0 only, each atomically: last.pt, best.pt,
   history.csv, val_predictions.npz, thresholds.json, config.json, metrics.json, and TensorBoard event files
-  under tensorboard/ (or --tensorboard-dir; on by default, uploaded during training when it is s3://).
+  under tensorboard/ (or --tensorboard-dir; on by default, uploaded during training when it is s3://); with
+  --predict-tta N, val_predictions_tta.npz and test_predictions_tta.npz (TTA, from best.pt, after training).
 - `last.pt` is written each epoch and every --checkpoint-every-steps steps, with everything needed to
   continue mid-epoch exactly (model, optimizer, scheduler, scaler, loop counters, every rank's RNG
   states); `--resume` continues from it, only when the run identity it records (data, split, fold, arch and

@@ -120,6 +120,27 @@ def run_identity(cfg: TrainConfig, shards: str | None, split_bytes: bytes, world
             "steps_per_epoch": steps_per_epoch}
 
 
+# TrainConfig fields that say where a run reads and writes or how it uses the machine, not what it computes:
+# left out of `training_key`, so that a retried task on another node (other cores, another cache or staging
+# dir, a per-run TensorBoard URI) finds its checkpoints. data and split enter the key by content instead.
+KEY_EXCLUDED = ("data", "split", "out", "resume", "cache_dir", "work_dir", "workers", "threads", "tensorboard_dir",
+                "predict_tta", "predict_data")
+KEY_VERSION = "hpa-train-key/1"  # bump when what a key covers changes
+
+
+def training_key(cfg: TrainConfig, shards: str | None, split_bytes: bytes, world_size: int) -> str:
+    """The name of a training's checkpoint prefix in the store (`<store>/checkpoints/<key>/`):
+    "<arch>-fold<fold>-" and 20 hex digits of the sha256 of every TrainConfig field but KEY_EXCLUDED, the data's
+    identity (`data_identity`: a manifest's content, else the URI), the split CSV's sha256 and the number of
+    processes. The same training (a retry of a task with the same inputs) gets the same key and resumes from its
+    last.pt; any other training gets another. `cfg` must be validated (weights cleaned)."""
+    described = {k: v for k, v in sorted(asdict(cfg).items()) if k not in KEY_EXCLUDED}
+    described.update(version=KEY_VERSION, data=data_identity(cfg.data, shards),
+                     split="sha256:" + sha256_bytes(split_bytes), world_size=world_size)
+    digest = sha256_bytes(json.dumps(described, sort_keys=True, default=str).encode())[:20]
+    return f"{cfg.arch.replace('_', '-')}-fold{cfg.fold}-{digest}"
+
+
 def identity_mismatch(name: str, recorded: dict, current: dict, recorded_cfg: dict, cfg: TrainConfig) -> str | None:
     """None when `recorded` (a checkpoint's identity) is `current`'s, else the one-line refusal naming the
     checkpoint and every differing field with both values."""

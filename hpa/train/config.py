@@ -13,9 +13,11 @@ from hpa.evaluate import DEFAULT_SHRINK_STRENGTH, DEFAULT_THRESHOLD, THRESHOLD_M
 from hpa.inputs import CHANNELS, COLOR_MODES
 from hpa.models import MODEL_NAMES
 from hpa.options import check_choices, from_args, opt, parser_for, require
+from hpa.predict import TTA_CHOICES
 from hpa.weights import weights_source
 
 log = logging.getLogger("hpa.train")
+PREDICT_TTA = (0, *TTA_CHOICES)  # 0: no predictions after training
 
 
 @dataclass
@@ -80,6 +82,11 @@ class TrainConfig:
                                    "target gets them during training: every epoch, at most every minute within one, "
                                    "and at the end")
     tensorboard_every_steps: int = opt(10, "per-step TensorBoard scalars every N optimizer steps")
+    predict_tta: int = opt(0, "after training, rank 0 predicts the validation fold and the test set from best.pt "
+                              "with this many dihedral TTA transforms (1, 2, 4 or 8) into <out>/"
+                              "val_predictions_tta.npz and <out>/test_predictions_tta.npz; 0 = no predictions")
+    predict_data: str = opt("", "dataset root (Kaggle layout with its CSVs) that --predict-tta reads; default "
+                                "--data; required when --data is packed shards (the images then come from them)")
 
     def validate(self) -> "TrainConfig":
         """One clear ConfigError line for the first bad option."""
@@ -107,6 +114,8 @@ class TrainConfig:
         require(self.tensorboard_every_steps >= 1,
                 f"tensorboard_every_steps: {self.tensorboard_every_steps} must be >= 1")
         require(self.val_batch_size >= 0, f"val_batch_size: {self.val_batch_size} must be >= 0")
+        require(self.predict_tta in PREDICT_TTA,
+                f"predict_tta: {self.predict_tta} must be one of {', '.join(map(str, PREDICT_TTA))} (0 = off)")
         # What checkpoints and logs record: never an s3:// URI's credentials or query string.
         clean = weights_source(self.weights)
         if clean != str(self.weights or "").strip():

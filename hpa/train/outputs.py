@@ -19,6 +19,10 @@ from hpa.train.config import TrainConfig
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_macro_f1", "val_macro_f1_in_sample", "val_macro_f1_at_05",
                   "lr", "seconds")
 
+# --predict-tta's files under --out, by the ids they predict (hpa.predict --ids); val_predictions.npz is the best
+# epoch's validation pass without TTA.
+PREDICTION_FILES = {"val": "val_predictions_tta.npz", "test": "test_predictions_tta.npz"}
+
 
 def metric_line(epoch: int, train_loss: float, val_loss: float, val_macro_f1: float, timestamp: bool = False) -> str:
     """The epoch line in Katib's StdOut format; with `timestamp`, led by an RFC3339 UTC time, which Katib's

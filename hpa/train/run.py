@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import random
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +22,7 @@ from hpa.errors import ConfigError, DataError, HPAError, StoreError
 from hpa.evaluate import thresholds_json
 from hpa.labels import NUM_CLASSES
 from hpa.models import create_model
+from hpa.predict import predict
 from hpa.predictions import predictions_bytes
 from hpa.store import read_bytes
 from hpa.train.checkpoint import (LoopState, inference_checkpoint, load_resumable, restore, run_identity,
@@ -29,7 +31,7 @@ from hpa.train.config import TrainConfig, config_from_args, get_args_parser
 from hpa.train.data import DataSource, read_split
 from hpa.train.loop import EXIT_PREEMPTED, Forward, Preempted, StopFlag, evaluate, train_one_epoch
 from hpa.train.optim import MultiLabelLoss, make_optimizer, make_scheduler, sqrt_pos_weight
-from hpa.train.outputs import Outputs, history_csv, metric_line
+from hpa.train.outputs import PREDICTION_FILES, Outputs, history_csv, metric_line
 
 log = logging.getLogger("hpa.train")
 
@@ -67,6 +69,9 @@ class Trainer:
         # Fixed parts of the validation fold for out-of-sample scores (hpa.crossfit), the same every epoch.
         self.val_groups = crossfit_groups(self.fold.val_ids, self.fold.val_targets)
         self.data = DataSource(cfg, self.fold, self.dist)
+        if cfg.predict_tta and self.data.shards and not cfg.predict_data:  # refused before training, not after
+            raise ConfigError(f"predict_data: required with --predict-tta when --data is packed shards ({cfg.data}): "
+                              "expected the dataset root whose CSVs (sample_submission.csv) the predictions read")
         self.identity = run_identity(cfg, self.data.shards, split_bytes, self.dist.world_size,
                                      self.data.steps_per_epoch)
         self.model = create_model(cfg.arch, cfg.in_chans, NUM_CLASSES, weights=cfg.weights, drop_rate=cfg.drop_rate)
@@ -218,7 +223,8 @@ class Trainer:
     def write_best(self, val: dict) -> None:
         self.save("best.pt", inference_checkpoint(self.checkpoint(), val["thresholds"]))
         self.out.write("val_predictions.npz", predictions_bytes(np.array(self.fold.val_ids), val["probs"],
-                                                                self.fold.val_targets, model=self.cfg.arch))
+                                                                self.fold.val_targets, model=self.cfg.arch,
+                                                                tta=1))  # made without TTA
         self.out.write("thresholds.json", json.dumps(thresholds_json(val["thresholds"], self.cfg.threshold_mode),
                                                      indent=2).encode())
 
@@ -244,12 +250,35 @@ def train(cfg: TrainConfig) -> dict:
         log.info("%s on %s, world size %d, %d train / %d val images, %d steps per epoch, data: %s",
                  cfg.arch, trainer.device, trainer.dist.world_size, len(trainer.fold.train_ids),
                  len(trainer.fold.val_ids), trainer.data.steps_per_epoch, "shards" if trainer.data.shards else "png")
-        return trainer.run()
+        metrics = trainer.run()
     finally:
         trainer.stop.restore()
         if cfg.deterministic:  # do not leak the global switch into an in-process caller
             torch.use_deterministic_algorithms(False)
         ddp.cleanup()
+    if cfg.predict_tta and trainer.dist.is_main:
+        predict_best(cfg, trainer.out, trainer.data.shards, trainer.device)
+    return metrics
+
+
+def predict_best(cfg: TrainConfig, out: Outputs, shards: str | None, device: torch.device) -> None:
+    """--predict-tta: TTA predictions of the validation fold and the test set from best.pt, written to --out
+    (PREDICTION_FILES), so that a multi-node job delivers them and its launcher only fetches two small files.
+    Rank 0 alone, after the process group is gone: the other ranks have nothing left to do and exit; their
+    torchrun agents wait for this node in the exit barrier (torch/distributed/elastic/agent/server/api.py
+    `_exit_barrier`, whose timeout is logged, not raised), and the job completes when this pod does."""
+    best = out.fetch("best.pt")
+    if best is None:
+        raise DataError(f"predict_tta: no best.pt under {cfg.out} to predict with")
+    data = cfg.predict_data or cfg.data
+    with tempfile.TemporaryDirectory(prefix="hpa-predict-") as tmp:
+        for ids, name in PREDICTION_FILES.items():
+            local = Path(tmp) / name
+            predict(best, data, ids, cfg.split, cfg.fold, tta=cfg.predict_tta, out=local, batch_size=cfg.batch_size,
+                    device=str(device), workers=cfg.workers, cache_dir=cfg.cache_dir, shards=shards)
+            out.write(name, local.read_bytes())
+    log.info("predictions with tta=%d written: %s", cfg.predict_tta,
+             ", ".join(f"{cfg.out.rstrip('/')}/{name}" for name in PREDICTION_FILES.values()))
 
 
 def main(argv: list[str] | None = None) -> int:
