@@ -1,45 +1,53 @@
-"""Live training curves: TensorBoard event files while training, and the Kubeflow Tensorboard that shows them.
+"""Live training curves on Kubeflow: the logs prefix of a pipeline's training tasks, the Tensorboard that shows
+it, and the PodDefault that gives the Tensorboard's server the object store's keys.
 
-    python -m hpa tensorboard --logs s3://mlpipeline/private/team-a/hpa-kfp/tensorboard/RUN \
-        --name hpa-run1 --namespace team-a
+    python -m hpa tensorboard --logs s3://mlpipeline/private/team-a/hpa-kfp/tensorboard --namespace team-a
     python -m hpa tensorboard --logs s3://... --name hpa-run1 --namespace team-a --dry-run   # print the manifest
     python -m hpa tensorboard --poddefault --namespace team-a                                  # the S3-keys PodDefault
 
-Training side: `EventLog` (rank 0 of `python -m hpa train`) writes scalars with torch's SummaryWriter into a
-local directory and, when the logs live in an object store, uploads each event file with the store's put
-(a whole-object PUT: a reader never sees a torn file) at every epoch end, at most every `publish_seconds`
-during an epoch, and at the end, so the curves reach the store while training runs.
+The event files themselves (EventLog, where a training task writes them) are hpa.tensorboard_events; the names
+are re-exported here.
 
-Cluster side: a `Tensorboard` (tensorboard.kubeflow.org/v1alpha1, Kubeflow's Tensorboards web app and
-tensorboard-controller) whose `spec.logspath` is a run's s3:// logs prefix, validated against the vendored
-CRD (hpa/schemas/tensorboard/, kubeflow/kubeflow v1.10.0) and created through the API server.
+Logs prefix: `<store_uri>/tensorboard` (store_logs_uri), the same in every run, so the training tasks that get it
+stay KFP cache hits (a task's cache key holds its parameter values: kubeflow/pipelines 2.16.0 and 2.17.0
+backend/src/v2/cacheutils/cache.go, GenerateCacheKey); each training writes its own `<arch>-fold<k>-<digest>`
+under it. The tensorboard task is not cached; the run id is in nothing it makes.
+
+One Tensorboard per logs prefix (default_name): its `spec.logspath` is the whole prefix, because the controller
+runs `tensorboard --logdir=<logspath>`, one folder (generateDeployment below), and which digests a run's
+trainings get is known only when they start (Katib's learning rates, the split). So it shows every training
+this store holds, named `<arch>-fold<k>-<digest>` (a task's run artifact records its folder), a cache hit's
+curves included, live while a training runs; it is created once and kept by later runs.
 
 What the controller does with an s3:// logspath (kubeflow/kubeflow v1.10.0 components/tensorboard-controller/
 controllers/tensorboard_controller.go, generateDeployment): it mounts a PVC for a path that is not a cloud path
 (isCloudPath: gs://, s3://, /cns/), the secret `user-gcp-sa` for gs://, and for s3:// nothing at all: no
 volume, no env. It copies every label of the Tensorboard onto the server pod ("copy all of the CR labels to
-the pod which includes poddefault related labels"), so the S3 keys come from a PodDefault (Kubeflow's
-admission webhook) that selects one of those labels: `render_poddefault` makes one that takes them from the
-namespace's `mlpipeline-minio-artifact` secret, and `render_tensorboard` puts its label on the Tensorboard.
-The server is `/usr/local/bin/tensorboard --logdir=<logspath> --bind_all` in TENSORBOARD_IMAGE
-(tensorflow/tensorflow:2.5.1 in config/base/kustomization.yaml, and in kubeflow/manifests v1.11.0
-applications/tensorboard/tensorboard-controller/upstream/base/kustomization.yaml); TensorFlow's built-in S3
-file system reads S3_ENDPOINT, AWS_REGION, S3_USE_HTTPS and S3_VERIFY_SSL (tensorflow/tensorflow
-tensorflow/core/platform/s3/s3_file_system.cc, GetDefaultClientConfig; read at an older commit of that file)
-and the AWS SDK's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the list users confirm in kubeflow/kubeflow#3578;
-the controller mounting no S3 keys is awslabs/kubeflow-manifests#118 and kubeflow/notebooks#733).
-The web app (crud-web-apps/tensorboards/backend/app/utils.py, get_tensorboard_dict) builds the same object:
-name, namespace, one label "<PodDefault label>": "true" per chosen configuration, spec.logspath. The server is
-served at /tensorboard/<namespace>/<name>/ (generateVirtualService).
+the pod which includes poddefault related labels"), so the S3 keys come from a PodDefault that selects one of
+those labels: Kubeflow's admission webhook adds a matching PodDefault's env when a pod is created, not later
+(kubeflow/kubeflow v1.10.0 components/admission-webhook/main.go, filterPodDefaults), so the PodDefault is made
+before the Tensorboard. `render_poddefault` takes the keys from the namespace's `mlpipeline-minio-artifact`
+secret (secretKeyRef) and `render_tensorboard` puts its label on the Tensorboard. The server is
+`/usr/local/bin/tensorboard --logdir=<logspath> --bind_all` in TENSORBOARD_IMAGE (tensorflow/tensorflow:2.5.1
+in kubeflow/manifests v1.11.0 applications/tensorboard/tensorboard-controller/upstream/base/kustomization.yaml);
+TensorFlow's built-in S3 file system reads S3_ENDPOINT, AWS_REGION, S3_USE_HTTPS and S3_VERIFY_SSL
+(tensorflow/tensorflow tensorflow/core/platform/s3/s3_file_system.cc, GetDefaultClientConfig) and the AWS SDK's
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (kubeflow/kubeflow#3578; the controller mounting no S3 keys is
+awslabs/kubeflow-manifests#118 and kubeflow/notebooks#733). The web app (crud-web-apps/tensorboards/backend/app/
+utils.py, get_tensorboard_dict) builds the same object. It is served at /tensorboard/<namespace>/<name>/.
 
-Permissions (kubeflow/manifests v1.11.0): `kubeflow-tensorboard-ui-edit` (applications/tensorboard/
-tensorboards-web-app/upstream/base/cluster-role.yaml, aggregated into kubeflow-edit) grants get/list/create/
-delete on tensorboards; a profile's `default-editor` service account is bound to kubeflow-edit (kubeflow/kubeflow
-v1.10.0 components/profile-controller/controllers/profile_controller.go) and multi-user KFP runs pipelines as
-default-editor (applications/pipeline/upstream/base/installs/multi-user/api-service/params.env,
-DEFAULTPIPELINERUNNERSERVICEACCOUNT). PodDefaults are different: kubeflow-edit and kubeflow-admin only
-aggregate `kubeflow-poddefaults-view` (get/list/watch; applications/admission-webhook/upstream/base/
-cluster-role.yaml), so a cluster admin applies the PodDefault once per profile namespace.
+Permissions (kubeflow/manifests v1.11.0; the same files under apps/ in v1.10.0): multi-user KFP runs pipelines as
+the profile's `default-editor` (applications/pipeline/upstream/base/installs/multi-user/api-service/params.env,
+DEFAULTPIPELINERUNNERSERVICEACCOUNT), which the profile controller binds to `kubeflow-edit` (kubeflow/kubeflow
+v1.10.0 components/profile-controller/controllers/profile_controller.go). kubeflow-edit aggregates every
+ClusterRole labelled aggregate-to-kubeflow-edit (common/kubeflow-roles/base/cluster-roles.yaml), among them
+`kubeflow-tensorboard-ui-edit` (get/list/create/delete tensorboards: applications/tensorboard/
+tensorboards-web-app/upstream/base/cluster-role.yaml) and `kubeflow-notebook-ui-edit` (get/list/create/delete
+poddefaults: applications/jupyter/jupyter-web-app/upstream/base/cluster-role.yaml), so a run may create the
+PodDefault itself; the admission webhook's own `kubeflow-poddefaults-edit` grants only get/list/watch
+(applications/admission-webhook/upstream/base/cluster-role.yaml). No role grants update or patch on poddefaults,
+so a PodDefault with another spec is replaced by delete and create. Where the Jupyter web app is not installed
+the API refuses (403): one warning line names the admin's command.
 """
 
 from __future__ import annotations
@@ -50,11 +58,10 @@ import json
 import logging
 import re
 import sys
-import time
-from pathlib import Path
 
 from hpa import config, k8s, k8s_manifests
-from hpa.errors import ConfigError, StoreError
+from hpa.errors import ConfigError
+from hpa.tensorboard_events import EventLog, copy_event_files, run_logs_uri, training_digest  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -62,130 +69,29 @@ API_VERSION = "tensorboard.kubeflow.org/v1alpha1"
 KIND = "Tensorboard"
 PLURAL = "tensorboards"
 TENSORBOARD_CRD = "tensorboard/tensorboard.kubeflow.org_tensorboards.yaml"
+PODDEFAULT_API = "kubeflow.org/v1alpha1"
+PODDEFAULT_PLURAL = "poddefaults"
 PODDEFAULT_CRD = "tensorboard/kubeflow.org_poddefaults.yaml"
 PODDEFAULT_NAME = "hpa-kfp-tensorboard-s3"
 # The label that a Tensorboard carries and the PodDefault selects (the web app lists the PodDefault under
 # "Configurations" by it and sets it to "true" when ticked).
 S3_LABEL = "hpa-kfp-tensorboard-s3"
 S3_REGION = "us-east-1"  # SeaweedFS ignores the region; TensorFlow's client needs one
-LOGS_DIR = "tensorboard"  # under a run's --out, and under the store prefix of a pipeline run
+LOGS_DIR = "tensorboard"  # under a run's --out, and under the store prefix of a pipeline
 
 
-# ---------------------------------------------------------------- event files (training, rank 0)
-
-class EventLog:
-    """Scalars of one training run as TensorBoard event files, written by rank 0.
-
-    Every `every_steps` optimizer steps: train/loss (mean batch loss of this rank since the last write),
-    train/lr, train/images_per_second (this rank's images x world size over the wall time since the last
-    write; DDP steps run in lock-step). Every epoch, at the global step that ends it: epoch/<history.csv
-    column> (val_macro_f1 is the out-of-sample score of the metric line), and val_f1_per_class/<class name>,
-    the same out-of-sample predictions per class (their mean is val_macro_f1).
-
-    `purge_step` (a resumed run: the checkpoint's step + 1) makes TensorBoard hide what the interrupted run
-    logged after its checkpoint, which the resumed run logs again (SummaryWriter's SessionLog START).
-    """
-
-    def __init__(self, local_dir: str | Path, publish_to: str | None = None, every_steps: int = 10,
-                 world_size: int = 1, purge_step: int | None = None, publish_seconds: float = 60.0):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.dir = Path(local_dir)
-        self.writer = SummaryWriter(str(self.dir), purge_step=purge_step)
-        self.publish_to = publish_to
-        self.every_steps, self.world_size, self.publish_seconds = every_steps, world_size, publish_seconds
-        self.published: dict[str, int] = {}  # event file name -> size uploaded
-        self.last_publish = time.monotonic()
-        self.upload_failures = 0
-        self.start_window()
-
-    def start_window(self) -> None:
-        """Start a throughput window (the training loop calls it when an epoch starts, so evaluation and
-        checkpoint time between epochs do not count)."""
-        self._loss, self._images, self._t0 = 0.0, 0, time.perf_counter()
-
-    def train_step(self, step: int, loss, images: int, lr: float) -> None:
-        """After optimizer step `step` (1-based): `loss` is the batch's mean loss (a tensor; it is read, which
-        waits for the device, only every `every_steps` steps)."""
-        self._loss = self._loss + loss.detach().double() * images
-        self._images += images
-        if step % self.every_steps:
-            return
-        seconds = max(time.perf_counter() - self._t0, 1e-9)
-        self.writer.add_scalar("train/loss", float(self._loss) / self._images, step)
-        self.writer.add_scalar("train/lr", lr, step)
-        self.writer.add_scalar("train/images_per_second", self._images * self.world_size / seconds, step)
-        self.start_window()
-        if self.publish_to and time.monotonic() - self.last_publish >= self.publish_seconds:
-            self.publish()
-
-    def epoch_end(self, step: int, row: dict, f1_per_class) -> None:
-        """One history row (hpa.train.HISTORY_FIELDS) and the per-class out-of-sample F1, then publish."""
-        from hpa.labels import CLASS_NAMES
-
-        for key, value in row.items():
-            self.writer.add_scalar(f"epoch/{key}", value, step)
-        for name, value in zip(CLASS_NAMES, f1_per_class):
-            self.writer.add_scalar(f"val_f1_per_class/{name}", float(value), step)
-        self.publish()
-
-    def publish(self) -> None:
-        """Flush, then upload every event file that grew since its last upload. A failed upload is logged
-        and retried at the next publish: the copy for the viewer must not end a training run."""
-        self.writer.flush()
-        self.last_publish = time.monotonic()
-        if not self.publish_to:
-            return
-        from hpa.store import open_store
-
-        store = open_store(self.publish_to)
-        for path in sorted(self.dir.glob("events.out.tfevents.*")):
-            size = path.stat().st_size
-            if self.published.get(path.name) == size:
-                continue
-            try:
-                store.put_file(path.name, path)
-            except StoreError as exc:
-                self.upload_failures += 1
-                log.warning("tensorboard: uploading %s to %s failed (%s); retrying at the next epoch",
-                            path.name, self.publish_to, exc)
-                continue
-            self.published[path.name] = size
-
-    def close(self) -> None:
-        self.writer.close()
-        self.publish()
+def store_logs_uri(store_uri: str) -> str:
+    """The logs prefix of a pipeline's training tasks: <store_uri>/tensorboard, with no run id in it."""
+    if not isinstance(store_uri, str) or not store_uri.strip().rstrip("/"):
+        raise ConfigError(f"tensorboard store_uri {store_uri!r}: expected the run's store prefix (check-params' "
+                          "store_uri)")
+    return f"{store_uri.strip().rstrip('/')}/{LOGS_DIR}"
 
 
-def run_logs_uri(logs_uri: str, arch: str, fold: int) -> str:
-    """Where one training task of a pipeline run writes: a subfolder per model and fold, which TensorBoard
-    shows as one run each (it treats every folder with event files under --logdir as a run)."""
-    return f"{logs_uri.rstrip('/')}/{arch}-fold{int(fold)}"
-
-
-def copy_event_files(src_uri: str, dst_uri: str) -> int:
-    """Copy the event files under `src_uri` (a run's <out>/tensorboard, local or s3://) to `dst_uri`; returns
-    how many. For a training job that cannot be told where else to write (the multi-node job's pods)."""
-    import tempfile
-
-    from hpa.store import open_store
-
-    src, dst = open_store(src_uri), open_store(dst_uri)
-    keys = [k for k in src.list() if k.rsplit("/", 1)[-1].startswith("events.out.tfevents.")]
-    with tempfile.TemporaryDirectory(prefix="hpa-tb-") as tmp:
-        for i, key in enumerate(keys):
-            local = Path(tmp) / str(i)
-            src.get_file(key, local)
-            dst.put_file(key, local)
-    return len(keys)
-
-
-def pipeline_logs_uri(store_uri: str, run_id: str) -> str:
-    """The logs prefix of one pipeline run: <store_uri>/tensorboard/<run id>."""
-    run = re.sub(r"[^A-Za-z0-9._-]+", "-", run_id.strip()).strip("-.")
-    if not run:
-        raise ConfigError(f"tensorboard run_id {run_id!r}: expected the pipeline run's id")
-    return f"{store_uri.rstrip('/')}/{LOGS_DIR}/{run}"
+def default_name(logs_uri: str) -> str:
+    """The Tensorboard of a logs prefix: hpa-kfp-<8 hex of its sha256>, one per prefix (two stores in one
+    namespace get two), the same in every run."""
+    return f"hpa-kfp-{hashlib.sha256(logs_uri.strip().rstrip('/').encode()).hexdigest()[:8]}"
 
 
 # ---------------------------------------------------------------- the Kubeflow Tensorboard resource
@@ -229,12 +135,16 @@ def render_tensorboard(name: str, namespace: str, logs_uri: str, s3_label: bool 
 
 def render_poddefault(namespace: str, s3_endpoint: str = config.S3_DEFAULT_ENDPOINT) -> dict:
     """A PodDefault giving pods labelled S3_LABEL the keys of the namespace's KFP object-store secret (never a
-    value: secretKeyRef) in the variables TensorFlow's S3 file system reads. Plain HTTP inside the cluster."""
-    endpoint = re.sub(r"^https?://", "", s3_endpoint.strip()).rstrip("/")
-    secure = s3_endpoint.strip().startswith("https://")
+    value: secretKeyRef) in the variables TensorFlow's S3 file system reads, and `s3_endpoint` (empty: KFP's
+    SeaweedFS), plain HTTP inside the cluster unless it starts with https://."""
+    s3_endpoint = (s3_endpoint or "").strip() or config.S3_DEFAULT_ENDPOINT
+    endpoint = re.sub(r"^https?://", "", s3_endpoint).rstrip("/")
+    if not re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?", endpoint):
+        raise ConfigError(f"tensorboard s3_endpoint {s3_endpoint!r}: expected host:port, optionally after https://")
+    secure = s3_endpoint.startswith("https://")
     keys = {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
     obj = {
-        "apiVersion": "kubeflow.org/v1alpha1", "kind": "PodDefault",
+        "apiVersion": PODDEFAULT_API, "kind": "PodDefault",
         "metadata": {"name": PODDEFAULT_NAME, "namespace": namespace},
         "spec": {
             "desc": "S3 keys for TensorBoard (hpa-kfp): the KFP object store secret",
@@ -261,74 +171,163 @@ def ui_path(namespace: str, name: str) -> str:
     return f"/tensorboard/{namespace}/{name}/"
 
 
-def create(obj: dict, api_client=None) -> dict:
-    """Create the Tensorboard (not owned by anything: it is for looking at the run after it ends too). An
-    existing one with the same logspath is kept (a retried task); one with another logspath is an error."""
+def _api_message(exc) -> str:
+    """The API server's one-line reason in a kubernetes ApiException (its Status body's message)."""
+    try:
+        return json.loads(exc.body).get("message") or exc.reason
+    except (TypeError, ValueError, AttributeError):
+        return exc.reason
+
+
+def _read(api, obj: dict, plural: str) -> dict | None:
+    """GET the object named like `obj`; None when there is none (404)."""
+    from kubernetes.client.exceptions import ApiException
+
+    group, version = obj["apiVersion"].split("/")
+    meta = obj["metadata"]
+    try:
+        return api.get_namespaced_custom_object(group, version, meta["namespace"], plural, meta["name"],
+                                                _request_timeout=k8s.REQUEST_TIMEOUT)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise k8s.ClusterError(f"cannot read {obj['kind']} {meta['namespace']}/{meta['name']}: HTTP {exc.status} "
+                               f"{_api_message(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - reported as one line
+        raise k8s.ClusterError(f"cannot read {obj['kind']} {meta['namespace']}/{meta['name']}: "
+                               f"{exc.__class__.__name__}") from None
+
+
+def create(obj: dict, api_client=None) -> tuple[dict, bool]:
+    """Create the Tensorboard (not owned by anything: it is for looking at the curves after a run too); returns
+    (the object, whether this call created it). An existing one with the same logspath is kept (a later run, a
+    retried task); one with another logspath is an error."""
     validate(obj)
     meta = obj["metadata"]
     api = k8s.custom_objects_api(api_client)
     try:
-        return k8s.create_object(api, obj, PLURAL, meta["namespace"])
+        return k8s.create_object(api, obj, PLURAL, meta["namespace"]), True
     except k8s.Rejected as exc:
         if exc.status != 409:
             raise
-    group, version = API_VERSION.split("/")
-    try:
-        existing = api.get_namespaced_custom_object(group, version, meta["namespace"], PLURAL, meta["name"],
-                                                    _request_timeout=k8s.REQUEST_TIMEOUT)
-    except Exception as exc:  # noqa: BLE001 - reported as one line
-        raise k8s.ClusterError(f"Tensorboard {meta['namespace']}/{meta['name']} exists but cannot be read: "
-                               f"{exc.__class__.__name__}") from None
+    existing = _read(api, obj, PLURAL) or {}
     if (existing.get("spec") or {}).get("logspath") != obj["spec"]["logspath"]:
         raise k8s.ClusterError(f"Tensorboard {meta['namespace']}/{meta['name']} already exists with logspath "
                                f"{(existing.get('spec') or {}).get('logspath')!r}, not {obj['spec']['logspath']!r}: "
                                "choose another name")
     log.info("Tensorboard %s/%s already exists with this logspath; kept", meta["namespace"], meta["name"])
-    return existing
+    return existing, False
 
 
-def create_for_run(logs_uri: str, name: str = "", namespace: str = "", api_client=None,
+def apply_poddefault(namespace: str, s3_endpoint: str = "", api_client=None) -> str:
+    """Make the PodDefault of render_poddefault exist in `namespace`, idempotently: "kept" (there with this
+    spec), "created", or "replaced" (there with another spec: deleted and created again, as no Kubeflow role
+    grants update or patch on poddefaults). A refusal of the API raises k8s.ClusterError (one line)."""
+    from kubernetes.client.exceptions import ApiException
+
+    obj = render_poddefault(namespace, s3_endpoint)
+    api = k8s.custom_objects_api(api_client)
+    existing = _read(api, obj, PODDEFAULT_PLURAL)
+    if existing is not None and existing.get("spec") == obj["spec"]:
+        return "kept"
+    if existing is not None:
+        group, version = PODDEFAULT_API.split("/")
+        try:
+            api.delete_namespaced_custom_object(group, version, namespace, PODDEFAULT_PLURAL, PODDEFAULT_NAME,
+                                                propagation_policy="Background", _request_timeout=k8s.REQUEST_TIMEOUT)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise k8s.ClusterError(f"cannot replace PodDefault {namespace}/{PODDEFAULT_NAME} (another spec): "
+                                       f"HTTP {exc.status} {_api_message(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - a dead connection, reported as one line
+            raise k8s.ClusterError(f"cannot replace PodDefault {namespace}/{PODDEFAULT_NAME}: "
+                                   f"{exc.__class__.__name__} talking to the API server") from None
+    try:
+        k8s.create_object(api, obj, PODDEFAULT_PLURAL, namespace)
+    except k8s.Rejected as exc:
+        if exc.status != 409:  # 409: made at this moment by a run beside this one
+            raise
+    return "created" if existing is None else "replaced"
+
+
+def admin_command(namespace: str, s3_endpoint: str = "") -> str:
+    """The command that applies the PodDefault with a cluster admin's rights."""
+    endpoint = (s3_endpoint or "").strip()
+    option = f" --s3-endpoint {endpoint}" if endpoint and endpoint != config.S3_DEFAULT_ENDPOINT else ""
+    return f"python -m hpa tensorboard --poddefault --namespace {namespace}{option} | kubectl apply -f -"
+
+
+def one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def create_with_keys(obj: dict, s3_endpoint: str = "", api_client=None, required: bool = False) -> dict:
+    """The PodDefault (apply_poddefault), then the Tensorboard `obj` (create): in this order, since the webhook
+    adds a PodDefault's env only to pods created after it. A refused PodDefault is one warning line naming the
+    admin's command (with `required`, an error). Returns {"created": bool, "poddefault": kept | created |
+    replaced | missing}; a refused Tensorboard raises k8s.ClusterError."""
+    meta = obj["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    keys = "missing"
+    if S3_LABEL in (meta.get("labels") or {}):
+        try:
+            keys = apply_poddefault(namespace, s3_endpoint, api_client)
+        except k8s.ClusterError as exc:
+            if required:
+                raise
+            log.warning("tensorboard: %s; the Tensorboard shows no data until an admin runs `%s`", one_line(exc),
+                        admin_command(namespace, s3_endpoint))
+    _, created = create(obj, api_client)
+    if not created and keys in ("created", "replaced"):
+        log.warning("tensorboard: Tensorboard %s/%s was there before PodDefault %s: its server has no S3 keys until "
+                    "it restarts (`kubectl rollout restart deployment/%s -n %s`, or delete it in the TensorBoards "
+                    "app and run again)", namespace, name, PODDEFAULT_NAME, name, namespace)
+    return {"created": created, "poddefault": keys}
+
+
+def create_for_run(logs_uri: str, name: str = "", namespace: str = "", s3_endpoint: str = "", api_client=None,
                    required: bool = False) -> dict:
-    """The pipeline's step: a Tensorboard named `name` (default: from the logs prefix) for `logs_uri` in
-    `namespace` (default: this pod's). Outside a cluster pod (kfp.local, a laptop with a kubeconfig) nothing
-    is created, so a local run never touches a real cluster. Unless `required`, a refusal by the cluster (no
-    Tensorboard CRD, no permission) is logged and the run goes on: the event files are in the store anyway.
-    Returns {logs_uri, name, namespace, path, created}."""
+    """The pipeline's step: the PodDefault and a Tensorboard named `name` (default: default_name) for
+    `logs_uri` in `namespace` (default: this pod's), create_with_keys. Outside a cluster pod (kfp.local, a laptop
+    with a kubeconfig) nothing is created, so a local run never touches a real cluster. Unless `required`, a
+    refusal by the cluster (no Tensorboard CRD, no permission) is one warning line and the run goes on: the
+    event files are in the store anyway. Returns {logs_uri, name, namespace, path, created, poddefault}."""
     logs_uri = logs_uri.rstrip("/")
-    name = check_name(name) if name else resource_name(f"hpa-{logs_uri.rsplit('/', 1)[-1]}")
-    result = {"logs_uri": logs_uri, "name": name, "namespace": namespace, "path": "", "created": False}
+    name = check_name(name) if name else default_name(logs_uri)
+    result = {"logs_uri": logs_uri, "name": name, "namespace": namespace, "path": "", "created": False,
+              "poddefault": ""}
     if not logs_uri.startswith("s3://"):
         log.info("tensorboard: logs at %s (not s3://): no Tensorboard resource; view them with "
                  "`tensorboard --logdir %s`", logs_uri, logs_uri)
         return result
-    in_pod = k8s.pod_namespace() is not None
-    if api_client is None and not in_pod:
+    if api_client is None and k8s.pod_namespace() is None:
         log.info("tensorboard: not in a cluster pod, no Tensorboard created; `python -m hpa tensorboard --logs %s "
-                 "--name %s --namespace NS` creates one", logs_uri, name)
+                 "--namespace NS` creates one", logs_uri)
         return result
     namespace = namespace or k8s.current_namespace()
-    obj = render_tensorboard(name, namespace, logs_uri)
+    result["namespace"] = namespace
     try:
-        create(obj, api_client)
+        made = create_with_keys(render_tensorboard(name, namespace, logs_uri), s3_endpoint, api_client, required)
     except k8s.ClusterError as exc:
         if required:
             raise
-        log.warning("tensorboard: %s; training is not affected, its event files are under %s", exc, logs_uri)
-        return {**result, "namespace": namespace}
-    log.info("Tensorboard %s/%s for %s: Central Dashboard > TensorBoards, or %s (its pod needs the PodDefault %s, "
-             "see docs/cluster.md)", namespace, name, logs_uri, ui_path(namespace, name), PODDEFAULT_NAME)
-    return {**result, "namespace": namespace, "path": ui_path(namespace, name), "created": True}
+        log.warning("tensorboard: %s; training is not affected, its event files are under %s", one_line(exc),
+                    logs_uri)
+        return result
+    log.info("Tensorboard %s/%s for %s: Central Dashboard > TensorBoards, or %s", namespace, name, logs_uri,
+             ui_path(namespace, name))
+    return {**result, **made, "path": ui_path(namespace, name)}
 
 
-def tensorboard_task(store_uri: str, run_id: str, name: str = "", namespace: str = "", required: bool = False,
-                     enabled: bool = True) -> tuple[str, str]:
-    """The tensorboard pipeline task: the run's logs prefix (pipeline_logs_uri) and a Tensorboard for it named
-    `name` or hpa-<run_id> (create_for_run). Returns (logs_uri, the Tensorboard's UI path: "" when none was
-    created); not `enabled`: nothing is created and both are empty."""
+def tensorboard_task(store_uri: str, name: str = "", namespace: str = "", s3_endpoint: str = "",
+                     required: bool = False, enabled: bool = True) -> tuple[str, str]:
+    """The tensorboard pipeline task: the logs prefix of the training tasks (store_logs_uri: the same in every
+    run) and the Tensorboard with its PodDefault for it (create_for_run). Returns (logs_uri, the Tensorboard's UI
+    path: "" when none was made); not `enabled`: nothing is made and both are empty."""
     if not enabled:
         return "", ""
-    result = create_for_run(pipeline_logs_uri(store_uri, run_id), name=name or resource_name(f"hpa-{run_id}"),
-                            namespace=namespace, required=required)
+    result = create_for_run(store_logs_uri(store_uri), name=name, namespace=namespace, s3_endpoint=s3_endpoint,
+                            required=required)
     return result["logs_uri"], result["path"]
 
 
@@ -336,16 +335,16 @@ def tensorboard_task(store_uri: str, run_id: str, name: str = "", namespace: str
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hpa tensorboard",
-                                description="Create (or print) a Kubeflow Tensorboard for a run's s3:// logs, or "
-                                            "print the PodDefault that gives it the S3 keys")
+                                description="Create (or print) a Kubeflow Tensorboard for s3:// event files with the "
+                                            "PodDefault that gives it the S3 keys, or print that PodDefault")
     p.add_argument("--logs", default="", help="s3:// prefix of the event files (a run's <out>/tensorboard, or a "
-                                              "pipeline run's <store_uri>/tensorboard/<run id>)")
-    p.add_argument("--name", default="", help="Tensorboard name (default: from --logs)")
+                                              "pipeline's <store_uri>/tensorboard)")
+    p.add_argument("--name", default="", help="Tensorboard name (default: hpa-kfp-<hash of --logs>, the pipeline's)")
     p.add_argument("--namespace", default="", help="default: this pod's namespace, else kubeflow")
     p.add_argument("--no-s3-label", action="store_true", help=f"leave out the label {S3_LABEL} (no PodDefault keys)")
     p.add_argument("--dry-run", action="store_true", help="print the manifest (YAML), create nothing")
-    p.add_argument("--poddefault", action="store_true", help="print the PodDefault (YAML) for --namespace; an admin "
-                                                              "applies it once per namespace (kubectl apply -f -)")
+    p.add_argument("--poddefault", action="store_true", help="print the PodDefault (YAML) for --namespace, for an "
+                                                              "admin to apply (kubectl apply -f -)")
     p.add_argument("--s3-endpoint", default=config.S3_DEFAULT_ENDPOINT, help="host:port the TensorBoard server reads "
                                                                             "(PodDefault); https:// for TLS")
     return p
@@ -360,11 +359,12 @@ def main(argv: list[str]) -> int:
     if not args.logs:
         raise ConfigError("tensorboard: --logs s3://... is required (or --poddefault)")
     logs = check_logs_uri(args.logs)
-    name = check_name(args.name) if args.name else resource_name(f"hpa-{logs.rsplit('/', 1)[-1]}")
+    name = check_name(args.name) if args.name else default_name(logs)
     obj = render_tensorboard(name, namespace, logs, s3_label=not args.no_s3_label)
     if args.dry_run:
         sys.stdout.write(k8s_manifests.dump_yaml(obj))
         return 0
-    create(obj)
-    print(json.dumps({"name": name, "namespace": namespace, "logspath": logs, "path": ui_path(namespace, name)}))
+    made = create_with_keys(obj, args.s3_endpoint)
+    print(json.dumps({"name": name, "namespace": namespace, "logspath": logs, "path": ui_path(namespace, name),
+                      **made}))
     return 0
