@@ -42,6 +42,7 @@ from pathlib import Path
 
 import yaml
 
+from hpa.config import DEFAULT_CUDA_IMAGE, DEFAULT_IMAGE
 from hpa.errors import ConfigError, HPAError
 
 log = logging.getLogger(__name__)
@@ -340,6 +341,30 @@ def compile_package(pipeline_func, directory: Path, pipeline_parameters: dict | 
                    parameters)
 
 
+def default_image_variables(package_text: str) -> dict[str, str]:
+    """The image variables (HPA_IMAGE, HPA_CUDA_IMAGE) whose built-in default the compiled package still uses,
+    each with that default.
+
+    Images are fixed when the pipeline is compiled (hpa.config.image() / cuda_image() read the variables at
+    import time), so the package itself is the evidence: a default reference in it means that the pods
+    pull the project's public tag, not the images the user built and pushed (images/README.md)."""
+    found = {}
+    for name, default in (("HPA_IMAGE", DEFAULT_IMAGE), ("HPA_CUDA_IMAGE", DEFAULT_CUDA_IMAGE)):
+        # The CUDA tag extends the CPU one (<tag>-cuda): a match must end where the reference ends.
+        if re.search(re.escape(default) + r"(?![\w.-])", package_text):
+            found[name] = default
+    return found
+
+
+def warn_default_images(package: Package) -> None:
+    """One warning line when the package runs on a default image, naming the variables to set."""
+    found = default_image_variables(package.path.read_text())
+    if found:
+        log.warning("submit: %s is compiled with the default %s (%s): set %s to the images you built and pushed "
+                    "(images/README.md)", package.name, " and ".join(found), ", ".join(found.values()),
+                    "them" if len(found) > 1 else "it")
+
+
 def check_parameters(package: Package, arguments: dict) -> None:
     """The backend's run-parameter check, here before any request (kubeflow/pipelines 2.17.0
     backend/src/apiserver/template/v2_template.go validatePipelineJobInputs)."""
@@ -596,6 +621,7 @@ def submit(request: SubmitRequest, pipeline_func, arguments: dict,
                 run = client.create_run_from_pipeline_package(
                     str(package.path), arguments=arguments, run_name=run_name, experiment_name=experiment_name,
                     namespace=namespace).run_info
+        warn_default_images(package)  # after the run exists: a failed submit stays one error line
     return SubmitResult(run_id=run.run_id, run_url=f"{request.host}/#/runs/details/{run.run_id}",
                         experiment_id=run.experiment_id, experiment=experiment_name, namespace=namespace,
                         backend=backend, package_sha256=package.sha256, **uploaded)

@@ -1,8 +1,9 @@
 """Build the images and run real component executions in them, the way a KFP pod runs them.
 
     python images/smoke.py                 # build cpu + cuda, run download -> split -> train in both
-    python images/smoke.py build cpu       # one step at a time: build | run | check | clean
+    python images/smoke.py build cpu       # one step at a time: build | run | ddp | check | clean
     python images/smoke.py run cpu         # (run: the three stages; check: import hpa, torch, kfp as uid 1000)
+    python images/smoke.py ddp cuda        # the TrainJob pod's `torchrun -m hpa train` with 2 gloo processes
 
 Each stage is executed as the KFP launcher executes it: the container command and args are read at run
 time from components/<stage>/component.yaml (deploymentSpec.executors.<label>.container), `{{$}}` is the
@@ -12,6 +13,11 @@ image's USER (uid 1000) with the image's ENV and WORKDIR, and the S3 keys arrive
 HPA_S3_SECRET_KEY in the environment, as `kubernetes.use_secret_as_env` gives them to the pod (the
 endpoint is the `s3_endpoint` input, as pipeline.py passes it). The store is a real SeaweedFS
 (`hpa.s3server.LocalS3Server`) on 127.0.0.1; the outputs are checked from the host afterwards.
+
+The ddp step runs what a TrainJob pod runs: the command and env that hpa.train_distributed renders (torch's
+launcher, `-m hpa train ...`, the PET_* variables the Trainer's Torch plugin adds) with 2 gloo processes on
+the CPU, then the same job through the image's `torchrun`; on the stand-in CUDA base that `torchrun` is, as
+in the real base, a script of the system Python, which has no hpa. Every rank must join and the epoch finish.
 
 Engines: docker (when `docker info` answers) or podman; `--engine` picks one. Where `podman run` cannot
 start containers (crun without rlimits, as in some sandboxes), a stage runs in the image's root
@@ -204,7 +210,9 @@ def stand_in_recipe(base: str, work: Path) -> dict:
                           "sys.exit(not os.path.exists(os.path.join("
                           "sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))\"",
                           f'chroot "$1" python3 -m pip install --break-system-packages --no-cache-dir torch=={torch}',
-                          'chroot "$1" python3 -c "import torch"']}
+                          'chroot "$1" python3 -c "import torch"',
+                          # as in the real base: `torchrun` is a script of the system Python (the ddp step's case)
+                          """chroot "$1" sh -c 'test "$(head -n 1 /usr/local/bin/torchrun)" = "#!/usr/bin/python3"'"""]}
     raise SmokeError(f"no stand-in recipe for base {base!r}: use --base real on a machine that can pull it")
 
 
@@ -538,6 +546,150 @@ def smoke_run(engine: str, which: str, args) -> None:
         f"(runner {box.runner}, uid {box.uid})")
 
 
+# ------------------------------------------------------------------------------------------- the TrainJob's torchrun
+DDP_PROCS = 2  # one pod with two CPU training processes (gloo), as a TrainJob on CPU-only nodes starts them
+TRAINER_MASTER_PORT = 29500  # Trainer v2.1.0 pkg/constants ContainerTrainerPort: PET_MASTER_PORT of every TrainJob
+
+
+def ddp_config(data: str, split: str, out: str, endpoint: str, image: str):
+    """The TrainJob the smoke run renders: one node, DDP_PROCS CPU processes, the smoke's tiny data, no
+    pretrained weights (no network in the image), no DataLoader workers (2 processes on a small machine)."""
+    from hpa import train_distributed
+
+    cfg = train_distributed.DistributedConfig(
+        data=data, split=split, out=out, s3_endpoint=endpoint, image=image, num_nodes=1, gpus_per_node=0,
+        procs_per_node=DDP_PROCS, arch="resnet18", size=IMAGE_SIZE, epochs=1, batch_size=8, weights="",
+        train_options={"workers": 0})
+    return train_distributed.validate_config(cfg)
+
+
+def trainjob_pod(job: dict, secrets: dict[str, str], node_rank: int, master_addr: str,
+                 master_port: int = TRAINER_MASTER_PORT) -> tuple[list[str], dict[str, str]]:
+    """Command and environment of node `node_rank`'s pod of a rendered TrainJob, as Kubeflow Trainer makes them.
+
+    The container's command is trainer.command + trainer.args; its env is trainer.env (a secretKeyRef
+    resolved from `secrets`, keyed by the variable's name, as the kubelet resolves it) plus what the Torch
+    plugin adds for torchrun (kubeflow/trainer v2.1.0 pkg/runtime/framework/plugins/torch/torch.go
+    EnforceMLPolicy): PET_NNODES = numNodes, PET_NPROC_PER_NODE = numProcPerNode, PET_NODE_RANK = the job
+    completion index, PET_MASTER_ADDR = <job>-node-0-0.<job> (here `master_addr`: no cluster DNS),
+    PET_MASTER_PORT = 29500. torchrun reads every option from PET_<OPTION> and defaults to the static
+    rendezvous (torch/distributed/run.py, argparse_util.env).
+    """
+    trainer = job["spec"]["trainer"]
+    env = {}
+    for item in trainer.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        elif "secretKeyRef" in item.get("valueFrom", {}):
+            if item["name"] not in secrets:
+                raise SmokeError(f"TrainJob env {item['name']} comes from a secret the smoke run does not have")
+            env[item["name"]] = secrets[item["name"]]
+        else:
+            raise SmokeError(f"TrainJob env {item['name']}: expected a value or a secretKeyRef, got {item}")
+    env.update({"PET_NNODES": str(trainer["numNodes"]), "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
+                "PET_NODE_RANK": str(node_rank), "PET_MASTER_ADDR": master_addr, "PET_MASTER_PORT": str(master_port)})
+    return [*trainer["command"], *trainer.get("args", [])], env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launchers(command: list[str]) -> dict[str, list[str]]:
+    """The rendered TrainJob command, and the same job through the `torchrun` on the image's PATH.
+
+    A job may start torch's launcher either way: as a module of the image's `python3` or as the `torchrun`
+    script (its docs, the Trainer's examples, a user's own manifest). Both must start workers that import
+    hpa: torchrun starts them with os.getenv("PYTHON_EXEC", sys.executable) (torch 2.14.1
+    torch/distributed/run.py config_from_args), so a `torchrun` of another Python than the venv's fails."""
+    module = ["-m", "torch.distributed.run"]
+    if command[0] == "torchrun":
+        rest = command[1:]
+    elif command[1:3] == module:
+        rest = command[3:]
+    else:
+        raise SmokeError(f"the TrainJob command {command[:4]} starts neither torchrun nor torch.distributed.run")
+    variants = {"trainjob": command, "torchrun": ["torchrun", *rest]}
+    return {"trainjob": command} if variants["torchrun"] == command else variants
+
+
+def smoke_ddp(engine: str, which: str, args) -> None:
+    """The exact command a TrainJob pod runs (rendered by hpa.train_distributed: torch's launcher, `-m hpa
+    train ...`) with its PET_* environment, DDP_PROCS gloo processes on the CPU, on data that `python -m hpa
+    download` and `python -m hpa split` write inside the image; then the same job through `torchrun` (see
+    launchers). Each passes when every rank logged that it joined a world of DDP_PROCS, the launcher exited
+    0 and the job's metrics.json and last.pt are in the store."""
+    from hpa import train_distributed
+    from hpa.s3server import LocalS3Server
+    from hpa.store import open_store
+
+    image = SMOKE_TAG.format(which)
+    if not image_exists(engine, image):
+        raise SmokeError(f"{image} does not exist: python images/smoke.py build {which}")
+    work = Path(args.work) / f"ddp-{which}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    start = time.monotonic()
+    failures = []
+    with LocalS3Server() as server, Container(engine, image, args.runner, work) as box, _env(server.env()):
+        open_store(f"s3://{BUCKET}", create_bucket=True).put_bytes("smoke/.keep", b"")
+        secrets = {"HPA_S3_ACCESS_KEY": server.access_key, "HPA_S3_SECRET_KEY": server.secret_key}
+        root = f"s3://{BUCKET}/smoke-ddp-{which}"
+        data, split = f"{root}/data", f"{root}/split.csv"
+        env = {"HPA_S3_ENDPOINT": server.endpoint, **secrets}
+        for step in (["python", "-m", "hpa", "download", "--source", "synthetic", "--dest", data,
+                      "--n-train", str(N_TRAIN), "--n-test", str(N_TEST), "--size", str(IMAGE_SIZE), "--seed", "0"],
+                     ["python", "-m", "hpa", "split", "--data", data, "--folds", str(FOLDS), "--out", split]):
+            status, _ = box.exec(step, env)
+            if status != 0:
+                raise SmokeError(f"`{' '.join(step[:4])}` exited {status} in {image} (its output is above)")
+        _, where = box.exec(["sh", "-c", 'command -v torchrun && head -n 1 "$(command -v torchrun)"'], {})
+        log(f"ddp: torchrun on the image's PATH: {' '.join(where.split())}")
+        for label in ("trainjob", "torchrun"):
+            cfg = ddp_config(data, split, f"{root}/out-{label}", server.endpoint, image)
+            rendered, env = trainjob_pod(train_distributed.render_trainjob(cfg), secrets, node_rank=0,
+                                         master_addr="127.0.0.1", master_port=free_port())
+            command = launchers(rendered).get(label)
+            if command is None:
+                continue  # the TrainJob itself runs `torchrun`
+            log(f"ddp ({label}): $ {' '.join(f'{k}={v}' for k, v in env.items() if k.startswith('PET_'))} "
+                f"{shlex.join(command)}")
+            status, text = box.exec(command, env)
+            if any(value in text for value in secrets.values()):
+                raise SmokeError("ddp: an S3 key from the environment appears in the job's output")
+            try:
+                check_ddp_output(status, text, open_store(cfg.out), f"{image} ({label})")
+            except SmokeError as exc:
+                failures.append(str(exc))  # run the other launcher too: the report names every failing one
+    if failures:
+        raise SmokeError("; ".join(failures))
+    log(f"ddp on {image}: {DDP_PROCS} ranks trained 1 epoch with each launcher in {time.monotonic() - start:.0f} s "
+        f"(runner {box.runner}, uid {box.uid})")
+
+
+def check_ddp_output(status: int, text: str, out, image: str) -> None:
+    """Every rank joined a world of DDP_PROCS, the launcher exited 0, the job wrote metrics.json and last.pt."""
+    missing = [rank for rank in range(DDP_PROCS)
+               if not re.search(rf"\[rank{rank}\] .*world size {DDP_PROCS}\b", text)]
+    if missing:
+        raise SmokeError(f"ddp in {image}: rank(s) {missing} never logged `world size {DDP_PROCS}` (the "
+                         f"launcher exited {status}; its output is above)")
+    if status != 0:
+        raise SmokeError(f"ddp in {image}: the launcher exited {status} (its output is above)")
+    if not out.exists("metrics.json"):
+        raise SmokeError(f"ddp in {image}: no metrics.json under {out}")
+    metrics = json.loads(out.get_bytes("metrics.json"))
+    if metrics.get("epochs_run") != 1 or not math.isfinite(metrics.get("best_val_macro_f1", math.nan)):
+        raise SmokeError(f"ddp in {image}: metrics.json {metrics} is not one finished epoch")
+    if not out.exists("last.pt"):
+        raise SmokeError(f"ddp in {image}: no last.pt under {out}")
+    log(f"ddp: {DDP_PROCS} ranks joined, training finished: {json.dumps(metrics)}")
+
+
 def check_imports(engine: str, which: str, args) -> None:
     image = SMOKE_TAG.format(which)
     work = Path(args.work) / f"check-{which}"
@@ -579,7 +731,7 @@ def clean(engine: str, which: str, args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python images/smoke.py", description=__doc__.split("\n")[0])
-    p.add_argument("step", nargs="?", default="all", choices=("all", "build", "run", "check", "clean"))
+    p.add_argument("step", nargs="?", default="all", choices=("all", "build", "run", "ddp", "check", "clean"))
     p.add_argument("images", nargs="*", default=["cpu", "cuda"], help="cpu and/or cuda (default both)")
     p.add_argument("--engine", default="auto", choices=("auto", "docker", "podman"))
     p.add_argument("--base", default="auto", choices=("auto", "real", "stand-in"),
@@ -597,11 +749,12 @@ def main(argv=None) -> int:
     try:
         engine = pick_engine(args.engine)
         log(f"engine {engine}")
-        steps = ["build", "run"] if args.step == "all" else [args.step]
+        steps = ["build", "run", "ddp"] if args.step == "all" else [args.step]
         for which in args.images:
             for step in steps:
-                {"build": build, "run": smoke_run, "check": check_imports, "clean": clean}[step](engine, which, args)
-                if step == "run" and args.step == "all":
+                {"build": build, "run": smoke_run, "ddp": smoke_ddp, "check": check_imports,
+                 "clean": clean}[step](engine, which, args)
+                if step == "ddp" and args.step == "all":
                     check_imports(engine, which, args)
     except SmokeError as exc:
         print(f"smoke: {exc}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """The Dockerfiles: hadolint clean, non-root, pinned, installing what the package needs; the smoke script.
 
-The static checks run everywhere. Building the images and running download -> split -> train in them
-(images/smoke.py: 507 s cold here, ~14 GB of image storage) is opt-in: the test exists only when
+The static checks run everywhere. Building the images and running download -> split -> train and the
+TrainJob's distributed command in them (images/smoke.py: 507 s cold here before the ddp step, ~14 GB of
+image storage) is opt-in: the test exists only when
 HPA_IMAGE_SMOKE=1 is set, so a plain run neither runs nor skips it. Measured results: images/README.md.
 """
 
@@ -112,6 +113,52 @@ def test_cuda_image_keeps_the_base_torch_in_a_venv():
     assert "RUN python3 -m venv /opt/venv" in cpu and "--break-system-packages" not in cpu
 
 
+def dockerfile_env(path: Path) -> dict[str, str]:
+    """The environment the final image has: every ENV instruction in order, $NAME / ${NAME} expanded."""
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}  # what the bases set
+    for line in instructions(path):
+        if line.startswith("ENV "):
+            for name, value in re.findall(r"(\w+)=(\S+)", line[4:]):
+                env[name] = re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), ""), value)
+    return env
+
+
+def test_cuda_image_workers_run_on_the_venv_interpreter():
+    """Item 6 of issue 22: torchrun starts every worker with os.getenv("PYTHON_EXEC", sys.executable) (torch
+    2.14.1 torch/distributed/run.py, config_from_args; checked below in the installed torch). The CUDA base's
+    torchrun is a script of the base's Python, which cannot import hpa (it is in /opt/venv): in the image
+    built on the stand-in base, `torchrun ... -m hpa --help` printed `/usr/bin/python3: No module named hpa`.
+    The image sets PYTHON_EXEC to the venv's interpreter, puts the venv's own torchrun first on PATH and
+    fails its build unless `torchrun -m hpa` runs (built for real: images/smoke.py ddp, images/README.md)."""
+    import torch.distributed.run as torch_run
+
+    assert 'os.getenv("PYTHON_EXEC", sys.executable)' in Path(torch_run.__file__).read_text(), \
+        "torch's launcher no longer picks the worker interpreter this way: revisit Dockerfile.cuda"
+    env = dockerfile_env(IMAGES / "Dockerfile.cuda")
+    assert env.get("PYTHON_EXEC") == "/opt/venv/bin/python", env
+    assert env["PATH"].split(":")[0] == "/opt/venv/bin" == str(Path(env["VIRTUAL_ENV"]) / "bin"), env["PATH"]
+    text = "\n".join(instructions(IMAGES / "Dockerfile.cuda"))
+    entry = re.search(r"printf '(#![^']*)'\s*> /opt/venv/bin/torchrun", text)
+    assert entry, "the venv gets its own torchrun"
+    script = entry.group(1).replace("\\n", "\n")
+    assert script.splitlines()[0] == "#!/opt/venv/bin/python" and "from torch.distributed.run import main" in script
+    assert "chmod 0755 /opt/venv/bin/torchrun" in text
+    assert 'test "$(command -v torchrun)" = /opt/venv/bin/torchrun' in text
+    assert re.search(r"torchrun --nnodes 1 --nproc-per-node 1 --rdzv-backend static .* -m hpa --help", text)
+
+
+def test_cpu_image_torchrun_is_the_venv_one():
+    """The CPU image pip-installs torch into /opt/venv (first on PATH before the install), so pip writes the
+    venv's torchrun with the venv's interpreter in its shebang: the same PYTHON_EXEC is right there too."""
+    env = dockerfile_env(IMAGES / "Dockerfile")
+    assert env["PATH"].split(":")[0] == "/opt/venv/bin"
+    lines = instructions(IMAGES / "Dockerfile")
+    venv_first = next(i for i, line in enumerate(lines) if line.startswith("ENV ") and "PATH=/opt/venv/bin:" in line)
+    torch_install = next(i for i, line in enumerate(lines) if "torch==" in line and "pip install" in line)
+    assert venv_first < torch_install and lines[torch_install].startswith("RUN pip install")
+    assert env.get("PYTHON_EXEC", "/opt/venv/bin/python") == "/opt/venv/bin/python"
+
+
 def test_requirements_pin_every_runtime_dependency():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pins = read_pins(IMAGES / "requirements.txt")
@@ -189,6 +236,61 @@ def test_smoke_names_a_missing_required_input():
     with pytest.raises(smoke.SmokeError, match=r"sets \['no_such_input'\]"):
         smoke.executor_input(loaded["component"], "train", {"data_uri": "d", "no_such_input": 1, **plan},
                              {"split_csv": {"uri": "/x"}}, "/smoke/t")
+
+
+def test_smoke_ddp_runs_the_command_and_env_a_trainjob_pod_gets():
+    """images/smoke.py ddp runs what hpa.train_distributed renders, not a copy of it: the container command
+    is trainer.command + trainer.args (= COMMAND + train_args, the PyTorchJob's too), the env is trainer.env
+    with the secrets resolved plus the Torch plugin's PET_* (kubeflow/trainer v2.1.0 pkg/runtime/framework/
+    plugins/torch/torch.go EnforceMLPolicy; PET_MASTER_PORT 29500 = pkg/constants ContainerTrainerPort)."""
+    from hpa import train_distributed
+
+    smoke = load_smoke()
+    cfg = smoke.ddp_config("s3://b/r/data", "s3://b/r/split.csv", "s3://b/r/out", "127.0.0.1:9", "img:tag")
+    job = train_distributed.render_trainjob(cfg)
+    secrets = {"HPA_S3_ACCESS_KEY": "ak", "HPA_S3_SECRET_KEY": "sk"}
+    command, env = smoke.trainjob_pod(job, secrets, node_rank=0, master_addr="127.0.0.1")
+    assert command == [*train_distributed.COMMAND, *train_distributed.train_args(cfg)]
+    [master] = train_distributed.render_pytorchjob(cfg)["spec"]["pytorchReplicaSpecs"].values()
+    [container] = master["template"]["spec"]["containers"]
+    assert [*container["command"], *container["args"]] == command
+    assert command[command.index("--out") + 1] == "s3://b/r/out" and "--weights" not in command
+    assert smoke.DDP_PROCS == 2 and job["spec"]["trainer"]["numProcPerNode"] == 2
+    assert {k: v for k, v in env.items() if k.startswith("PET_")} == {
+        "PET_NNODES": "1", "PET_NPROC_PER_NODE": "2", "PET_NODE_RANK": "0",
+        "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": "29500"}
+    assert {k: env[k] for k in ("HPA_S3_ENDPOINT", *secrets)} == {"HPA_S3_ENDPOINT": "127.0.0.1:9", **secrets}
+    assert smoke.TRAINER_MASTER_PORT == 29500
+    with pytest.raises(smoke.SmokeError, match="HPA_S3_SECRET_KEY comes from a secret"):
+        smoke.trainjob_pod(job, {"HPA_S3_ACCESS_KEY": "ak"}, node_rank=0, master_addr="127.0.0.1")
+    # Both ways of starting torch's launcher run, with the same options and training arguments.
+    variants = smoke.launchers(command)
+    assert variants["trainjob"] == command
+    launcher_args = command[command.index("-m"):] if command[0] == "torchrun" else command[3:]
+    assert variants.get("torchrun", command) == ["torchrun", *launcher_args]
+    assert launcher_args[:3] == ["-m", "hpa", "train"]
+
+
+def test_smoke_ddp_check_needs_every_rank_and_a_finished_epoch(tmp_path):
+    """What the ddp step accepts: every rank logged its world size, the launcher exited 0, and metrics.json
+    (one epoch, finite F1) and last.pt are in the job's --out. The failure of issue 22 item 6 is refused."""
+    from hpa.store import open_store
+
+    smoke = load_smoke()
+    out = open_store(tmp_path)
+    broken = "/usr/bin/python3: No module named hpa\n" * 2 + "torch.distributed.elastic.multiprocessing.errors\n"
+    with pytest.raises(smoke.SmokeError, match=r"rank\(s\) \[0, 1\] never logged `world size 2`.*exited 1"):
+        smoke.check_ddp_output(1, broken, out, "img")
+    ranks = "".join(f"INFO hpa.train: [rank{r}] resnet18 on cpu, world size 2, 42 train\n" for r in range(2))
+    with pytest.raises(smoke.SmokeError, match=r"rank\(s\) \[1\]"):
+        smoke.check_ddp_output(0, ranks.splitlines()[0], out, "img")
+    with pytest.raises(smoke.SmokeError, match="no metrics.json"):
+        smoke.check_ddp_output(0, ranks, out, "img")
+    out.put_bytes("metrics.json", json.dumps({"epochs_run": 1, "best_val_macro_f1": 0.11}).encode())
+    with pytest.raises(smoke.SmokeError, match="no last.pt"):
+        smoke.check_ddp_output(0, ranks, out, "img")
+    out.put_bytes("last.pt", b"x")
+    smoke.check_ddp_output(0, ranks, out, "img")
 
 
 def test_stand_in_gets_the_host_pip_settings_but_not_host_directories(tmp_path, monkeypatch):

@@ -402,3 +402,50 @@ def test_credentials_keep_the_secret_out_of_repr_and_scrub_it(tmp_path):
     with pytest.raises(pipeline.ConfigError, match="must not carry credentials") as info:
         cluster_submit.make_request(host=f"http://user:{TOKEN}@localhost:3000", env={})
     assert not secrets_in(str(info.value))
+
+
+# ---------------------------------------------------------------------------------------------- default images
+def test_submit_warns_when_the_package_runs_on_the_default_images(kfp_api, capsys, caplog):
+    """Images are fixed at compile time (HPA_IMAGE / HPA_CUDA_IMAGE, images/README.md); `submit` compiles,
+    so a user who forgot them would run the project's public tags without a word. One warning line names
+    the variables and the defaults; a package on other images gets none."""
+    from hpa import config
+
+    api = kfp_api(multi_user=False)
+    code, _, err = submit(capsys, "--host", api.host, "--no-upload", "epochs=1")
+    assert code == 0, err
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "default" in r.getMessage()]
+    assert warnings == [f"submit: hpa-pipeline is compiled with the default HPA_IMAGE and HPA_CUDA_IMAGE "
+                        f"({config.DEFAULT_IMAGE}, {config.DEFAULT_CUDA_IMAGE}): set them to the images you "
+                        "built and pushed (images/README.md)"]
+    caplog.clear()
+    pipeline.submit_run(api.host, {"repeat": 1}, pipeline_func=_small_pipeline)  # python:3.11-slim only
+    assert not [r for r in caplog.records if "default HPA_" in r.getMessage()]
+
+
+def test_default_image_variables_tell_the_cuda_tag_from_the_cpu_tag():
+    from hpa import config
+
+    custom = "image: registry.example/team/hpa-kfp:0.2.0\n"
+    assert cluster_submit.default_image_variables(custom) == {}
+    assert cluster_submit.default_image_variables(f"image: {config.DEFAULT_CUDA_IMAGE}\n") == \
+        {"HPA_CUDA_IMAGE": config.DEFAULT_CUDA_IMAGE}
+    assert cluster_submit.default_image_variables(f"image: {config.DEFAULT_IMAGE}\n{custom}") == \
+        {"HPA_IMAGE": config.DEFAULT_IMAGE}
+    assert list(cluster_submit.default_image_variables(f'"{config.DEFAULT_IMAGE}" {config.DEFAULT_CUDA_IMAGE}')) == \
+        ["HPA_IMAGE", "HPA_CUDA_IMAGE"]
+
+
+def test_submit_with_only_hpa_image_set_names_hpa_cuda_image(kfp_api, tmp_path, monkeypatch):
+    """Through the CLI, as a user runs it: HPA_IMAGE alone (what images/README.md used to say) leaves every
+    GPU pod on the default CUDA tag; the warning says so and names HPA_CUDA_IMAGE only."""
+    from hpa import config
+
+    api = kfp_api(multi_user=False)
+    monkeypatch.delenv("HPA_CUDA_IMAGE", raising=False)
+    out = run_cli(tmp_path, "--host", api.host, "--no-upload", "epochs=1",
+                  env={"HPA_IMAGE": "registry.example/team/hpa-kfp:0.2.0"})
+    assert out.returncode == 0, out.stderr
+    [line] = [line for line in out.stderr.splitlines() if "default HPA_" in line]  # kfp sets the log format
+    assert line.endswith(f"submit: hpa-pipeline is compiled with the default HPA_CUDA_IMAGE "
+                         f"({config.DEFAULT_CUDA_IMAGE}): set it to the images you built and pushed (images/README.md)")
