@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpa import config
 from hpa.crossfit import CROSSFIT_PARTS, crossfit_groups, crossfit_predict, policy_fitter, score_policy
 from hpa.errors import DataError
 from hpa.evaluate import (
@@ -40,6 +41,9 @@ from hpa.store import join_uri, write_bytes
 log = logging.getLogger(__name__)
 
 METHODS = ("mean", "weighted", "rank")
+# One default policy everywhere: the pipeline's run parameter (the CLI used to default to fitted, which floods
+# small runs with labels; issue 22, item 12).
+DEFAULT_THRESHOLD_MODE = config.PipelineConfig().threshold_mode
 
 
 @dataclass
@@ -104,6 +108,7 @@ def load_members(val_files, test_files) -> list[Member]:
     grouped: dict[str, list[tuple[Predictions, Predictions]]] = {}
     for vf, tf in zip(val_files, test_files):
         v, t = load_predictions(vf), load_predictions(tf)
+        check_same_tta(v, t)
         if v.model and t.model and v.model != t.model:
             raise DataError(f"{tf}: model {t.model!r} does not match {vf} ({v.model!r}); "
                             "give --val and --test in the same order")
@@ -126,6 +131,19 @@ def load_members(val_files, test_files) -> list[Member]:
             raise DataError(f"model {m.name!r} was trained on other folds than {first.name!r}: "
                             "every model must train the same folds")
     return members
+
+
+def check_same_tta(val: Predictions, test: Predictions) -> None:
+    """Thresholds are fitted on the validation predictions and applied to the test ones: both must average the same
+    number of dihedral transforms (TTA shrinks probabilities toward their mean, so cuts fitted without it flood or
+    starve the test labels). A file that records none (hpa train's own val_predictions.npz is made without TTA; files
+    older than the field) may pair only with another that records none."""
+    if val.tta == test.tta:
+        return
+    shown = {id(p): "no tta recorded" if p.tta is None else f"tta={p.tta}" for p in (val, test)}
+    raise DataError(f"{val.source} ({shown[id(val)]}) and {test.source} ({shown[id(test)]}): validation and test "
+                    f"predictions must use the same TTA; predict the validation fold like the test set (python -m hpa "
+                    f"predict --ids val --split SPLIT --fold F --tta {test.tta or 'N'})")
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -166,7 +184,7 @@ def f1_weights(f1: list[float]) -> np.ndarray:
 
 def resolve_policy(thresholds=None, threshold=None, threshold_mode: str | None = None) -> str:
     """The threshold policy: a thresholds file is "given"; without `threshold_mode` a `threshold` means
-    "global" and nothing means "fitted" (the behaviour before the policies existed)."""
+    "global" and nothing means the pipeline's default (DEFAULT_THRESHOLD_MODE)."""
     if thresholds is not None and threshold is not None:
         raise DataError("give either a thresholds file or a global threshold, not both")
     if thresholds is not None and threshold_mode is not None:
@@ -177,7 +195,7 @@ def resolve_policy(thresholds=None, threshold=None, threshold_mode: str | None =
     if thresholds is not None:
         return "given"
     if threshold_mode is None:
-        return "fitted" if threshold is None else "global"
+        return DEFAULT_THRESHOLD_MODE if threshold is None else "global"
     return check_threshold_mode(threshold_mode)
 
 
@@ -195,7 +213,7 @@ def ensemble(val_files, test_files, method: str = "mean", out_dir=".", threshold
     predictions, score everything out-of-sample, and write `ensemble_val.npz`, `ensemble_test.npz`,
     `thresholds.json` and, last, `metrics.json` under `out_dir` (local or s3://). Returns the metrics.
 
-    `threshold_mode` (THRESHOLD_MODES; default fitted, or global when `threshold` is given) picks the
+    `threshold_mode` (THRESHOLD_MODES; default the pipeline's, or global when `threshold` is given) picks the
     policy; `shrink_strength` is k of `shrunk`; `prior` the training labels of `prior` (a matrix, 28
     frequencies, or an Id,Target CSV whose rows of the validation ids are left out).
     `val_macro_f1` is cross-fitted: each fold (or stratified part of a single fold) is scored with
@@ -205,9 +223,10 @@ def ensemble(val_files, test_files, method: str = "mean", out_dir=".", threshold
         raise DataError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     mode = resolve_policy(thresholds, threshold, threshold_mode)
     shrink_strength = check_shrink_strength(shrink_strength)
+    members = load_members(val_files, test_files)  # a bad file is named first, whatever the policy
     if mode == "prior" and prior is None:
-        raise DataError("threshold_mode 'prior': needs the training labels (prior: an Id,Target CSV or 28 frequencies)")
-    members = load_members(val_files, test_files)
+        raise DataError("threshold_mode 'prior': needs the training labels (--prior: an Id,Target CSV such as the "
+                        "split CSV, or 28 frequencies); prior is the default policy, as in the pipeline")
     first = members[0]
     targets = first.val.targets
     if first.folds > 1:
@@ -286,7 +305,7 @@ def ensemble(val_files, test_files, method: str = "mean", out_dir=".", threshold
 
 
 def ensemble_task(val_files, test_files, ensemble_test_out, thresholds_out, method: str = "mean",
-                  threshold_mode: str = "fitted", threshold: float = DEFAULT_THRESHOLD,
+                  threshold_mode: str = DEFAULT_THRESHOLD_MODE, threshold: float = DEFAULT_THRESHOLD,
                   shrink_strength: float = DEFAULT_SHRINK_STRENGTH, prior=None) -> dict:
     """The ensemble pipeline task: `ensemble` with ensemble_test.npz and thresholds.json copied to the given paths.
     `threshold` counts for global and shrunk only; `prior` (the training labels' CSV) is needed by prior. Returns
@@ -341,8 +360,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--thresholds", help="thresholds JSON to use instead of fitting (e.g. from Katib)")
     g.add_argument("--threshold", type=float, help="one global threshold for every class (the target of shrunk)")
     p.add_argument("--threshold-mode", choices=THRESHOLD_MODES,
-                   help="fitted (default; global with --threshold), global, shrunk (fitted cuts pulled toward the "
-                        "global one by n_pos / (n_pos + k)), prior (predict each class as often as in --prior)")
+                   help=f"fitted, global, shrunk (fitted cuts pulled toward the global one by n_pos / (n_pos + k)), "
+                        f"prior (predict each class as often as in --prior); default {DEFAULT_THRESHOLD_MODE}, the "
+                        "pipeline's (global with --threshold)")
     p.add_argument("--shrink-strength", type=float, default=DEFAULT_SHRINK_STRENGTH,
                    help="k of --threshold-mode shrunk: a class with k validation positives keeps half its fitted cut")
     p.add_argument("--prior", help="training labels (Id,Target CSV, e.g. the split CSV) for --threshold-mode prior")

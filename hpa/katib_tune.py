@@ -19,11 +19,11 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from hpa import config, k8s, k8s_manifests, store
+from hpa import committed, config, k8s, k8s_manifests, store
 from hpa.errors import ConfigError
 from hpa.evaluate import THRESHOLD_MODES
-from hpa.katib import (NOT_SEARCHED, OBJECTIVE, PLURAL, POLICY_VALUES, KatibConfig, render_experiment, render_yaml,
-                       validate_experiment)
+from hpa.katib import (NOT_SEARCHED, OBJECTIVE, PLURAL, POLICY_VALUES, KatibConfig, in_namespace, render_experiment,
+                       render_yaml, resolve_inputs, validate_experiment)
 from hpa.options import add_options, from_args, help_of, require
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,19 @@ def arch_label(arch: str) -> str:
 def model_experiments(cfg: KatibConfig, models: dict) -> dict[str, dict]:
     """One rendered Experiment per model of `models` ({create_model name: lr}), in its order, named
     `<cfg.name>-<arch label>` (cfg.name shortened to fit). The lr values are the untuned defaults
-    (what katib_defaults passes through); each Experiment searches [lr_min, lr_max] for its own model."""
+    (what `untuned` passes through); each Experiment searches [lr_min, lr_max] for its own model. `cfg.weights` is
+    the per-model weights run parameter (JSON model -> source, hpa.weights.weights_by_model); each model's trials
+    start from its own source (a plain source is taken for a single model)."""
     from hpa.models import MODEL_NAMES
+    from hpa.weights import weights_by_model
 
     require(isinstance(models, dict) and bool(models),
             f"katib models {models!r}: expected a non-empty JSON object of model name -> learning rate")
     unknown = [arch for arch in models if arch not in MODEL_NAMES]
     require(not unknown, f"katib models: unknown model {', '.join(map(repr, unknown))}; expected names from "
             f"{', '.join(MODEL_NAMES)}")
+    plain = len(models) == 1 and not cfg.weights.lstrip().startswith("{")
+    weights = {arch: cfg.weights for arch in models} if plain else weights_by_model(cfg.weights, list(models))
     experiments, names = {}, {}
     for arch in models:
         label = arch_label(arch)
@@ -102,7 +107,7 @@ def model_experiments(cfg: KatibConfig, models: dict) -> dict[str, dict]:
         require(name not in names, f"katib models {names.get(name)!r} and {arch!r} give the same Experiment name "
                 f"{name!r}: use a shorter name")
         names[name] = arch
-        experiments[arch] = render_experiment(replace(cfg, name=name, arch=arch))
+        experiments[arch] = render_experiment(replace(cfg, name=name, arch=arch, weights=weights[arch]))
     return experiments
 
 
@@ -174,6 +179,14 @@ def katib_tune_inputs(params: dict) -> KatibConfig:
                        s3_endpoint=params["s3_endpoint"] or S3_DEFAULT_ENDPOINT)
 
 
+def untuned(*, models: dict, threshold: float, threshold_mode: str, shrink_strength: float,
+            experiments_out: str) -> dict:
+    """The katib-tune task of a run without tuning: katib_tune_task's result shape with the run parameters
+    unchanged (val_macro_f1 -1.0: nothing was tuned); `experiments_out` says that no Experiment was created."""
+    Path(experiments_out).write_text("# tune=false: no Katib Experiment was created; the run parameters were used.\n")
+    return {"models": dict(models), "threshold": float(threshold), "threshold_mode": threshold_mode,
+            "shrink_strength": float(shrink_strength), "val_macro_f1": -1.0}
+
 def katib_tune_task(cfg: KatibConfig, models: dict, split_csv: str, store_uri: str, experiments_out: str,
                     timeout: float = 6 * 3600, poll: float = 10.0) -> dict:
     """The katib-tune pipeline task: `cfg` (the run's data, search space and trial pods; namespace empty = this
@@ -192,6 +205,23 @@ def katib_tune_task(cfg: KatibConfig, models: dict, split_csv: str, store_uri: s
     return {"namespace": namespace, **tune_models(cfg, models, timeout, poll, save_to=experiments_out)}
 
 
+def verify_inputs(cfg: KatibConfig) -> KatibConfig:
+    """What the trials will read, checked with this machine's store keys before anything is created: `data` is a
+    committed dataset (its manifest.json) or packed shards (their shards.json), and `split` exists. Returns the
+    resolved config; a missing object is one ConfigError line saying how to make it."""
+    cfg = in_namespace(resolve_inputs(cfg))
+    for name in ("data", "split"):
+        require("${" not in getattr(cfg, name), f"katib --verify: {name} {getattr(cfg, name)} depends on the trial's "
+                "namespace; give --namespace NS to check the objects of that namespace")
+    require(bool(committed.manifest_sha256(cfg.data) or committed.shards_sha256(cfg.data)),
+            f"katib data {cfg.data}: no committed dataset there (no manifest.json) nor packed shards; expected a "
+            "dataset a finished run wrote, <store_uri>/datasets/<name> (the run's download task logs its data_uri)")
+    named = re.match(r".*/datasets/[^/]+", cfg.data)  # shards live inside their dataset's prefix
+    require(store.exists_uri(cfg.split), f"katib split {cfg.split}: does not exist; write it with python -m hpa split "
+            f"--data {named.group(0) if named else cfg.data} --folds {cfg.folds} --seed {cfg.seed} --out {cfg.split}")
+    return cfg
+
+
 # ---------------------------------------------------------------- CLI
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +236,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     render = sub.add_parser("render", help="write the Experiment YAML from hpa.katib.KatibConfig")
     render.add_argument("--out", dest="out_file", default="-", help="output file (default stdout)")
+    render.add_argument("--verify", action="store_true", help="check first that the data is a committed dataset and "
+                        "the split exists (reads the store with this machine's keys; needs --namespace)")
     _add_config_options(render)
     check = sub.add_parser("validate", help="validate an Experiment YAML against the schemas")
     check.add_argument("file", nargs="?", default="katib/experiment.yaml", help="the Experiment YAML")
@@ -236,13 +268,19 @@ def _config_from_args(args) -> KatibConfig:
 def main(argv: list[str]) -> int:
     args = get_args_parser().parse_args(argv)
     if args.command == "render":
-        k8s_manifests.write_manifest(render_yaml(_config_from_args(args)), args.out_file)
+        cfg = _config_from_args(args)
+        if args.verify:
+            verify_inputs(cfg)
+        k8s_manifests.write_manifest(render_yaml(cfg), args.out_file)
         return 0
     if args.command == "validate":
         validate_experiment(k8s_manifests.load_yaml(args.file), what=args.file)
         print(f"{args.file}: valid")
         return 0
     if args.command == "tune":
+        args.namespace = args.namespace or k8s.pod_namespace()
+        require(bool(args.namespace), "katib tune --namespace: not set; expected the profile namespace the "
+                "Experiments run in (their store URIs follow it)")
         result = tune_models(_config_from_args(args), args.models, args.timeout, args.poll, args.unique_name,
                              save_to=args.save)
     else:

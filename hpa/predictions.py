@@ -1,5 +1,8 @@
 """The predictions file: one model's (or an ensemble's) probabilities per image as a .npz with keys `ids` (N,) str,
-`probs` (N, 28) float32 in [0, 1], `model` and, when known, `targets` (N, 28) 0/1. Written byte-reproducibly and
+`probs` (N, 28) float32 in [0, 1], `model` and, when known, `targets` (N, 28) 0/1 and `tta`, the number of dihedral
+transforms averaged (1 = none; absent in files written before it was recorded: unknown). Thresholds fitted on
+predictions of one TTA count do not carry over to another (averaging transforms shrinks the probabilities toward
+their mean), so hpa.ensemble refuses to mix them. Written byte-reproducibly and
 atomically (hpa.store), validated on every read and write (one DataError line naming the file and the field)."""
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ class Predictions:
     targets: np.ndarray | None = None
     model: str = ""
     source: str = ""
+    tta: int | None = None  # dihedral transforms averaged; None = not recorded
 
     def reindex(self, ids: np.ndarray) -> "Predictions":
         """The same predictions in the order of `ids` (which must be a permutation of self.ids)."""
         pos = {i: k for k, i in enumerate(self.ids)}
         order = np.array([pos[i] for i in ids], dtype=np.int64)
         targets = None if self.targets is None else self.targets[order]
-        return Predictions(self.ids[order], self.probs[order], targets, self.model, self.source)
+        return Predictions(self.ids[order], self.probs[order], targets, self.model, self.source, self.tta)
 
 
 def validate_predictions(ids, probs, targets, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -65,11 +69,23 @@ def validate_predictions(ids, probs, targets, where: str) -> tuple[np.ndarray, n
     return ids, probs.astype(np.float32), targets
 
 
-def predictions_bytes(ids, probs, targets=None, model: str = "", where: str = "predictions") -> bytes:
+def check_tta(tta, where: str) -> int | None:
+    """A TTA count: a positive int, or None (not recorded)."""
+    if tta is None:
+        return None
+    if isinstance(tta, bool) or not isinstance(tta, (int, np.integer)) or tta < 1:
+        raise DataError(f"{where}: 'tta' must be a positive integer (dihedral transforms averaged), got {tta!r}")
+    return int(tta)
+
+
+def predictions_bytes(ids, probs, targets=None, model: str = "", where: str = "predictions",
+                      tta: int | None = None) -> bytes:
     ids, probs, targets = validate_predictions(np.asarray(ids).astype(str), probs, targets, where)
     arrays = {"ids": ids, "probs": probs, "model": np.array(str(model))}
     if targets is not None:
         arrays["targets"] = targets
+    if check_tta(tta, where) is not None:
+        arrays["tta"] = np.array(tta, dtype=np.int64)
     return npz_bytes(arrays)
 
 
@@ -86,9 +102,10 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def save_predictions(path_or_uri, ids, probs, targets=None, model: str = "") -> str:
-    """Validate and atomically write a predictions .npz (keys ids, probs, model, targets if known); returns where."""
-    write_bytes(path_or_uri, predictions_bytes(ids, probs, targets, model, where=str(path_or_uri)))
+def save_predictions(path_or_uri, ids, probs, targets=None, model: str = "", tta: int | None = None) -> str:
+    """Validate and atomically write a predictions .npz (keys ids, probs, model, targets and tta if known); returns
+    where."""
+    write_bytes(path_or_uri, predictions_bytes(ids, probs, targets, model, where=str(path_or_uri), tta=tta))
     return str(path_or_uri)
 
 
@@ -108,4 +125,7 @@ def load_predictions(path_or_uri) -> Predictions:
             raise DataError(f"{where}: missing key {key!r} (has {sorted(arrays)})")
     ids, probs, targets = validate_predictions(arrays["ids"], arrays["probs"], arrays.get("targets"), where)
     model = str(arrays["model"]) if "model" in arrays else Path(where).stem
-    return Predictions(ids, probs, targets, model, where)
+    tta = arrays.get("tta")
+    if tta is not None and (tta.shape != () or tta.dtype.kind not in "iu"):
+        raise DataError(f"{where}: 'tta' must be one integer, got {tta.dtype} {tta.shape}")
+    return Predictions(ids, probs, targets, model, where, check_tta(None if tta is None else int(tta), where))

@@ -133,11 +133,13 @@ class Sweep:
 
 def run_sweep(path: str | Path, trials: int | None = None, parallel: int | None = None,
               workdir: str | Path = "sweep", overrides: dict[str, str] | None = None,
-              trial_timeout: float = 3600.0) -> dict:
-    """Run the sweep; returns best.json's content. Writes trials.csv, best.json, objective.png in workdir."""
+              trial_timeout: float = 3600.0, namespace: str | None = None) -> dict:
+    """Run the sweep; returns best.json's content. Writes trials.csv, best.json, objective.png in workdir.
+    `namespace` stands for the Experiment's (what ${trialSpec.Namespace} is when the file names none)."""
     import optuna
 
     spec = read_experiment(path)
+    spec.namespace = namespace or spec.namespace
     n_trials, n_jobs = trials or spec.max_trials, parallel or spec.parallel
     if n_trials < 1 or n_jobs < 1:
         raise ConfigError(f"--trials {n_trials} and --parallel {n_jobs} must be >= 1")
@@ -257,12 +259,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "out=DIR is a prefix")
     parser.add_argument("--trial-timeout", type=float, default=3600.0,
                         help="seconds before a trial is stopped and failed")
+    parser.add_argument("--namespace", default=None, help="the namespace the trials stand in for, where the "
+                        "Experiment names none and its store URIs follow the trial's (default: the file's)")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = get_args_parser().parse_args(argv)
     best = run_sweep(args.experiment, args.trials, args.parallel, args.workdir, _parse_sets(args.sets),
-                     args.trial_timeout)
+                     args.trial_timeout, args.namespace)
     print(json.dumps(best))
     return 0

@@ -37,6 +37,7 @@ class SweepSpec:
     start_step: int
     command: list[str]
     trial_parameters: dict[str, str]  # trialParameters name -> reference
+    namespace: str = ""  # what ${trialSpec.Namespace} is: metadata.namespace, or `sweep --namespace`
     filters: list[str] = field(default_factory=lambda: [KATIB_DEFAULT_FILTER])
 
 
@@ -100,6 +101,7 @@ def read_experiment(path: str | Path) -> SweepSpec:
         command=list(container.get("command") or []) + list(container.get("args") or []),
         trial_parameters={p["name"]: p["reference"] for p in template.get("trialParameters") or []},
         filters=list(filters) if filters else [KATIB_DEFAULT_FILTER],
+        namespace=exp["metadata"].get("namespace") or "",
     )
 
 
@@ -170,24 +172,35 @@ def trial_command(spec: SweepSpec, assignment: dict, trial_name: str, overrides:
     """The trial template's command with ${trialParameters.x} substituted and local overrides applied.
 
     `--set key=value` replaces the value after `--key` (appends `--key value` when absent); `--out`
-    always becomes <out_prefix>/<trial name>. `python` is this interpreter."""
-    values = {}
-    for name, ref in spec.trial_parameters.items():
-        if ref == "${trialSpec.Name}":
-            values[name] = trial_name
-        elif ref in assignment:
-            values[name] = format_value(assignment[ref])
-        else:
-            raise ConfigError(f"trial parameter {name} references {ref!r}, which the local sweep cannot fill")
-    cmd = [re.sub(r"\$\{trialParameters\.([^}]+)\}", lambda m: values[m.group(1)], part) for part in spec.command]
-    cmd = [sys.executable if i == 0 and part == "python" else part for i, part in enumerate(cmd)]
+    always becomes <out_prefix>/<trial name>. `python` is this interpreter. Placeholders are filled as Katib
+    does (kubeflow/katib v0.19.0 pkg/controller.v1beta1/experiment/manifest/generator.go applyParameters), after
+    the overrides: an overridden value (e.g. --data of another namespace) needs no namespace."""
+    cmd = [sys.executable if i == 0 and part == "python" else part for i, part in enumerate(spec.command)]
     for key, value in {**overrides, "out": f"{out_prefix}/{trial_name}"}.items():
         flag = "--" + key.replace("_", "-")
         if flag in cmd:
             cmd[cmd.index(flag) + 1] = value
         else:
             cmd += [flag, value]
-    return cmd
+    for i, part in enumerate(cmd):
+        names = [n for n in re.findall(r"\$\{trialParameters\.([^}]+)\}", part)
+                 if spec.trial_parameters.get(n) == "${trialSpec.Namespace}"]
+        if names and not spec.namespace:
+            raise ConfigError(f"{cmd[i - 1] if i else 'command'} {part}: the trial's namespace, and {spec.name} names "
+                              "none; give --namespace NS (whose store prefix the trials read) or --set that option")
+    return [re.sub(r"\$\{trialParameters\.([^}]+)\}", lambda m: _fill(spec, m.group(1), assignment, trial_name), part)
+            for part in cmd]
+
+
+def _fill(spec: SweepSpec, name: str, assignment: dict, trial_name: str) -> str:
+    ref = spec.trial_parameters.get(name, "")
+    if ref == "${trialSpec.Name}":
+        return trial_name
+    if ref == "${trialSpec.Namespace}":
+        return spec.namespace
+    if ref in assignment:
+        return format_value(assignment[ref])
+    raise ConfigError(f"trial parameter {name} references {ref!r}, which the local sweep cannot fill")
 
 
 def parse_metrics(line: str, filters: list[str], names: list[str]) -> dict[str, float]:

@@ -92,7 +92,7 @@ def test_ensemble_and_submit_components_equal_cli(dataset, local_kfp, tmp_path):
 
     cli = tmp_path / "cli"
     hpa_cli("ensemble", "--val", files["val_a"], files["val_b"], "--test", files["test_a"], files["test_b"],
-            "--method", "mean", "--out", str(cli))
+            "--method", "mean", "--threshold-mode", "fitted", "--out", str(cli))
     hpa_cli("submit", "--predictions", str(cli / "ensemble_test.npz"), "--thresholds", str(cli / "thresholds.json"),
             "--sample-submission", dataset + "/sample_submission.csv", "--out", str(cli / "submission.csv"))
 

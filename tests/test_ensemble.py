@@ -9,6 +9,7 @@ import pytest
 
 from hpa import ensemble as ens
 from hpa import evaluate as ev
+from hpa.config import PipelineConfig
 from hpa.crossfit import crossfit_binarize, crossfit_groups, policy_fitter
 from hpa.errors import DataError
 from hpa.labels import NUM_CLASSES
@@ -42,7 +43,7 @@ def make_models(tmp_path, n_val=200, n_test=80, n_models=2, seed=0):
 def test_ensemble_writes_outputs_and_beats_single_models(tmp_path, method):
     val_files, test_files = make_models(tmp_path, n_models=3)
     out = tmp_path / "ens"
-    m = ens.ensemble(val_files, test_files, method=method, out_dir=out)
+    m = ens.ensemble(val_files, test_files, method=method, out_dir=out, threshold_mode="fitted")
     assert sorted(p.name for p in out.iterdir()) == ENSEMBLE_FILES
     assert json.loads((out / "metrics.json").read_text())["val_macro_f1"] == m["val_macro_f1"]
     assert m["val_macro_f1"] > m["best_single_val_macro_f1"]  # independent noise averages out (out-of-sample)
@@ -68,8 +69,8 @@ def test_ensemble_writes_outputs_and_beats_single_models(tmp_path, method):
 
 def test_ensemble_is_order_invariant(tmp_path):
     val_files, test_files = make_models(tmp_path)
-    a = ens.ensemble(val_files, test_files, out_dir=tmp_path / "a")
-    b = ens.ensemble(val_files[::-1], test_files[::-1], out_dir=tmp_path / "b")
+    a = ens.ensemble(val_files, test_files, out_dir=tmp_path / "a", threshold_mode="fitted")
+    b = ens.ensemble(val_files[::-1], test_files[::-1], out_dir=tmp_path / "b", threshold_mode="fitted")
     assert a["val_macro_f1"] == pytest.approx(b["val_macro_f1"], abs=1e-6)
 
 
@@ -86,10 +87,14 @@ def test_ensemble_given_thresholds(tmp_path):
     values = ev.load_thresholds(tmp_path / "h" / "thresholds.json")
     val = load_predictions(tmp_path / "h" / "ensemble_val.npz")
     assert m["threshold_mode"] == "global" and (values == ev.fit_global_threshold(val.probs, val.targets)).all()
-    # threshold_mode=fitted is what no option gives
-    a = ens.ensemble(val_files, test_files, out_dir=tmp_path / "i", threshold_mode="fitted")
-    b = ens.ensemble(val_files, test_files, out_dir=tmp_path / "j")
-    assert a["val_macro_f1"] == b["val_macro_f1"] and a["threshold_mode"] == b["threshold_mode"] == "fitted"
+    # No option gives the pipeline's policy (PipelineConfig.threshold_mode, prior), which needs the training labels.
+    assert ens.DEFAULT_THRESHOLD_MODE == PipelineConfig().threshold_mode == "prior"
+    with pytest.raises(DataError, match="threshold_mode 'prior': needs the training labels"):
+        ens.ensemble(val_files, test_files, out_dir=tmp_path / "j")
+    prior = np.full(28, 0.05)
+    a = ens.ensemble(val_files, test_files, out_dir=tmp_path / "i", threshold_mode="prior", prior=prior)
+    b = ens.ensemble(val_files, test_files, out_dir=tmp_path / "j", prior=prior)
+    assert a["val_macro_f1"] == b["val_macro_f1"] and a["threshold_mode"] == b["threshold_mode"] == "prior"
 
 
 def test_ensemble_refuses_mismatched_ids(tmp_path):
@@ -97,7 +102,7 @@ def test_ensemble_refuses_mismatched_ids(tmp_path):
     p = load_predictions(val_files[1])
     save_predictions(val_files[1], p.ids[:-1], p.probs[:-1], p.targets[:-1])
     with pytest.raises(DataError, match="ids differ") as exc:
-        ens.ensemble(val_files, test_files, out_dir=tmp_path / "x")
+        ens.ensemble(val_files, test_files, out_dir=tmp_path / "x", threshold_mode="fitted")
     assert val_files[1] in str(exc.value) and "e.g. 'v" in str(exc.value)
     assert not (tmp_path / "x").exists()
 
@@ -105,7 +110,8 @@ def test_ensemble_refuses_mismatched_ids(tmp_path):
 def test_ensemble_cli(tmp_path, capsys):
     val_files, test_files = make_models(tmp_path)
     out = tmp_path / "cli"
-    rc = ens.main(["--val", *val_files, "--test", *test_files, "--method", "rank", "--out", str(out)])
+    rc = ens.main(["--val", *val_files, "--test", *test_files, "--method", "rank", "--threshold-mode", "fitted",
+                   "--out", str(out)])
     assert rc == 0 and (out / "metrics.json").exists()
     assert str(out / "ensemble_test.npz") in capsys.readouterr().out
 
@@ -120,8 +126,9 @@ def test_ensemble_and_files_on_s3(tmp_path, s3_bucket):
         store.put_file(Path(path).name, path)
         uris[path] = store.join(Path(path).name)
     out = s3_bucket + "ens/run1"
-    m = ens.ensemble([uris[f] for f in val_files], [uris[f] for f in test_files], method="mean", out_dir=out)
-    local = ens.ensemble(val_files, test_files, method="mean", out_dir=tmp_path / "local")
+    m = ens.ensemble([uris[f] for f in val_files], [uris[f] for f in test_files], method="mean", out_dir=out,
+                     threshold_mode="fitted")
+    local = ens.ensemble(val_files, test_files, method="mean", out_dir=tmp_path / "local", threshold_mode="fitted")
     assert m["val_macro_f1"] == local["val_macro_f1"]
     assert sorted(open_store(out).list()) == sorted(ENSEMBLE_FILES)
     assert load_predictions(out + "/ensemble_test.npz").ids.tolist() == load_predictions(

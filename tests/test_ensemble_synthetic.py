@@ -60,11 +60,14 @@ def test_ensemble_on_synthetic_benchmark(tmp_path):
         at05 = macro_f1(val.targets, val.probs >= 0.5)
         fitted = float(pd.read_json(out / "metrics.json", typ="series")["best_val_macro_f1"])  # out-of-sample
         predict(out / "best.pt", data, ids="test", tta=2, out=out / "test.npz", device="cpu")
-        val_files.append(str(out / "val_predictions.npz"))
+        # the validation fold predicted as the test set (TTA 2): the ensemble refuses a no-TTA/TTA pair
+        predict(out / "best.pt", data, ids="val", split_csv=tmp_path / "split.csv", fold=0, tta=2,
+                out=out / "val.npz", device="cpu")
+        val_files.append(str(out / "val.npz"))
         test_files.append(str(out / "test.npz"))
         rows.append((arch, at05, fitted))
 
-    metrics = ensemble(val_files, test_files, method="mean", out_dir=tmp_path / "ens")
+    metrics = ensemble(val_files, test_files, method="mean", threshold_mode="fitted", out_dir=tmp_path / "ens")
     sub = make_submission(tmp_path / "ens" / "ensemble_test.npz", tmp_path / "ens" / "thresholds.json",
                           data / "sample_submission.csv", tmp_path / "submission.csv")
     single_test = {}

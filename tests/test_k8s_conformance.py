@@ -307,8 +307,8 @@ def rendered_cases() -> list[Case]:
     cases = []
     for trial_kind, algorithm, gpus in [("job", "tpe", 1), ("pytorchjob", "grid", 2), ("job", "random", 0)]:
         image = CUDA_IMAGE if gpus else CPU_IMAGE
-        cfg = katib.KatibConfig(namespace=NS, image=image, trial_kind=trial_kind, algorithm=algorithm, gpus=gpus,
-                                num_nodes=2, max_trials=6, **PLACED)
+        cfg = katib.KatibConfig(namespace=NS, dataset="d", image=image, trial_kind=trial_kind, algorithm=algorithm,
+                                gpus=gpus, num_nodes=2, max_trials=6, **PLACED)
         cases.append(Case(f"experiment-{trial_kind}-{algorithm}-gpus{gpus}", katib.render_experiment(cfg), image, NS))
     for kind, api in [("trainjob", "podTemplateOverrides"), ("trainjob", "runtimePatches"),
                       ("pytorchjob", "runtimePatches")]:
@@ -322,18 +322,33 @@ def committed_cases() -> list[Case]:
     """The committed files were rendered with no HPA_* image set: the default CUDA image, namespace kubeflow."""
     paths = [ROOT / "katib" / "experiment.yaml", *sorted((ROOT / "manifests").glob("*.yaml"))]
     assert len(paths) == 4
-    return [Case(str(p.relative_to(ROOT)), (obj := k8s_manifests.load_yaml(p)), config.DEFAULT_CUDA_IMAGE,
+    return [Case(str(p.relative_to(ROOT)), (obj := _applied(k8s_manifests.load_yaml(p))), config.DEFAULT_CUDA_IMAGE,
                  obj["metadata"]["namespace"], _releases(obj))
             for p in paths]
+
+
+def _applied(obj: dict, namespace: str = NS) -> dict:
+    """A file that names no namespace as `kubectl apply -n namespace` creates it (kubernetes/cli-runtime
+    pkg/resource/visitor.go RequireNamespace), Katib's ${trialSpec.Namespace} filled in as the trial will have it
+    (kubeflow/katib v0.19.0 pkg/controller.v1beta1/experiment/manifest/generator.go applyParameters)."""
+    if obj["metadata"].get("namespace"):
+        return obj
+    params = obj["spec"]["trialTemplate"]["trialParameters"]
+    names = [p["name"] for p in params if p["reference"] == "${trialSpec.Namespace}"]
+    obj["spec"]["trialTemplate"]["trialParameters"] = [p for p in params if p["name"] not in names]
+    text = json.dumps(obj)
+    for name in names:
+        text = text.replace("${trialParameters.%s}" % name, namespace)
+    return {**json.loads(text), "metadata": {**obj["metadata"], "namespace": namespace}}
 
 
 def cli_cases(tmp_path: Path) -> list[Case]:
     """The CLI renders in a subprocess whose environment sets both images to non-default values."""
     env = {**os.environ, "HPA_IMAGE": CPU_IMAGE, "HPA_CUDA_IMAGE": CUDA_IMAGE}
     runs = {
-        "cli-katib-gpu": (["katib", "render", "--namespace", NS], CUDA_IMAGE),
-        "cli-katib-cpu": (["katib", "render", "--namespace", NS, "--gpus", "0", "--trial-kind", "pytorchjob",
-                           "--num-nodes", "2"], CPU_IMAGE),
+        "cli-katib-gpu": (["katib", "render", "--dataset", "d", "--namespace", NS], CUDA_IMAGE),
+        "cli-katib-cpu": (["katib", "render", "--dataset", "d", "--namespace", NS, "--gpus", "0", "--trial-kind",
+                           "pytorchjob", "--num-nodes", "2"], CPU_IMAGE),
         "cli-trainjob-v2.1": (["train-distributed", "render", "--namespace", NS, "--trainer-api",
                                "podTemplateOverrides"], CUDA_IMAGE),
         "cli-trainjob-cpu": (["train-distributed", "render", "--namespace", NS, "--gpus-per-node", "0"], CPU_IMAGE),
@@ -364,7 +379,7 @@ def posted_cases(tmp_path: Path, monkeypatch) -> list[Case]:
                                                               trainer_api="auto", **PLACED),
                                             timeout=5, poll=0.05, api_client=client)
             if release == "v2.1.0":
-                exp = katib.render_experiment(katib.KatibConfig(namespace=NS, image=CUDA_IMAGE, **PLACED))
+                exp = katib.render_experiment(katib.KatibConfig(namespace=NS, dataset="d", image=CUDA_IMAGE, **PLACED))
                 katib_tune.launch(exp, timeout=5, poll=0.05, api_client=client)
                 train_distributed.launch_config(DistributedConfig(kind="pytorchjob", namespace=NS, name="ptj",
                                                                   image=CUDA_IMAGE),

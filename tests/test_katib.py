@@ -20,14 +20,24 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpa import k8s, katib, katib_tune
+from hpa import config, k8s, katib, katib_tune
 from hpa.errors import ConfigError
+from hpa.download import dataset_name
 from hpa.katib import KatibConfig
 from k8s_fake_api import FakeKubeAPI
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "katib" / "experiment.yaml"
 LINE = "epoch=3 train_loss=0.1234 val_loss=0.1345 val_macro_f1=0.4567"
+# The dataset the default pipeline run commits (hpa.download.dataset_name of PipelineConfig's defaults).
+_P = config.PipelineConfig()
+DEFAULT_DATASET = dataset_name(_P.data_source, _P.n_train, _P.n_test, _P.image_size, _P.seed)
+
+
+def Cfg(**changes) -> KatibConfig:
+    """A KatibConfig for the default run's dataset in namespace kubeflow (what the launchers' tests expect)."""
+    return KatibConfig(**{"dataset": DEFAULT_DATASET, "namespace": "kubeflow", **changes})
+
 
 @pytest.fixture(autouse=True)
 def default_images(monkeypatch):
@@ -36,8 +46,9 @@ def default_images(monkeypatch):
 
 
 def test_experiment_yaml_is_generated_not_hand_kept():
-    assert EXPERIMENT.read_text() == katib.render_yaml(KatibConfig()), \
-        "katib/experiment.yaml drifted: run `python -m hpa katib render --out katib/experiment.yaml`"
+    assert EXPERIMENT.read_text() == katib.render_yaml(KatibConfig(dataset=DEFAULT_DATASET)), \
+        f"katib/experiment.yaml drifted: run `python -m hpa katib render --dataset {DEFAULT_DATASET} " \
+        "--out katib/experiment.yaml`"
 
 
 def test_committed_experiment_validates_and_has_the_contract():
@@ -76,7 +87,7 @@ def test_committed_experiment_validates_and_has_the_contract():
 @pytest.mark.parametrize("algorithm", katib.ALGORITHMS)
 @pytest.mark.parametrize("trial_kind", katib.TRIAL_KINDS)
 def test_every_algorithm_and_trial_kind_validates(algorithm, trial_kind):
-    exp = katib.render_experiment(KatibConfig(algorithm=algorithm, trial_kind=trial_kind, num_nodes=2))
+    exp = katib.render_experiment(Cfg(algorithm=algorithm, trial_kind=trial_kind, num_nodes=2))
     assert exp["spec"]["algorithm"]["algorithmName"] == algorithm
     if trial_kind == "pytorchjob":
         job = exp["spec"]["trialTemplate"]["trialSpec"]
@@ -118,7 +129,7 @@ def test_every_algorithm_and_trial_kind_validates(algorithm, trial_kind):
 ])
 def test_bad_search_space_is_one_clear_error(changes, message):
     with pytest.raises(ConfigError) as err:
-        katib.render_experiment(replace(KatibConfig(), **changes))
+        katib.render_experiment(replace(Cfg(), **changes))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -132,7 +143,7 @@ def test_bad_search_space_is_one_clear_error(changes, message):
     (lambda e: e["spec"]["metricsCollectorSpec"]["source"]["filter"]["metricsFormat"].append("(a);(b)"), "no ';'"),
 ])
 def test_schema_validation_is_strict(mutate, where):
-    exp = katib.render_experiment(KatibConfig())
+    exp = katib.render_experiment(Cfg())
     mutate(exp)
     with pytest.raises(ConfigError, match=re.escape(where)):
         katib.validate_experiment(exp)
@@ -150,7 +161,7 @@ PLACED = dict(node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
 def test_trial_pods_get_the_image_and_placement_given(trial_kind):
     """The trials run the image the renderer is given (the pipeline passes the one chosen at compile
     time), with the node selector, tolerations and Istio opt-out, for Job and PyTorchJob trials."""
-    exp = katib.render_experiment(KatibConfig(image="registry.example/hpa:cuda-7", trial_kind=trial_kind, num_nodes=2,
+    exp = katib.render_experiment(Cfg(image="registry.example/hpa:cuda-7", trial_kind=trial_kind, num_nodes=2,
                                               **PLACED))
     trial = exp["spec"]["trialTemplate"]["trialSpec"]
     templates = ([r["template"] for r in trial["spec"]["pytorchReplicaSpecs"].values()] if trial_kind == "pytorchjob"
@@ -171,7 +182,7 @@ def test_cli_image_default_follows_the_environment_and_gpus(tmp_path, monkeypatc
     out = tmp_path / "exp.yaml"
     for argv, image in [([], "registry.example/hpa:cuda-3"), (["--gpus", "0"], "registry.example/hpa:cpu-3"),
                         (["--image", "registry.example/mine:1"], "registry.example/mine:1")]:
-        assert katib_tune.main(["render", "--out", str(out), *argv]) == 0
+        assert katib_tune.main(["render", "--dataset", DEFAULT_DATASET, "--out", str(out), *argv]) == 0
         assert _container(yaml.safe_load(out.read_text()))["image"] == image
 
 
@@ -206,19 +217,19 @@ def test_metric_filters_match_exactly_the_training_line():
 
 def test_cli_render_and_validate(tmp_path, capsys):
     out = tmp_path / "exp.yaml"
-    assert katib_tune.main(["render", "--out", str(out), "--algorithm", "random", "--max-trials", "6",
-                            "--lr-max", "0.01"]) == 0
+    assert katib_tune.main(["render", "--dataset", DEFAULT_DATASET, "--out", str(out), "--algorithm", "random",
+                            "--max-trials", "6", "--lr-max", "0.01"]) == 0
     exp = yaml.safe_load(out.read_text())
     assert exp["spec"]["algorithm"]["algorithmName"] == "random" and exp["spec"]["maxTrialCount"] == 6
     assert katib_tune.main(["validate", str(out)]) == 0
-    assert katib_tune.main(["render", "--out", str(tmp_path / "same.yaml")]) == 0
+    assert katib_tune.main(["render", "--dataset", DEFAULT_DATASET, "--out", str(tmp_path / "same.yaml")]) == 0
     assert (tmp_path / "same.yaml").read_text() == EXPERIMENT.read_text()
 
 
 def test_cli_bad_range_exits_2_with_one_line(capsys):
     from hpa.cli import main
 
-    assert main(["katib", "render", "--lr-min", "0.1", "--lr-max", "0.01"]) == 2
+    assert main(["katib", "render", "--dataset", DEFAULT_DATASET, "--lr-min", "0.1", "--lr-max", "0.01"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: katib lr range: lr_min=0.1 must be < lr_max=0.01"
 
@@ -237,17 +248,17 @@ def test_cli_bad_range_exits_2_with_one_line(capsys):
 def test_search_space_holds_what_the_chosen_policies_read(modes, params, flags, trial_kind):
     """threshold only when global or shrunk is searched, shrink_strength only with shrunk; the trial
     command passes exactly the searched values, and the Experiment validates."""
-    exp = katib.render_experiment(KatibConfig(threshold_modes=modes, trial_kind=trial_kind, num_nodes=2))
+    exp = katib.render_experiment(Cfg(threshold_modes=modes, trial_kind=trial_kind, num_nodes=2))
     assert [p["name"] for p in exp["spec"]["parameters"]] == params
     assert exp["spec"]["parameters"][1]["feasibleSpace"]["list"] == list(modes)
-    args = " ".join(katib.train_args(KatibConfig(threshold_modes=modes)))
+    args = " ".join(katib.train_args(Cfg(threshold_modes=modes)))
     for flag, name in (("--threshold", "threshold"), ("--shrink-strength", "shrinkStrength")):
         assert (f"{flag} ${{trialParameters.{name}}}" in args) == (flag in flags)
     assert "--threshold-mode ${trialParameters.thresholdMode}" in args and "--lr ${trialParameters.lr}" in args
 
 
 def test_grid_space_includes_the_shrink_strength():
-    exp = katib.render_experiment(KatibConfig(algorithm="grid", grid_points=3, max_trials=108,
+    exp = katib.render_experiment(Cfg(algorithm="grid", grid_points=3, max_trials=108,
                                                     shrink_strength_min=2.0, shrink_strength_max=32.0))
     params = {p["name"]: p for p in exp["spec"]["parameters"]}
     assert params["shrink_strength"] == {"name": "shrink_strength", "parameterType": "discrete",
@@ -258,8 +269,8 @@ def test_grid_space_includes_the_shrink_strength():
 
 def test_cli_render_new_options(tmp_path):
     out = tmp_path / "exp.yaml"
-    assert katib_tune.main(["render", "--out", str(out), "--threshold-modes", "shrunk", "prior",
-                       "--shrink-strength-min", "3", "--shrink-strength-max", "30"]) == 0
+    assert katib_tune.main(["render", "--dataset", DEFAULT_DATASET, "--out", str(out), "--threshold-modes",
+                            "shrunk", "prior", "--shrink-strength-min", "3", "--shrink-strength-max", "30"]) == 0
     params = {p["name"]: p["feasibleSpace"] for p in yaml.safe_load(out.read_text())["spec"]["parameters"]}
     assert params["threshold_mode"]["list"] == ["shrunk", "prior"]
     assert params["shrink_strength"] == {"min": "3", "max": "30", "distribution": "logUniform"}
@@ -298,7 +309,7 @@ def test_hand_edited_search_space_is_one_clear_error(mutate, message):
 
 
 def test_validate_accepts_every_policy_and_a_discrete_shrink_strength():
-    exp = katib.render_experiment(KatibConfig(algorithm="grid", max_trials=20))
+    exp = katib.render_experiment(Cfg(algorithm="grid", max_trials=20))
     katib.validate_experiment(exp)
     katib.check_search_space([
         {"name": "shrink_strength", "parameterType": "discrete", "feasibleSpace": {"list": ["0", "5"]}},
@@ -325,11 +336,11 @@ def test_best_trial_returns_the_policy_with_its_shrink_strength():
 def test_best_trial_reports_defaults_for_values_not_searched():
     """An Experiment over fitted and prior searches neither threshold nor shrink_strength: best_trial
     reports the pipeline defaults (no chosen policy reads them), and does not ask for them."""
-    exp = katib.render_experiment(KatibConfig(threshold_modes=("fitted", "prior")))
+    exp = katib.render_experiment(Cfg(threshold_modes=("fitted", "prior")))
     best = katib_tune.best_trial(_with_optimal(exp, {"lr": "0.001", "threshold_mode": "prior"}))
     assert (best["threshold_mode"], best["threshold"], best["shrink_strength"]) == \
         ("prior", 0.3, katib.DEFAULT_SHRINK_STRENGTH)
-    exp = katib.render_experiment(KatibConfig(threshold_modes=("global",)))
+    exp = katib.render_experiment(Cfg(threshold_modes=("global",)))
     with pytest.raises(k8s.ClusterError, match=r"lacks \['threshold'\]$"):
         katib_tune.best_trial(_with_optimal(exp, {"lr": "0.001", "threshold_mode": "global"}))
 
@@ -337,7 +348,10 @@ def test_best_trial_reports_defaults_for_values_not_searched():
 # ---------------------------------------------------------------- launch (stand-in API server)
 
 def _experiment():
-    return yaml.safe_load(EXPERIMENT.read_text())
+    """The committed Experiment, placed in namespace kubeflow (the file names none: kubectl apply -n picks it)."""
+    exp = yaml.safe_load(EXPERIMENT.read_text())
+    exp["metadata"]["namespace"] = "kubeflow"
+    return exp
 
 
 class PerExperimentAPI(FakeKubeAPI):
@@ -363,14 +377,14 @@ MODELS = {"resnet18": 1e-3, "se_resnet18": 1e-3}
 
 
 def test_model_experiments_one_per_model_with_dns_safe_names():
-    exps = katib_tune.model_experiments(KatibConfig(), MODELS)
+    exps = katib_tune.model_experiments(Cfg(), MODELS)
     assert list(exps) == ["resnet18", "se_resnet18"]
     assert [e["metadata"]["name"] for e in exps.values()] == \
         ["hpa-lr-threshold-resnet18", "hpa-lr-threshold-se-resnet18"]
     for arch, exp in exps.items():
         args = _container(exp)["args"]
         assert args[args.index("--arch") + 1] == arch
-    long = katib_tune.model_experiments(KatibConfig(name="a" * 40), {"se_resnet50": 1e-3})
+    long = katib_tune.model_experiments(Cfg(name="a" * 40), {"se_resnet50": 1e-3})
     assert long["se_resnet50"]["metadata"]["name"] == "a" * 28 + "-se-resnet50"
     assert katib_tune.arch_label("Se_ResNet18") == "se-resnet18"
 
@@ -382,7 +396,7 @@ def test_model_experiments_one_per_model_with_dns_safe_names():
 ])
 def test_bad_model_list_is_one_clear_error(models, message):
     with pytest.raises(ConfigError) as err:
-        katib_tune.model_experiments(KatibConfig(), models)
+        katib_tune.model_experiments(Cfg(), models)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
@@ -393,7 +407,7 @@ def test_tune_models_runs_one_experiment_per_model_and_takes_the_best_policy(tmp
                         0.48),
     }
     with PerExperimentAPI(results, polls=3) as api:
-        out = katib_tune.tune_models(KatibConfig(namespace="team-a"), MODELS, timeout=20, poll=0.05, unique_name=True,
+        out = katib_tune.tune_models(Cfg(namespace="team-a"), MODELS, timeout=20, poll=0.05, unique_name=True,
                                      api_client=api.api_client(), save_to=tmp_path / "experiments.yaml")
         names = [p["metadata"]["name"] for p in api.posted]
         assert all(api.gets[("experiments", "team-a", n)] == 3 for n in names) and api.deleted == []
@@ -421,7 +435,7 @@ def test_one_failed_experiment_deletes_the_others():
     with PerExperimentAPI(failing=("se-resnet18",), polls=2, outcome="never") as api:
         with pytest.raises(k8s.ClusterError,
                            match=r"^Experiment team-a/hpa-lr-threshold-se-resnet18 failed: MaxFailedTrialsReached"):
-            katib_tune.tune_models(KatibConfig(namespace="team-a"), MODELS, timeout=20, poll=0.05,
+            katib_tune.tune_models(Cfg(namespace="team-a"), MODELS, timeout=20, poll=0.05,
                                    api_client=api.api_client())
         assert sorted(d["key"][2] for d in api.deleted if d["by"] == "client") == \
             ["hpa-lr-threshold-resnet18", "hpa-lr-threshold-se-resnet18"]
@@ -431,7 +445,7 @@ def test_one_failed_experiment_deletes_the_others():
 def test_timeout_of_a_model_list_deletes_every_experiment():
     with PerExperimentAPI(polls=1, outcome="never") as api:
         with pytest.raises(k8s.ClusterError, match=r"did not finish within 0.5 s \(last state: Running\)"):
-            katib_tune.tune_models(KatibConfig(), MODELS, timeout=0.5, poll=0.05, api_client=api.api_client())
+            katib_tune.tune_models(Cfg(), MODELS, timeout=0.5, poll=0.05, api_client=api.api_client())
         assert len(api.deleted) == 2 and api.objects == {}
 
 
@@ -439,10 +453,10 @@ def test_refused_creation_deletes_the_experiments_already_created():
     """The second model's name is taken: the first model's Experiment, already created, is deleted."""
     with PerExperimentAPI(polls=1) as api:
         client = api.api_client()
-        clash = katib_tune.model_experiments(KatibConfig(), {"se_resnet18": 1e-3})["se_resnet18"]
+        clash = katib_tune.model_experiments(Cfg(), {"se_resnet18": 1e-3})["se_resnet18"]
         k8s.create_object(k8s.custom_objects_api(client), clash, "experiments", "kubeflow")
         with pytest.raises(k8s.Rejected, match=r'HTTP 409 experiments "hpa-lr-threshold-se-resnet18" already exists'):
-            katib_tune.tune_models(KatibConfig(), MODELS, timeout=5, poll=0.05, api_client=client)
+            katib_tune.tune_models(Cfg(), MODELS, timeout=5, poll=0.05, api_client=client)
         assert [d["key"][2] for d in api.deleted] == ["hpa-lr-threshold-resnet18"]
         assert list(api.objects) == [("experiments", "kubeflow", "hpa-lr-threshold-se-resnet18")]
 
@@ -454,7 +468,7 @@ def test_model_list_experiments_are_owned_by_the_kfp_task_pod(tmp_path, monkeypa
     monkeypatch.setenv("KFP_POD_UID", "uid-of-tune-pod")
     with PerExperimentAPI(polls=1) as api:
         api.add_pod("team-a", "tune-pod", "uid-of-tune-pod")
-        katib_tune.tune_models(KatibConfig(namespace="team-a"), MODELS, timeout=5, poll=0.05,
+        katib_tune.tune_models(Cfg(namespace="team-a"), MODELS, timeout=5, poll=0.05,
                                api_client=api.api_client())
         owner = {"apiVersion": "v1", "kind": "Pod", "name": "tune-pod", "uid": "uid-of-tune-pod"}
         assert all(p["metadata"]["ownerReferences"] == [owner] for p in api.posted) and len(api.posted) == 2
@@ -469,7 +483,7 @@ def test_signal_while_tuning_a_model_list_deletes_every_experiment(tmp_path, sig
     with PerExperimentAPI(polls=1, outcome="never") as api:
         env = {**os.environ, "KUBECONFIG": api.write_kubeconfig(tmp_path / "kubeconfig")}
         env.pop("KUBERNETES_SERVICE_HOST", None)
-        proc = subprocess.Popen([sys.executable, "-m", "hpa", "katib", "tune",
+        proc = subprocess.Popen([sys.executable, "-m", "hpa", "katib", "tune", "--dataset", DEFAULT_DATASET,
                                  "--models", '{"resnet18": 0.001, "se_resnet18": 0.001}',
                                  "--namespace", "ns1", "--timeout", "120", "--poll", "0.1"],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -491,7 +505,8 @@ def test_cli_tune_prints_the_combined_result(tmp_path, monkeypatch, capsys):
     with PerExperimentAPI({"resnet18": ({"lr": "0.002", "threshold_mode": "prior"}, 0.3)}, polls=1) as api:
         monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "config"))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        assert katib_tune.main(["tune", "--models", '{"resnet18": 0.001}', "--namespace", "ns1",
+        assert katib_tune.main(["tune", "--dataset", DEFAULT_DATASET, "--models", '{"resnet18": 0.001}',
+                                "--namespace", "ns1",
                                 "--threshold-modes", "fitted", "prior", "--timeout", "20", "--poll", "0.05",
                                 "--save", str(tmp_path / "e.yaml")]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -606,7 +621,7 @@ def test_katib_tune_component_against_stand_in(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     from kfp.dsl import Artifact, Dataset
 
-    from components.katib_tune.component import katib_defaults, katib_tune
+    from components.katib_tune.component import katib_tune
 
     split = tmp_path / "split.csv"
     split.write_text("Id,Target,fold\na,0,0\n")
@@ -619,7 +634,8 @@ def test_katib_tune_component_against_stand_in(tmp_path, monkeypatch):
     with PerExperimentAPI(results, polls=2) as api:
         monkeypatch.setenv("KUBECONFIG", api.write_kubeconfig(tmp_path / "config"))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        out = katib_tune.python_func(data_uri="s3://bucket/data", split_csv=Dataset(name="split", uri=str(split)),
+        out = katib_tune.python_func(tune=True, threshold=0.3, threshold_mode="shrunk", shrink_strength=10.0,
+                                     data_uri="s3://bucket/data", split_csv=Dataset(name="split", uri=str(split)),
                                      store_uri=str(tmp_path / "store"), experiment=experiment, namespace="team",
                                      trial_image="registry.example/hpa:cuda-5",
                                      models={"resnet18": 1e-3, "se_resnet18": 2e-3},
@@ -647,8 +663,13 @@ def test_katib_tune_component_against_stand_in(tmp_path, monkeypatch):
     assert experiment.metadata["policy_from"] == "se_resnet18" and \
         experiment.metadata["experiments"]["resnet18"] == names[0]
     assert experiment.metadata["trials"]["resnet18"]["val_macro_f1"] == 0.41
-    defaults = katib_defaults.python_func(models={"resnet18": 1e-3, "se_resnet18": 2e-3}, threshold=0.3,
-                                          threshold_mode="shrunk", shrink_strength=10.0)
+    # tune=false: nothing created, the run parameters returned unchanged in the same shape.
+    defaults = katib_tune.python_func(tune=False, data_uri="s3://bucket/data",
+                                      split_csv=Dataset(name="split", uri=str(split)), store_uri=str(tmp_path / "s2"),
+                                      experiment=Artifact(name="e2", uri=str(tmp_path / "e2.yaml")),
+                                      trial_image="registry.example/hpa:cuda-5",
+                                      models={"resnet18": 1e-3, "se_resnet18": 2e-3}, threshold=0.3,
+                                      threshold_mode="shrunk", shrink_strength=10.0)
     assert defaults._fields == out._fields
     assert tuple(defaults) == ({"resnet18": 1e-3, "se_resnet18": 2e-3}, 0.3, "shrunk", 10.0, -1.0)
 
@@ -660,7 +681,8 @@ def test_katib_tune_component_refuses_a_bad_model_list_before_touching_the_store
     from components.katib_tune.component import katib_tune
 
     with pytest.raises(ConfigError) as err:
-        katib_tune.python_func(data_uri="s3://bucket/data",
+        katib_tune.python_func(tune=True, threshold=0.3, threshold_mode="prior", shrink_strength=10.0,
+                               data_uri="s3://bucket/data",
                                split_csv=Dataset(name="split", uri=str(tmp_path / "s.csv")),
                                store_uri=str(tmp_path / "store"),
                                experiment=Artifact(name="e", uri=str(tmp_path / "e.yaml")),
@@ -676,7 +698,8 @@ def test_katib_tune_component_refuses_an_empty_trial_image(tmp_path, monkeypatch
     from components.katib_tune.component import katib_tune
 
     with pytest.raises(ConfigError) as err:
-        katib_tune.python_func(data_uri="s3://bucket/data",
+        katib_tune.python_func(tune=True, threshold=0.3, threshold_mode="prior", shrink_strength=10.0,
+                               data_uri="s3://bucket/data",
                                split_csv=Dataset(name="split", uri=str(tmp_path / "s.csv")),
                                store_uri=str(tmp_path / "store"),
                                experiment=Artifact(name="e", uri=str(tmp_path / "e.yaml")),
@@ -710,4 +733,59 @@ def test_timestamped_metric_line_gives_katib_its_time_and_the_same_metrics():
     assert found == {"val_loss": 0.1345, "val_macro_f1": 0.4567}
     assert [m.group(1) for m in re.finditer(katib.KATIB_DEFAULT_FILTER, line)] == [
         "epoch", "train_loss", "val_loss", "val_macro_f1"]
-    assert "--metric-timestamps" in katib.train_args(KatibConfig())
+    assert "--metric-timestamps" in katib.train_args(Cfg())
+
+
+# ---------------------------------------------------------------- what the trials read (issue 22, item 9)
+
+def test_render_without_data_or_split_is_one_line_saying_how_to_get_them(capsys):
+    """No silent `<store>/data`: the trials read a finished run's committed dataset and a split in the store,
+    and rendering without them stops before anything is written."""
+    from hpa.cli import main
+
+    assert main(["katib", "render", "--namespace", "team-a"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: katib data: not set; expected --dataset NAME (a dataset a finished run committed to "
+        "s3://mlpipeline/private/{namespace}/hpa-kfp/datasets/NAME, with its manifest.json) or --data URI")
+    assert main(["katib", "render", "--data", "s3://b/own/data"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: katib split: not set for --data s3://b/own/data; expected --split URI of a split CSV in the store "
+        "(python -m hpa split --data s3://b/own/data --folds 5 --seed 0 --out URI writes one)")
+
+
+def test_a_dataset_name_gives_the_data_and_split_of_that_namespace():
+    exp = katib.render_experiment(KatibConfig(namespace="team-a", dataset="own-all", folds=3, seed=2))
+    args = _container(exp)["args"]
+    store = "s3://mlpipeline/private/team-a/hpa-kfp"
+    assert exp["metadata"] == {"name": "hpa-lr-threshold", "namespace": "team-a"}
+    assert args[args.index("--data") + 1] == f"{store}/datasets/own-all"
+    assert args[args.index("--split") + 1] == f"{store}/splits/own-all/3folds-seed2.csv"
+    assert "namespace" not in {p["name"] for p in exp["spec"]["trialTemplate"]["trialParameters"]}
+    # Packed shards of a committed dataset: the split follows the dataset's name.
+    exp = katib.render_experiment(KatibConfig(namespace="team-a", data=f"{store}/datasets/own-all/shards-32px"))
+    args = _container(exp)["args"]
+    assert args[args.index("--split") + 1] == f"{store}/splits/own-all/5folds-seed0.csv"
+
+
+def test_without_a_namespace_the_store_uris_follow_the_trial(tmp_path):
+    """No metadata.namespace (kubectl apply -n picks it) and {namespace} = Katib's ${trialSpec.Namespace}; a
+    PyTorchJob trial too. A concrete store URI needs no trial parameter."""
+    for kind in katib.TRIAL_KINDS:
+        exp = katib.render_experiment(KatibConfig(dataset="d", trial_kind=kind, num_nodes=2))
+        assert "namespace" not in exp["metadata"]
+        params = {p["name"]: p["reference"] for p in exp["spec"]["trialTemplate"]["trialParameters"]}
+        assert params["namespace"] == "${trialSpec.Namespace}"
+        args = _container(exp)["args"] if kind == "job" else \
+            exp["spec"]["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+                "containers"][0]["args"]
+        assert args[args.index("--data") + 1] == "s3://mlpipeline/private/${trialParameters.namespace}/hpa-kfp/datasets/d"
+    exp = katib.render_experiment(KatibConfig(store_uri="s3://shared/hpa", dataset="d"))
+    assert "namespace" not in {p["name"] for p in exp["spec"]["trialTemplate"]["trialParameters"]}
+
+
+def test_verify_refuses_a_dataset_that_is_not_committed(tmp_path):
+    (tmp_path / "datasets" / "d").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"^katib data .*/datasets/d: no committed dataset there \(no manifest"):
+        katib_tune.verify_inputs(KatibConfig(namespace="team-a", store_uri=str(tmp_path), dataset="d"))
+    with pytest.raises(ConfigError, match=r"katib --verify: data .*\$\{trialParameters.namespace\}.* give --namespace"):
+        katib_tune.verify_inputs(KatibConfig(dataset="d"))

@@ -18,6 +18,12 @@ from hpa import katib, sweep, sweep_spec
 from hpa.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(**changes) -> katib.KatibConfig:
+    """A KatibConfig with the data it needs (any dataset name; these sweeps never read it) in a namespace."""
+    return katib.KatibConfig(**{"dataset": "d", "namespace": "team-a", **changes})
+
 EXPERIMENT = ROOT / "katib" / "experiment.yaml"
 
 # Katib's default StdOut filter, copied from kubeflow/katib pkg/metricscollector/v1beta1/common/const.go.
@@ -54,6 +60,7 @@ def _fake_experiment(tmp_path: Path, **spec_changes) -> Path:
     container = exp["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"][0]
     container["command"] = ["python", str(script)]
     exp["spec"].update(spec_changes)
+    exp["metadata"]["namespace"] = "team-a"  # the committed file names none: its store URIs follow the trial's
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(exp))
     return path
@@ -71,6 +78,13 @@ def test_read_experiment():
 
 def test_trial_command_substitutes_and_overrides():
     spec = sweep_spec.read_experiment(EXPERIMENT)
+    # The committed file names no namespace: its store URIs follow the trial's (${trialSpec.Namespace}).
+    assert spec.namespace == "" and spec.trial_parameters["namespace"] == "${trialSpec.Namespace}"
+    with pytest.raises(ConfigError, match=r"^--split s3://mlpipeline/private/\$\{trialParameters.namespace\}/hpa-kfp/"
+                       r"splits/.*: the trial's namespace, and hpa-lr-threshold names none; give --namespace NS"):
+        sweep_spec.trial_command(spec, {"lr": 0.001, "threshold": 0.2, "threshold_mode": "global",
+                                        "shrink_strength": 3.0}, "t-000", {"data": "/d"}, "/w/runs")
+    spec.namespace = "team-a"  # `python -m hpa sweep --namespace team-a`
     cmd = sweep_spec.trial_command(
         spec, {"lr": 0.00042, "threshold": 0.25, "threshold_mode": "shrunk", "shrink_strength": 12.5},
         "t-001", {"data": "/d", "epochs": "1", "threads": "1"}, "/w/runs")
@@ -86,6 +100,7 @@ def test_trial_command_substitutes_and_overrides():
     assert opts["--shrink-strength"] == "12.5"
     assert opts["--data"] == "/d" and opts["--epochs"] == "1" and opts["--threads"] == "1" and \
         opts["--out"] == "/w/runs/t-001"
+    assert opts["--split"].startswith("s3://mlpipeline/private/team-a/hpa-kfp/splits/")
 
 
 def test_parse_metrics_like_katib():
@@ -101,7 +116,7 @@ def test_parse_metrics_like_katib():
 def test_grid_values_follow_katib():
     param = {"name": "t", "parameterType": "double", "feasibleSpace": {"min": "0.05", "max": "0.6", "step": "0.183333"}}
     assert [round(v, 4) for v in sweep_spec.grid_values(param)] == [0.05, 0.2333, 0.4167, 0.6]
-    exp = katib.render_experiment(katib.KatibConfig(algorithm="grid", grid_points=3, max_trials=6))
+    exp = katib.render_experiment(_cfg(algorithm="grid", grid_points=3, max_trials=6))
     lr = exp["spec"]["parameters"][0]
     assert lr["parameterType"] == "discrete" and len(sweep_spec.grid_values(lr)) == 3
 
@@ -110,14 +125,14 @@ def test_grid_values_follow_katib():
                                                 ("cmaes", "CmaEsSampler"), ("grid", "GridSampler")])
 def test_algorithm_maps_to_optuna(tmp_path, algorithm, sampler):
     path = tmp_path / "e.yaml"
-    path.write_text(katib.render_yaml(katib.KatibConfig(algorithm=algorithm, max_trials=4, parallel_trials=2)))
+    path.write_text(katib.render_yaml(_cfg(algorithm=algorithm, max_trials=4, parallel_trials=2)))
     assert type(sweep_spec.make_sampler(sweep_spec.read_experiment(path))).__name__ == sampler
 
 
 @pytest.mark.parametrize("algorithm", ["bayesianoptimization", "sobol"])
 def test_algorithm_without_local_equivalent_is_a_clear_error(tmp_path, algorithm):
     path = tmp_path / "e.yaml"
-    path.write_text(katib.render_yaml(katib.KatibConfig(algorithm=algorithm)))
+    path.write_text(katib.render_yaml(_cfg(algorithm=algorithm)))
     with pytest.raises(ConfigError, match=f"algorithm '{algorithm}' has no local Optuna equivalent; "
                                           "local sweeps support tpe, random, grid, cmaes"):
         sweep_spec.make_sampler(sweep_spec.read_experiment(path))
@@ -165,7 +180,7 @@ def test_sweep_draws_every_policy_and_passes_the_shrink_strength(tmp_path, algor
     """The local sweep reads the four-policy space (categorical threshold_mode, uniform threshold,
     log-uniform or grid shrink_strength) and hands each trial the values it drew."""
     path = tmp_path / "e.yaml"
-    path.write_text(katib.render_yaml(katib.KatibConfig(algorithm=algorithm, max_trials=12, parallel_trials=1,
+    path.write_text(katib.render_yaml(_cfg(algorithm=algorithm, max_trials=12, parallel_trials=1,
                                                         shrink_strength_min=2.0, shrink_strength_max=40.0)))
     spec = sweep_spec.read_experiment(path)
     assert [p["name"] for p in spec.parameters] == ["lr", "threshold_mode", "threshold", "shrink_strength"]

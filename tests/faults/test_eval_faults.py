@@ -221,9 +221,9 @@ def test_killed_and_rerun_gives_the_same_outputs(tmp_path, stage):
     p = write_inputs(tmp_path / "in", n_val=20_000, n_test=20_000)  # big enough that writes take a while
     ref_dir = tmp_path / "ref"
     if stage == "ensemble":
-        argv_for = lambda out: ensemble_argv(p, out)  # noqa: E731
+        argv_for = lambda out: ensemble_argv(p, out, ["--threshold-mode", "fitted"])  # noqa: E731
     else:
-        assert run_to_end(ensemble_argv(p, tmp_path / "ens"), env).returncode == 0
+        assert run_to_end(ensemble_argv(p, tmp_path / "ens", ["--threshold-mode", "fitted"]), env).returncode == 0
         argv_for = lambda out: submit_argv(p, str(tmp_path / "ens" / "ensemble_test.npz"), out / "submission.csv")  # noqa: E731
     t0 = time.perf_counter()
     done = run_to_end(argv_for(ref_dir), env)

@@ -45,7 +45,7 @@ def _rendered(monkeypatch) -> dict[str, str]:
     texts = {}
     for algorithm in ("tpe", "grid"):
         for kind in katib.TRIAL_KINDS:
-            cfg = katib.KatibConfig(algorithm=algorithm, trial_kind=kind, max_trials=6)
+            cfg = katib.KatibConfig(algorithm=algorithm, trial_kind=kind, max_trials=6, dataset="d")
             texts[f"katib-{algorithm}-{kind}"] = katib.render_yaml(cfg)
     for kind in train_distributed.KINDS:
         texts[f"distributed-{kind}"] = train_distributed.render_yaml(train_distributed.DistributedConfig(kind=kind,
