@@ -46,7 +46,7 @@ from components.check_params.component import check_params  # noqa: E402
 from components.compare_plots.component import compare_plots  # noqa: E402
 from components.dataset_state.component import dataset_state  # noqa: E402
 from components.download.component import download  # noqa: E402
-from components.katib_tune.component import katib_defaults, katib_tune  # noqa: E402
+from components.katib_tune.component import katib_tune  # noqa: E402
 from components.ensemble.component import ensemble  # noqa: E402
 from components.montage.component import montage  # noqa: E402
 from components.pack.component import pack  # noqa: E402
@@ -55,7 +55,6 @@ from components.submit.component import submit  # noqa: E402
 from components.train.component import train  # noqa: E402
 from components.tensorboard.component import tensorboard as tensorboard_for_run  # noqa: E402
 from components.train_distributed.component import train_distributed  # noqa: E402
-from components.use_dataset.component import use_dataset  # noqa: E402
 from hpa.config import (  # noqa: E402
     KAGGLE_SECRET_KEYS, KAGGLE_SECRET_NAME, S3_SECRET_KEYS, S3_SECRET_NAME, ClusterParameters, PipelineConfig,
     cuda_image, image,
@@ -63,6 +62,7 @@ from hpa.config import (  # noqa: E402
 from hpa.options import default_of, help_of  # noqa: E402
 from hpa.errors import ConfigError  # noqa: E402
 from cluster import backend_rules  # noqa: E402
+from cluster.backend_cache import CacheStore  # noqa: E402
 
 PIPELINE_NAME = "hpa-pipeline"
 MULTINODE_NAME = "hpa-pipeline-multinode"
@@ -77,7 +77,8 @@ RUN_PARAMETER_CLASSES = (PipelineConfig, ClusterParameters)
 MULTINODE_DEFAULTS = {"num_nodes": 2}
 # run --local's own defaults: no Tensorboard server here; the curves stay in each training task's run artifact
 # under pipeline_root (main prints the `tensorboard --logdir` command), not in the embedded store removed after.
-LOCAL_DEFAULTS = {"tensorboard": False}
+# Nor checkpoints in the store: a local run neither retries nor is preempted (resume_from_store).
+LOCAL_DEFAULTS = {"tensorboard": False, "resume_from_store": False}
 # The oldest KFP backend both pipelines run on with the default s3_endpoint: seaweedfs.kubeflow:9000 exists
 # from 2.16.0 (docs/cluster.md, Supported versions). With an s3_endpoint of the user's it is the oldest the
 # compiled YAML itself runs on (cluster.backend_rules.min_backend_version: 2.15.0). `submit` refuses older.
@@ -88,6 +89,7 @@ MIN_KFP_BACKEND_OWN_ENDPOINT = "2.15.0"
 LIGHT = {"cpu": "1", "memory": "2Gi"}
 DOWNLOAD = {"cpu": "2", "memory": "4Gi"}
 TRAIN = {"cpu": "4", "memory": "16Gi"}
+TRAIN_RETRIES = 3  # a training pod lost to preemption or eviction, retried from its last checkpoint in the store
 SHM_SIZE = "8Gi"  # DataLoader workers share batches through /dev/shm (64 MiB by default in a pod).
 
 
@@ -98,19 +100,6 @@ def _with_requests(task: dsl.PipelineTask, requests: dict) -> dsl.PipelineTask:
 def _with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """S3 keys from KFP's object store secret (keys accesskey/secretkey) as HPA_S3_ACCESS_KEY/SECRET_KEY."""
     return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET_NAME, secret_key_to_env=S3_SECRET_KEYS)
-
-
-def _name_branches(display_name: str) -> None:
-    """Give the If/Else group just closed a display name. kfp 2.17 wraps an If followed by Else in a
-    ConditionBranches group it makes itself (kfp/dsl/tasks_group.py maybe_make_and_insert_conditional_branches_group)
-    and names its task `display_name or name` (kfp/compiler/pipeline_spec_builder.py, task_info.name), but offers no
-    argument for it: without this the UI shows "condition-branches-2"."""
-    from kfp.dsl import pipeline_context, tasks_group
-
-    group = pipeline_context.Pipeline.get_default_pipeline().groups[-1].groups[-1]
-    if not isinstance(group, tasks_group.ConditionBranches):
-        raise TypeError(f"_name_branches: the last group is {type(group).__name__}, not an If/Else's ConditionBranches")
-    group.display_name = display_name
 
 
 def _as_training(task: dsl.PipelineTask, pod: dsl.PipelineTask, accelerator_type, node_selector,
@@ -131,6 +120,9 @@ def _as_training(task: dsl.PipelineTask, pod: dsl.PipelineTask, accelerator_type
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE)
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration_json(task, tolerations)
+    # A preempted or evicted pod is retried and resumes from the checkpoint the task keeps in the store
+    # (hpa.train_task: <store_uri>/checkpoints/<training key>/); Argo's retryStrategy, kfp PipelineTask.set_retry.
+    task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2)
     return _with_s3(task).set_caching_options(True)
 
 
@@ -144,12 +136,17 @@ def run_parameters() -> list[inspect.Parameter]:
     return out
 
 
-def _with_run_parameters(body, summary: str):
-    """A pipeline function for `body(p)` whose signature is the run parameters and whose docstring's Args are
-    their descriptions (kfp reads both: kfp/dsl/component_factory.py extract_component_interface takes
-    inspect.signature and the docstring's Args; kfp/dsl/graph_component.py calls the function with one channel
-    per signature parameter, in order)."""
-    params = run_parameters()
+# Run parameters one pipeline does not take: the single-pod pipeline trains on one pod, so its run form shows no
+# num_nodes (pipeline_for picks the multi-node pipeline for num_nodes > 1).
+NOT_IN_SINGLE_POD = ("num_nodes",)
+
+
+def _with_run_parameters(body, summary: str, exclude: tuple[str, ...] = ()):
+    """A pipeline function for `body(p)` whose signature is the run parameters (less `exclude`) and whose
+    docstring's Args are their descriptions (kfp reads both: kfp/dsl/component_factory.py
+    extract_component_interface takes inspect.signature and the docstring's Args; kfp/dsl/graph_component.py calls
+    the function with one channel per signature parameter, in order)."""
+    params = [param for param in run_parameters() if param.name not in exclude]
     names = [param.name for param in params]
 
     def hpa_pipeline(*channels):
@@ -184,36 +181,33 @@ def make_pipeline(multi_node: bool):
         ClusterParameters)."""
         checked = check_params(**_inputs_of(check_params, p), multi_node=multi_node, cpu_image=image(),
                                cuda_image=cuda_image())
-        _with_requests(checked, LIGHT).set_caching_options(True).set_display_name("check parameters")
+        _with_s3(_with_requests(checked, LIGHT)).set_caching_options(True).set_display_name("check parameters")
         store = checked.outputs["store_uri"]  # {namespace} resolved
 
         # What the store holds now (never cached): its hashes are inputs of download, split and pack, so the
         # backend's cache key (input values: backend/src/v2/cacheutils/cache.go GenerateCacheKey) changes when
         # the dataset or its shards are deleted or changed, and those tasks run again instead of being reused.
-        state = dataset_state(source=p.data_source, store_uri=store, n_train=p.n_train, n_test=p.n_test,
-                              image_size=p.image_size, seed=p.seed, s3_endpoint=p.s3_endpoint)
+        state = dataset_state(source=p.data_source, merge_with=p.merge_with, store_uri=store, n_train=p.n_train,
+                              n_test=p.n_test, image_size=p.image_size, seed=p.seed, s3_endpoint=p.s3_endpoint)
         _with_s3(_with_requests(state, LIGHT)).set_caching_options(False).set_display_name("dataset in store")
 
-        # A committed s3:// dataset is imported (dsl.importer: a Dataset node in the lineage graph), not copied.
-        # The importer's URI is a pipeline parameter, which the backend resolves from the enclosing DAG's inputs
-        # (2.16.0 backend/src/v2/component/importer_launcher.go: GetRuntimeParameter -> GetComponentInputParameter).
-        with dsl.If(state.outputs["existing"] == True, name="existing dataset"):  # noqa: E712 - a pipeline condition
-            imported = dsl.importer(artifact_uri=p.data_source, artifact_class=Dataset, reimport=False,
-                                    metadata={"source": "data_source run parameter"})
-            imported.set_display_name("import dataset")
-            used = use_dataset(dataset=imported.output, expected_manifest=state.outputs["manifest_sha256"],
-                               s3_endpoint=p.s3_endpoint)
-            _with_s3(_with_requests(used, LIGHT)).set_caching_options(True).set_display_name("check dataset")
-        with dsl.Else(name="download dataset"):
-            data = download(
-                source=p.data_source, store_uri=store, n_train=p.n_train, n_test=p.n_test, image_size=p.image_size,
-                seed=p.seed, s3_endpoint=p.s3_endpoint, expected_manifest=state.outputs["manifest_sha256"],
-            )
-            _with_s3(_with_requests(data, DOWNLOAD)).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2)
-            data.set_caching_options(True).set_display_name("fetch and commit")
-        _name_branches("dataset source")
-        data_uri = dsl.OneOf(used.outputs["data_uri"], data.outputs["data_uri"])
-        data_manifest = dsl.OneOf(used.outputs["manifest_sha256"], data.outputs["manifest_sha256"])
+        # One download task, in every run, whatever the source: a committed s3:// dataset is checked and handed on by
+        # its URI (a string), anything else is fetched and committed. No condition branch and no dsl.OneOf here: a
+        # branch whose only task is a cache hit is never COMPLETE on the backend (a cache hit is published CACHED by
+        # the driver, 2.16.0/2.17.0 backend/src/v2/driver/container.go Container(), and Argo skips its launcher,
+        # argocompiler/container.go; only the launcher updates the parent DAG, component/launcher_v2.go
+        # UpdateDAGExecutionsState), so a OneOf over it fails in resolve.go GetProducerTask on the second identical
+        # run. And no input artifact for the dataset: the launcher downloads every input artifact before the task
+        # runs (launcher_v2.go downloadArtifacts), an s3:// URI outside the pipeline root through
+        # fetchNonDefaultBuckets with AWS default credentials, and the whole dataset at that.
+        data = download(
+            source=p.data_source, merge_with=p.merge_with, store_uri=store, n_train=p.n_train, n_test=p.n_test,
+            image_size=p.image_size, seed=p.seed, s3_endpoint=p.s3_endpoint,
+            expected_manifest=state.outputs["manifest_sha256"],
+        )
+        _with_s3(_with_requests(data, DOWNLOAD)).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2)
+        data.set_caching_options(True).set_display_name("dataset: fetch and commit, or check a committed one")
+        data_uri, data_manifest = data.outputs["data_uri"], data.outputs["manifest_sha256"]
 
         with dsl.If(p.plot_samples == True, name="plot samples"):  # noqa: E712 - a pipeline condition, not Python
             samples = montage(data_uri=data_uri, seed=p.seed, s3_endpoint=p.s3_endpoint)
@@ -229,11 +223,10 @@ def make_pipeline(multi_node: bool):
         _with_s3(_with_requests(shards, DOWNLOAD)).set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
         shards.set_caching_options(True).set_display_name("pack shards")
 
-        # Live curves: the Tensorboard reads <store>/tensorboard/<run id>, which the training tasks write while
-        # they train.
-        # The run id placeholder is passed as a whole value, the only form the driver substitutes (2.16.0
-        # backend/src/v2/driver/resolve.go).
-        board = tensorboard_for_run(store_uri=store, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, enabled=p.tensorboard)
+        # Live curves: the run's Tensorboard reads <store>/tensorboard, where every training writes its event files
+        # under a prefix of its own while it trains (hpa.tensorboard). The prefix is the same in every run, so it keeps
+        # the training tasks' cache keys (issue 22 item 8); the task makes cluster objects and is never cached.
+        board = tensorboard_for_run(store_uri=store, enabled=p.tensorboard, s3_endpoint=p.s3_endpoint)
         _with_requests(board, LIGHT).set_caching_options(False).set_display_name("TensorBoard for the run")
 
         common = dict(
@@ -241,26 +234,21 @@ def make_pipeline(multi_node: bool):
             image_size=p.image_size, color_mode=p.color_mode, epochs=p.epochs, batch_size=p.batch_size, loss=p.loss,
             threshold_mode=p.threshold_mode, threshold=p.threshold, shrink_strength=p.shrink_strength, tta=p.tta,
             seed=p.seed,
-            s3_endpoint=p.s3_endpoint, weights=p.weights, tensorboard_uri=board.outputs["logs_uri"],
+            s3_endpoint=p.s3_endpoint, tensorboard_uri=board.outputs["logs_uri"],
             train_options=checked.outputs["train_options"],  # the run parameters declared train_option=True
         )
-        # Optional Katib tuning: its best lr per model and threshold policy, or the run parameters unchanged
-        # (katib_defaults). Parameter dsl.OneOf resolves on the backend since before 2.16 (2.16.0
-        # backend/src/v2/driver/resolve.go GetProducerTask, ValueFromOneof: the first successful branch).
-        with dsl.If(p.tune == True, name="tune with Katib"):  # noqa: E712 - a pipeline condition, not Python
-            tuned = katib_tune(store_uri=store, models=p.models, val_fold=p.val_fold, gpus=p.gpus,
-                               accelerator_type=p.accelerator_type, trial_image=checked.outputs["train_image"],
-                               node_selector=p.node_selector, tolerations=p.tolerations,
-                               **{k: v for k, v in common.items() if k in katib_tune.component_spec.inputs})
-            _with_s3(_with_requests(tuned, LIGHT)).set_caching_options(False)
-            tuned.set_display_name("Katib: tune lr and thresholds")
-        with dsl.Else(name="no tuning"):
-            fixed = katib_defaults(models=p.models, threshold=p.threshold, threshold_mode=p.threshold_mode,
-                                   shrink_strength=p.shrink_strength)
-            _with_requests(fixed, LIGHT).set_caching_options(True).set_display_name("fixed hyperparameters")
-        _name_branches("tune or fixed hyperparameters")
-        hp = {k: dsl.OneOf(tuned.outputs[k], fixed.outputs[k])
-              for k in ("models", "threshold", "threshold_mode", "shrink_strength")}
+        # Katib tuning when `tune`, else the run parameters unchanged: one task in every run, not an If/Else joined by
+        # dsl.OneOf (the cache-hit branch above: the no-tuning branch's only task would be a cache hit on the second
+        # identical run, and GetProducerTask would find "no successful task" in it).
+        tuned = katib_tune(tune=p.tune, store_uri=store, models=p.models, val_fold=p.val_fold, gpus=p.gpus,
+                           accelerator_type=p.accelerator_type, trial_image=checked.outputs["train_image"],
+                           node_selector=p.node_selector, tolerations=p.tolerations, weights=p.weights,
+                           threshold=p.threshold, threshold_mode=p.threshold_mode, shrink_strength=p.shrink_strength,
+                           **{k: v for k, v in common.items() if k in katib_tune.component_spec.inputs
+                              and k not in ("threshold", "threshold_mode", "shrink_strength")})
+        _with_s3(_with_requests(tuned, LIGHT)).set_caching_options(True)
+        tuned.set_display_name("Katib: tune lr and thresholds (when tune)")
+        hp = {k: tuned.outputs[k] for k in ("models", "threshold", "threshold_mode", "shrink_strength")}
         common.update(threshold_mode=hp["threshold_mode"], threshold=hp["threshold"],
                       shrink_strength=hp["shrink_strength"])
 
@@ -271,7 +259,8 @@ def make_pipeline(multi_node: bool):
         with dsl.ParallelFor(checked.outputs["train_plan"], name="models-x-folds") as item:
             if multi_node:
                 trained = train_distributed(
-                    arch=item.arch, fold=item.fold, models=hp["models"], store_uri=store, num_nodes=p.num_nodes,
+                    arch=item.arch, fold=item.fold, weights=item.weights, models=hp["models"], store_uri=store,
+                    num_nodes=p.num_nodes,
                     gpus_per_node=p.gpus, accelerator_type=p.accelerator_type, image=checked.outputs["train_image"],
                     node_selector=p.node_selector, tolerations=p.tolerations,
                     **{k: v for k, v in common.items() if k in train_distributed.component_spec.inputs})
@@ -279,7 +268,10 @@ def make_pipeline(multi_node: bool):
                 _with_s3(_with_requests(trained, LIGHT)).set_caching_options(True)
                 trained.set_display_name("train-distributed (model x fold)")
             else:
-                trained = train(arch=item.arch, fold=item.fold, models=hp["models"], **common)
+                # every GPU of the pod trains (one process each) and the checkpoints live in the store, so a retried
+                # (preempted, evicted) pod resumes where the last one stopped (issue 22 items 5 and 7)
+                trained = train(arch=item.arch, fold=item.fold, weights=item.weights, models=hp["models"],
+                                gpus=p.gpus, store_uri=checked.outputs["checkpoint_uri"], **common)
                 _as_training(trained, checked, p.accelerator_type, p.node_selector, p.tolerations)
                 trained.set_display_name("train (model x fold)")
 
@@ -313,7 +305,8 @@ def make_pipeline(multi_node: bool):
                                                            if multi_node else "") +
                    ", compare, ensemble the out-of-fold predictions with robust thresholds, Kaggle submission.")
     return dsl.pipeline(name=MULTINODE_NAME if multi_node else PIPELINE_NAME, description=description)(
-        _with_run_parameters(body, "Human Protein Atlas multi-label pipeline."))
+        _with_run_parameters(body, "Human Protein Atlas multi-label pipeline.",
+                             exclude=() if multi_node else NOT_IN_SINGLE_POD))
 
 
 hpa_pipeline = make_pipeline(multi_node=False)
@@ -323,6 +316,12 @@ hpa_pipeline_multinode = make_pipeline(multi_node=True)
 def pipeline_for(arguments: dict):
     """The compiled pipeline that runs `arguments`: multi-node when num_nodes > 1."""
     return hpa_pipeline_multinode if arguments.get("num_nodes", DEFAULTS.num_nodes) > 1 else hpa_pipeline
+
+
+def arguments_for(pipeline_func, arguments: dict) -> dict:
+    """`arguments` as run parameters of `pipeline_func`: the single-pod pipeline takes no num_nodes (it is 1
+    there, pipeline_for's choice)."""
+    return {k: v for k, v in arguments.items() if pipeline_func is hpa_pipeline_multinode or k not in NOT_IN_SINGLE_POD}
 
 
 # ---------------------------------------------------------------------------------------------- compile
@@ -412,8 +411,44 @@ def print_restored():
 LOCAL_PARALLEL_TASKS = 2  # kfp.local's ParallelFor concurrency (see run_local)
 
 
-def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> dict:
+@contextlib.contextmanager
+def without_retries():
+    """kfp.local without the tasks' retry policies, as docs/cluster.md says of run --local (retries are checked, not
+    applied). kfp.local 2.17 applies set_retry itself (kfp/local/orchestrator/task_executor.py execute_single_task:
+    "Retrying in {delay}s", sleeping backoff_duration * factor**attempt): a failed or interrupted training task would
+    keep a local run waiting minutes, also after a signal stopped it. A pod's retry and its resume from the store are
+    tested on the task itself (tests/test_train_resume_store.py)."""
+    from kfp.local.orchestrator import task_executor
+
+    retried = task_executor.execute_single_task
+
+    def execute_single_task(task_name, task_spec, *args, **kwargs):
+        if task_spec.HasField("retry_policy"):
+            task_spec = type(task_spec).FromString(task_spec.SerializeToString())
+            task_spec.ClearField("retry_policy")
+        return retried(task_name, task_spec, *args, **kwargs)
+
+    task_executor.execute_single_task = execute_single_task
+    try:
+        yield
+    finally:
+        task_executor.execute_single_task = retried
+
+
+# The cluster's pipeline root that run --local is modelled against (KFP's default: the launcher's default bucket,
+# backend/src/v2/config/env.go): every task's input artifacts are "downloaded" as the launcher would, so a task that
+# reads an artifact outside it fails here as it would on the cluster (cluster/backend_launcher.py).
+CLUSTER_PIPELINE_ROOT = "minio://mlpipeline/v2/artifacts"
+
+
+def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None, cache_dir: Path | None = None) -> dict:
     """Run the whole pipeline with kfp.local; returns {"submission", "report", "metrics", "elapsed_s", ...}.
+
+    The store: `store_dir` (a plain directory), else the S3 endpoint of an `s3_endpoint` override (keys from the
+    environment, HPA_S3_ACCESS_KEY / HPA_S3_SECRET_KEY, as the pods get them from the secret), else an embedded S3
+    server removed after the run. `cache_dir`: KFP's cache across runs, as the backend keeps it
+    (cluster/backend_cache.py: a cacheable task whose inputs are unchanged is a cache hit, not run again); a second
+    run with the same `out_dir`, store and cache_dir is the cluster's second identical run.
 
     SIGTERM, SIGINT or SIGHUP stops every process the run started (the tasks with their children, then the
     embedded S3 server), by pid, removes the run's temporary files and keys, and raises
@@ -480,6 +515,9 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
             if store_dir is not None:
                 arguments.setdefault("store_uri", str(Path(store_dir).resolve()))
                 arguments.setdefault("s3_endpoint", "")
+            elif arguments.get("s3_endpoint"):  # the user's own S3 server: store_uri must name a bucket on it
+                if not str(arguments.get("store_uri", "")).startswith("s3://"):
+                    raise ConfigError("run --local with s3_endpoint: expected store_uri=s3://bucket/prefix too")
             else:
                 server = LocalS3Server()
                 server.start()
@@ -497,8 +535,12 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLEL_TASKS)))
             kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
                            pipeline_root=str(out_dir / "pipeline_root"), raise_on_error=True)
-            with backend_rules.strict_local() as strict, print_restored():  # resolve inputs as the driver does
-                task = pipeline_for(arguments)(**arguments)
+            cache = CacheStore(Path(cache_dir)) if cache_dir is not None else None
+            # resolve inputs as the driver does, download artifacts as the launcher does, cache hits with a cache
+            with backend_rules.strict_local(cache=cache, pipeline_root=CLUSTER_PIPELINE_ROOT) as strict, \
+                    without_retries(), print_restored():
+                chosen = pipeline_for(arguments)
+                task = chosen(**arguments_for(chosen, arguments))
             result = {
                 "submission": _keep(task.outputs["submission"].path, out_dir / "submission.csv"),
                 "report": _keep(task.outputs["report"].path, out_dir / "report.html"),
@@ -511,6 +553,8 @@ def run_local(overrides: dict, out_dir: Path, store_dir: Path | None = None) -> 
                 # what the backend driver would put in each pod (image, limits, requests), resolved strictly
                 "pods": {pod.task: {"image": pod.image, "limits": pod.limits, "requests": pod.requests}
                          for pod in strict.pods},
+                "cache_hits": sorted(strict.cache_hits()),
+                "downloaded_bytes": {record.task: strict.downloaded_bytes(record.task) for record in strict.tasks},
                 "store_uri": arguments["store_uri"] + ("" if server is None else f" (embedded S3 at {server.endpoint}"
                                                                                  ", removed after the run)"),
             }
@@ -580,7 +624,8 @@ def submit_run(host: str | None, overrides: dict, experiment: str | None = None,
         host=host, namespace=namespace, token_file=token_file, cookie_file=cookie_file, in_cluster=in_cluster,
         experiment=experiment, run_name=run_name, pipeline_name=pipeline_name, version_name=version_name,
         upload=upload, min_backend=min_backend)
-    return cluster_submit.submit(request, pipeline_func or hpa_pipeline, overrides, pipeline_parameters)
+    pipeline_func = pipeline_func or hpa_pipeline
+    return cluster_submit.submit(request, pipeline_func, arguments_for(pipeline_func, overrides), pipeline_parameters)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -590,11 +635,17 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="run parameters: " + ", ".join(parameter_names()))
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("compile", help="write compiled/hpa_pipeline.yaml and every components/*/component.yaml")
+    comp = sub.add_parser("compile", help="write compiled/hpa_pipeline{,_multinode}.yaml and every "
+                          "components/*/component.yaml (in place, or under --out)")
+    comp.add_argument("--out", type=Path, help="write the same layout under this directory instead of the "
+                      "repository (compile with your own HPA_IMAGE / HPA_CUDA_IMAGE without touching the committed "
+                      "files)")
     run = sub.add_parser("run", help="run the whole pipeline (kfp.local)")
     run.add_argument("--local", action="store_true", required=True, help="run here with kfp.local (required)")
     run.add_argument("--store", type=Path, help="use this directory as the store instead of an embedded S3 server")
     run.add_argument("--out", type=Path, help="where to put the run (default local_runs/<time>)")
+    run.add_argument("--cache", type=Path, help="keep KFP's cache here across runs, as the backend does (with the "
+                     "same --store and --out, a second identical run reuses every unchanged task)")
     run.add_argument("overrides", nargs="*", metavar="key=value")
     from cluster import submit as cluster_submit
 
@@ -605,12 +656,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "compile":
-            for path in compile_all():
-                print(path.relative_to(ROOT))
+            for path in compile_all(args.out):
+                print(path if args.out else path.relative_to(ROOT))
         elif args.command == "run":
             overrides = check_arguments(parse_overrides(args.overrides))
             out = args.out or ROOT / "local_runs" / time.strftime("%Y%m%d-%H%M%S")
-            result = run_local(overrides, out, args.store)
+            result = run_local(overrides, out, args.store, args.cache)
             for line in run_lines(result, overrides.get("models", DEFAULTS.models)):
                 print(line)
         else:

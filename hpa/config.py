@@ -97,7 +97,11 @@ class PipelineConfig:
     data_source: str = opt("synthetic", "Where the images come from: synthetic (HPA-like generated data), a "
         "directory in Kaggle layout, an s3:// prefix (a committed dataset is imported and read where it is), an "
         "https:// zip/tar archive, kaggle:human-protein-atlas-image-classification, or hpav18:<csv> (the HPA v18 "
-        "external images).")
+        "external images; hpav18:pudae = pudae's de-duplicated v18 table, pinned by sha256).")
+    merge_with: str = opt("", "With data_source=hpav18:<csv> (and only there, where it is required: the v18 images "
+        "have no test split): the Kaggle-layout dataset the v18 images are merged into, e.g. a committed "
+        "s3://.../datasets/<name>, a directory or kaggle:human-protein-atlas-image-classification; pHash duplicates "
+        "across the two stay in one fold.")
     store_uri: str = opt(DEFAULT_STORE_URI, "Object store prefix that holds the datasets (s3://bucket/prefix, or a "
         "directory for local runs); {namespace} is replaced by the run's namespace (multi-user profiles may only "
         "write under mlpipeline/private/<namespace>/ and mlpipeline/shared/).")
@@ -146,9 +150,12 @@ class PipelineConfig:
     kaggle_submit: bool = opt(False, "Upload submission.csv to Kaggle (needs the kaggle-credentials secret).")
     plot_samples: bool = opt(True, "Render a montage of sample images with their labels after download.")
     seed: int = opt(0, "Random seed for data generation, split and training.")
-    weights: str = opt("", "Initial weights of every model: empty = random init; imagenet = timm's ImageNet weights "
-        "(the pods need the model hub, e.g. huggingface.co); or a 3-channel state dict file / s3:// URI (readable "
-        "with the run's store keys); the stem becomes 4 channels (yellow = mean of RGB).")
+    weights: str = opt("", "Initial weights per model, as JSON model name -> source, e.g. {\"resnet18\": "
+        "\"s3://bucket/r18.pt\", \"se_resnet18\": \"imagenet\"}: imagenet = timm's ImageNet weights (the pods need "
+        "the model hub, e.g. huggingface.co), or a 3-channel state dict file / s3:// URI of that architecture "
+        "(readable with the run's store keys; checked against the model before any download); the stem becomes 4 "
+        "channels (yellow = mean of RGB). Models not named, and an empty value, start from random init; the bare "
+        "word imagenet means ImageNet for every model.")
 
     def validate(self) -> "PipelineConfig":
         """Raise ConfigError (one line naming the parameter) for a value out of range; return self.
@@ -191,8 +198,10 @@ class PipelineConfig:
              "a Kubernetes resource name such as nvidia.com/gpu")
         need(self.num_nodes >= 1, "num_nodes", "an integer >= 1")
         need(self.seed >= 0, "seed", "an integer >= 0")
-        need(self.weights == self.weights.strip() and not any(c.isspace() for c in self.weights), "weights",
-             "empty (random init), imagenet, or a weights file path / s3:// URI without spaces")
+        from hpa.download import check_sources  # config is imported below download today: the circle of issue 23
+
+        self.weights_by_model()  # one ConfigError line naming weights[<model>] (hpa.weights)
+        check_sources(self.data_source, self.merge_with, require_test=True)  # before anything is fetched
         for f in fields(self):  # the parameters that declare their values (opt(..., choices=...))
             choices = f.metadata.get("choices")
             need(choices is None or getattr(self, f.name) in choices, f.name, spoken([repr(c) for c in choices or ()]))
@@ -219,11 +228,20 @@ class PipelineConfig:
 
     def train_plan(self) -> list[dict]:
         """The training tasks: every model on each of `train_folds` folds, starting at val_fold. One item per
-        task of the pipeline's ParallelFor, {"arch", "fold"}; the learning rate comes from `models` (or Katib).
+        task of the pipeline's ParallelFor, {"arch", "fold", "weights"} (weights: that model's own source, issue 22
+        item 4: one file cannot start two architectures); the learning rate comes from `models` (or Katib).
         Models in name order: a JSON object run parameter reaches the task as a protobuf Struct, whose key
         order is not kept."""
         folds = [(self.val_fold + k) % self.folds for k in range(self.train_folds)]
-        return [{"arch": arch, "fold": fold} for arch in sorted(self.models) for fold in folds]
+        weights = self.weights_by_model()
+        return [{"arch": arch, "fold": fold, "weights": weights[arch]}
+                for arch in sorted(self.models) for fold in folds]
+
+    def weights_by_model(self) -> dict[str, str]:
+        """Each model's initial weights source ("" = random init), from the weights run parameter."""
+        from hpa.weights import weights_by_model
+
+        return weights_by_model(self.weights, sorted(self.models))
 
 
 @dataclass
@@ -237,11 +255,15 @@ class ClusterParameters:
     tune: bool = opt(False, "Run Katib first (needs Katib in the cluster): one Experiment per model tunes its learning "
         "rate and the threshold policy (threshold_mode, threshold, shrink_strength), each trial scored "
         "out-of-sample; training and the ensemble then use the best values.")
-    tensorboard: bool = opt(True, "Live training curves: a Kubeflow Tensorboard for this run (Central Dashboard > "
-        "Tensorboards) reading the event files every training task streams to <store_uri>/tensorboard/<run id> "
-        "(loss, lr, throughput every 10 steps; val loss, out-of-sample macro F1 and per-class F1 every epoch). A "
-        "per-run logs prefix is a new input of every training task, so with true they are not cached across runs; "
-        "false keeps the event files in each task's run artifact only.")
+    tensorboard: bool = opt(True, "Live training curves: a Kubeflow Tensorboard (Central Dashboard > Tensorboards), "
+        "with the PodDefault that gives it the store's keys, reading the event files every training task streams to "
+        "<store_uri>/tensorboard/<arch>-fold<k>-<digest of its inputs> (loss, lr, throughput every 10 steps; val "
+        "loss, out-of-sample macro F1 and per-class F1 every epoch). The prefix is the same in every run, so training "
+        "tasks stay cached across runs; false keeps the event files in each task's run artifact only.")
+    resume_from_store: bool = opt(True, "Training tasks keep their checkpoints in <store_uri>/checkpoints/<key of the "
+        "training>/, so a retried pod (preempted, evicted) resumes where the last one stopped and an identical "
+        "finished training is reused; false keeps them in the pod (run --local's default: it neither retries nor is "
+        "preempted, and skips the uploads).")
     node_selector: dict = opt(default_factory=dict, help="Node labels for the training pods as JSON, e.g. "
         "{\"nvidia.com/gpu.product\": \"NVIDIA-H100-80GB-HBM3\"}; {} = anywhere.")
     tolerations: list = opt(default_factory=list, help="Tolerations for the training pods as a JSON list, e.g. "
@@ -279,7 +301,7 @@ class TrainJobArgs:
     color_mode: str = pipeline_default("color_mode", help="rgby or rgb (--color-mode of hpa train)")
     loss: str = pipeline_default("loss", help="bce or focal (--loss of hpa train)")
     seed: int = pipeline_default("seed", help="random seed (--seed of hpa train)")
-    weights: str = pipeline_default("weights", help="initial weights: empty, imagenet, a file or s3:// URI")
+    weights: str = opt("", "initial weights of this model: empty (random init), imagenet, a file or s3:// URI")
     train_options: dict = opt(default_factory=dict, help="further hpa train options, option name -> value (the "
                               "pipeline's train_options: run parameters declared train_option=True)")
 
@@ -327,13 +349,18 @@ def pod_settings(cfg: PipelineConfig, multi_node: bool, namespace: str, cpu_imag
 def check_params_task(params: dict, multi_node: bool, cpu_image: str, cuda_image: str, namespace: str) -> dict:
     """The check-params component: the run parameters among `params` (input name -> value) validated as a
     PipelineConfig, and what the later tasks need from them, in the component's output order: the parameters as
-    JSON, pod_settings' store_uri, gpu_limit and train_image, the training plan and the train_options."""
+    JSON, pod_settings' store_uri, gpu_limit and train_image, the training plan, the train_options and the training
+    tasks' checkpoint prefix (the store, or "" when `params["resume_from_store"]` is false)."""
     import json
     from dataclasses import asdict
 
     cfg = PipelineConfig(**{k: v for k, v in params.items() if k in PipelineConfig.__dataclass_fields__}).validate()
+    from hpa.weights_check import check_weights  # reads the weights files; see validate() for the import circle
+
+    check_weights(cfg.weights, sorted(cfg.models))  # a file that does not fit its model fails before any download
     settings = pod_settings(cfg, multi_node=multi_node, namespace=namespace, cpu_image=cpu_image,
                             cuda_image=cuda_image)
     print(json.dumps(settings, sort_keys=True))
     return {"params": json.dumps(asdict(cfg), sort_keys=True), **settings, "train_plan": cfg.train_plan(),
-            "train_options": train_options(cfg)}
+            "train_options": train_options(cfg),
+            "checkpoint_uri": settings["store_uri"] if params.get("resume_from_store", True) else ""}

@@ -1,5 +1,6 @@
-"""Issue 16: an existing s3:// dataset is imported (dsl.importer, a Dataset node in the lineage graph), the cache
-keys of download, split and pack follow what the store holds, and every task has a display name.
+"""Issue 16, as issue 22 left it: an existing s3:// dataset is used where it is (the download task checks it and
+hands its URI on as a string: no importer, whose artifact the launcher would download), the cache keys of download,
+split and pack follow what the store holds, and every task has a display name.
 
 The KFP backend keys its cache on a task's input values (kubeflow/pipelines 2.17.0
 backend/src/v2/cacheutils/cache.go GenerateCacheKey: InputParameterValues, input artifact names, output specs,
@@ -113,56 +114,27 @@ def test_every_task_and_group_has_a_display_name(name):
     unnamed = [key for key, task in every_task(spec) if task["taskInfo"]["name"] == key]
     assert not unnamed, f"tasks without a display name: {unnamed}"
     names = {key: task["taskInfo"]["name"] for key, task in every_task(spec)}
-    assert names["importer"] == "import dataset" and names["dataset-state"] == "dataset in store"
+    assert names["dataset-state"] == "dataset in store" and "importer" not in names
 
 
 def test_cache_keyed_inputs_come_from_the_uncached_state_task():
     spec = compiled("hpa_pipeline.yaml")
     tasks = dict(every_task(spec))
     assert tasks["dataset-state"]["cachingOptions"] == {}  # caching off: it must look at the store every run
-    for task in ("download", "pack", "split", "use-dataset"):
+    for task in ("download", "pack", "split"):
         assert tasks[task]["cachingOptions"] == {"enableCache": True}, task
-    # download sits in the If/Else; its expected_manifest arrives as the branch DAG's input from dataset-state
-    branch = next(t for k, t in spec["root"]["dag"]["tasks"].items() if t["taskInfo"]["name"] == "dataset source")
-    channel = tasks["download"]["inputs"]["parameters"]["expected_manifest"]["componentInputParameter"]
-    assert branch["inputs"]["parameters"][channel]["taskOutputParameter"] == {
+    # download runs in every run, in the root DAG (no If/Else, no dsl.OneOf: issue 22 item 1)
+    assert "download" in spec["root"]["dag"]["tasks"]
+    assert tasks["download"]["inputs"]["parameters"]["expected_manifest"]["taskOutputParameter"] == {
         "outputParameterKey": "manifest_sha256", "producerTask": "dataset-state"}
     assert tasks["pack"]["inputs"]["parameters"]["expected_shards"]["taskOutputParameter"] == {
         "outputParameterKey": "shards_sha256", "producerTask": "dataset-state"}
-    for task in ("pack", "split"):  # the committed dataset's manifest hash, from whichever branch ran (dsl.OneOf)
-        assert tasks[task]["inputs"]["parameters"]["data_manifest"]["taskOutputParameter"]["producerTask"] == \
-            "condition-branches-1"
-    # the importer reads its URI from the data_source run parameter, the enclosing DAG's input: what the 2.16
-    # backend resolves (backend/src/v2/component/importer_launcher.go GetRuntimeParameter -> the parent DAG's
-    # input parameters); a task output there would fail at run time
-    importer = spec["components"][tasks["importer"]["componentRef"]["name"]]
-    uri_param = importer["inputDefinitions"]["parameters"]
-    assert list(uri_param) == ["uri"]
-    assert tasks["importer"]["inputs"]["parameters"]["uri"]["componentInputParameter"] == "pipelinechannel--data_source"
+    for task in ("pack", "split"):  # the committed dataset's manifest hash, from the download task
+        assert tasks[task]["inputs"]["parameters"]["data_manifest"]["taskOutputParameter"] == {
+            "outputParameterKey": "manifest_sha256", "producerTask": "download"}
+    # no task takes the dataset as an input artifact (the launcher would download all of it first)
+    for key, task in every_task(spec):
+        assert "data_uri" not in task.get("inputs", {}).get("artifacts", {}), key
 
 
-@pytest.mark.slow
-def test_local_run_imports_an_existing_dataset(s3_bucket, tmp_path, monkeypatch):
-    """With data_source = a committed s3:// dataset, the local run takes the import branch (no copy under
-    store_uri/datasets) and trains on it."""
-    monkeypatch.delenv("HPA_IMAGE", raising=False)
-    import pipeline
-    from hpa.download import download
-
-    uri = s3_bucket + "shared/hpa-12"
-    download("synthetic", uri, n_train=60, n_test=12, size=32, seed=0)
-    small = {"n_train": 0, "n_test": 0, "image_size": 32, "epochs": 1, "batch_size": 8, "folds": 3, "tta": 1,
-             "models": {"resnet18": 0.002}, "plot_samples": False, "data_source": uri, "store_uri": s3_bucket + "hpa",
-             "s3_endpoint": __import__("os").environ["HPA_S3_ENDPOINT"]}
-    import kfp.local
-
-    from cluster import backend_rules
-
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
-                   raise_on_error=True)
-    with backend_rules.strict_local() as strict, pipeline.print_restored():
-        task = pipeline.hpa_pipeline(**small)
-    ran = {pod.task for pod in strict.pods}
-    assert "use-dataset" in ran and "download" not in ran
-    assert not open_store(s3_bucket + "hpa").list("datasets/")  # nothing copied
-    assert Path(task.outputs["submission"].path).read_text().startswith("Id,Predicted")
+# The local run on an existing committed dataset is journey J2: tests/test_journeys.py (with the launcher's downloads).

@@ -1,4 +1,5 @@
-"""Issue 22, journey J8: the multi-node pipeline with num_nodes=2, end to end in the backend-strict mode."""
+"""Issue 22, journeys J8 (the multi-node pipeline with num_nodes=2) and J5 (gpus=2 on one pod), end to end in the
+backend-strict mode."""
 
 from __future__ import annotations
 
@@ -54,3 +55,25 @@ def test_j8_the_multinode_pipeline_with_two_nodes(tmp_path, monkeypatch):
     assert rows[0] == "Id,Predicted" and len(rows) == 1 + TINY["n_test"]
 
 
+
+
+@pytest.mark.slow
+def test_j5_two_gpus_on_one_pod(tmp_path, monkeypatch):
+    """gpus=2 in the single-pod pipeline: the pod spec asks for 2 GPUs (resolved as the driver does, from
+    check-params' string output) and the training task trains as 2 processes (here 2 gloo CPU processes; on a GPU
+    node one per GPU), issue 22 item 5."""
+    monkeypatch.delenv("HPA_IMAGE", raising=False)
+    import json
+
+    import pipeline
+    from hpa.config import DEFAULT_CUDA_IMAGE
+
+    arguments = {**TINY, "gpus": 2, "models": {"resnet18": 0.002}, "train_folds": 1}
+    result = pipeline.run_local(arguments, tmp_path / "run")
+    pod = result["pods"]["train"]
+    assert pod["limits"] == {"nvidia.com/gpu": "2"} and pod["image"] == DEFAULT_CUDA_IMAGE, pod
+    trained = [json.loads(p.read_text()) for p in Path(result["pipeline_root"]).rglob("train/executor_output.json")]
+    assert len(trained) == 1, trained
+    assert trained[0]["artifacts"]["run"]["artifacts"][0]["metadata"]["processes"] == 2
+    rows = Path(result["submission"]).read_text().splitlines()
+    assert rows[0] == "Id,Predicted" and len(rows) == 1 + TINY["n_test"]

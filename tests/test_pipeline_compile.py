@@ -117,9 +117,9 @@ def test_stages_and_order(compiled):
     deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
     assert deps["check-params"] == set()
     assert "check-params" in deps["dataset-state"]
-    # download runs in the "download dataset" branch of an If/Else whose other branch imports an existing dataset
+    # download runs in every run, at the root (no If/Else joined by dsl.OneOf: issue 22 item 1)
     fetch = holder["download"]
-    assert fetch == nested["importer"][1] == nested["use-dataset"][1] and "dataset-state" in deps[fetch]
+    assert fetch == "download" and "dataset-state" in deps[fetch] and "importer" not in nested
     assert fetch in deps["split"] and fetch in deps["pack"]
     loop, _ = training_loop(spec)
     assert holder["train"] == loop
@@ -318,7 +318,10 @@ def test_kubernetes_settings(compiled):
 def test_every_parameter_has_default_and_description(which, request, pipeline_module):
     spec, _ = request.getfixturevalue(which)
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(params) == set(pipeline_module.parameter_names())
+    # the single-pod run form has no num_nodes (issue 22 item 13)
+    expected = set(pipeline_module.parameter_names()) - (set() if which == "compiled_multinode" else
+                                                         set(pipeline_module.NOT_IN_SINGLE_POD))
+    assert set(params) == expected
     for name, p in params.items():
         assert "defaultValue" in p, f"parameter {name} has no default"
         assert len(p.get("description", "")) > 10, f"parameter {name} has no description"
@@ -352,8 +355,9 @@ def test_cluster_doc_lists_every_parameter_and_the_graph(compiled):
 
 
 def test_weights_reach_every_training_pod(compiled, compiled_multinode):
-    """The `weights` run parameter goes to the training task, Katib trials (katib-tune) and the TrainJobs'
-    `python -m hpa train` args, and is validated by check-params."""
+    """The `weights` run parameter (per model, issue 22 item 4) is validated by check-params, whose training plan
+    gives each training task its own model's source (the loop item's weights); Katib trials (katib-tune) get the
+    run parameter and pick their model's; the TrainJobs' `python -m hpa train` args carry the task's."""
     from hpa import katib, train_distributed
 
     for spec, _ in (compiled, compiled_multinode):
@@ -361,13 +365,16 @@ def test_weights_reach_every_training_pod(compiled, compiled_multinode):
         users = [n for n in tasks if n.startswith(("train", "katib-tune", "check-params"))]
         assert len(users) == 3, users
         for name in users:
-            ref = tasks[name]["inputs"]["parameters"]["weights"]["componentInputParameter"]
-            assert ref in ("weights", "pipelinechannel--weights"), (name, ref)
+            ref = tasks[name]["inputs"]["parameters"]["weights"]
+            if name.startswith("train"):  # the loop item's "weights" field
+                assert ref["parameterExpressionSelector"] == 'parseJson(string_value)["weights"]', (name, ref)
+            else:
+                assert ref["componentInputParameter"] in ("weights", "pipelinechannel--weights"), (name, ref)
     job = train_distributed.render(train_distributed.DistributedConfig(weights="s3://mlpipeline/shared/w/resnet18.pth",
                                                                        image="registry.example/hpa:cuda"))
     args = job["spec"]["trainer"]["args"]
     assert args[args.index("--weights") + 1] == "s3://mlpipeline/shared/w/resnet18.pth"
     config = train_distributed.DistributedConfig(image="registry.example/hpa:cuda")
     assert "--weights" not in train_distributed.train_args(config)
-    exp = katib.render_experiment(katib.KatibConfig(weights="imagenet", image="registry.example/hpa:cuda"))
+    exp = katib.render_experiment(katib.KatibConfig(weights="imagenet", image="registry.example/hpa:cuda", dataset="d"))
     assert "--weights" in str(exp) and "imagenet" in str(exp)

@@ -55,11 +55,14 @@ def check_params(
     num_nodes: int = 1,
     weights: str = "",
     pos_weight: str = "none",
+    merge_with: str = "",
+    s3_endpoint: str = "",
+    resume_from_store: bool = True,
     multi_node: bool = False,
     cpu_image: str = "",
     cuda_image: str = "",
 ) -> NamedTuple("Outputs", [("params", str), ("store_uri", str), ("gpu_limit", str), ("train_image", str),
-                            ("train_plan", list), ("train_options", dict)]):
+                            ("train_plan", list), ("train_options", dict), ("checkpoint_uri", str)]):
     """Validate the pipeline's run parameters; fail with one clear line on the first bad one.
 
     Args:
@@ -86,7 +89,10 @@ def check_params(
         accelerator_type: Kubernetes resource name of the accelerator.
         seed: Random seed, >= 0.
         num_nodes: Training nodes per model; above 1 only in the multi-node pipeline.
-        weights: Initial weights: empty, imagenet, a file or an s3:// URI.
+        weights: Initial weights per model: JSON model name -> imagenet, a file or an s3:// URI (each file is checked against its model here); empty = random init.
+        merge_with: The Kaggle-layout dataset that data_source=hpav18:<csv> is merged into (required there, refused elsewhere).
+        s3_endpoint: S3 endpoint host:port (to read s3:// weights files); empty keeps HPA_S3_ENDPOINT from the environment.
+        resume_from_store: Training tasks keep their checkpoints in the store (checkpoint_uri) and a retry resumes from them.
         multi_node: Whether this is the multi-node pipeline (a compile-time constant).
         cpu_image: The CPU image fixed at compile time (HPA_IMAGE).
         cuda_image: The CUDA image fixed at compile time (HPA_CUDA_IMAGE).
@@ -96,14 +102,16 @@ def check_params(
         store_uri: The store prefix with {namespace} resolved.
         gpu_limit: The accelerator limit of the training pods as a string ("" = no accelerator).
         train_image: The image of the training pods, Katib trials and TrainJobs (CUDA when gpus > 0).
-        train_plan: The training tasks, one {"arch", "fold"} per model and trained fold (the ParallelFor's items).
+        train_plan: The training tasks, one {"arch", "fold", "weights"} per model and trained fold (the ParallelFor's items).
         train_options: The run parameters that are options of every training run (hpa train), by option name.
+        checkpoint_uri: The training tasks' store prefix for their checkpoints (store_uri), or "" with resume_from_store false.
     """
     params = dict(locals())
     from collections import namedtuple
 
-    from hpa import config, k8s
+    from hpa import config, k8s, store
 
+    store.use_endpoint(s3_endpoint)
     out = config.check_params_task(params, multi_node, cpu_image, cuda_image, k8s.current_namespace())
     return namedtuple("Outputs", list(out))(**out)
 

@@ -31,6 +31,7 @@ def dataset_state(
     image_size: int = 64,
     seed: int = 0,
     s3_endpoint: str = "",
+    merge_with: str = "",
 ) -> NamedTuple("Outputs", [("existing", bool), ("data_uri", str), ("manifest_sha256", str), ("shards_sha256", str)]):
     """Find the run's dataset in the store and hash its manifests as they are now.
 
@@ -42,9 +43,10 @@ def dataset_state(
         image_size: As download's image_size (and the shards' size).
         seed: As download's seed.
         s3_endpoint: S3 endpoint host:port; empty keeps HPA_S3_ENDPOINT from the environment.
+        merge_with: As download's merge_with (part of the dataset's name).
 
     Returns:
-        existing: True when source is itself a committed s3:// dataset (imported, not copied).
+        existing: True when source is itself a committed s3:// dataset (used where it is, not copied).
         data_uri: That dataset, or the prefix download commits to.
         manifest_sha256: sha256 of the dataset's manifest.json now ("" when absent).
         shards_sha256: sha256 over its shards' shards.json files at image_size now ("" when absent).
@@ -55,7 +57,7 @@ def dataset_state(
     from hpa.store import use_endpoint
 
     use_endpoint(s3_endpoint)
-    state = state_of(source, store_uri, n_train, n_test, image_size, seed)
+    state = state_of(source, store_uri, n_train, n_test, image_size, seed, merge_with=merge_with)
     return namedtuple("Outputs", ["existing", "data_uri", "manifest_sha256", "shards_sha256"])(
         state["existing"], state["data_uri"], state["manifest_sha256"], state["shards_sha256"])
 

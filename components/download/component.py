@@ -33,12 +33,14 @@ def download(
     seed: int = 0,
     s3_endpoint: str = "",
     expected_manifest: str = "",
+    merge_with: str = "",
 ) -> NamedTuple("Outputs", [("data_uri", str), ("manifest_sha256", str)]):
     """Fetch a dataset in the Kaggle HPA layout into the store (idempotent) and commit its manifest.
 
     Args:
-        source: synthetic, a directory in Kaggle layout, an s3:// prefix, an https:// archive, or
-            kaggle:human-protein-atlas-image-classification.
+        source: synthetic, a directory in Kaggle layout, an s3:// prefix (a committed dataset there is used where it
+            is, not copied), an https:// archive, kaggle:human-protein-atlas-image-classification, or hpav18:<csv>
+            (with merge_with).
         store_uri: Store prefix; the dataset goes to <store_uri>/datasets/<name from source and counts>.
         manifest: The committed dataset's manifest.json (object keys, sizes, sha256); metadata has its URI.
         n_train: Synthetic: training images to generate; other sources: a seeded random subset of at most this many (0 = all).
@@ -49,6 +51,8 @@ def download(
         expected_manifest: sha256 of the dataset's manifest.json in the store when the run started (the dataset_state
             task; a unique "absent-..." token when there was none). Part of the cache key, so a deleted or changed
             dataset is never served from cache; when the dataset is still committed with it, the fetch is skipped.
+        merge_with: With source hpav18:<csv> (required there): the Kaggle-layout dataset the v18 images are merged
+            into (its test split is the merged dataset's); pHash duplicates across the two stay in one fold.
 
     Returns:
         data_uri: URI of the committed dataset in the store.
@@ -61,7 +65,8 @@ def download(
     from hpa.store import use_endpoint
 
     use_endpoint(s3_endpoint)
-    result = download_task(source, store_uri, n_train, n_test, image_size, seed, expected_manifest)
+    result = download_task(source, store_uri, n_train, n_test, image_size, seed, expected_manifest,
+                           merge_with=merge_with)
     with open(manifest.path, "w") as f:
         json.dump(result["manifest"], f, indent=1)
     manifest.metadata.update(result["metadata"])

@@ -6,9 +6,10 @@ chosen policies, threshold, shrink_strength; each trial scored out-of-sample by 
 thresholds on the validation fold), creates them all through the Kubernetes API (the pipeline's service
 account needs create/get/delete on experiments.kubeflow.org in `namespace`), waits for all, and returns
 each model's best lr with the threshold policy of the Experiment whose best objective is highest (the
-ensemble applies one policy to every model). `katib_defaults` is its pass-through for runs without
-tuning, so that `dsl.OneOf` has a value on both branches. `python components/katib_tune/component.py`
-rewrites component.yaml.
+ensemble applies one policy to every model). With `tune` false it creates nothing and returns the run
+parameters unchanged: the pipeline runs this task in every run instead of an If/Else joined by `dsl.OneOf`,
+whose no-tuning branch would be a lone cache hit on the second identical run, which the KFP backend never marks
+COMPLETE (docs/cluster.md, "Run it again"). `python components/katib_tune/component.py` rewrites component.yaml.
 
 The trials' image is an input (`trial_image`), fixed when the pipeline is compiled: nothing inside the
 pod picks an image. The Experiment is owned by this task's Pod (KFP_POD_NAME/KFP_POD_UID) and deleted
@@ -33,27 +34,28 @@ python -m hpa katib render --arch se_resnet18 --out experiment.yaml   # one mode
 python -m hpa sweep experiment.yaml --trials 4 --parallel 2 --set data=./data --set split=split.csv   # the same search, locally
 """
 PIPELINE_EXAMPLE = r"""
-with dsl.If(tune == True):
-    tuned = katib_tune(data_uri=data.outputs["data_uri"], split_csv=folds.outputs["split_csv"],
-                       store_uri=checked.outputs["store_uri"], models=models,
-                       trial_image=checked.outputs["train_image"],  # the CUDA or CPU image, fixed at compile time
-                       node_selector=node_selector, tolerations=tolerations)
-with dsl.Else():
-    fixed = katib_defaults(models=models, threshold=threshold, threshold_mode=threshold_mode,
-                           shrink_strength=shrink_strength)
-tuned_models = dsl.OneOf(tuned.outputs["models"], fixed.outputs["models"])  # {arch: lr}
-threshold_mode = dsl.OneOf(tuned.outputs["threshold_mode"], fixed.outputs["threshold_mode"])  # likewise threshold, shrink_strength
+tuned = katib_tune(tune=tune, data_uri=data.outputs["data_uri"], split_csv=folds.outputs["split_csv"],
+                   store_uri=checked.outputs["store_uri"], models=models, threshold=threshold,
+                   threshold_mode=threshold_mode, shrink_strength=shrink_strength,
+                   trial_image=checked.outputs["train_image"],  # the CUDA or CPU image, fixed at compile time
+                   node_selector=node_selector, tolerations=tolerations)
+tuned_models = tuned.outputs["models"]  # {arch: lr}: Katib's best, or models unchanged when tune is false
+threshold_mode = tuned.outputs["threshold_mode"]  # likewise threshold, shrink_strength
 """
 
 
 @dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
 def katib_tune(
+    tune: bool,
     data_uri: str,
     split_csv: Input[Dataset],
     store_uri: str,
     experiment: Output[Artifact],
     trial_image: str,
     models: dict,
+    threshold: float,
+    threshold_mode: str,
+    shrink_strength: float,
     shards_uri: str = "",
     namespace: str = "",
     algorithm: str = "tpe",
@@ -88,12 +90,17 @@ def katib_tune(
     """Create one Katib Experiment per model for this run, wait for all, return each model's best lr and the best threshold policy.
 
     Args:
+        tune: Run the Experiments; false = create nothing and return models, threshold, threshold_mode and
+            shrink_strength unchanged (val_macro_f1 -1.0).
         data_uri: URI of a committed dataset (the download task's data_uri); the trials read it from the store.
         split_csv: Fold assignment from the split task; copied into the store so that trial pods can read it.
         store_uri: Store prefix; the split copy and every trial's outputs go under <store_uri>/katib/<name>/.
         experiment: The Experiments that were created (one YAML document per model); its metadata holds each model's best trial.
         trial_image: Image of the trial pods, fixed when the pipeline is compiled (the CUDA image when trials get GPUs, else the CPU image); required, an empty value is refused.
-        models: The models to tune, create_model name -> learning rate, e.g. {"resnet18": 0.001, "se_resnet18": 0.001}; one Experiment per model searches [lr_min, lr_max] (the given rates are not used here).
+        models: The models to tune, create_model name -> learning rate, e.g. {"resnet18": 0.001, "se_resnet18": 0.001}; one Experiment per model searches [lr_min, lr_max] (the given rates are returned when tune is false).
+        threshold: The threshold run parameter, returned unchanged when tune is false.
+        threshold_mode: The threshold_mode run parameter, returned unchanged when tune is false.
+        shrink_strength: The shrink_strength run parameter, returned unchanged when tune is false.
         shards_uri: Packed shards of the dataset (the pack task's shards_uri); when set, the trials train from them.
         namespace: Kubernetes namespace of the Experiments; empty = the namespace this task runs in (Katib must be installed; the namespace needs the label katib.kubeflow.org/metrics-collector-injection=enabled).
         algorithm: tpe, random, grid, bayesianoptimization, cmaes or sobol.
@@ -134,40 +141,18 @@ def katib_tune(
     params = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool, dict, list))}
     from collections import namedtuple
 
-    from hpa import katib_tune as tune, store
+    from hpa import katib_tune as tuning, store
 
     store.use_endpoint(s3_endpoint)
-    result = tune.katib_tune_task(tune.katib_tune_inputs(params), models, split_csv.path, store_uri, experiment.path,
-                                  timeout=timeout_s, poll=poll_s)
+    if tune:
+        result = tuning.katib_tune_task(tuning.katib_tune_inputs(params), models, split_csv.path, store_uri,
+                                        experiment.path, timeout=timeout_s, poll=poll_s)
+    else:
+        result = tuning.untuned(models=models, threshold=threshold, threshold_mode=threshold_mode,
+                                shrink_strength=shrink_strength, experiments_out=experiment.path)
     experiment.metadata.update(result)
     return namedtuple("Outputs", ["models", "threshold", "threshold_mode", "shrink_strength", "val_macro_f1"])(
         result["models"], result["threshold"], result["threshold_mode"], result["shrink_strength"], result["val_macro_f1"])
-
-
-@dsl.component(base_image=hpa.config.image(), install_kfp_package=False)
-def katib_defaults(
-    models: dict, threshold: float, threshold_mode: str, shrink_strength: float,
-) -> NamedTuple("Outputs", [("models", dict), ("threshold", float), ("threshold_mode", str),
-                            ("shrink_strength", float), ("val_macro_f1", float)]):
-    """The run parameters unchanged, in katib_tune's output shape (the branch without tuning).
-
-    Args:
-        models: Models run parameter, create_model name -> learning rate.
-        threshold: Threshold run parameter.
-        threshold_mode: Threshold mode run parameter.
-        shrink_strength: Shrink strength run parameter.
-
-    Returns:
-        models: The models run parameter, unchanged.
-        threshold: The threshold run parameter, unchanged.
-        threshold_mode: The threshold_mode run parameter, unchanged.
-        shrink_strength: The shrink_strength run parameter, unchanged.
-        val_macro_f1: -1.0 (nothing was tuned).
-    """
-    from collections import namedtuple
-
-    return namedtuple("Outputs", ["models", "threshold", "threshold_mode", "shrink_strength", "val_macro_f1"])(
-        models, threshold, threshold_mode, shrink_strength, -1.0)
 
 
 if __name__ == "__main__":

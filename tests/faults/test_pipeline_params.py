@@ -126,8 +126,10 @@ def test_check_params_task_fails_first_in_the_pipeline(tmp_path, capfd):
     outputs = check_params(**args).outputs
     assert '"val_fold": 4' in outputs["params"]
     # the training plan: every model on train_folds=2 folds, from val_fold on (wrapping around)
-    assert outputs["train_plan"] == [{"arch": "resnet18", "fold": 4}, {"arch": "resnet18", "fold": 0},
-                                     {"arch": "se_resnet18", "fold": 4}, {"arch": "se_resnet18", "fold": 0}]
+    assert outputs["train_plan"] == [{"arch": "resnet18", "fold": 4, "weights": ""},
+                                     {"arch": "resnet18", "fold": 0, "weights": ""},
+                                     {"arch": "se_resnet18", "fold": 4, "weights": ""},
+                                     {"arch": "se_resnet18", "fold": 0, "weights": ""}]
 
 
 def test_stage_functions_refuse_the_same_values(tmp_path):
