@@ -328,6 +328,12 @@ def shards_sha256(shards_uri: str) -> str:
     return sha256_bytes("".join(parts).encode()) if all(parts) else ""
 
 
+def is_committed_dataset(source: str) -> bool:
+    """True when `source` is itself a committed s3:// dataset (its manifest.json is there): every task reads it
+    where it is, nothing copies it."""
+    return source.startswith("s3://") and bool(manifest_sha256(source))
+
+
 def dataset_state(source: str, store_uri: str, n_train: int, n_test: int, image_size: int, seed: int,
                   merge_with: str = "") -> dict:
     """Where this run's dataset is and what the store holds for it now:
@@ -345,9 +351,7 @@ def dataset_state(source: str, store_uri: str, n_train: int, n_test: int, image_
     changed dataset a cache miss instead of a cached task that "succeeds" over missing data."""
     from hpa.download import dataset_uri
 
-    existing = False
-    if source.startswith("s3://"):
-        existing = bool(manifest_sha256(source))
+    existing = is_committed_dataset(source)
     data_uri = source.rstrip("/") if existing else dataset_uri(store_uri, source, n_train, n_test, image_size, seed,
                                                                merge_with)
     state = {"existing": existing, "data_uri": data_uri,

@@ -325,12 +325,13 @@ def download_task(source: str, store_uri: str, n_train: int, n_test: int, image_
     v18 host; not a pipeline input). A `source` that is itself a committed s3:// dataset is used where it is
     (hpa.committed.use_dataset: its manifest checked against `expected_manifest`), never copied. Returns data_uri,
     the committed manifest.json (parsed) and its sha256, and the scalar fields of download's result ("metadata")."""
-    from hpa.committed import dataset_state, intact, use_dataset
+    from hpa.committed import intact, is_committed_dataset, use_dataset
 
     check_sources(source, merge_with, require_test=True)
-    committed = dataset_state(source, store_uri, n_train, n_test, image_size, seed, merge_with)
-    data_uri = committed["data_uri"]
-    if committed["existing"]:  # the user's own committed dataset: every task reads it in place
+    in_place = is_committed_dataset(source)  # the user's own committed dataset: every task reads it where it is
+    data_uri = source.rstrip("/") if in_place else dataset_uri(store_uri, source, n_train, n_test, image_size, seed,
+                                                               merge_with)
+    if in_place:
         info = {**use_dataset(data_uri, expected_manifest), "committed_source": 1}
     elif intact(data_uri, expected_manifest):  # committed as this run found it: nothing to fetch again
         info = {"data_uri": data_uri, "skipped_fetch": 1}
