@@ -121,6 +121,16 @@ def qualified(ref: str) -> str:
 def image_exists(engine: str, ref: str) -> bool:
     return succeeds([engine, "image", "inspect", ref], timeout=60)
 
+def _built_image_and_work_dir(engine: str, which: str, work: Path) -> tuple[str, Path]:
+    """The smoke image of `which` (one SmokeError line when it was not built) and `work`, emptied."""
+    image = SMOKE_TAG.format(which)
+    if not image_exists(engine, image):
+        raise SmokeError(f"{image} does not exist: python images/smoke.py build {which}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return image, work
+
+
 
 def image_config(engine: str, ref: str) -> dict:
     doc = json.loads(output([engine, "image", "inspect", ref]))[0]
@@ -493,12 +503,7 @@ def smoke_run(engine: str, which: str, args) -> None:
     from hpa.s3server import LocalS3Server
     from hpa.store import open_store
 
-    image = SMOKE_TAG.format(which)
-    if not image_exists(engine, image):
-        raise SmokeError(f"{image} does not exist: python images/smoke.py build {which}")
-    work = Path(args.work) / f"run-{which}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    image, work = _built_image_and_work_dir(engine, which, Path(args.work) / f"run-{which}")
     start = time.monotonic()
     with LocalS3Server() as server, Container(engine, image, args.runner, work) as box, _env(server.env()):
         open_store(f"s3://{BUCKET}", create_bucket=True).put_bytes("smoke/.keep", b"")
@@ -627,12 +632,7 @@ def smoke_ddp(engine: str, which: str, args) -> None:
     from hpa.s3server import LocalS3Server
     from hpa.store import open_store
 
-    image = SMOKE_TAG.format(which)
-    if not image_exists(engine, image):
-        raise SmokeError(f"{image} does not exist: python images/smoke.py build {which}")
-    work = Path(args.work) / f"ddp-{which}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    image, work = _built_image_and_work_dir(engine, which, Path(args.work) / f"ddp-{which}")
     start = time.monotonic()
     failures = []
     with LocalS3Server() as server, Container(engine, image, args.runner, work) as box, _env(server.env()):
