@@ -227,15 +227,21 @@ TYPED = {"STRING": "", "NUMBER_INTEGER": 0, "NUMBER_DOUBLE": 0.0, "BOOLEAN": Fal
 STORE = "s3://mlpipeline/private/ns/hpa-kfp"
 
 
-def fixture_stubs(*, manifest: str, existing: bool = False, data_uri: str = STORE + "/datasets/synthetic-2000"):
-    """Stub executors for the fixture: what dataset-state reports (manifest "" before the first commit), what
-    download/use-dataset return, one training task; every other output a typed placeholder."""
-    spec = next(yaml.safe_load_all(FIXTURE.read_text()))
+def typed_outputs(path: Path):
+    """A stub executor of the compiled pipeline at `path`: every output parameter of the task a typed placeholder."""
+    spec = next(yaml.safe_load_all(path.read_text()))
 
     def typed(task, inputs):
         outputs = spec["components"][f"comp-{task}"].get("outputDefinitions", {}).get("parameters", {})
         return {k: TYPED[v["parameterType"]] for k, v in outputs.items()}
 
+    return typed
+
+
+def fixture_stubs(*, manifest: str, existing: bool = False, data_uri: str = STORE + "/datasets/synthetic-2000"):
+    """Stub executors for the fixture: what dataset-state reports (manifest "" before the first commit), what
+    download/use-dataset return, one training task; every other output a typed placeholder."""
+    typed = typed_outputs(FIXTURE)
     return {
         "*": typed,
         "check-params": lambda i: {**typed("check-params", i), "store_uri": STORE,
@@ -317,12 +323,7 @@ COMPILED = [ROOT / "compiled" / "hpa_pipeline.yaml", ROOT / "compiled" / "hpa_pi
 
 def compiled_stubs(path: Path, *, manifest: str, data_uri: str = STORE + "/datasets/synthetic-2000"):
     """Stub executors for a compiled pipeline of today: the same dataset story as fixture_stubs."""
-    spec = next(yaml.safe_load_all(path.read_text()))
-
-    def typed(task, inputs):
-        outputs = spec["components"][f"comp-{task}"].get("outputDefinitions", {}).get("parameters", {})
-        return {k: TYPED[v["parameterType"]] for k, v in outputs.items()}
-
+    typed = typed_outputs(path)
     return {
         "*": typed,
         "check-params": lambda i: {**typed("check-params", i), "store_uri": STORE,
