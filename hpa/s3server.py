@@ -60,12 +60,15 @@ def _bindable(sock_list: list, port: int) -> bool:
 
 
 def free_port_pairs(n: int) -> list[int]:
-    """`n` distinct ports p in 20000..55000 with p and p + 10000 both free on 127.0.0.1."""
+    """`n` distinct ports p in 10000..22767 with p and p + 10000 both free on 127.0.0.1: all below Linux's ephemeral
+    range (net.ipv4.ip_local_port_range, 32768-60999 by default), so that no outgoing connection of any process takes
+    a port while a server is restarted on its own ports (seen: "s3 failed to listen on grpc port 43762: address
+    already in use" after a test stopped and restarted the suite's server)."""
     held: list[socket.socket] = []
     ports: list[int] = []
     try:
         while len(ports) < n:
-            p = secrets.randbelow(35000) + 20000
+            p = secrets.randbelow(12768) + 10000
             if p in ports or p + GRPC_OFFSET in ports or p - GRPC_OFFSET in ports:
                 continue
             mark = len(held)
