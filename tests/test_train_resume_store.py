@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +42,17 @@ def commit_dataset(data: Path, uri: str) -> None:
     store.commit_manifest(store.upload_tree(data), {"source": "test"})
 
 
+def one_core() -> None:
+    """The task on one core (preexec_fn): it then loads its batches in its own process (DataLoader workers = cores
+    - 1 = 0). Seen once in a clean-clone run with one worker: the task and its DataLoader worker both idle, each
+    waiting on the other's queue (py-spy), until the suite's timeout; what this test checks does not depend on
+    the loader's workers."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
 def run_task(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=task_env(), cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=task_env(), cwd=ROOT,
+                          preexec_fn=one_core)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -51,8 +62,10 @@ def killed_after(cmd: list[str], marker: str, tmp: Path) -> str:
     Its temporary dirs, which nothing can remove after a SIGKILL, go to `tmp`."""
     tmp.mkdir()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=task_env(TMPDIR=str(tmp)), cwd=ROOT)
+                            env=task_env(TMPDIR=str(tmp)), cwd=ROOT, preexec_fn=one_core)
     lines = []
+    watchdog = threading.Timer(300, proc.kill)  # a task that never prints the marker fails the test, not the suite
+    watchdog.start()
     try:
         for line in proc.stderr:
             lines.append(line)
@@ -62,6 +75,7 @@ def killed_after(cmd: list[str], marker: str, tmp: Path) -> str:
         lines += proc.stderr.readlines()
         assert proc.wait(timeout=60) == -signal.SIGKILL, "".join(lines)[-3000:]
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
